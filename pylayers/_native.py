@@ -1,0 +1,37 @@
+"""Loads the compiled C core and turns its return codes into exceptions.
+
+Nothing else in the package touches the cffi module directly.
+"""
+
+from __future__ import annotations
+
+from .errors import InvalidArgument
+
+try:
+    from ._native_c import ffi, lib  # type: ignore[import-not-found]
+except ImportError as e:  # pragma: no cover - only on a broken install
+    raise ImportError(
+        "pylayers' native core is not built; install the package with `pip install .` "
+        f"({e})"
+    ) from e
+
+__all__ = ["ffi", "lib", "new_params", "new_state", "gear"]
+
+
+def new_params(min_size: int, avg_size: int, max_size: int):
+    """A validated `plc_params` for the given sizes (see csrc/fastcdc.h)."""
+    params = ffi.new("plc_params *")
+    if lib.plc_params_init(params, min_size, avg_size, max_size) != 0:
+        raise InvalidArgument(
+            f"invalid chunk sizes min={min_size} avg={avg_size} max={max_size}: "
+            "need 64 <= min <= avg <= max <= 2 GiB"
+        )
+    return params
+
+
+def new_state():
+    return ffi.new("plc_state *")
+
+
+def gear(byte: int) -> int:
+    return int(lib.plc_gear(byte))

@@ -1,0 +1,47 @@
+"""The error kinds. Each carries its exit code; the CLI prints str(error) on one line.
+
+Code elsewhere raises these and never prints; only the CLI's top level catches them.
+Tests check the kind, not the text.
+"""
+
+from __future__ import annotations
+
+
+class PylayersError(Exception):
+    """Base of every error pylayers reports to a user."""
+
+    exit_code = 1
+
+
+class UsageError(PylayersError):
+    """The command line or an argument is malformed."""
+
+    exit_code = 2
+
+
+class InvalidArgument(PylayersError):
+    """An argument names something that cannot be used (not a directory, bad sizes...)."""
+
+
+class NotFound(PylayersError):
+    """A layer, tag, path or snapshot does not exist."""
+
+
+class AlreadyExists(PylayersError):
+    """The thing to create exists already."""
+
+
+class FailedPrecondition(PylayersError):
+    """The request is well formed but the state forbids it (layer has children...)."""
+
+
+class StoreError(PylayersError):
+    """The store cannot be opened: foreign directory, unknown format version, locked."""
+
+
+class CorruptData(PylayersError):
+    """Stored data does not match its id, or a structure fails to decode."""
+
+
+class UnsafePath(CorruptData):
+    """A manifest or archive names a path that would escape the destination."""
