@@ -1,0 +1,62 @@
+"""The command line. Errors are caught only here: one line on stderr, exit 1 (2 for
+usage), never a traceback (set PYLAYERS_DEBUG=1 to get one)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+
+import click
+
+from ..errors import PylayersError
+from . import diff, inspect, maintenance, refs, snapshot  # noqa: F401  (register verbs)
+from .app import cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        rv = cli.main(args=argv, prog_name="pylayers", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.UsageError as e:
+        msg = e.format_message().splitlines()[0] if e.format_message() else "usage error"
+        print(f"pylayers: {msg} (see pylayers --help)", file=sys.stderr)
+        return 2
+    except click.Abort:
+        print("pylayers: aborted", file=sys.stderr)
+        return 130
+    except click.ClickException as e:
+        print(f"pylayers: {e.format_message()}", file=sys.stderr)
+        return e.exit_code
+    except PylayersError as e:
+        if os.environ.get("PYLAYERS_DEBUG"):
+            raise
+        print(f"pylayers: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("pylayers: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+    except OSError as e:
+        if os.environ.get("PYLAYERS_DEBUG"):
+            raise
+        what = f"{e.filename}: " if e.filename else ""
+        if e.errno == errno.ENOSPC:
+            print(f"pylayers: {what}no space left on device; the store is unchanged",
+                  file=sys.stderr)
+        else:
+            print(f"pylayers: {what}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug: still one line, but say so
+        if os.environ.get("PYLAYERS_DEBUG"):
+            raise
+        print(f"pylayers: internal error: {type(e).__name__}: {e} "
+              "(set PYLAYERS_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 1
+
+
+def run() -> None:
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""The `pylayers` group, store opening and output helpers shared by the verbs."""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+
+import click
+
+from ..layers.repo import Layers
+from ..store import Store
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--store", "store_path", envvar="PYLAYERS_STORE", type=click.Path(),
+              help="Store directory (default: $PYLAYERS_STORE, else $XDG_DATA_HOME/pylayers).")
+@click.version_option(package_name="pylayers")
+@click.pass_context
+def cli(ctx: click.Context, store_path: str | None) -> None:
+    """pylayers: a content-addressed snapshot store for container-style layers."""
+    ctx.obj = {"store": store_path}
+
+
+@contextmanager
+def open_layers(ctx: click.Context, *, create: bool = True, exclusive: bool = False):
+    store = Store.open(ctx.obj["store"], create=create, exclusive=exclusive)
+    try:
+        yield Layers(store)
+    finally:
+        store.close()
+
+
+def display_path(path: bytes) -> str:
+    """'/' + path, quoted C-style (as git does) when it holds control characters,
+    quotes, backslashes or bytes that are not UTF-8, so every path stays on one line."""
+    p = b"/" + path
+    try:
+        text = p.decode("utf-8")
+        if not any(c < " " or c in '"\\\x7f' for c in text):
+            return text
+    except UnicodeDecodeError:
+        pass
+    out = []
+    for b in p:
+        ch = chr(b)
+        if ch == "\\" or ch == '"':
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif b < 0x20 or b >= 0x7f:
+            out.append(f"\\{b:03o}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+class Progress:
+    """Bytes done and rate on stderr, only when stderr is a terminal and the work takes
+    more than a second."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.enabled = sys.stderr.isatty()
+        self.done = 0
+        self.start = time.monotonic()
+        self.last = self.start
+        self.shown = False
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self.start > 1 and now - self.last > 0.2:
+            self.last = now
+            rate = self.done / (now - self.start)
+            sys.stderr.write(f"\r{self.label}: {human(self.done)} ({human(rate)}/s)   ")
+            sys.stderr.flush()
+            self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()

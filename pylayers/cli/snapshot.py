@@ -1,0 +1,49 @@
+"""`pylayers snapshot` and `pylayers checkout`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ..layers.scan import warn
+from .app import Progress, cli, human, open_layers
+
+
+@cli.command()
+@click.argument("directory", type=click.Path())
+@click.option("--parent", "-p", help="Store only what differs from this layer.")
+@click.option("--tag", "-t", help="Tag the new layer.")
+@click.option("-m", "--message", default="", help="A message kept with the layer.")
+@click.pass_context
+def snapshot(ctx: click.Context, directory: str, parent: str | None, tag: str | None,
+             message: str) -> None:
+    """Snapshot DIRECTORY into a new layer; prints its id as the last line."""
+    with open_layers(ctx) as layers:
+        parent_id = layers.resolve(parent) if parent else None
+        progress = Progress("snapshot")
+        try:
+            res = layers.snapshot(directory, parent_id, tag, message, progress)
+        finally:
+            progress.close()
+        warn(res.stats)
+        s = res.stats
+        print(f"{res.entries} entries, {s.files} files, {human(s.bytes_total)}; "
+              f"read {human(s.bytes_read)}, new in store {human(s.new_bytes)}"
+              + (" (layer existed)" if res.existed else ""), file=sys.stderr)
+        click.echo(res.layer_id.hex())
+
+
+@cli.command()
+@click.argument("ref")
+@click.argument("dest", type=click.Path())
+@click.pass_context
+def checkout(ctx: click.Context, ref: str, dest: str) -> None:
+    """Write the full tree of REF into DEST (which must not exist, or be empty)."""
+    with open_layers(ctx, create=False) as layers:
+        progress = Progress("checkout")
+        try:
+            layers.checkout(layers.resolve(ref), Path(dest), progress)
+        finally:
+            progress.close()

@@ -1,0 +1,115 @@
+"""Store-wide jobs that need to know about layers: gc, fsck and du."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import blake3
+
+from ..errors import CorruptData
+from ..store.repository import Store, SweepResult
+from .manifest import REG, decode_manifest
+from .repo import LayerRecord
+
+
+def live_chunks(store: Store, extra_roots: set[bytes] | None = None) -> set[bytes]:
+    """Every chunk a layer needs: its manifest's chunks and its files' chunks."""
+    live: set[bytes] = set(extra_roots or ())
+    for _lid, raw in store.items("layers"):
+        rec = LayerRecord.decode(raw)
+        live.update(cid for cid, _ in rec.manifest)
+        data = b"".join(store.read_chunk(cid) for cid, _ in rec.manifest)
+        for e in decode_manifest(data)[1]:
+            if e.kind == REG:
+                c = e.chunks
+                live.update(c[i : i + 32] for i in range(0, len(c), 36))
+    return live
+
+
+def gc(store: Store) -> SweepResult:
+    """Delete chunks no layer needs. The store must be opened exclusive."""
+    return store.sweep(live_chunks(store))
+
+
+@dataclass
+class FsckReport:
+    chunks_checked: int = 0
+    layers_checked: int = 0
+    damaged: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.damaged
+
+
+def fsck(store: Store) -> FsckReport:
+    """Verify every chunk against its id, every manifest against its layer id, and every
+    reference (chunks of files, parents, tags)."""
+    v = store.verify_chunks()
+    report = FsckReport(v.chunks_checked, 0, list(v.damaged), list(v.notes))
+    layers = dict(store.items("layers"))
+    with store.transaction() as txn:
+        chunks_db = store.db["chunks"]
+
+        def present(cid: bytes) -> bool:
+            return txn.get(cid, db=chunks_db) is not None and cid not in v.bad_chunks
+
+        for lid, raw in sorted(layers.items()):
+            report.layers_checked += 1
+            name = f"layer {lid.hex()[:12]}"
+            try:
+                rec = LayerRecord.decode(raw)
+            except CorruptData as e:
+                report.damaged.append(f"{name}: {e}")
+                continue
+            if rec.parent is not None and rec.parent not in layers:
+                report.damaged.append(f"{name}: parent {rec.parent.hex()[:12]} is missing")
+            missing = [cid for cid, _ in rec.manifest if not present(cid)]
+            if missing:
+                report.damaged.append(f"{name}: manifest chunk {missing[0].hex()} is "
+                                      "missing or damaged")
+                continue
+            try:
+                data = b"".join(store.read_chunk(cid) for cid, _ in rec.manifest)
+                if blake3.blake3(data).digest() != lid:
+                    raise CorruptData("manifest does not match the layer id")
+                parent, entries = decode_manifest(data)
+                if parent != rec.parent:
+                    raise CorruptData("manifest and record disagree on the parent")
+            except CorruptData as e:
+                report.damaged.append(f"{name}: {e}")
+                continue
+            for e in entries:
+                if e.kind != REG:
+                    continue
+                chunks = e.chunk_list()
+                bad = [cid for cid, _ in chunks if not present(cid)]
+                path = "/" + e.path.decode(errors="backslashreplace")
+                if bad:
+                    report.damaged.append(f"{name}: {path}: chunk {bad[0].hex()} is missing "
+                                          "or damaged")
+                elif sum(n for _, n in chunks) != e.size:
+                    report.damaged.append(f"{name}: {path}: chunk lengths do not add up")
+    for tag, lid in store.items("tags"):
+        if lid not in layers:
+            report.damaged.append(f"tag {tag.decode(errors='replace')}: points at missing "
+                                  f"layer {lid.hex()[:12]}")
+    return report
+
+
+def disk_usage(store: Store) -> dict:
+    logical = 0
+    layers = 0
+    for _lid, raw in store.items("layers"):
+        rec = LayerRecord.decode(raw)
+        logical += rec.file_bytes
+        layers += 1
+    stored = store.disk_usage()
+    return {
+        "layers": layers,
+        "chunks": store.chunk_count(),
+        "logical_bytes": logical,
+        "stored_bytes": stored,
+        "dedup_ratio": round(logical / stored, 3) if stored else 0.0,
+    }

@@ -1,0 +1,284 @@
+"""Scanning a directory into a tree of entries, storing file content as it goes.
+
+Regular files are read in blocks, cut into chunks by the C core and hashed (chunk
+ids, and the whole file's BLAKE3 on a second thread); new chunks go to a
+ChunkWriter. A stat cache skips reading files whose inode, size, mtime and ctime are
+unchanged since they were last stored (ctime catches `touch -d`).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import struct
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import blake3
+
+from ..chunking import Chunker, ChunkerParams
+from ..errors import InvalidArgument, NotFound
+from ..store.repository import Store
+from .manifest import BLK, CHR, DIR, FIFO, HARDLINK, REG, SYMLINK, Entry, pack_chunks
+
+BLOCK = 4 << 20
+_CHUNK = struct.Struct("<32sI")
+STATCACHE = struct.Struct("<QQQqq32s")  # dev, ino, size, mtime_ns, ctime_ns, content id
+# A cache entry is recorded only if the file's ctime is this much older than the moment
+# we began reading it: timestamps are coarse, so a write in the same tick as our read
+# could otherwise leave size, mtime and ctime unchanged (git's "racy" case).
+RACY_NS = 1_000_000_000
+
+
+@dataclass
+class ScanStats:
+    files: int = 0
+    bytes_read: int = 0
+    bytes_total: int = 0
+    cache_hits: int = 0
+    new_chunks: int = 0
+    new_bytes: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+def read_xattrs(path: bytes) -> tuple[tuple[bytes, bytes], ...]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.ENODATA, errno.EPERM):
+            return ()
+        raise
+    if not names:
+        return ()
+    out = []
+    for name in sorted(names):
+        try:
+            out.append((name.encode("utf-8", "surrogateescape"),
+                        os.getxattr(path, name, follow_symlinks=False)))
+        except OSError as e:
+            if e.errno != errno.ENODATA:
+                raise
+    return tuple(out)
+
+
+class ContentReader:
+    """Reads one file's content into chunks; `sink(cid, data)` stores a chunk or, when
+    None, nothing is stored (hash-only, for comparing a directory without storing)."""
+
+    def __init__(self, params: ChunkerParams, sink: Callable[[bytes, bytes], bool] | None,
+                 stats: ScanStats) -> None:
+        self.params = params
+        self.sink = sink
+        self.stats = stats
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pylayers-hash")
+
+    def close(self) -> None:
+        self._pool.shutdown()
+
+    def _emit(self, piece, out: list[bytes]) -> bytes:
+        cid = blake3.blake3(piece).digest()
+        if self.sink is not None and self.sink(cid, piece):
+            self.stats.new_chunks += 1
+            self.stats.new_bytes += len(piece)
+        out.append(_CHUNK.pack(cid, len(piece)))
+        return cid
+
+    def read(self, fd: int, progress=None) -> tuple[bytes, bytes, int]:
+        """(content id, packed chunk list, size) of the open file `fd`."""
+        chunker = Chunker.from_params(self.params)
+        filehash = blake3.blake3()
+        out: list[bytes] = []
+        carry = bytearray()
+        size = 0
+        pending = None
+        single_cid = None
+        while True:
+            block = os.read(fd, BLOCK)
+            if not block:
+                break
+            size += len(block)
+            if pending is not None:
+                pending.result()
+            # the whole-file hash runs beside chunking; both release the GIL
+            pending = self._pool.submit(filehash.update, block)
+            base = chunker.offset
+            cuts = chunker.feed(block)
+            mv = memoryview(block)
+            start = 0
+            for c in cuts:
+                end = c - base
+                if carry:
+                    carry += mv[start:end]
+                    single_cid = self._emit(bytes(carry), out)
+                    carry.clear()
+                else:
+                    single_cid = self._emit(mv[start:end], out)
+                start = end
+            if start < len(block):
+                carry += mv[start:]
+            self.stats.bytes_read += len(block)
+            if progress is not None:
+                progress(len(block))
+        if chunker.finish() is not None:
+            single_cid = self._emit(bytes(carry), out)
+        if pending is not None:
+            pending.result()
+        # A one-chunk file's content id is its chunk id: skip hashing it twice.
+        content = single_cid if len(out) == 1 else filehash.digest()
+        return content, b"".join(out), size
+
+
+class Scanner:
+    """Turns a directory into a tree (entries in component order)."""
+
+    def __init__(self, store: Store | None, params: ChunkerParams,
+                 sink: Callable[[bytes, bytes], bool] | None,
+                 use_statcache: bool = True, progress=None) -> None:
+        self.store = store
+        self.stats = ScanStats()
+        self.reader = ContentReader(params, sink, self.stats)
+        self.use_statcache = use_statcache and store is not None
+        self.progress = progress
+        self.statcache_updates: list[tuple[bytes, bytes]] = []
+        self._links: dict[tuple[int, int], bytes] = {}
+        self._txn = None
+
+    def scan(self, root: str | bytes) -> list[Entry]:
+        root_b = os.fsencode(os.path.abspath(root))
+        try:
+            st = os.stat(root_b)
+        except FileNotFoundError:
+            raise NotFound(f"{os.fsdecode(root_b)}: no such directory") from None
+        except OSError as e:
+            raise InvalidArgument(f"{os.fsdecode(root_b)}: {e.strerror}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise InvalidArgument(f"{os.fsdecode(root_b)} is not a directory")
+        root_b = os.path.realpath(root_b)
+        self._start_ns = time.time_ns()
+        if self.store is not None and self.use_statcache:
+            self._txn = self.store.env.begin(db=self.store.db["statcache"])
+        try:
+            entries: list[Entry] = []
+            self._entry(root_b, b"", st, entries)
+            self._walk(root_b, b"", entries)
+            return entries
+        finally:
+            if self._txn is not None:
+                self._txn.abort()
+                self._txn = None
+            self.reader.close()
+
+    def _walk(self, abs_dir: bytes, rel_dir: bytes, entries: list[Entry]) -> None:
+        try:
+            with os.scandir(abs_dir) as it:
+                children = sorted(it, key=lambda d: d.name)
+        except OSError as e:
+            raise InvalidArgument(f"cannot list {os.fsdecode(abs_dir)}: {e.strerror}") from None
+        for d in children:
+            rel = rel_dir + b"/" + d.name if rel_dir else d.name
+            try:
+                st = d.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                self.stats.warnings.append(f"{os.fsdecode(d.path)}: vanished during scan")
+                continue
+            if self._entry(d.path, rel, st, entries) and stat.S_ISDIR(st.st_mode):
+                self._walk(d.path, rel, entries)
+
+    def _entry(self, path: bytes, rel: bytes, st: os.stat_result, entries: list[Entry]) -> bool:
+        mode = st.st_mode
+        try:
+            xattrs = read_xattrs(path)
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            raise InvalidArgument(f"cannot read xattrs of {os.fsdecode(path)}: "
+                                  f"{e.strerror}") from None
+        e = Entry(rel, 0, stat.S_IMODE(mode), st.st_uid, st.st_gid, st.st_mtime_ns,
+                  xattrs=xattrs)
+        if stat.S_ISREG(mode):
+            if st.st_nlink > 1:
+                first = self._links.get((st.st_dev, st.st_ino))
+                if first is not None:
+                    e.kind, e.target = HARDLINK, first
+                    entries.append(e)
+                    return True
+                self._links[(st.st_dev, st.st_ino)] = rel
+            e.kind = REG
+            if not self._file(path, st, e):
+                return False
+        elif stat.S_ISDIR(mode):
+            e.kind = DIR
+        elif stat.S_ISLNK(mode):
+            e.kind = SYMLINK
+            try:
+                e.target = os.readlink(path)
+            except FileNotFoundError:
+                return False
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            e.kind = CHR if stat.S_ISCHR(mode) else BLK
+            e.rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+        elif stat.S_ISFIFO(mode):
+            e.kind = FIFO
+        else:  # sockets cannot be recreated by a checkout; tar skips them too
+            self.stats.warnings.append(f"{os.fsdecode(path)}: socket ignored")
+            return False
+        entries.append(e)
+        return True
+
+    def _file(self, path: bytes, st: os.stat_result, e: Entry) -> bool:
+        self.stats.files += 1
+        self.stats.bytes_total += st.st_size
+        key = blake3.blake3(path).digest()
+        if self._txn is not None:
+            cached = self._txn.get(key)
+            if cached is not None:
+                dev, ino, size, mtime, ctime, content = STATCACHE.unpack_from(cached)
+                if (dev, ino, size, mtime, ctime) == (
+                        st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+                    e.size, e.content = size, content
+                    e.chunks = bytes(cached[STATCACHE.size:])
+                    self.stats.cache_hits += 1
+                    if self.progress is not None:
+                        self.progress(st.st_size)
+                    return True
+        read_start = time.time_ns()
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self.stats.warnings.append(f"{os.fsdecode(path)}: vanished during scan")
+            return False
+        except OSError as err:
+            raise InvalidArgument(f"cannot read {os.fsdecode(path)}: {err.strerror}") from None
+        try:
+            fst = os.fstat(fd)
+            if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
+                self.stats.warnings.append(f"{os.fsdecode(path)}: replaced during scan")
+            try:
+                e.content, e.chunks, e.size = self.reader.read(fd, self.progress)
+            except OSError as err:
+                raise InvalidArgument(
+                    f"cannot read {os.fsdecode(path)}: {err.strerror}") from None
+            after = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (
+                st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+            self.stats.warnings.append(f"{os.fsdecode(path)}: changed as we read it")
+        elif self.use_statcache and st.st_ctime_ns < read_start - RACY_NS:
+            self.statcache_updates.append((key, STATCACHE.pack(
+                st.st_dev, st.st_ino, e.size, st.st_mtime_ns, st.st_ctime_ns, e.content)
+                + e.chunks))
+        e.mtime_ns = st.st_mtime_ns
+        return True
+
+
+def warn(stats: ScanStats) -> None:
+    for w in stats.warnings:
+        print(f"pylayers: warning: {w}", file=sys.stderr)
+
+
+__all__ = ["Scanner", "ScanStats", "ContentReader", "pack_chunks", "DIR"]

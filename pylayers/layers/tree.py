@@ -1,0 +1,182 @@
+"""Trees: the full, flattened contents of a layer (its chain of diffs applied), and the
+comparison of two trees.
+
+A tree is a list of entries in component order, without whiteouts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import UnsafePath
+from .manifest import DIR, HARDLINK, REG, WHITEOUT, Entry
+
+
+def apply_layer(base: list[Entry], layer: list[Entry]) -> list[Entry]:
+    """The tree that results from putting `layer` (a diff, in component order) on `base`.
+
+    A whiteout deletes its path and everything under it; an opaque directory hides the
+    base's contents under it; an entry replacing a directory with a non-directory
+    deletes what was under it.
+    """
+    out: list[Entry] = []
+    i, n = 0, len(base)
+    for e in layer:
+        k = e.key
+        while i < n and base[i].key < k:
+            out.append(base[i])
+            i += 1
+        existing = None
+        if i < n and base[i].key == k:
+            existing = base[i]
+            i += 1
+        if e.kind == WHITEOUT or e.opaque or (
+                existing is not None and existing.kind == DIR and e.kind != DIR):
+            prefix = k + b"\x00"
+            while i < n and base[i].key.startswith(prefix):
+                i += 1
+        if e.kind != WHITEOUT:
+            out.append(e)
+    out.extend(base[i:])
+    return out
+
+
+def validate_tree(tree: list[Entry]) -> None:
+    """A checkout-safe tree: a root directory first, every entry's parent a directory in
+    the tree, every hardlink pointing at a regular file before it."""
+    if not tree or tree[0].path != b"" or tree[0].kind != DIR:
+        raise UnsafePath("tree has no root directory")
+    kinds: dict[bytes, int] = {}
+    for e in tree:
+        if e.path:
+            parent = e.path.rpartition(b"/")[0]
+            if kinds.get(parent) != DIR:
+                raise UnsafePath(f"/{e.path.decode(errors='replace')}: its parent is not a "
+                                 "directory in the layer")
+            if e.kind == HARDLINK and kinds.get(e.target) != REG:
+                raise UnsafePath(f"/{e.path.decode(errors='replace')}: hardlink target is not "
+                                 "a regular file in the layer")
+        kinds[e.path] = e.kind
+
+
+def diff_layer(parent: list[Entry], tree: list[Entry]) -> list[Entry]:
+    """The entries to store so that apply_layer(parent, result) == tree: changed and new
+    entries, and a whiteout for each deleted path whose parent survives."""
+    out: list[Entry] = []
+    i, j, n, m = 0, 0, len(parent), len(tree)
+    while i < n or j < m:
+        if j >= m or (i < n and parent[i].key < tree[j].key):
+            gone = parent[i]
+            out.append(Entry(gone.path, WHITEOUT))
+            i += 1
+            prefix = gone.key + b"\x00"
+            while i < n and parent[i].key.startswith(prefix):
+                i += 1
+            continue
+        new = tree[j]
+        if i < n and parent[i].key == new.key:
+            old = parent[i]
+            i += 1
+            if not (old == new):
+                out.append(new)
+            if old.kind == DIR and new.kind != DIR:
+                # apply_layer drops the old subtree itself; no whiteouts needed
+                prefix = old.key + b"\x00"
+                while i < n and parent[i].key.startswith(prefix):
+                    i += 1
+        else:
+            out.append(new)
+        j += 1
+    return out
+
+
+@dataclass
+class Change:
+    path: bytes
+    change: str  # "A", "C" or "D"
+    attributes: list[str] = field(default_factory=list)
+    old: Entry | None = None
+    new: Entry | None = None
+
+
+def _content_of(e: Entry, links: dict[bytes, Entry]) -> Entry:
+    """A hardlink compares as the file it points at."""
+    if e.kind == HARDLINK and e.target in links:
+        return links[e.target]
+    return e
+
+
+def changed_attributes(old: Entry, new: Entry, old_tree_files: dict[bytes, Entry],
+                       new_tree_files: dict[bytes, Entry]) -> list[str]:
+    attrs = []
+    o, nw = _content_of(old, old_tree_files), _content_of(new, new_tree_files)
+    if old.kind != new.kind and not {old.kind, new.kind} <= {REG, HARDLINK}:
+        attrs.append("type")
+    elif (o.size, o.content, o.target if o.kind != HARDLINK else b"", o.rdev) != (
+            nw.size, nw.content, nw.target if nw.kind != HARDLINK else b"", nw.rdev):
+        attrs.append("content")
+    if old.kind == HARDLINK or new.kind == HARDLINK:
+        if (old.kind, old.target) != (new.kind, new.target):
+            attrs.append("link")
+    if (o.mode if old.kind == HARDLINK else old.mode) != (
+            nw.mode if new.kind == HARDLINK else new.mode):
+        attrs.append("mode")
+    if (old.uid, old.gid) != (new.uid, new.gid) and HARDLINK not in (old.kind, new.kind):
+        attrs.append("owner")
+    if old.mtime_ns != new.mtime_ns and HARDLINK not in (old.kind, new.kind):
+        attrs.append("mtime")
+    if old.xattrs != new.xattrs and HARDLINK not in (old.kind, new.kind):
+        attrs.append("xattrs")
+    return attrs
+
+
+def diff_trees(old: list[Entry], new: list[Entry]) -> list[Change]:
+    """Changes from tree `old` to tree `new`, in path order: a deleted directory is one D
+    with its children unlisted; an added directory is A with each child A; a directory
+    whose set of children changed is C ("entries"); the root is never listed."""
+    old_files = {e.path: e for e in old if e.kind == REG}
+    new_files = {e.path: e for e in new if e.kind == REG}
+    changes: list[Change] = []
+    touched_dirs: set[bytes] = set()
+    i, j, n, m = 0, 0, len(old), len(new)
+    while i < n or j < m:
+        if j >= m or (i < n and old[i].key < new[j].key):
+            gone = old[i]
+            changes.append(Change(gone.path, "D", old=gone))
+            touched_dirs.add(gone.path.rpartition(b"/")[0])
+            i += 1
+            prefix = gone.key + b"\x00"
+            while i < n and old[i].key.startswith(prefix):
+                i += 1
+        elif i >= n or new[j].key < old[i].key:
+            added = new[j]
+            changes.append(Change(added.path, "A", new=added))
+            touched_dirs.add(added.path.rpartition(b"/")[0])
+            j += 1
+        else:
+            a, b = old[i], new[j]
+            i += 1
+            j += 1
+            attrs = changed_attributes(a, b, old_files, new_files)
+            if a.kind == DIR and b.kind != DIR:
+                prefix = a.key + b"\x00"
+                while i < n and old[i].key.startswith(prefix):
+                    i += 1
+            if attrs:
+                changes.append(Change(a.path, "C", attrs, a, b))
+            elif a.kind == DIR:
+                changes.append(Change(a.path, "?", [], a, b))  # resolved below
+    out = []
+    for c in changes:
+        if c.change == "?":
+            if c.path in touched_dirs:
+                c.change, c.attributes = "C", ["entries"]
+            else:
+                continue
+        elif c.change == "C" and c.new is not None and c.new.kind == DIR \
+                and c.old is not None and c.old.kind == DIR and c.path in touched_dirs:
+            c.attributes.append("entries")
+        if c.path == b"":
+            continue
+        out.append(c)
+    return out

@@ -1,0 +1,83 @@
+"""The store's config file (docs/format.md, "config.json"): format name and version,
+chunker sizes and compression. Written once at init; the chunker sizes never change."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..chunking import ChunkerParams
+from ..errors import StoreError
+
+FORMAT_NAME = "pylayers-store"
+FORMAT_VERSION = 1
+CHUNKER_ALGORITHM = "fastcdc-gear64-v1"
+CONFIG_FILE = "config.json"
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    chunker: ChunkerParams = field(default_factory=ChunkerParams)
+    compression_level: int = 3
+    store_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def encode(self) -> bytes:
+        doc = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "store_id": self.store_id,
+            "chunker": {
+                "algorithm": CHUNKER_ALGORITHM,
+                "min_size": self.chunker.min_size,
+                "avg_size": self.chunker.avg_size,
+                "max_size": self.chunker.max_size,
+            },
+            "compression": {"codec": "zstd", "level": self.compression_level},
+        }
+        return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def decode(cls, data: bytes, where: Path) -> StoreConfig:
+        try:
+            doc = json.loads(data)
+            fmt, version = doc.get("format"), doc.get("version")
+        except (ValueError, AttributeError) as e:
+            raise StoreError(f"{where}: config.json is not valid JSON: {e}") from None
+        if fmt != FORMAT_NAME:
+            raise StoreError(f"{where} is not a pylayers store (format {fmt!r})")
+        if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+            raise StoreError(
+                f"{where} has store format version {version}; this pylayers reads "
+                f"version {FORMAT_VERSION} (upgrade pylayers)"
+            )
+        try:
+            ch = doc["chunker"]
+            if ch["algorithm"] != CHUNKER_ALGORITHM:
+                raise StoreError(f"{where}: unknown chunker {ch['algorithm']!r}")
+            params = ChunkerParams(ch["min_size"], ch["avg_size"], ch["max_size"]).validate()
+            level = int(doc["compression"]["level"])
+            return cls(chunker=params, compression_level=level, store_id=doc["store_id"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise StoreError(f"{where}: config.json is malformed ({e})") from None
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write, fsync, rename, fsync the directory: the file is whole or absent."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,296 @@
+"""Pack files and frames (docs/format.md, "Packs").
+
+A pack is append-only: a 16-byte header, then frames. Each frame is self-describing
+(the ids and lengths of its chunks precede the payload), so an index can be rebuilt
+from packs alone and fsck can check a pack without the index.
+
+Each writing process owns its packs; no two processes ever append to one file.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from collections import OrderedDict, deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import zstandard
+
+from ..errors import CorruptData
+from .config import fsync_dir
+
+PACK_MAGIC = b"PLYRPACK"
+PACK_VERSION = 1
+PACK_HEADER = struct.Struct("<8sII")  # magic, version, reserved
+FRAME_MAGIC = b"PLFR"
+# magic, codec, reserved(3), nchunks, raw_len, stored_len, crc32 of (header w/o crc + table)
+FRAME_HEADER = struct.Struct("<4sB3xIIII")
+TABLE_ENTRY = struct.Struct("<32sI")  # chunk id, chunk length
+CODEC_RAW = 0
+CODEC_ZSTD = 1
+
+FRAME_TARGET = 1 << 20  # close a frame once it holds this much raw data
+PACK_TARGET = 512 << 20  # start a new pack past this size
+# A frame is kept raw unless compression saves at least this fraction.
+MIN_SAVING = 0.03
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """Where a chunk lives: the frame at `offset` in pack `pack`, and its slice of the
+    frame's raw (decompressed) bytes. Encoded as the value of the `chunks` index."""
+
+    pack: str
+    offset: int
+    frame_len: int
+    start: int
+    length: int
+
+    _STRUCT = struct.Struct("<16sQIII")
+
+    def encode(self) -> bytes:
+        return self._STRUCT.pack(
+            bytes.fromhex(self.pack), self.offset, self.frame_len, self.start, self.length
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> Location:
+        pack, offset, frame_len, start, length = cls._STRUCT.unpack(data)
+        return cls(pack.hex(), offset, frame_len, start, length)
+
+
+def encode_frame(chunks: list[tuple[bytes, bytes]], level: int) -> bytes:
+    """One frame: header, table of (id, length), payload (zstd, or raw if that is smaller)."""
+    raw = b"".join(data for _, data in chunks)
+    codec, payload = CODEC_RAW, raw
+    if level > 0 and raw:
+        packed = zstandard.ZstdCompressor(level=level).compress(raw)
+        if len(packed) < len(raw) * (1 - MIN_SAVING):
+            codec, payload = CODEC_ZSTD, packed
+    table = b"".join(TABLE_ENTRY.pack(cid, len(data)) for cid, data in chunks)
+    head = FRAME_HEADER.pack(FRAME_MAGIC, codec, len(chunks), len(raw), len(payload), 0)
+    crc = zlib.crc32(head[:-4] + table)
+    head = head[:-4] + struct.pack("<I", crc)
+    return head + table + payload
+
+
+@dataclass
+class Frame:
+    offset: int
+    length: int
+    codec: int
+    raw_len: int
+    table: list[tuple[bytes, int]]  # (chunk id, length)
+    payload: bytes
+
+    def raw(self) -> bytes:
+        if self.codec == CODEC_RAW:
+            raw = self.payload
+        else:
+            try:
+                raw = zstandard.ZstdDecompressor().decompress(
+                    self.payload, max_output_size=self.raw_len
+                )
+            except zstandard.ZstdError as e:
+                raise CorruptData(
+                    f"frame at offset {self.offset}: cannot decompress: {e}") from None
+        if len(raw) != self.raw_len:
+            raise CorruptData(f"frame at offset {self.offset}: wrong decompressed length")
+        return raw
+
+
+def decode_frame(buf: bytes, offset: int, where: str) -> Frame:
+    """Parse the frame starting at buf[0] (which is at `offset` in its pack)."""
+    if len(buf) < FRAME_HEADER.size:
+        raise CorruptData(f"{where}: truncated frame header at offset {offset}")
+    magic, codec, n, raw_len, stored_len, crc = FRAME_HEADER.unpack_from(buf)
+    if magic != FRAME_MAGIC or codec not in (CODEC_RAW, CODEC_ZSTD):
+        raise CorruptData(f"{where}: no frame at offset {offset}")
+    tend = FRAME_HEADER.size + n * TABLE_ENTRY.size
+    if len(buf) < tend + stored_len:
+        raise CorruptData(f"{where}: truncated frame at offset {offset}")
+    if zlib.crc32(buf[: FRAME_HEADER.size - 4] + buf[FRAME_HEADER.size : tend]) != crc:
+        raise CorruptData(f"{where}: frame header checksum mismatch at offset {offset}")
+    table = [TABLE_ENTRY.unpack_from(buf, FRAME_HEADER.size + i * TABLE_ENTRY.size)
+             for i in range(n)]
+    if sum(length for _, length in table) != raw_len:
+        raise CorruptData(f"{where}: frame table disagrees with its length at offset {offset}")
+    payload = bytes(buf[tend : tend + stored_len])
+    return Frame(offset, tend + stored_len, codec, raw_len, table, payload)
+
+
+def pack_path(root: Path, pack: str) -> Path:
+    return root / pack[:2] / f"{pack}.pack"
+
+
+def iter_frames(path: Path) -> Iterator[Frame]:
+    """Every frame of a pack, in order. Raises CorruptData at the first bad one; a
+    truncated tail (a writer killed mid-frame) raises too, after the good frames."""
+    with open(path, "rb") as f:
+        head = f.read(PACK_HEADER.size)
+        if len(head) < PACK_HEADER.size:
+            raise CorruptData(f"{path.name}: truncated pack header")
+        magic, version, _ = PACK_HEADER.unpack(head)
+        if magic != PACK_MAGIC or version != PACK_VERSION:
+            raise CorruptData(f"{path.name}: not a pack of version {PACK_VERSION}")
+        offset = PACK_HEADER.size
+        while True:
+            head = f.read(FRAME_HEADER.size)
+            if not head:
+                return
+            if len(head) < FRAME_HEADER.size:
+                raise CorruptData(f"{path.name}: truncated frame at offset {offset}")
+            n, stored_len = struct.unpack_from("<I", head, 8)[0], struct.unpack_from(
+                "<I", head, 16
+            )[0]
+            rest = f.read(n * TABLE_ENTRY.size + stored_len)
+            frame = decode_frame(head + rest, offset, path.name)
+            yield frame
+            offset += frame.length
+
+
+class PackReader:
+    """Reads chunks by location, keeping a few decompressed frames (sequential reads of
+    one file hit the same frame many times)."""
+
+    def __init__(self, root: Path, cache_frames: int = 8) -> None:
+        self.root = root
+        self._files: OrderedDict[str, object] = OrderedDict()
+        self._frames: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._cache_frames = cache_frames
+
+    def _file(self, pack: str):
+        f = self._files.get(pack)
+        if f is None:
+            try:
+                f = open(pack_path(self.root, pack), "rb")  # noqa: SIM115
+            except FileNotFoundError:
+                raise CorruptData(f"pack {pack} is missing") from None
+            self._files[pack] = f
+            if len(self._files) > 64:
+                self._files.popitem(last=False)[1].close()
+        return f
+
+    def frame_raw(self, loc: Location) -> bytes:
+        key = (loc.pack, loc.offset)
+        raw = self._frames.get(key)
+        if raw is not None:
+            self._frames.move_to_end(key)
+            return raw
+        f = self._file(loc.pack)
+        f.seek(loc.offset)
+        buf = f.read(loc.frame_len)
+        raw = decode_frame(buf, loc.offset, f"pack {loc.pack}").raw()
+        self._frames[key] = raw
+        if len(self._frames) > self._cache_frames:
+            self._frames.popitem(last=False)
+        return raw
+
+    def read(self, loc: Location) -> bytes:
+        raw = self.frame_raw(loc)
+        if loc.start + loc.length > len(raw):
+            raise CorruptData(f"pack {loc.pack}: chunk lies outside its frame")
+        return raw[loc.start : loc.start + loc.length]
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+        self._frames.clear()
+
+
+class PackWriter:
+    """Appends chunks to a new pack owned by this writer.
+
+    `add` buffers chunks into a frame; full frames are compressed on worker threads
+    (zstd releases the GIL) and written in order. `flush` makes everything added so far
+    durable (fsync of pack and directory) and returns the locations to index — only then
+    may an index entry point at them.
+    """
+
+    def __init__(self, root: Path, level: int, threads: int = 2) -> None:
+        self.root = root
+        self.level = level
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pylayers-zstd")
+        self._pending: deque[tuple[Future, list[tuple[bytes, int]]]] = deque()
+        self._frame: list[tuple[bytes, bytes]] = []
+        self._frame_bytes = 0
+        self._file = None
+        self._pack = ""
+        self._offset = 0
+        self._written: list[tuple[bytes, Location]] = []
+        self.bytes_written = 0
+        self._max_pending = threads * 2
+
+    def add(self, cid: bytes, data: bytes) -> None:
+        self._frame.append((cid, bytes(data)))
+        self._frame_bytes += len(data)
+        if self._frame_bytes >= FRAME_TARGET:
+            self._close_frame()
+
+    def _close_frame(self) -> None:
+        if not self._frame:
+            return
+        chunks, self._frame, self._frame_bytes = self._frame, [], 0
+        table = [(cid, len(data)) for cid, data in chunks]
+        self._pending.append((self._pool.submit(encode_frame, chunks, self.level), table))
+        while len(self._pending) > self._max_pending:
+            self._write_one()
+
+    def _open_pack(self) -> None:
+        self._pack = os.urandom(16).hex()
+        path = pack_path(self.root, self._pack)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "xb")  # noqa: SIM115
+        self._file.write(PACK_HEADER.pack(PACK_MAGIC, PACK_VERSION, 0))
+        self._offset = PACK_HEADER.size
+        self._dirty_dirs = {path.parent}
+
+    def _write_one(self) -> None:
+        fut, table = self._pending.popleft()
+        frame = fut.result()
+        if self._file is None:
+            self._open_pack()
+        self._file.write(frame)
+        start = 0
+        header_len = FRAME_HEADER.size + len(table) * TABLE_ENTRY.size
+        assert len(frame) >= header_len
+        for cid, length in table:
+            self._written.append(
+                (cid, Location(self._pack, self._offset, len(frame), start, length))
+            )
+            start += length
+        self._offset += len(frame)
+        self.bytes_written += len(frame)
+
+    def flush(self) -> list[tuple[bytes, Location]]:
+        """Write out every buffered chunk and make it durable; return (id, location) of
+        every chunk written since the last flush."""
+        self._close_frame()
+        while self._pending:
+            self._write_one()
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            for d in self._dirty_dirs:
+                fsync_dir(d)
+            fsync_dir(self.root)
+            self._dirty_dirs = set()
+            if self._offset >= PACK_TARGET:
+                self._file.close()
+                self._file = None
+        written, self._written = self._written, []
+        return written
+
+    def close(self) -> None:
+        for fut, _ in self._pending:
+            fut.cancel()
+        self._pending.clear()
+        self._pool.shutdown(wait=True)
+        if self._file is not None:
+            self._file.close()
+            self._file = None
