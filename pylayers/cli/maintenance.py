@@ -18,7 +18,7 @@ from .app import cli, human, open_layers
 @click.option("--min-size", default=DEFAULT_MIN, show_default=True, help="Minimum chunk size.")
 @click.option("--avg-size", default=DEFAULT_AVG, show_default=True, help="Target chunk size.")
 @click.option("--max-size", default=DEFAULT_MAX, show_default=True, help="Maximum chunk size.")
-@click.option("--compression-level", default=3, show_default=True, help="zstd level (0: none).")
+@click.option("--compression-level", default=2, show_default=True, help="zstd level (0: none).")
 @click.pass_context
 def init(ctx: click.Context, min_size: int, avg_size: int, max_size: int,
          compression_level: int) -> None:

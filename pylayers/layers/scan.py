@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 
 import blake3
 
-from ..chunking import Chunker, ChunkerParams
+from ..chunking import Chunker, ChunkerParams, cut_points
 from ..errors import InvalidArgument, NotFound
 from ..store.repository import Store
-from .manifest import BLK, CHR, DIR, FIFO, HARDLINK, REG, SYMLINK, Entry, pack_chunks
+from .manifest import BLK, CHR, DIR, FIFO, HARDLINK, REG, SYMLINK, Entry
 
 BLOCK = 4 << 20
 _CHUNK = struct.Struct("<32sI")
@@ -74,62 +74,100 @@ class ContentReader:
         self.params = params
         self.sink = sink
         self.stats = stats
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pylayers-hash")
+        self._pool: ThreadPoolExecutor | None = None
 
     def close(self) -> None:
-        self._pool.shutdown()
+        if self._pool is not None:
+            self._pool.shutdown()
 
-    def _emit(self, piece, out: list[bytes]) -> bytes:
-        cid = blake3.blake3(piece).digest()
-        if self.sink is not None and self.sink(cid, piece):
-            self.stats.new_chunks += 1
-            self.stats.new_bytes += len(piece)
-        out.append(_CHUNK.pack(cid, len(piece)))
-        return cid
+    def _store(self, pieces: list, ids: list[bytes], out: list[bytes]) -> None:
+        sink = self.sink
+        for piece, cid in zip(pieces, ids, strict=True):
+            if sink is not None and sink(cid, piece):
+                self.stats.new_chunks += 1
+                self.stats.new_bytes += len(piece)
+            out.append(_CHUNK.pack(cid, len(piece)))
 
-    def read(self, fd: int, progress=None) -> tuple[bytes, bytes, int]:
+    def read(self, fd: int, size_hint: int, progress=None) -> tuple[bytes, bytes, int]:
         """(content id, packed chunk list, size) of the open file `fd`."""
+        if size_hint < BLOCK:
+            data = os.read(fd, BLOCK)
+            if len(data) < BLOCK:  # the whole file in one read: no threads needed
+                return self._read_small(data, progress)
+            return self._read_large(fd, data, progress)
+        return self._read_large(fd, b"", progress)
+
+    def _read_small(self, data: bytes, progress) -> tuple[bytes, bytes, int]:
+        p = self.params
+        out: list[bytes] = []
+        mv = memoryview(data)
+        pieces, start = [], 0
+        for end in cut_points(data, min_size=p.min_size, avg_size=p.avg_size,
+                              max_size=p.max_size):
+            pieces.append(mv[start:end])
+            start = end
+        ids = [blake3.blake3(piece).digest() for piece in pieces]
+        self._store(pieces, ids, out)
+        self.stats.bytes_read += len(data)
+        if progress is not None:
+            progress(len(data))
+        # A one-chunk file's content id is its chunk id: no second hash.
+        content = ids[0] if len(ids) == 1 else blake3.blake3(data).digest()
+        return content, b"".join(out), len(data)
+
+    def _read_large(self, fd: int, first: bytes, progress) -> tuple[bytes, bytes, int]:
+        """Pipelined: while this thread reads and chunks block k, one worker hashes the
+        whole file and another hashes block k-1's chunks (blake3 and the C scan release
+        the GIL); chunks reach the sink in order, from this thread."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pylayers-hash")
+        pool = self._pool
         chunker = Chunker.from_params(self.params)
         filehash = blake3.blake3()
         out: list[bytes] = []
         carry = bytearray()
         size = 0
-        pending = None
-        single_cid = None
-        while True:
-            block = os.read(fd, BLOCK)
-            if not block:
-                break
+        file_job = None
+        chunk_job = None
+        block = first or os.read(fd, BLOCK)
+        while block:
             size += len(block)
-            if pending is not None:
-                pending.result()
-            # the whole-file hash runs beside chunking; both release the GIL
-            pending = self._pool.submit(filehash.update, block)
+            if file_job is not None:
+                file_job.result()
+            file_job = pool.submit(filehash.update, block)
             base = chunker.offset
-            cuts = chunker.feed(block)
             mv = memoryview(block)
-            start = 0
-            for c in cuts:
+            pieces, start = [], 0
+            for c in chunker.feed(block):
                 end = c - base
                 if carry:
                     carry += mv[start:end]
-                    single_cid = self._emit(bytes(carry), out)
+                    pieces.append(bytes(carry))
                     carry.clear()
                 else:
-                    single_cid = self._emit(mv[start:end], out)
+                    pieces.append(mv[start:end])
                 start = end
             if start < len(block):
                 carry += mv[start:]
+            if chunk_job is not None:
+                self._store(chunk_job[1], chunk_job[0].result(), out)
+            chunk_job = (pool.submit(_hash_pieces, pieces), pieces)
             self.stats.bytes_read += len(block)
             if progress is not None:
                 progress(len(block))
+            block = os.read(fd, BLOCK)
+        if chunk_job is not None:
+            self._store(chunk_job[1], chunk_job[0].result(), out)
         if chunker.finish() is not None:
-            single_cid = self._emit(bytes(carry), out)
-        if pending is not None:
-            pending.result()
-        # A one-chunk file's content id is its chunk id: skip hashing it twice.
-        content = single_cid if len(out) == 1 else filehash.digest()
-        return content, b"".join(out), size
+            tail = bytes(carry)
+            self._store([tail], [blake3.blake3(tail).digest()], out)
+        if file_job is not None:
+            file_job.result()
+        return filehash.digest(), b"".join(out), size
+
+
+def _hash_pieces(pieces: list) -> list[bytes]:
+    return [blake3.blake3(piece).digest() for piece in pieces]
 
 
 class Scanner:
@@ -258,7 +296,7 @@ class Scanner:
             if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
                 self.stats.warnings.append(f"{os.fsdecode(path)}: replaced during scan")
             try:
-                e.content, e.chunks, e.size = self.reader.read(fd, self.progress)
+                e.content, e.chunks, e.size = self.reader.read(fd, st.st_size, self.progress)
             except OSError as err:
                 raise InvalidArgument(
                     f"cannot read {os.fsdecode(path)}: {err.strerror}") from None
@@ -280,5 +318,3 @@ def warn(stats: ScanStats) -> None:
     for w in stats.warnings:
         print(f"pylayers: warning: {w}", file=sys.stderr)
 
-
-__all__ = ["Scanner", "ScanStats", "ContentReader", "pack_chunks", "DIR"]

@@ -21,7 +21,7 @@ CONFIG_FILE = "config.json"
 @dataclass(frozen=True)
 class StoreConfig:
     chunker: ChunkerParams = field(default_factory=ChunkerParams)
-    compression_level: int = 3
+    compression_level: int = 2
     store_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def encode(self) -> bytes:

@@ -35,6 +35,9 @@ CODEC_ZSTD = 1
 
 FRAME_TARGET = 1 << 20  # close a frame once it holds this much raw data
 PACK_TARGET = 512 << 20  # start a new pack past this size
+# Start writeback every so often, on a thread, so the final fsync does not wait for
+# gigabytes of dirty pages (the kernel would otherwise hold them for up to 30 s).
+SYNC_EVERY = 64 << 20
 # A frame is kept raw unless compression saves at least this fraction.
 MIN_SAVING = 0.03
 
@@ -225,6 +228,9 @@ class PackWriter:
         self._written: list[tuple[bytes, Location]] = []
         self.bytes_written = 0
         self._max_pending = threads * 2
+        self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pylayers-sync")
+        self._sync_job: Future | None = None
+        self._unsynced = 0
 
     def add(self, cid: bytes, data: bytes) -> None:
         self._frame.append((cid, bytes(data)))
@@ -266,6 +272,11 @@ class PackWriter:
             start += length
         self._offset += len(frame)
         self.bytes_written += len(frame)
+        self._unsynced += len(frame)
+        if self._unsynced >= SYNC_EVERY and (self._sync_job is None or self._sync_job.done()):
+            self._file.flush()
+            self._sync_job = self._syncer.submit(os.fdatasync, self._file.fileno())
+            self._unsynced = 0
 
     def flush(self) -> list[tuple[bytes, Location]]:
         """Write out every buffered chunk and make it durable; return (id, location) of
@@ -273,6 +284,9 @@ class PackWriter:
         self._close_frame()
         while self._pending:
             self._write_one()
+        if self._sync_job is not None:
+            self._sync_job.result()
+            self._sync_job = None
         if self._file is not None:
             self._file.flush()
             os.fsync(self._file.fileno())
@@ -291,6 +305,7 @@ class PackWriter:
             fut.cancel()
         self._pending.clear()
         self._pool.shutdown(wait=True)
+        self._syncer.shutdown(wait=True)
         if self._file is not None:
             self._file.close()
             self._file = None
