@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import stat
 import struct
-from dataclasses import dataclass, field
 
 from ..errors import CorruptData, UnsafePath
 
@@ -37,26 +36,46 @@ def sort_key(path: bytes) -> bytes:
     return path.replace(b"/", b"\x00")
 
 
-@dataclass(slots=True)
 class Entry:
-    path: bytes
-    kind: int
-    mode: int = 0  # permission bits incl. setuid/setgid/sticky (S_IMODE)
-    uid: int = 0
-    gid: int = 0
-    mtime_ns: int = 0
-    size: int = 0  # regular files: content length
-    content: bytes = b""  # regular files: BLAKE3 of the whole content
-    chunks: bytes = b""  # regular files: packed (id, length) records
-    target: bytes = b""  # symlink target, or hardlink target path
-    rdev: tuple[int, int] = (0, 0)  # devices: (major, minor)
-    xattrs: tuple[tuple[bytes, bytes], ...] = ()
-    flags: int = 0
-    key: bytes = field(default=b"", compare=False, repr=False)
+    """One path of a layer. A plain slotted class rather than a dataclass: trees hold
+    hundreds of thousands of these and decoding speed matters."""
 
-    def __post_init__(self) -> None:
-        if not self.key:
-            self.key = sort_key(self.path)
+    __slots__ = ("path", "kind", "mode", "uid", "gid", "mtime_ns", "size", "content",
+                 "chunks", "target", "rdev", "xattrs", "flags", "key")
+
+    def __init__(self, path: bytes, kind: int, mode: int = 0, uid: int = 0, gid: int = 0,
+                 mtime_ns: int = 0, size: int = 0, content: bytes = b"", chunks: bytes = b"",
+                 target: bytes = b"", rdev: tuple[int, int] = (0, 0),
+                 xattrs: tuple[tuple[bytes, bytes], ...] = (), flags: int = 0,
+                 key: bytes | None = None) -> None:
+        self.path = path
+        self.kind = kind
+        self.mode = mode  # permission bits incl. setuid/setgid/sticky (S_IMODE)
+        self.uid = uid
+        self.gid = gid
+        self.mtime_ns = mtime_ns
+        self.size = size  # regular files: content length
+        self.content = content  # regular files: BLAKE3 of the whole content
+        self.chunks = chunks  # regular files: packed (id, length) records
+        self.target = target  # symlink target, or hardlink target path
+        self.rdev = rdev  # devices: (major, minor)
+        self.xattrs = xattrs
+        self.flags = flags
+        self.key = sort_key(path) if key is None else key
+
+    def _fields(self) -> tuple:
+        return (self.path, self.kind, self.mode, self.uid, self.gid, self.mtime_ns, self.size,
+                self.content, self.chunks, self.target, self.rdev, self.xattrs, self.flags)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Entry):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Entry({self.path!r}, {KIND_NAMES.get(self.kind, self.kind)})"
 
     @property
     def is_dir(self) -> bool:
@@ -128,7 +147,8 @@ def encode_manifest(parent: bytes | None, entries: list[Entry]) -> bytes:
 
 
 def decode_manifest(data: bytes) -> tuple[bytes | None, list[Entry]]:
-    """(parent id or None, entries). Raises CorruptData on anything non-canonical."""
+    """(parent id or None, entries). Raises CorruptData on anything out of order or
+    malformed; paths are checked for safety by `tree.validate_tree` before use."""
     try:
         return _decode(memoryview(data))
     except (struct.error, IndexError) as e:
@@ -143,45 +163,51 @@ def _decode(mv: memoryview) -> tuple[bytes | None, list[Entry]]:
     pos = 44
     entries: list[Entry] = []
     prev = None
+    kinds = KIND_NAMES
+    head = _HEAD.unpack_from
     for _ in range(n):
-        plen, kind, flags, mode, uid, gid, mtime, size = _HEAD.unpack_from(mv, pos)
+        plen, kind, flags, mode, uid, gid, mtime, size = head(mv, pos)
         pos += _HEAD.size
         path = bytes(mv[pos : pos + plen])
         if len(path) != plen:
             raise CorruptData("manifest is truncated")
         pos += plen
-        check_path(path)
-        if kind not in KIND_NAMES:
+        if kind not in kinds:
             raise CorruptData(f"manifest entry {path!r} has unknown kind {kind}")
-        e = Entry(path, kind, mode, uid, gid, mtime, size, flags=flags)
-        if prev is not None and e.key <= prev:
+        key = path.replace(b"/", b"\x00")
+        if prev is not None and key <= prev:
             raise CorruptData(f"manifest entries out of order at {path!r}")
-        prev = e.key
+        prev = key
+        content = chunks = target = b""
+        rdev = (0, 0)
         if kind == REG:
-            e.content = bytes(mv[pos : pos + 32])
+            content = bytes(mv[pos : pos + 32])
             (nch,) = _U32.unpack_from(mv, pos + 32)
             pos += 36
-            e.chunks = bytes(mv[pos : pos + nch * _CHUNK.size])
+            chunks = bytes(mv[pos : pos + nch * _CHUNK.size])
             pos += nch * _CHUNK.size
-            if len(e.chunks) != nch * _CHUNK.size:
+            if len(chunks) != nch * _CHUNK.size:
                 raise CorruptData("manifest is truncated")
         elif kind in (SYMLINK, HARDLINK):
             (tlen,) = _U16.unpack_from(mv, pos)
-            e.target = bytes(mv[pos + 2 : pos + 2 + tlen])
+            target = bytes(mv[pos + 2 : pos + 2 + tlen])
             pos += 2 + tlen
         elif kind in (CHR, BLK):
-            e.rdev = _DEV.unpack_from(mv, pos)
+            rdev = _DEV.unpack_from(mv, pos)
             pos += _DEV.size
         (nx,) = _U16.unpack_from(mv, pos)
         pos += 2
-        xattrs = []
-        for _ in range(nx):
-            nlen, vlen = _XATTR.unpack_from(mv, pos)
-            pos += _XATTR.size
-            xattrs.append((bytes(mv[pos : pos + nlen]), bytes(mv[pos + nlen : pos + nlen + vlen])))
-            pos += nlen + vlen
-        e.xattrs = tuple(xattrs)
-        entries.append(e)
+        xattrs: tuple = ()
+        if nx:
+            xl = []
+            for _ in range(nx):
+                nlen, vlen = _XATTR.unpack_from(mv, pos)
+                pos += _XATTR.size
+                xl.append((bytes(mv[pos : pos + nlen]), bytes(mv[pos + nlen : pos + nlen + vlen])))
+                pos += nlen + vlen
+            xattrs = tuple(xl)
+        entries.append(Entry(path, kind, mode, uid, gid, mtime, size, content, chunks, target,
+                             rdev, xattrs, flags, key))
     if pos != len(mv):
         raise CorruptData("manifest has trailing bytes")
     return (None if parent == NO_PARENT else parent), entries

@@ -27,7 +27,8 @@ from .manifest import BLK, CHR, DIR, FIFO, HARDLINK, REG, SYMLINK, Entry
 
 BLOCK = 4 << 20
 _CHUNK = struct.Struct("<32sI")
-STATCACHE = struct.Struct("<QQQqq32s")  # dev, ino, size, mtime_ns, ctime_ns, content id
+STATCACHE = struct.Struct("<QQQqq32s")
+_INODE = struct.Struct("<QQ")  # the stat cache's key: dev, ino  # dev, ino, size, mtime_ns, ctime_ns, content id
 # A cache entry is recorded only if the file's ctime is this much older than the moment
 # we began reading it: timestamps are coarse, so a write in the same tick as our read
 # could otherwise leave size, mtime and ctime unchanged (git's "racy" case).
@@ -270,7 +271,7 @@ class Scanner:
     def _file(self, path: bytes, st: os.stat_result, e: Entry) -> bool:
         self.stats.files += 1
         self.stats.bytes_total += st.st_size
-        key = blake3.blake3(path).digest()
+        key = _INODE.pack(st.st_dev, st.st_ino)
         if self._txn is not None:
             cached = self._txn.get(key)
             if cached is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import UnsafePath
-from .manifest import DIR, HARDLINK, REG, WHITEOUT, Entry
+from .manifest import DIR, HARDLINK, REG, WHITEOUT, Entry, check_path
 
 
 def apply_layer(base: list[Entry], layer: list[Entry]) -> list[Entry]:
@@ -48,6 +48,7 @@ def validate_tree(tree: list[Entry]) -> None:
         raise UnsafePath("tree has no root directory")
     kinds: dict[bytes, int] = {}
     for e in tree:
+        check_path(e.path)
         if e.path:
             parent = e.path.rpartition(b"/")[0]
             if kinds.get(parent) != DIR:
