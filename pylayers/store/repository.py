@@ -112,7 +112,7 @@ class Store:
         if path.exists() and not path.is_dir():
             raise StoreError(f"{path} is not a directory")
         if not cfg_path.exists():
-            if path.is_dir() and any(path.iterdir()):
+            if path.is_dir() and not cls._empty_or_initialising(path):
                 raise StoreError(f"{path} is not a pylayers store (no {CONFIG_FILE})")
             if not create:
                 raise StoreError(f"no store at {path} (run `pylayers init`)")
@@ -136,16 +136,51 @@ class Store:
                              f"reads version {FORMAT_VERSION}")
         return store
 
+    @staticmethod
+    def _empty_or_initialising(path: Path) -> bool:
+        """An empty directory, or one holding only what `_init` creates before it writes
+        config.json (another process creating the store right now, or one killed while
+        creating it): no packs, an index of at most the two LMDB files."""
+        for entry in os.scandir(path):
+            name = entry.name
+            if name == "lock" and entry.is_file(follow_symlinks=False):
+                continue
+            if name.startswith(f".{CONFIG_FILE}.") and name.endswith(".tmp"):
+                continue
+            if name == "packs" and entry.is_dir(follow_symlinks=False):
+                if any(os.scandir(entry.path)):
+                    return False
+                continue
+            if name == "index" and entry.is_dir(follow_symlinks=False):
+                if not set(os.listdir(entry.path)) <= {"data.mdb", "lock.mdb"}:
+                    return False
+                continue
+            return False
+        return True
+
     @classmethod
     def _init(cls, path: Path, config: StoreConfig) -> None:
+        """Create the store. Several processes may try at once (the first use of a store
+        path by concurrent commands): they serialise on the lock file, and whoever comes
+        second finds config.json written and keeps it."""
         try:
             path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StoreError(f"cannot create store at {path}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if (path / CONFIG_FILE).exists():
+                return
+            if not cls._empty_or_initialising(path):
+                raise StoreError(f"{path} is not a pylayers store (no {CONFIG_FILE})")
             (path / "packs").mkdir(exist_ok=True)
             env = _open_env(path / "index")
             try:
                 with env.begin(write=True) as txn:
                     meta = env.open_db(b"meta", txn=txn)
-                    txn.put(b"format_version", str(FORMAT_VERSION).encode(), db=meta)
+                    txn.put(b"format_version", str(FORMAT_VERSION).encode(), db=meta,
+                            overwrite=False)
                     for name in DB_NAMES:
                         env.open_db(name.encode(), txn=txn)
             finally:
@@ -154,6 +189,8 @@ class Store:
             write_atomically(path / CONFIG_FILE, config.encode())
         except OSError as e:
             raise StoreError(f"cannot create store at {path}: {e.strerror or e}") from None
+        finally:
+            os.close(fd)
 
     @staticmethod
     def _lock(path: Path, exclusive: bool) -> int:
