@@ -1,0 +1,299 @@
+"""Several processes on one store: concurrent snapshots, store creation racing, gc
+beside snapshots (it must wait for them), and what gc frees.
+
+Every process here is a real `python -m pylayers` on a real store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pylayers.layers.manifest import REG, decode_manifest
+from pylayers.layers.repo import LayerRecord
+from pylayers.store.repository import Store
+
+CLI = [sys.executable, "-m", "pylayers"]
+
+
+def run_cli(store: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, "--store", str(store), *args], capture_output=True,
+                          text=True, timeout=120, cwd=store.parent)
+
+
+def start_cli(store: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([*CLI, "--store", str(store), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=store.parent)
+
+
+def finish(p: subprocess.Popen) -> tuple[int, str, str]:
+    out, err = p.communicate(timeout=120)
+    return p.returncode, out, err
+
+
+def write_tree(root: Path, files: dict[str, bytes]) -> Path:
+    root.mkdir(parents=True)
+    for rel, data in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    return root
+
+
+def tree_state(root: Path) -> dict[str, tuple]:
+    out: dict[str, tuple] = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = os.path.join(dirpath, name)
+            rel = os.path.relpath(p, root)
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", os.readlink(p))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", stat.S_IMODE(st.st_mode))
+            else:
+                with open(p, "rb") as f:
+                    digest = hashlib.sha256(f.read()).hexdigest()
+                out[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_size, digest,
+                            st.st_mtime_ns)
+    return out
+
+
+def snapshot(store: Path, src: Path, *extra: str) -> str:
+    proc = run_cli(store, "snapshot", str(src), *extra)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def assert_checks_out(store: Path, ref: str, src: Path, dest: Path) -> None:
+    proc = run_cli(store, "checkout", ref, str(dest))
+    assert proc.returncode == 0, proc.stderr
+    assert tree_state(dest) == tree_state(src)
+
+
+def assert_fsck_ok(store: Path) -> subprocess.CompletedProcess:
+    proc = run_cli(store, "fsck")
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    assert "damaged" not in proc.stdout
+    return proc
+
+
+def du(store: Path) -> dict:
+    proc = run_cli(store, "du", "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def referenced_chunks(store_path: Path) -> set[bytes]:
+    """Every chunk id a layer names (manifest chunks and file chunks), read directly."""
+    refs: set[bytes] = set()
+    with Store.open(store_path, create=False) as store:
+        for _lid, raw in store.items("layers"):
+            rec = LayerRecord.decode(raw)
+            refs.update(c for c, _ in rec.manifest)
+            data = b"".join(store.read_chunk(c) for c, _ in rec.manifest)
+            for e in decode_manifest(data)[1]:
+                if e.kind == REG:
+                    refs.update(c for c, _ in e.chunk_list())
+    return refs
+
+
+def indexed_chunks(store_path: Path) -> set[bytes]:
+    with Store.open(store_path, create=False) as store:
+        return {c for c, _ in store.iter_chunk_locations()}
+
+
+@pytest.fixture(scope="module")
+def shared_blobs() -> dict[str, bytes]:
+    rng = random.Random(7)
+    text = b"".join(b"line %d of a shared text file\n" % rng.randrange(10**6)
+                    for _ in range(150_000))
+    return {"big": os.urandom(12 << 20), "text": text, "small": b"same small file\n"}
+
+
+def four_trees(base: Path, blobs: dict[str, bytes]) -> list[Path]:
+    trees = []
+    for i in range(4):
+        files = {
+            "shared/big.bin": blobs["big"],
+            "shared/text.txt": blobs["text"],
+            "etc/small": blobs["small"],
+            f"own/{i}.bin": os.urandom(4 << 20),
+            "own/name": f"tree {i}\n".encode(),
+        }
+        if i % 2:
+            files["pair/odd.bin"] = blobs["big"][: 5 << 20]  # shared by trees 1 and 3
+        trees.append(write_tree(base / f"tree{i}", files))
+    return trees
+
+
+# -- concurrent snapshots -------------------------------------------------------------------
+
+def test_four_concurrent_snapshots(tmp_path: Path, shared_blobs) -> None:
+    store = tmp_path / "store"
+    assert run_cli(store, "init").returncode == 0
+    trees = four_trees(tmp_path, shared_blobs)
+    procs = [start_cli(store, "snapshot", str(t), "--tag", f"t{i}")
+             for i, t in enumerate(trees)]
+    results = [finish(p) for p in procs]
+    for rc, _out, err in results:
+        assert rc == 0, err
+    ids = [out.strip().splitlines()[-1] for _rc, out, _err in results]
+    assert len(set(ids)) == 4
+    for i, t in enumerate(trees):
+        assert_checks_out(store, f"t{i}", t, tmp_path / f"out{i}")
+        assert_checks_out(store, ids[i], t, tmp_path / f"outid{i}")
+    assert_fsck_ok(store)
+    # one index entry per distinct chunk: the index holds exactly what the layers name
+    refs = referenced_chunks(store)
+    assert indexed_chunks(store) == refs
+    d = du(store)
+    assert d["chunks"] == len(refs)
+    # the shared 12 MiB (incompressible) counts four times logically; packs hold at most
+    # one copy per concurrent writer, and gc leaves about one
+    assert d["logical_bytes"] > 4 * len(shared_blobs["big"])
+    assert run_cli(store, "gc").returncode == 0
+    assert_fsck_ok(store)
+    for i, t in enumerate(trees):
+        assert_checks_out(store, f"t{i}", t, tmp_path / f"after_gc{i}")
+
+
+def test_concurrent_snapshots_create_the_store(tmp_path: Path) -> None:
+    """No `init` first: several first uses of a fresh store path race to create it."""
+    for attempt in range(6):
+        store = tmp_path / f"fresh{attempt}"
+        srcs = [write_tree(tmp_path / f"src{attempt}_{i}", {"f": f"{attempt} {i}\n".encode()})
+                for i in range(4)]
+        procs = [start_cli(store, "snapshot", str(s)) for s in srcs]
+        results = [finish(p) for p in procs]
+        for rc, _out, err in results:
+            assert rc == 0, err
+        with Store.open(store, create=False) as s:
+            assert len(s.items("layers")) == 4
+        assert_fsck_ok(store)
+
+
+# -- gc beside snapshots ----------------------------------------------------------------------
+
+def test_gc_beside_snapshots_never_deletes_what_they_use(tmp_path: Path) -> None:
+    """Each round: a snapshot starts whose files dedup against the previous round's
+    layer; meanwhile that layer is removed and gc runs. gc must wait for the snapshot
+    (store lock): if it swept while the snapshot ran, the new layer would name chunks gc
+    had just deleted."""
+    store = tmp_path / "store"
+    rounds = 4
+    srcs = []
+    payload = [os.urandom(6 << 20) for _ in range(rounds + 1)]
+    for r in range(rounds + 1):
+        # tree r shares payload[r] with tree r-1 and has payload[r+1] ... of its own
+        files = {"a.bin": payload[r], "pad.bin": os.urandom(8 << 20), "n": b"%d\n" % r}
+        if r + 1 <= rounds:
+            files["b.bin"] = payload[r + 1]
+        srcs.append(write_tree(tmp_path / f"gsrc{r}", files))
+    prev = snapshot(store, srcs[0])
+    keep = {}
+    for r in range(1, rounds + 1):
+        snap = start_cli(store, "snapshot", str(srcs[r]))
+        time.sleep(0.15 + 0.1 * r)  # at various points of the snapshot
+        rm = run_cli(store, "rm", prev)
+        assert rm.returncode == 0, rm.stderr
+        gcs = [start_cli(store, "gc") for _ in range(2)]
+        extra = start_cli(store, "snapshot", str(srcs[r - 1]))  # re-adds the removed tree
+        rc, out, err = finish(snap)
+        assert rc == 0, err
+        prev = out.strip().splitlines()[-1]
+        for g in gcs:
+            grc, _gout, gerr = finish(g)
+            assert grc == 0, gerr
+        erc, eout, eerr = finish(extra)
+        assert erc == 0, eerr
+        keep[eout.strip().splitlines()[-1]] = srcs[r - 1]
+        keep[prev] = srcs[r]
+    assert_fsck_ok(store)
+    with Store.open(store, create=False) as s:
+        layer_ids = {k.hex() for k, _ in s.items("layers")}
+    assert set(keep) <= layer_ids
+    for i, (lid, src) in enumerate(keep.items()):
+        assert_checks_out(store, lid, src, tmp_path / f"co{i}")
+
+
+def test_gc_after_rm_frees_space_and_keeps_the_rest(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    keep_src = write_tree(tmp_path / "keep", {"k.bin": os.urandom(2 << 20), "k.txt": b"k\n"})
+    gone_src = write_tree(tmp_path / "gone", {"g.bin": os.urandom(6 << 20),
+                                              "k.bin": (keep_src / "k.bin").read_bytes()})
+    keep = snapshot(store, keep_src, "--tag", "keep")
+    gone = snapshot(store, gone_src)
+    child_src = write_tree(tmp_path / "child", {"k.txt": b"child\n"})
+    child = snapshot(store, child_src, "--parent", "keep")
+    before = du(store)
+    assert run_cli(store, "rm", gone).returncode == 0
+    assert du(store)["stored_bytes"] == before["stored_bytes"]  # rm alone frees nothing
+    proc = run_cli(store, "gc")
+    assert proc.returncode == 0, proc.stderr
+    after = du(store)
+    assert after["layers"] == 2
+    # the 6 MiB only `gone` held are gone from disk
+    assert after["stored_bytes"] < before["stored_bytes"] - (5 << 20)
+    assert after["chunks"] < before["chunks"]
+    assert indexed_chunks(store) == referenced_chunks(store)
+    assert_fsck_ok(store)
+    assert_checks_out(store, keep, keep_src, tmp_path / "out_keep")
+    # the child is a diff against `keep` (k.txt changed, k.bin whited out): both needed
+    assert_checks_out(store, child, child_src, tmp_path / "out_child")
+    # a second gc has nothing left to do
+    assert du(store)["stored_bytes"] == after["stored_bytes"]
+    proc = run_cli(store, "gc")
+    assert proc.returncode == 0 and proc.stdout.startswith("removed 0 chunks, 0 packs")
+
+
+def test_gc_repacks_a_mostly_dead_pack(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    small = os.urandom(300_000)
+    big_src = write_tree(tmp_path / "big", {"a_big.bin": os.urandom(8 << 20),
+                                            "z_small.bin": small})
+    small_src = write_tree(tmp_path / "small", {"z_small.bin": small})
+    big = snapshot(store, big_src)
+    small_id = snapshot(store, small_src)  # its file data dedups into big's pack
+    packs_before = {p.name for p in (store / "packs").glob("*/*.pack")}
+    assert run_cli(store, "rm", big).returncode == 0
+    before = du(store)["stored_bytes"]
+    proc = run_cli(store, "gc")
+    assert proc.returncode == 0, proc.stderr
+    assert "rewrote 1 packs" in proc.stdout, proc.stdout
+    packs_after = {p.name for p in (store / "packs").glob("*/*.pack")}
+    assert packs_after - packs_before, "no new pack: nothing was rewritten"
+    assert len(packs_after & packs_before) == 1  # small's own pack (its manifest) stays
+    after = du(store)["stored_bytes"]
+    assert after < before - (7 << 20)
+    assert after < 2 << 20
+    assert_fsck_ok(store)
+    assert_checks_out(store, small_id, small_src, tmp_path / "out")
+    assert indexed_chunks(store) == referenced_chunks(store)
+
+
+def test_resnapshot_after_gc_does_not_trust_a_stale_stat_cache(tmp_path: Path) -> None:
+    """The stat cache names chunks; after rm + gc deleted them, snapshotting the same
+    directory again must store its data again, not reuse the cached chunk lists."""
+    store = tmp_path / "store"
+    src = write_tree(tmp_path / "src", {"f.bin": os.urandom(3 << 20), "g.txt": b"g\n"})
+    old = time.time() - 10
+    for p in (src / "f.bin", src / "g.txt"):
+        os.utime(p, (old, old))
+    time.sleep(1.1)  # ctime must be older than the read by the racy-clean margin
+    first = snapshot(store, src)
+    assert run_cli(store, "rm", first).returncode == 0
+    assert run_cli(store, "gc").returncode == 0
+    second = snapshot(store, src)
+    assert second == first  # same tree, no parent: same id
+    assert_fsck_ok(store)
+    assert_checks_out(store, second, src, tmp_path / "out")

@@ -1,0 +1,468 @@
+"""The chunk store at unit level (locations, frames, packs, the chunk writer) and the
+store's format checks, driven through the real CLI where a user would meet them.
+
+Real files, real LMDB, real processes; nothing of pylayers is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import blake3
+import lmdb
+import pytest
+
+import pylayers
+from pylayers.errors import CorruptData, StoreError
+from pylayers.store import packs
+from pylayers.store.config import CONFIG_FILE, FORMAT_VERSION, write_atomically
+from pylayers.store.packs import (
+    CODEC_RAW,
+    CODEC_ZSTD,
+    FRAME_HEADER,
+    PACK_HEADER,
+    Location,
+    PackReader,
+    PackWriter,
+    decode_frame,
+    encode_frame,
+    iter_frames,
+)
+from pylayers.store.repository import Store
+
+
+def cid(data: bytes) -> bytes:
+    return blake3.blake3(data).digest()
+
+
+def run_cli(store: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    # cwd must not be the source tree: `python -m` would import the unbuilt sources.
+    return subprocess.run([sys.executable, "-m", "pylayers", "--store", str(store), *args],
+                          capture_output=True, text=True, timeout=120,
+                          cwd=cwd or store.parent)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr, proc.stderr
+    for needle in needles:
+        assert needle.lower() in lines[0].lower(), (needle, lines[0])
+
+
+def text_bytes(n: int, seed: int = 0) -> bytes:
+    words = [b"layer", b"chunk", b"store", b"frame", b"pack", b"index", b"zstd", b"fsck"]
+    out = bytearray()
+    i = seed
+    while len(out) < n:
+        out += words[i % len(words)] + b" %d\n" % (i * 7919 % 1000)
+        i += 1
+    return bytes(out[:n])
+
+
+# -- Location ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("loc", [
+    Location("00" * 16, 0, 0, 0, 0),
+    Location("0123456789abcdef" * 2, 16, 1 << 20, 4096, 65536),
+    Location("ff" * 16, (1 << 64) - 1, (1 << 32) - 1, (1 << 32) - 1, (1 << 32) - 1),
+])
+def test_location_round_trip(loc: Location) -> None:
+    raw = loc.encode()
+    assert len(raw) == 16 + 8 + 4 + 4 + 4
+    assert Location.decode(raw) == loc
+    # the pack id is stored as 16 raw bytes, first in the value (docs/format.md)
+    assert raw[:16] == bytes.fromhex(loc.pack)
+    assert struct.unpack_from("<Q", raw, 16)[0] == loc.offset
+
+
+# -- frames --------------------------------------------------------------------------------
+
+def test_frame_round_trip_random_stays_raw() -> None:
+    chunks = [(cid(d), d) for d in (os.urandom(70000), os.urandom(3), os.urandom(40000))]
+    frame = encode_frame(chunks, level=3)
+    f = decode_frame(frame, 16, "test")
+    assert f.codec == CODEC_RAW
+    assert f.length == len(frame)
+    assert f.table == [(c, len(d)) for c, d in chunks]
+    raw = b"".join(d for _, d in chunks)
+    assert f.payload == raw and f.raw() == raw
+    assert len(frame) == FRAME_HEADER.size + 3 * 36 + len(raw)
+
+
+def test_frame_round_trip_text_compresses() -> None:
+    data = [text_bytes(200_000, s) for s in range(3)]
+    chunks = [(cid(d), d) for d in data]
+    frame = encode_frame(chunks, level=3)
+    f = decode_frame(frame, 0, "test")
+    assert f.codec == CODEC_ZSTD
+    assert len(frame) < sum(map(len, data)) // 4
+    assert f.raw() == b"".join(data)
+    assert f.raw_len == sum(map(len, data))
+    # level 0 means: never compress
+    f0 = decode_frame(encode_frame(chunks, level=0), 0, "test")
+    assert f0.codec == CODEC_RAW and f0.raw() == b"".join(data)
+
+
+def test_frame_damage_is_detected() -> None:
+    d = text_bytes(50_000)
+    frame = bytearray(encode_frame([(cid(d), d)], level=3))
+    for pos in (0, 5, 9, 13, 17, 21, FRAME_HEADER.size + 3):  # header fields and table
+        bad = bytearray(frame)
+        bad[pos] ^= 0x40
+        with pytest.raises(CorruptData):
+            decode_frame(bytes(bad), 0, "test").raw()
+    with pytest.raises(CorruptData):
+        decode_frame(bytes(frame[:-1]), 0, "test")
+    with pytest.raises(CorruptData):
+        decode_frame(bytes(frame[:10]), 0, "test")
+
+
+# -- packs ---------------------------------------------------------------------------------
+
+def write_pack(root: Path, chunk_data: list[bytes], level: int = 3):
+    w = PackWriter(root, level)
+    try:
+        for d in chunk_data:
+            w.add(cid(d), d)
+        written = w.flush()
+    finally:
+        w.close()
+    return dict(written)
+
+
+def test_pack_writer_frames_and_iter_frames(tmp_path: Path) -> None:
+    data = [os.urandom(300_000) for _ in range(8)]  # 2.4 MB: at least two frames
+    locs = write_pack(tmp_path, data)
+    assert set(locs) == {cid(d) for d in data}
+    packs_found = list(tmp_path.glob("*/*.pack"))
+    assert len(packs_found) == 1
+    frames = list(iter_frames(packs_found[0]))
+    assert len(frames) >= 2
+    by_id = {}
+    for fr in frames:
+        raw, start = fr.raw(), 0
+        for c, n in fr.table:
+            by_id[c] = (fr.offset, raw[start:start + n])
+            start += n
+    for d in data:
+        loc = locs[cid(d)]
+        assert by_id[cid(d)] == (loc.offset, d)
+    assert frames[0].offset == PACK_HEADER.size
+
+
+def _payload_offset(pack: Path, frame_offset: int) -> int:
+    with open(pack, "rb") as f:
+        f.seek(frame_offset)
+        n = FRAME_HEADER.unpack(f.read(FRAME_HEADER.size))[2]
+    return frame_offset + FRAME_HEADER.size + n * packs.TABLE_ENTRY.size
+
+
+def _flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_pack_reader_caches_decoded_frames(tmp_path: Path) -> None:
+    data = [os.urandom(600_000) for _ in range(6)]  # one chunk per 1 MiB frame, or two
+    locs = write_pack(tmp_path, data)
+    offsets = sorted({loc.offset for loc in locs.values()})
+    assert len(offsets) >= 3
+    frame_of = {off: [d for d in data if locs[cid(d)].offset == off] for off in offsets}
+    a, b, c = (frame_of[o][0] for o in offsets[:3])
+    pack = next(tmp_path.glob("*/*.pack"))
+
+    reader = PackReader(tmp_path, cache_frames=2)
+    try:
+        assert reader.read(locs[cid(a)]) == a
+        assert reader.read(locs[cid(b)]) == b
+        # damage frames A and B on disk: reads served from the cache do not see it
+        _flip(pack, _payload_offset(pack, locs[cid(a)].offset) + locs[cid(a)].start + 10)
+        _flip(pack, _payload_offset(pack, locs[cid(b)].offset) + locs[cid(b)].start + 10)
+        assert reader.read(locs[cid(a)]) == a  # hit; A is now the most recently used
+        assert reader.read(locs[cid(c)]) == c  # evicts the least recently used: B
+        assert reader.read(locs[cid(a)]) == a  # A still cached
+        got_b = reader.read(locs[cid(b)])  # re-read from disk: damaged bytes
+        assert got_b != b
+    finally:
+        reader.close()
+    reader = PackReader(tmp_path, cache_frames=2)
+    try:
+        assert reader.read(locs[cid(a)]) != a  # a fresh reader reads the disk
+    finally:
+        reader.close()
+
+
+def test_pack_reader_missing_pack(tmp_path: Path) -> None:
+    reader = PackReader(tmp_path)
+    with pytest.raises(CorruptData, match="missing"):
+        reader.read(Location("ab" * 16, 16, 100, 0, 10))
+    reader.close()
+
+
+# -- the store's chunk writer --------------------------------------------------------------
+
+def test_chunk_writer_dedups(tmp_path: Path) -> None:
+    data = os.urandom(100_000)
+    other = os.urandom(50_000)
+    with Store.open(tmp_path / "s") as store:
+        with store.writer() as w:
+            assert w.put(cid(data), data) is True
+            assert w.put(cid(data), data) is False  # same chunk, same job: stored once
+            assert w.put(cid(other), other) is True
+            w.commit()
+            assert w.new_chunks == 2
+        assert store.chunk_count() == 2
+        pack_files = store.pack_files()
+        assert len(pack_files) == 1
+        frames = list(iter_frames(pack_files[0]))
+        assert sum(len(f.table) for f in frames) == 2
+        assert sum(f.raw_len for f in frames) == len(data) + len(other)
+        # a later job finds it in the index and writes nothing at all
+        with store.writer() as w:
+            assert w.put(cid(data), data) is False
+            w.commit()
+            assert w.new_chunks == 0
+        assert len(store.pack_files()) == 1
+        assert store.chunk_count() == 2
+        assert store.read_chunk(cid(data)) == data
+        assert store.read_chunk(cid(other)) == other
+
+
+def test_uncommitted_chunks_are_not_indexed(tmp_path: Path) -> None:
+    data = os.urandom(20_000)
+    with Store.open(tmp_path / "s") as store:
+        with store.writer() as w:
+            w.put(cid(data), data)
+        assert not store.has_chunk(cid(data))
+        assert store.chunk_count() == 0
+
+
+def test_read_chunk_verifies_ids(tmp_path: Path) -> None:
+    good, evil = os.urandom(10_000), os.urandom(10_000)
+    with Store.open(tmp_path / "s") as store:
+        with store.writer() as w:
+            w.put(cid(good), evil)  # an index entry whose bytes do not match its id
+            w.commit()
+        with pytest.raises(CorruptData, match=cid(good).hex()):
+            store.read_chunk(cid(good))
+        with pytest.raises(CorruptData, match="missing"):
+            store.read_chunk(cid(evil))
+
+
+# -- du ----------------------------------------------------------------------------------
+
+def test_du_json_is_consistent(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    shared = os.urandom(3 << 20)
+    sizes = 0
+    for name in ("t1", "t2", "t3"):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "shared.bin").write_bytes(shared)
+        own = (name.encode() + b"\n") * 1000
+        (d / "own.txt").write_bytes(own)
+        sizes += len(shared) + len(own)
+        assert run_cli(store, "snapshot", str(d)).returncode == 0
+    proc = run_cli(store, "du", "--json")
+    assert proc.returncode == 0, proc.stderr
+    du = json.loads(proc.stdout)
+    assert du["layers"] == 3
+    assert du["logical_bytes"] == sizes
+    on_disk = 0
+    for dirpath, _dirs, files in os.walk(store):
+        for name in files:
+            st = os.lstat(os.path.join(dirpath, name))
+            on_disk += min(st.st_size, st.st_blocks * 512)
+    assert du["stored_bytes"] == on_disk
+    pack_bytes = sum(p.stat().st_size for p in (store / "packs").glob("*/*.pack"))
+    assert pack_bytes <= du["stored_bytes"]
+    # the shared 3 MiB (random: incompressible) is stored once, not three times
+    assert len(shared) <= pack_bytes < 2 * len(shared)
+    assert du["dedup_ratio"] == round(du["logical_bytes"] / du["stored_bytes"], 3)
+    assert du["dedup_ratio"] > 1.5
+    with Store.open(store, create=False) as s:
+        assert du["chunks"] == s.chunk_count()
+
+
+# -- format checks -------------------------------------------------------------------------
+
+ALL_COMMANDS = [
+    ["snapshot", "{src}"], ["checkout", "base", "{dest}"], ["log", "base"], ["show", "base"],
+    ["ls", "base"], ["cat", "base", "/f"], ["diff", "base", "{src}"], ["tag", "x", "base"],
+    ["tags"], ["rm", "base"], ["du"], ["du", "--json"], ["gc"], ["fsck"],
+]
+
+
+@pytest.fixture
+def base_store(tmp_path: Path) -> tuple[Path, Path]:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"hello\n")
+    store = tmp_path / "store"
+    proc = run_cli(store, "snapshot", str(src), "--tag", "base")
+    assert proc.returncode == 0, proc.stderr
+    return store, src
+
+
+def _every_command_refuses(store: Path, src: Path, tmp_path: Path, *needles: str) -> None:
+    before = sorted(str(p.relative_to(store)) for p in store.rglob("*"))
+    for i, cmd in enumerate(ALL_COMMANDS):
+        args = [a.format(src=src, dest=tmp_path / f"out{i}") for a in cmd]
+        proc = run_cli(store, *args)
+        assert_one_line_error(proc, *needles)
+        assert not (tmp_path / f"out{i}").exists()
+    assert sorted(str(p.relative_to(store)) for p in store.rglob("*")) == before
+
+
+def test_newer_config_version_is_refused_by_every_command(base_store, tmp_path: Path) -> None:
+    store, src = base_store
+    cfg = json.loads((store / CONFIG_FILE).read_text())
+    cfg["version"] = 99
+    (store / CONFIG_FILE).write_text(json.dumps(cfg))
+    _every_command_refuses(store, src, tmp_path, "version 99")
+    proc = run_cli(store, "init")
+    assert_one_line_error(proc, "exists")
+    with pytest.raises(StoreError, match="version 99"):
+        Store.open(store)
+
+
+def test_newer_index_format_is_refused(base_store, tmp_path: Path) -> None:
+    store, src = base_store
+    env = lmdb.open(str(store / "index"), max_dbs=16)
+    with env.begin(write=True) as txn:
+        txn.put(b"format_version", b"99", db=env.open_db(b"meta", txn=txn))
+    env.close()
+    _every_command_refuses(store, src, tmp_path, "version")
+    with pytest.raises(StoreError, match="99"):
+        Store.open(store)
+
+
+def test_foreign_directory_is_refused(tmp_path: Path) -> None:
+    foreign = tmp_path / "home"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine\n")
+    src = tmp_path / "src"
+    src.mkdir()
+    for args in (["init"], ["snapshot", str(src)], ["fsck"], ["gc"], ["du"], ["tags"]):
+        proc = run_cli(foreign, *args)
+        assert_one_line_error(proc, "not a pylayers store")
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]  # nothing written
+    # a config.json of something else is not ours either
+    (foreign / CONFIG_FILE).write_text('{"format": "something-else", "version": 1}')
+    assert_one_line_error(run_cli(foreign, "snapshot", str(src)), "not a pylayers store")
+    (foreign / CONFIG_FILE).write_text("[1, 2, 3]")
+    assert_one_line_error(run_cli(foreign, "fsck"))
+    # a plain file is not a store
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert_one_line_error(run_cli(f, "snapshot", str(src)), "not a directory")
+
+
+def test_interrupted_init_is_completed(tmp_path: Path) -> None:
+    """A store whose creation stopped before config.json (killed, or another process
+    creating it right now) holds only an empty index, empty packs/ and the lock file;
+    the next command that may create a store finishes the job instead of calling the
+    directory foreign. With packs in it, it is not ours to touch."""
+    store = tmp_path / "store"
+    Store.open(store).close()
+    (store / CONFIG_FILE).unlink()
+    (store / ".config.json.12345.tmp").write_bytes(b'{"form')  # killed mid-write
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"data\n")
+    assert_one_line_error(run_cli(store, "fsck"), "no store")
+    proc = run_cli(store, "snapshot", str(src))
+    assert proc.returncode == 0, proc.stderr
+    assert run_cli(store, "fsck").returncode == 0
+    (store / CONFIG_FILE).unlink()
+    assert_one_line_error(run_cli(store, "snapshot", str(src)), "not a pylayers store")
+    assert not (store / CONFIG_FILE).exists()
+
+
+def test_read_commands_do_not_create_a_store(tmp_path: Path) -> None:
+    store = tmp_path / "nothing"
+    for args in (["fsck"], ["du"], ["tags"], ["log", "x"]):
+        assert_one_line_error(run_cli(store, *args), "no store")
+    assert not store.exists()
+
+
+def test_init_twice_says_it_exists(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    proc = run_cli(store, "init")
+    assert proc.returncode == 0, proc.stderr
+    cfg = (store / CONFIG_FILE).read_bytes()
+    assert json.loads(cfg)["version"] == FORMAT_VERSION
+    assert_one_line_error(run_cli(store, "init"), "exists")
+    assert (store / CONFIG_FILE).read_bytes() == cfg
+    # no temporary file is left beside config.json
+    assert sorted(p.name for p in store.iterdir()) == ["config.json", "index", "lock", "packs"]
+
+
+def test_config_written_atomically_replaces_whole_file(tmp_path: Path) -> None:
+    target = tmp_path / "config.json"
+    target.write_bytes(b"old contents\n")
+    with open(target, "rb") as old:
+        old_ino = os.fstat(old.fileno()).st_ino
+        write_atomically(target, b"new contents\n")
+        # a rename, not an overwrite in place: the old file is untouched
+        assert old.read() == b"old contents\n"
+    assert target.read_bytes() == b"new contents\n"
+    assert target.stat().st_ino != old_ino
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+def _limited_write(path: Path, data_len: int) -> subprocess.CompletedProcess:
+    """write_atomically in a child whose files may not grow past 4 KiB (RLIMIT_FSIZE)."""
+    code = (
+        "import sys, pathlib\n"
+        "from pylayers.store.config import write_atomically\n"
+        f"write_atomically(pathlib.Path({str(path)!r}), b'x' * {data_len})\n"
+    )
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          preexec_fn=limit, cwd=path.parent, timeout=60)
+
+
+def test_config_write_failure_leaves_old_file_and_no_temp(tmp_path: Path) -> None:
+    target = tmp_path / "config.json"
+    target.write_bytes(b"{}\n")
+    proc = _limited_write(target, 1 << 20)
+    assert proc.returncode != 0
+    assert "File too large" in proc.stderr
+    assert target.read_bytes() == b"{}\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"], "temp file left behind"
+    proc = _limited_write(target, 100)
+    assert proc.returncode == 0, proc.stderr
+    assert target.read_bytes() == b"x" * 100
+
+
+def test_store_open_api(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="no store"):
+        Store.open(tmp_path / "absent", create=False)
+    with Store.open(tmp_path / "s") as store:
+        assert store.config.chunker == pylayers.ChunkerParams()
+        assert store.chunk_count() == 0
+    with Store.open(tmp_path / "s", create=False) as store:
+        assert store.chunk_count() == 0
+
+
+def test_packs_module_constants_match_format_doc() -> None:
+    assert PACK_HEADER.size == 16
+    assert FRAME_HEADER.size == 24
+    assert packs.TABLE_ENTRY.size == 36
