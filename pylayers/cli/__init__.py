@@ -10,7 +10,7 @@ import sys
 import click
 
 from ..errors import PylayersError
-from . import diff, inspect, maintenance, refs, snapshot  # noqa: F401  (register verbs)
+from . import diff, inspect, maintenance, mounts, refs, snapshot  # noqa: F401  (verbs)
 from .app import cli
 
 

@@ -28,7 +28,7 @@ from .manifest import BLK, CHR, DIR, FIFO, HARDLINK, REG, SYMLINK, Entry
 BLOCK = 4 << 20
 _CHUNK = struct.Struct("<32sI")
 STATCACHE = struct.Struct("<QQQqq32s")
-_INODE = struct.Struct("<QQ")  # the stat cache's key: dev, ino  # dev, ino, size, mtime_ns, ctime_ns, content id
+_INODE = struct.Struct("<QQ")  # the stat cache's key: dev, ino
 # A cache entry is recorded only if the file's ctime is this much older than the moment
 # we began reading it: timestamps are coarse, so a write in the same tick as our read
 # could otherwise leave size, mtime and ctime unchanged (git's "racy" case).

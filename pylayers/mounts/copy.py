@@ -1,0 +1,32 @@
+"""The `copy` driver: no mount privileges at all. A snapshot is a full checkout of its
+parent in a plain directory; commit compares that directory with the parent (as
+Docker's vfs driver does). Mounting it is a bind mount, or just using the directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..layers.checkout import prepare_destination
+from .drivers import Driver
+from .snapshotter import Mount, Usage
+
+
+class CopyDriver(Driver):
+    name = "copy"
+
+    def create(self, sdir: Path, parent: bytes | None, readonly: bool) -> None:
+        fs = sdir / "fs"
+        if parent is not None:
+            self.layers.checkout(parent, fs)
+        else:
+            prepare_destination(fs)
+
+    def mounts(self, sdir: Path, parent: bytes | None, readonly: bool) -> list[Mount]:
+        return [Mount("bind", str(sdir / "fs"), ["rbind", "ro" if readonly else "rw"])]
+
+    def commit(self, sdir: Path, parent: bytes | None, message: str = "",
+               tag: str | None = None) -> bytes:
+        return self.layers.snapshot(sdir / "fs", parent, tag, message).layer_id
+
+    def usage(self, sdir: Path, parent: bytes | None) -> Usage:
+        return self._usage_of_tree(sdir / "fs", parent)

@@ -1,0 +1,243 @@
+"""The `overlay` driver: kernel overlayfs.
+
+Each layer is materialised once, as a lower directory holding the layer's own entries
+in overlayfs form (whiteouts as 0/0 character devices, opaque directories marked with
+the `trusted.overlay.opaque` xattr). Regular files in lower directories are hardlinks
+into one file cache keyed by content and metadata, so a file that appears in many
+layers and images occupies one inode. Both are caches: `drop_caches` deletes them and
+they are rebuilt from the store on the next mount.
+
+An active snapshot is `upperdir` + `workdir` over its parent's lower directories;
+commit reads the upper directory back into a layer.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import blake3
+
+from ..errors import PylayersError
+from ..layers.checkout import _meta, write_file
+from ..layers.manifest import BLK, CHR, DIR, FIFO, HARDLINK, OPAQUE, REG, SYMLINK, WHITEOUT, Entry
+from ..layers.scan import Scanner
+from .drivers import Driver
+from .snapshotter import Mount, Usage
+
+OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque")
+OVERLAY_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.")
+
+
+def cache_root(store_path: Path) -> Path:
+    return store_path / "cache"
+
+
+def drop_caches(store_path: Path) -> int:
+    """Delete materialised layers and the file cache; returns bytes freed (approx.)."""
+    root = cache_root(store_path)
+    freed = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            try:
+                st = os.lstat(os.path.join(dirpath, f))
+                if st.st_nlink == 1:
+                    freed += st.st_blocks * 512
+            except OSError:
+                pass
+    shutil.rmtree(root, ignore_errors=True)
+    return freed
+
+
+class OverlayDriver(Driver):
+    name = "overlay"
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        try:
+            with open("/proc/filesystems") as f:
+                if "overlay" not in f.read():
+                    return "the kernel has no overlayfs"
+        except OSError:
+            return "cannot read /proc/filesystems"
+        if os.geteuid() != 0:
+            return "mounting overlayfs needs root (or a user namespace)"
+        return None
+
+    @property
+    def layers_dir(self) -> Path:
+        return cache_root(self.store.path) / "layers"
+
+    @property
+    def files_dir(self) -> Path:
+        return cache_root(self.store.path) / "files"
+
+    def lower_dir(self, layer_id: bytes) -> Path:
+        return self.layers_dir / layer_id.hex()[:16]
+
+    # -- lower directories ---------------------------------------------------------
+    def lower_dirs(self, parent: bytes) -> list[Path]:
+        """The parent chain's lower directories, newest first, materialised if needed."""
+        chain = self.layers.chain(parent)
+        tree: list[Entry] | None = None
+        from ..layers.tree import apply_layer
+        for lid in reversed(chain):
+            d = self.lower_dir(lid)
+            if d.exists():
+                tree = None  # not needed unless a later layer is missing
+                continue
+            if tree is None:
+                tree = self.layers.tree(lid)
+            else:
+                tree = apply_layer(tree, self.layers.entries(lid))
+            self._materialise(lid, tree, d)
+        return [self.lower_dir(lid) for lid in chain]
+
+    def _cached_file(self, e: Entry) -> bytes:
+        """Path of the file cache's copy of a file with this content and metadata."""
+        h = blake3.blake3(e.content)
+        h.update(struct.pack("<IIIq", e.mode, e.uid, e.gid, e.mtime_ns))
+        for name, value in e.xattrs:
+            h.update(struct.pack("<HI", len(name), len(value)) + name + value)
+        key = h.hexdigest()
+        path = self.files_dir / key[:2] / key
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{key}.{os.getpid()}.tmp")
+            if tmp.exists():
+                tmp.unlink()
+            write_file(os.fsencode(tmp), e, self.store.read_chunk)
+            os.replace(tmp, path)
+        return os.fsencode(path)
+
+    def _materialise(self, layer_id: bytes, tree: list[Entry], dest: Path) -> None:
+        own = self.layers.entries(layer_id)
+        full = {e.path: e for e in tree}
+        tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(tmp, 0o700)
+        base = os.fsencode(tmp)
+        made: set[bytes] = {b""}
+        dirs: list[tuple[bytes, Entry]] = [(base, full[b""])]
+
+        def ensure_parent(path: bytes) -> None:
+            parent = path.rpartition(b"/")[0] if b"/" in path else b""
+            if parent in made:
+                return
+            ensure_parent(parent)
+            os.mkdir(base + b"/" + parent, 0o700)
+            made.add(parent)
+            dirs.append((base + b"/" + parent, full[parent]))
+
+        for e in own:
+            if not e.path:
+                dirs[0] = (base, e)
+                continue
+            ensure_parent(e.path)
+            path = base + b"/" + e.path
+            if e.kind == WHITEOUT:
+                os.mknod(path, 0o020000 | 0o600, os.makedev(0, 0))
+            elif e.kind == DIR:
+                os.mkdir(path, 0o700)
+                made.add(e.path)
+                dirs.append((path, e))
+                if e.flags & OPAQUE:
+                    os.setxattr(path, b"trusted.overlay.opaque", b"y")
+            elif e.kind == REG:
+                os.link(self._cached_file(e), path)
+            elif e.kind == HARDLINK:
+                target = full.get(e.target)
+                if target is None or target.kind != REG:
+                    raise PylayersError(f"layer {layer_id.hex()[:12]}: hardlink /"
+                                        f"{os.fsdecode(e.path)} has no target")
+                os.link(self._cached_file(target), path)
+            elif e.kind == SYMLINK:
+                os.symlink(e.target, path)
+                _meta(path, e)
+            elif e.kind in (CHR, BLK, FIFO):
+                kind = {CHR: 0o020000, BLK: 0o060000, FIFO: 0o010000}[e.kind]
+                os.mknod(path, kind | 0o600, os.makedev(*e.rdev) if e.kind != FIFO else 0)
+                _meta(path, e)
+        for path, e in reversed(dirs):
+            _meta(path, e)
+            if e.flags & OPAQUE:
+                os.setxattr(path, b"trusted.overlay.opaque", b"y")
+        try:
+            os.rename(tmp, dest)
+        except OSError as err:  # another process materialised it first
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            shutil.rmtree(tmp)
+
+    # -- snapshots -------------------------------------------------------------------
+    def create(self, sdir: Path, parent: bytes | None, readonly: bool) -> None:
+        sdir.mkdir(parents=True)
+        fs = sdir / "fs"
+        os.mkdir(fs, 0o755)
+        os.mkdir(sdir / "work", 0o700)
+        if parent is not None:
+            self.lower_dirs(parent)
+            # overlayfs takes the merged root's attributes from the upper root
+            root = self.layers.tree(parent)[0]
+            _meta(os.fsencode(fs), Entry(b"", DIR, root.mode, root.uid, root.gid,
+                                         root.mtime_ns, xattrs=root.xattrs))
+
+    def mounts(self, sdir: Path, parent: bytes | None, readonly: bool) -> list[Mount]:
+        if parent is None:
+            return [Mount("bind", str(sdir / "fs"), ["rbind", "ro" if readonly else "rw"])]
+        lowers = [str(p) for p in self.lower_dirs(parent)]
+        if readonly:
+            if len(lowers) == 1:
+                return [Mount("bind", lowers[0], ["rbind", "ro"])]
+            return [Mount("overlay", "overlay", ["ro", "lowerdir=" + ":".join(lowers)])]
+        return [Mount("overlay", "overlay", [
+            "lowerdir=" + ":".join(lowers), f"upperdir={sdir / 'fs'}",
+            f"workdir={sdir / 'work'}", "index=off"])]
+
+    def upper_entries(self, sdir: Path, parent: bytes | None, sink) -> list[Entry]:
+        """The upper directory as a layer's own entries: whiteouts and opaque markers
+        translated, overlay's private xattrs dropped, and entries identical to the
+        parent's (directories copied up only to hold a changed child) left out."""
+        store = self.store
+        scanner = Scanner(store, store.config.chunker, sink)
+        upper = scanner.scan(sdir / "fs")
+        base = {e.path: e for e in self.layers.tree(parent)} if parent is not None else {}
+        own = []
+        for e in upper:
+            xattrs = tuple(x for x in e.xattrs if not x[0].startswith(OVERLAY_XATTR_PREFIXES))
+            if e.kind == CHR and e.rdev == (0, 0):
+                e = Entry(e.path, WHITEOUT)
+            elif e.kind == DIR and any(x[0] in OPAQUE_XATTRS and x[1] == b"y"
+                                       for x in e.xattrs):
+                e.flags |= OPAQUE
+            e.xattrs = xattrs
+            old = base.get(e.path)
+            if old is not None and old == e:
+                continue
+            if e.kind == WHITEOUT and old is None:
+                continue  # whiteout of something the parent does not have
+            own.append(e)
+        return own
+
+    def commit(self, sdir: Path, parent: bytes | None, message: str = "",
+               tag: str | None = None) -> bytes:
+        with self.store.writer() as writer:
+            own = self.upper_entries(sdir, parent, writer.put)
+            return self.layers.commit_entries(parent, own, writer, tag, message)
+
+    def usage(self, sdir: Path, parent: bytes | None) -> Usage:
+        seen: dict[bytes, int] = {}
+
+        def sink(cid: bytes, data) -> bool:
+            if cid in seen or self.store.has_chunk(cid):
+                return False
+            seen[cid] = len(data)
+            return True
+
+        own = self.upper_entries(sdir, parent, sink)
+        return Usage(sum(e.size for e in own if e.kind == REG), len(own), sum(seen.values()))

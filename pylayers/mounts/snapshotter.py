@@ -1,0 +1,255 @@
+"""The snapshotter: containerd's `snapshots.Snapshotter`, over pylayers layers.
+
+State lives in the store's LMDB `snapshots` table and survives restarts. A committed
+snapshot is a layer: `commit(name, key)` stores the active snapshot's changes as a new
+layer on its parent and records `name` -> layer id. A parent may be given as the name
+of a committed snapshot or as any layer reference (id, prefix, tag).
+
+Crash safety: an active snapshot is recorded before its directory is filled, so a crash
+in `prepare` leaves a snapshot that `remove` cleans up; `commit` writes the layer (one
+LMDB transaction, see docs/format.md) and then replaces the active record with the
+committed one, so a crash between leaves the active snapshot, which can be committed
+again (the layer id is the same) or removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from ..layers.manifest import REG
+from ..layers.repo import Layers
+from .drivers import Driver, get_driver
+
+GC_ROOT_LABEL = "pylayers.gc.root"
+
+
+class Kind(StrEnum):
+    ACTIVE = "active"
+    VIEW = "view"
+    COMMITTED = "committed"
+
+
+@dataclass
+class Mount:
+    """A mount as plain data, as containerd returns it: `mount -t type source target -o
+    options`."""
+
+    type: str
+    source: str
+    options: list[str] = field(default_factory=list)
+
+    def command(self, target: str) -> list[str]:
+        cmd = ["mount", "-t", self.type if self.type != "bind" else "none"]
+        opts = list(self.options)
+        if self.type == "bind" and "bind" not in opts and "rbind" not in opts:
+            opts.insert(0, "bind")
+        if opts:
+            cmd += ["-o", ",".join(opts)]
+        return cmd + [self.source, target]
+
+
+@dataclass
+class Info:
+    key: str
+    kind: Kind
+    parent: str | None  # the parent's name as given (a committed key or a layer ref)
+    parent_layer: str | None  # hex layer id of the parent
+    layer: str | None = None  # committed: its layer id
+    driver: str = ""
+    dir_id: str = ""  # active/view: its directory under STORE/snapshots/
+    labels: dict[str, str] = field(default_factory=dict)
+    created: float = 0.0
+    updated: float = 0.0
+
+    def encode(self) -> bytes:
+        d = asdict(self)
+        d["kind"] = self.kind.value
+        return json.dumps(d, sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> Info:
+        d = json.loads(data)
+        d["kind"] = Kind(d["kind"])
+        return cls(**d)
+
+
+@dataclass
+class Usage:
+    size: int  # bytes of regular files the snapshot itself holds (not its parents)
+    inodes: int
+    new_bytes: int = 0  # of those, chunk bytes the store does not hold yet (after dedup)
+
+
+class Snapshotter:
+    def __init__(self, layers: Layers, driver: str | None = None) -> None:
+        self.layers = layers
+        self.store = layers.store
+        self.root = self.store.path / "snapshots"
+        self.default_driver = driver
+
+    # -- records -------------------------------------------------------------------
+    def _get(self, key: str) -> Info | None:
+        raw = self.store.get("snapshots", key.encode())
+        return Info.decode(raw) if raw is not None else None
+
+    def _put(self, info: Info) -> None:
+        self.store.put("snapshots", info.key.encode(), info.encode())
+
+    def stat(self, key: str) -> Info:
+        info = self._get(key)
+        if info is None:
+            raise NotFound(f"snapshot {key!r} does not exist")
+        return info
+
+    def walk(self, kind: Kind | None = None, parent: str | None = None,
+             labels: dict[str, str] | None = None) -> Iterator[Info]:
+        """Every snapshot, optionally only those of a kind, on a parent, or carrying all
+        the given labels (a value of "*" matches any value)."""
+        for _k, raw in self.store.items("snapshots"):
+            info = Info.decode(raw)
+            if kind is not None and info.kind != kind:
+                continue
+            if parent is not None and info.parent != parent:
+                continue
+            if labels and any(info.labels.get(k) != v and not (v == "*" and k in info.labels)
+                              for k, v in labels.items()):
+                continue
+            yield info
+
+    def update(self, key: str, labels: dict[str, str]) -> Info:
+        """Set (or, with an empty value, delete) labels."""
+        info = self.stat(key)
+        for k, v in labels.items():
+            if v == "":
+                info.labels.pop(k, None)
+            else:
+                info.labels[k] = v
+        info.updated = time.time()
+        self._put(info)
+        return info
+
+    # -- lifecycle -------------------------------------------------------------------
+    def _parent_layer(self, parent: str | None) -> bytes | None:
+        if parent is None:
+            return None
+        info = self._get(parent)
+        if info is not None:
+            if info.kind != Kind.COMMITTED:
+                raise FailedPrecondition(f"parent {parent!r} is {info.kind.value}; only "
+                                         "committed snapshots can be parents")
+            return bytes.fromhex(info.layer)
+        return self.layers.resolve(parent)
+
+    def _driver(self, name: str | None) -> Driver:
+        return get_driver(name or self.default_driver, self.layers)
+
+    def _create(self, key: str, parent: str | None, kind: Kind,
+                labels: dict[str, str] | None, driver: str | None) -> list[Mount]:
+        if not key or "\x00" in key:
+            raise InvalidArgument("a snapshot key must be a non-empty string")
+        if self._get(key) is not None:
+            raise AlreadyExists(f"snapshot {key!r} already exists")
+        parent_layer = self._parent_layer(parent)
+        drv = self._driver(driver)
+        now = time.time()
+        info = Info(key, kind, parent, parent_layer.hex() if parent_layer else None,
+                    driver=drv.name, dir_id=os.urandom(8).hex(), labels=dict(labels or {}),
+                    created=now, updated=now)
+        self._put(info)  # first, so a crash below leaves something `remove` can clean
+        sdir = self.root / info.dir_id
+        try:
+            drv.create(sdir, parent_layer, readonly=(kind == Kind.VIEW))
+        except BaseException:
+            self._discard(info)
+            raise
+        return drv.mounts(sdir, parent_layer, readonly=(kind == Kind.VIEW))
+
+    def prepare(self, key: str, parent: str | None = None,
+                labels: dict[str, str] | None = None, driver: str | None = None) -> list[Mount]:
+        """A writable snapshot on `parent`; returns its mounts."""
+        return self._create(key, parent, Kind.ACTIVE, labels, driver)
+
+    def view(self, key: str, parent: str | None = None,
+             labels: dict[str, str] | None = None, driver: str | None = None) -> list[Mount]:
+        """A read-only snapshot of `parent`; returns its mounts."""
+        return self._create(key, parent, Kind.VIEW, labels, driver)
+
+    def mounts(self, key: str) -> list[Mount]:
+        info = self.stat(key)
+        if info.kind == Kind.COMMITTED:
+            raise FailedPrecondition(f"snapshot {key!r} is committed; make a view of it")
+        drv = self._driver(info.driver)
+        parent = bytes.fromhex(info.parent_layer) if info.parent_layer else None
+        return drv.mounts(self.root / info.dir_id, parent, readonly=(info.kind == Kind.VIEW))
+
+    def commit(self, name: str, key: str, labels: dict[str, str] | None = None,
+               message: str = "", tag: str | None = None) -> bytes:
+        """Store the active snapshot `key` as a layer named `name`; `key` is removed."""
+        info = self.stat(key)
+        if info.kind != Kind.ACTIVE:
+            raise FailedPrecondition(f"snapshot {key!r} is {info.kind.value}, not active")
+        existing = self._get(name)
+        if existing is not None and name != key:
+            raise AlreadyExists(f"snapshot {name!r} already exists")
+        drv = self._driver(info.driver)
+        parent = bytes.fromhex(info.parent_layer) if info.parent_layer else None
+        layer_id = drv.commit(self.root / info.dir_id, parent, message=message, tag=tag)
+        now = time.time()
+        committed = Info(name, Kind.COMMITTED, info.parent, info.parent_layer,
+                         layer=layer_id.hex(), driver=info.driver,
+                         labels={**info.labels, **(labels or {})}, created=now, updated=now)
+        with self.store.transaction(write=True) as txn:
+            db = self.store.db["snapshots"]
+            txn.delete(key.encode(), db=db)
+            txn.put(name.encode(), committed.encode(), db=db)
+        drv.remove(self.root / info.dir_id)
+        return layer_id
+
+    def remove(self, key: str) -> None:
+        """Remove a snapshot; refused while another snapshot has it as parent."""
+        info = self.stat(key)
+        if info.kind == Kind.COMMITTED:
+            kids = [i.key for i in self.walk() if i.parent == key]
+            if kids:
+                raise FailedPrecondition(f"snapshot {key!r} is the parent of {kids[0]!r}")
+        self._discard(info)
+
+    def _discard(self, info: Info) -> None:
+        if info.kind != Kind.COMMITTED and info.dir_id:
+            self._driver(info.driver).remove(self.root / info.dir_id)
+        self.store.delete("snapshots", info.key.encode())
+
+    def usage(self, key: str) -> Usage:
+        info = self.stat(key)
+        if info.kind == Kind.COMMITTED:
+            entries = self.layers.entries(bytes.fromhex(info.layer))
+            files = [e for e in entries if e.kind == REG]
+            return Usage(sum(e.size for e in files), len(entries),
+                         self.layers.record(bytes.fromhex(info.layer)).new_bytes)
+        drv = self._driver(info.driver)
+        parent = bytes.fromhex(info.parent_layer) if info.parent_layer else None
+        return drv.usage(self.root / info.dir_id, parent)
+
+    def protected_layers(self) -> set[bytes]:
+        """Layers gc and rm must keep: parents of active snapshots and views, and
+        committed snapshots (by their layer)."""
+        out = set()
+        for info in self.walk():
+            if info.parent_layer:
+                out.add(bytes.fromhex(info.parent_layer))
+            if info.layer:
+                out.add(bytes.fromhex(info.layer))
+        return out
+
+
+def remove_tree(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
