@@ -10,6 +10,8 @@ import click
 from ..chunking import DEFAULT_AVG, DEFAULT_MAX, DEFAULT_MIN, ChunkerParams
 from ..errors import AlreadyExists
 from ..layers import maintenance as m
+from ..mounts import Snapshotter
+from ..mounts.overlay import cache_bytes, collect_caches
 from ..store import Store, StoreConfig, default_store_path
 from .app import cli, human, open_layers
 
@@ -38,6 +40,8 @@ def du(ctx: click.Context, as_json: bool) -> None:
     """Logical bytes held, bytes on disk, and the dedup ratio."""
     with open_layers(ctx, create=False) as layers:
         usage = m.disk_usage(layers.store)
+        # materialised layers and the file cache live under the store: rebuildable
+        usage["cache_bytes"] = cache_bytes(layers.store.path)
     if as_json:
         click.echo(json.dumps(usage, indent=2))
         return
@@ -46,6 +50,8 @@ def du(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"logical bytes   {usage['logical_bytes']} ({human(usage['logical_bytes'])})")
     click.echo(f"stored bytes    {usage['stored_bytes']} ({human(usage['stored_bytes'])})")
     click.echo(f"dedup ratio     {usage['dedup_ratio']}")
+    click.echo(f"caches          {usage['cache_bytes']} ({human(usage['cache_bytes'])}; "
+               "included in stored bytes; rebuilt on demand)")
 
 
 @cli.command()
@@ -53,9 +59,12 @@ def du(ctx: click.Context, as_json: bool) -> None:
 def gc(ctx: click.Context) -> None:
     """Delete chunks no layer needs; waits for running snapshots to finish."""
     with open_layers(ctx, create=False, exclusive=True) as layers:
+        snaps = Snapshotter(layers).collect()
         res = m.gc(layers.store)
-    click.echo(f"removed {res.chunks_removed} chunks, {res.packs_removed} packs; rewrote "
-               f"{res.packs_rewritten} packs; freed {human(res.bytes_freed)}")
+        cache_freed = collect_caches(layers.store.path, set(layers.all_ids()))
+    click.echo(f"removed {len(snaps)} unreferenced snapshots, {res.chunks_removed} chunks, "
+               f"{res.packs_removed} packs; rewrote {res.packs_rewritten} packs; freed "
+               f"{human(res.bytes_freed + cache_freed)}")
 
 
 @cli.command()

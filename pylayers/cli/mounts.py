@@ -9,6 +9,7 @@ import click
 
 from ..errors import FailedPrecondition, NotFound, PylayersError
 from ..mounts import Kind, Snapshotter
+from ..mounts.snapshotter import GC_ROOT_LABEL
 from .app import cli, human, open_layers
 
 MOUNTPOINT_LABEL = "pylayers.mountpoint"
@@ -96,7 +97,9 @@ def commit(ctx: click.Context, key: str, tag: str | None, message: str,
         if info.kind != Kind.ACTIVE:
             raise FailedPrecondition(f"snapshot {key} is {info.kind.value}, not writable")
         tmp_name = name or f"commit-{os.urandom(6).hex()}"
-        layer_id = snaps.commit(tmp_name, key, message=message, tag=tag)
+        # made by a person at the command line: keep it until they remove it
+        layer_id = snaps.commit(tmp_name, key, message=message, tag=tag,
+                                labels={GC_ROOT_LABEL: "cli"})
         if name is None:  # name the committed snapshot after its layer
             final = layer_id.hex()
             if snaps._get(final) is None:

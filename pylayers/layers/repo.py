@@ -251,6 +251,11 @@ class Layers:
         if kids:
             raise FailedPrecondition(f"layer {lid.hex()[:12]} is the parent of "
                                      f"{len(kids)} layer(s); remove them first")
+        for key, raw in self.store.items("snapshots"):
+            snap = json.loads(raw)
+            if lid.hex() in (snap.get("parent_layer"), snap.get("layer")):
+                raise FailedPrecondition(f"layer {lid.hex()[:12]} is used by snapshot "
+                                         f"{key.decode(errors='replace')!r}; remove it first")
         tagged = [t for t, v in self.tags().items() if v == lid]
         if tagged:
             raise FailedPrecondition(f"layer {lid.hex()[:12]} is tagged {', '.join(tagged)}; "

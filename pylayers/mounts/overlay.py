@@ -52,6 +52,43 @@ def drop_caches(store_path: Path) -> int:
     return freed
 
 
+def cache_bytes(store_path: Path) -> int:
+    """Bytes the caches occupy on disk, each inode counted once."""
+    seen: set[int] = set()
+    total = 0
+    for dirpath, _dirs, files in os.walk(cache_root(store_path)):
+        for f in files:
+            try:
+                st = os.lstat(os.path.join(dirpath, f))
+            except OSError:
+                continue
+            if st.st_ino not in seen:
+                seen.add(st.st_ino)
+                total += st.st_blocks * 512
+    return total
+
+
+def collect_caches(store_path: Path, live_layers: set[bytes]) -> int:
+    """Delete materialised layers whose layer is gone, then cached files no layer
+    directory links to any more. Returns bytes freed (approx.)."""
+    freed = 0
+    live = {lid.hex()[:16] for lid in live_layers}
+    layers_dir = cache_root(store_path) / "layers"
+    if layers_dir.exists():
+        for d in layers_dir.iterdir():
+            if d.name.split(".")[0] not in live or ".tmp" in d.name:
+                shutil.rmtree(d, ignore_errors=True)
+    files_dir = cache_root(store_path) / "files"
+    if files_dir.exists():
+        for sub in files_dir.iterdir():
+            for f in sub.iterdir():
+                st = f.lstat()
+                if st.st_nlink == 1:
+                    freed += st.st_blocks * 512
+                    f.unlink()
+    return freed
+
+
 class OverlayDriver(Driver):
     name = "overlay"
 

@@ -238,6 +238,32 @@ class Snapshotter:
         parent = bytes.fromhex(info.parent_layer) if info.parent_layer else None
         return drv.usage(self.root / info.dir_id, parent)
 
+    def collect(self) -> list[str]:
+        """containerd's gc rule for committed snapshots: remove those that nothing
+        references: no `pylayers.gc.root` label, not the parent of another snapshot,
+        their layer neither tagged nor the parent of another layer. Their layers go too.
+        Repeats until nothing changes (removing one may free its parent). Returns the
+        removed keys."""
+        removed: list[str] = []
+        while True:
+            infos = list(self.walk())
+            parents = {i.parent for i in infos if i.parent}
+            parent_layers = {i.parent_layer for i in infos if i.parent_layer}
+            tagged = {lid.hex() for lid in self.layers.tags().values()}
+            layer_kids = {p.hex() for p in self.layers.children()}
+            victims = [i for i in infos if i.kind == Kind.COMMITTED
+                       and GC_ROOT_LABEL not in i.labels and i.key not in parents
+                       and i.layer not in tagged and i.layer not in layer_kids
+                       and i.layer not in parent_layers]
+            if not victims:
+                return removed
+            for info in victims:
+                self.store.delete("snapshots", info.key.encode())
+                others = [i for i in self.walk() if i.layer == info.layer]
+                if not others:
+                    self.store.delete("layers", bytes.fromhex(info.layer))
+                removed.append(info.key)
+
     def protected_layers(self) -> set[bytes]:
         """Layers gc and rm must keep: parents of active snapshots and views, and
         committed snapshots (by their layer)."""
