@@ -256,6 +256,13 @@ class PackWriter:
         self._offset = PACK_HEADER.size
         self._dirty_dirs = {path.parent}
 
+    def _wait_sync(self) -> None:
+        # A writeback error is reported once per open file: drop it and a later fsync of
+        # the same file would succeed, and the index would point at data not on disk.
+        job, self._sync_job = self._sync_job, None
+        if job is not None:
+            job.result()
+
     def _write_one(self) -> None:
         fut, table = self._pending.popleft()
         frame = fut.result()
@@ -274,6 +281,7 @@ class PackWriter:
         self.bytes_written += len(frame)
         self._unsynced += len(frame)
         if self._unsynced >= SYNC_EVERY and (self._sync_job is None or self._sync_job.done()):
+            self._wait_sync()
             self._file.flush()
             self._sync_job = self._syncer.submit(os.fdatasync, self._file.fileno())
             self._unsynced = 0
@@ -284,9 +292,7 @@ class PackWriter:
         self._close_frame()
         while self._pending:
             self._write_one()
-        if self._sync_job is not None:
-            self._sync_job.result()
-            self._sync_job = None
+        self._wait_sync()
         if self._file is not None:
             self._file.flush()
             os.fsync(self._file.fileno())
