@@ -9,6 +9,7 @@ Each writing process owns its packs; no two processes ever append to one file.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import zlib
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import zstandard
 
-from ..errors import CorruptData
+from ..errors import CorruptData, StoreError
 from .config import fsync_dir
 
 PACK_MAGIC = b"PLYRPACK"
@@ -207,12 +208,17 @@ class PackReader:
 
 
 class PackWriter:
-    """Appends chunks to a new pack owned by this writer.
+    """Appends chunks to new packs owned by this writer.
 
     `add` buffers chunks into a frame; full frames are compressed on worker threads
     (zstd releases the GIL) and written in order. `flush` makes everything added so far
     durable (fsync of pack and directory) and returns the locations to index — only then
-    may an index entry point at them.
+    may an index entry point at them. Once the index does, the caller says so with
+    `keep(locations)`; `close` removes whatever this writer wrote that was never kept (a
+    failed or abandoned job leaves no dead data behind, which matters on a full disk).
+
+    Write errors are raised as StoreError, so callers that read files while they store
+    chunks do not mistake a full store for an unreadable source.
     """
 
     def __init__(self, root: Path, level: int, threads: int = 2) -> None:
@@ -231,12 +237,22 @@ class PackWriter:
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pylayers-sync")
         self._sync_job: Future | None = None
         self._unsynced = 0
+        self._dirty_dirs: set[Path] = set()
+        self._created: list[str] = []  # packs this writer created, in order
+        self._kept: dict[str, int] = {}  # pack -> end of the data the index points at
+
+    def _error(self, e: OSError) -> StoreError:
+        what = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        return StoreError(f"cannot write to the store at {self.root.parent}: {what}")
 
     def add(self, cid: bytes, data: bytes) -> None:
         self._frame.append((cid, bytes(data)))
         self._frame_bytes += len(data)
         if self._frame_bytes >= FRAME_TARGET:
-            self._close_frame()
+            try:
+                self._close_frame()
+            except OSError as e:
+                raise self._error(e) from None
 
     def _close_frame(self) -> None:
         if not self._frame:
@@ -252,6 +268,7 @@ class PackWriter:
         path = pack_path(self.root, self._pack)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(path, "xb")  # noqa: SIM115
+        self._created.append(self._pack)
         self._file.write(PACK_HEADER.pack(PACK_MAGIC, PACK_VERSION, 0))
         self._offset = PACK_HEADER.size
         self._dirty_dirs = {path.parent}
@@ -289,22 +306,32 @@ class PackWriter:
     def flush(self) -> list[tuple[bytes, Location]]:
         """Write out every buffered chunk and make it durable; return (id, location) of
         every chunk written since the last flush."""
-        self._close_frame()
-        while self._pending:
-            self._write_one()
-        self._wait_sync()
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            for d in self._dirty_dirs:
-                fsync_dir(d)
-            fsync_dir(self.root)
-            self._dirty_dirs = set()
-            if self._offset >= PACK_TARGET:
-                self._file.close()
-                self._file = None
+        try:
+            self._close_frame()
+            while self._pending:
+                self._write_one()
+            self._wait_sync()
+            if self._file is not None:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                for d in self._dirty_dirs:
+                    fsync_dir(d)
+                fsync_dir(self.root)
+                self._dirty_dirs = set()
+                if self._offset >= PACK_TARGET:
+                    self._file.close()
+                    self._file = None
+        except OSError as e:
+            raise self._error(e) from None
         written, self._written = self._written, []
         return written
+
+    def keep(self, written: list[tuple[bytes, Location]]) -> None:
+        """The index now points at these locations: `close` must leave them be."""
+        for _cid, loc in written:
+            end = loc.offset + loc.frame_len
+            if end > self._kept.get(loc.pack, 0):
+                self._kept[loc.pack] = end
 
     def close(self) -> None:
         for fut, _ in self._pending:
@@ -312,6 +339,26 @@ class PackWriter:
         self._pending.clear()
         self._pool.shutdown(wait=True)
         self._syncer.shutdown(wait=True)
+        self._sync_job = None
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            f, self._file = self._file, None
+            try:
+                f.close()
+            except OSError:
+                pass  # buffered bytes that could not be written: never flushed nor kept
+        self._discard_unkept()
+
+    def _discard_unkept(self) -> None:
+        """Remove what no index entry points at: packs never kept, and the tail of a pack
+        past its last kept frame. Only this writer ever wrote to these files."""
+        for pack in self._created:
+            path = pack_path(self.root, pack)
+            end = self._kept.get(pack)
+            try:
+                if end is None:
+                    path.unlink()
+                elif path.stat().st_size > end:
+                    os.truncate(path, end)
+            except OSError:
+                pass  # what is left is dead data: fsck notes it, gc removes it
+        self._created = [p for p in self._created if p in self._kept]

@@ -73,6 +73,21 @@ def _close_env(path: Path) -> None:
             _envs[key] = (env, n - 1)
 
 
+def _index_error(path: Path, e: lmdb.Error) -> StoreError:
+    """An LMDB failure (a full disk, an I/O error) as one line; nothing was committed."""
+    reason = str(e).split(": ", 1)[-1] or type(e).__name__
+    reason = reason[:1].lower() + reason[1:]
+    if reason == "input/output error":
+        # LMDB reports a short write (the disk filled up mid-write) as EIO
+        try:
+            st = os.statvfs(path)
+            if st.f_bavail * st.f_frsize < (1 << 20):
+                reason = "no space left on device"
+        except OSError:
+            pass
+    return StoreError(f"cannot update the index of the store at {path}: {reason}")
+
+
 @dataclass
 class SweepResult:
     chunks_removed: int = 0
@@ -346,11 +361,15 @@ class Store:
             for cid, _ in moving:
                 w.add(cid, self.read_chunk(cid))
             written = w.flush()
+            try:
+                with self.env.begin(write=True, db=self.db["chunks"]) as txn:
+                    for cid, loc in written:
+                        txn.put(cid, loc.encode())
+            except lmdb.Error as e:
+                raise _index_error(self.path, e) from None
+            w.keep(written)
         finally:
-            w.close()
-        with self.env.begin(write=True, db=self.db["chunks"]) as txn:
-            for cid, loc in written:
-                txn.put(cid, loc.encode())
+            w.close()  # on failure, removes the new pack: the old one is still indexed
         self.reader.close()
         pack_path(self.packs_root, pack).unlink()
         return w.bytes_written
@@ -411,6 +430,11 @@ class ChunkWriter:
                     extra(txn)
         except lmdb.MapFullError:
             raise StoreError("the store index is full") from None
+        except lmdb.Error as e:
+            raise _index_error(self.store.path, e) from None
+        # The index points at these now; anything else this writer wrote is dead data
+        # that close() removes.
+        self.pack.keep(written)
         self._uncommitted = 0
         self._txn = self.store.env.begin(db=self.store.db["chunks"])
         # Chunks committed by this writer are now in the index, seen by the new txn.
