@@ -134,6 +134,7 @@ def write_pack(root: Path, chunk_data: list[bytes], level: int = 3):
         for d in chunk_data:
             w.add(cid(d), d)
         written = w.flush()
+        w.keep(written)
     finally:
         w.close()
     return dict(written)
@@ -157,6 +158,40 @@ def test_pack_writer_frames_and_iter_frames(tmp_path: Path) -> None:
         loc = locs[cid(d)]
         assert by_id[cid(d)] == (loc.offset, d)
     assert frames[0].offset == PACK_HEADER.size
+
+
+def test_pack_writer_removes_what_was_never_indexed(tmp_path: Path) -> None:
+    """close() deletes a pack nothing was kept of, and cuts a pack back to its last kept
+    frame: a failed job leaves no dead data."""
+    data = [os.urandom(400_000) for _ in range(6)]
+    w = PackWriter(tmp_path, 3)
+    for d in data[:3]:
+        w.add(cid(d), d)
+    w.flush()  # durable, but never indexed (no keep)
+    w.close()
+    assert list(tmp_path.glob("*/*.pack")) == []
+
+    w = PackWriter(tmp_path, 3)
+    for d in data[:3]:
+        w.add(cid(d), d)
+    kept = w.flush()
+    w.keep(kept)
+    for d in data[3:]:
+        w.add(cid(d), d)
+    w.flush()  # written and durable, then the job failed before indexing it
+    (pack,) = tmp_path.glob("*/*.pack")
+    end = max(loc.offset + loc.frame_len for _, loc in kept)
+    assert pack.stat().st_size > end
+    w.close()
+    assert pack.stat().st_size == end
+    frames = list(iter_frames(pack))  # a clean end: no partial frame
+    assert {c for f in frames for c, _ in f.table} == {cid(d) for d in data[:3]}
+    reader = PackReader(tmp_path)
+    try:
+        for c, loc in kept:
+            assert cid(reader.read(loc)) == c
+    finally:
+        reader.close()
 
 
 def _payload_offset(pack: Path, frame_offset: int) -> int:
