@@ -58,6 +58,14 @@ def _open_env(path: Path) -> lmdb.Environment:
                             max_readers=1024, subdir=True, meminit=False)
         except lmdb.Error as e:
             raise StoreError(f"cannot open index {path}: {e}") from None
+        # Free the reader slots of processes that died holding a read transaction (a
+        # snapshot killed mid-way). LMDB resets the table only when no other process has
+        # the index open; while such a slot lingers, pages freed after its snapshot are
+        # never reused and the index file grows with every commit.
+        try:
+            env.reader_check()
+        except lmdb.Error:
+            pass
         _envs[key] = (env, 1)
         return env
 
