@@ -336,3 +336,40 @@ def test_full_disk_small_room(tmp_path: Path, small_tmpfs: Path, room_kb: int) -
     assert_checks_out(store, base, base_src, tmp_path / "out_base")
     lid = snapshot(store, many)
     assert_checks_out(store, lid, many, tmp_path / "out_many")
+
+
+def test_reader_slots_of_a_killed_snapshot_are_freed(tmp_path: Path, big_tree: Path) -> None:
+    """A snapshot killed while another process keeps the index open leaves its LMDB
+    reader slots behind (LMDB resets the table only when nobody has it open). The next
+    command must clear them, or the index could never reuse freed pages again."""
+    store = tmp_path / "store"
+    snapshot(store, small_tree(tmp_path / "base", "base"))
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, pylayers\n"
+         f"s = pylayers.Store.open({str(store)!r}, create=False)\n"
+         "print('ready', flush=True)\n"
+         "sys.stdin.readline()\n"
+         "print(s.env.readers(), flush=True)\n"
+         "sys.stdin.readline()\n"
+         "print(s.env.readers(), flush=True)\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        proc = start_cli(store, "snapshot", str(big_tree))
+        assert kill_when(proc, store, first_pack_appears)
+
+        def reader_pids() -> set[int]:
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+            lines = []
+            while (line := holder.stdout.readline()).strip():
+                lines.append(line)
+            return {int(ln.split()[0]) for ln in lines[1:] if ln.split()}
+
+        assert proc.pid in reader_pids(), "the killed snapshot held no read transaction?"
+        fsck_notes(store)  # any command that opens the index
+        assert proc.pid not in reader_pids()
+    finally:
+        holder.kill()
+        holder.communicate()
