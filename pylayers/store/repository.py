@@ -152,11 +152,18 @@ class Store:
             raise
         store = cls(path, config, env, lock_fd)
         with env.begin(db=store.db["meta"]) as txn:
-            version = txn.get(b"format_version")
-        if version is None or int(version) > FORMAT_VERSION:
+            raw = txn.get(b"format_version")
+        try:
+            version = int(raw) if raw is not None else None
+        except ValueError:
+            version = None
+        if version is None or not 1 <= version <= FORMAT_VERSION:
             store.close()
-            raise StoreError(f"{path}: index has format version {version!r}; this pylayers "
-                             f"reads version {FORMAT_VERSION}")
+            shown = version if version is not None else (raw or b"none").decode(errors="replace")
+            raise StoreError(f"{path}: index has format version {shown}; this pylayers "
+                             f"reads version {FORMAT_VERSION}"
+                             + (" (upgrade pylayers)" if version is not None and
+                                version > FORMAT_VERSION else ""))
         return store
 
     @staticmethod
