@@ -379,9 +379,20 @@ def test_newer_index_format_is_refused(base_store, tmp_path: Path) -> None:
     with env.begin(write=True) as txn:
         txn.put(b"format_version", b"99", db=env.open_db(b"meta", txn=txn))
     env.close()
-    _every_command_refuses(store, src, tmp_path, "version")
+    _every_command_refuses(store, src, tmp_path, "version 99")
     with pytest.raises(StoreError, match="99"):
         Store.open(store)
+
+
+@pytest.mark.parametrize("value", [b"abc", b"0", b""])
+def test_malformed_index_format_is_one_line(base_store, value: bytes) -> None:
+    store, src = base_store
+    env = lmdb.open(str(store / "index"), max_dbs=16)
+    with env.begin(write=True) as txn:
+        txn.put(b"format_version", value, db=env.open_db(b"meta", txn=txn))
+    env.close()
+    for args in (["fsck"], ["snapshot", str(src)], ["du"]):
+        assert_one_line_error(run_cli(store, *args), "format version")
 
 
 def test_foreign_directory_is_refused(tmp_path: Path) -> None:
