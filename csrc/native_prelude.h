@@ -1,1 +1,2 @@
 #include "fastcdc.h"
+#include "walk.h"

@@ -5,6 +5,8 @@ Nothing else in the package touches the cffi module directly.
 
 from __future__ import annotations
 
+import os
+
 from .errors import InvalidArgument
 
 try:
@@ -15,7 +17,7 @@ except ImportError as e:  # pragma: no cover - only on a broken install
         f"({e})"
     ) from e
 
-__all__ = ["ffi", "lib", "new_params", "new_state", "gear"]
+__all__ = ["ffi", "lib", "new_params", "new_state", "gear", "walk_records"]
 
 
 def new_params(min_size: int, avg_size: int, max_size: int):
@@ -35,3 +37,19 @@ def new_state():
 
 def gear(byte: int) -> int:
     return int(lib.plc_gear(byte))
+
+
+def walk_records(root: str | bytes) -> tuple[bytes, int]:
+    """The lstat records of every entry under `root` (see csrc/walk.h) and the newest
+    ctime among them. Raises OSError as the walk's errno says."""
+    path = os.fsencode(root)
+    out = ffi.new("uint8_t **")
+    length = ffi.new("size_t *")
+    max_ctime = ffi.new("int64_t *")
+    rc = lib.pl_walk(path, out, length, max_ctime)
+    if rc < 0:
+        raise OSError(-rc, os.strerror(-rc), os.fsdecode(path))
+    try:
+        return bytes(ffi.buffer(out[0], length[0])), int(max_ctime[0])
+    finally:
+        lib.pl_free(out[0])

@@ -29,9 +29,13 @@ def snapshot(ctx: click.Context, directory: str, parent: str | None, tag: str | 
             progress.close()
         warn(res.stats)
         s = res.stats
-        print(f"{res.entries} entries, {s.files} files, {human(s.bytes_total)}; "
-              f"read {human(s.bytes_read)}, new in store {human(s.new_bytes)}"
-              + (" (layer existed)" if res.existed else ""), file=sys.stderr)
+        if s.unchanged_since is not None:
+            print(f"{res.entries} entries; directory unchanged since layer "
+                  f"{s.unchanged_since.hex()[:12]} (nothing read)", file=sys.stderr)
+        else:
+            print(f"{res.entries} entries, {s.files} files, {human(s.bytes_total)}; "
+                  f"read {human(s.bytes_read)}, new in store {human(s.new_bytes)}"
+                  + (" (layer existed)" if res.existed else ""), file=sys.stderr)
         click.echo(res.layer_id.hex())
 
 

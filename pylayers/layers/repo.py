@@ -9,6 +9,7 @@ snapshotted twice onto the same parent gets the same id.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections.abc import Callable
@@ -20,9 +21,10 @@ import blake3
 from ..chunking import cut_points
 from ..errors import AlreadyExists, CorruptData, FailedPrecondition, InvalidArgument, NotFound
 from ..store.repository import ChunkWriter, Store
+from . import fingerprint
 from .checkout import checkout_tree
 from .manifest import REG, Entry, decode_manifest, encode_manifest
-from .scan import Scanner, ScanStats
+from .scan import RACY_NS, Scanner, ScanStats
 from .tree import apply_layer, diff_layer
 
 TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._:/@+-]{0,127}$")
@@ -178,15 +180,45 @@ class Layers:
                  progress: Callable[[int], None] | None = None) -> SnapshotResult:
         if tag is not None:
             check_tag(tag)
-        base = self.tree(parent) if parent is not None else []
+        start_ns = time.time_ns()
+        fp = fp_key = None
+        if os.path.isdir(directory):
+            fp_key = fingerprint.cache_key(directory)
+            try:
+                fp, max_ctime = fingerprint.tree_fingerprint(directory)
+            except OSError:
+                fp = None  # the full scan reports the problem properly
         with self.store.writer() as writer:
+            same_as = self._unchanged_since(fp, fp_key)
+            if same_as is not None:
+                # The directory holds exactly the tree of layer `same_as`.
+                stats = ScanStats(unchanged_since=same_as)
+                if parent == same_as:
+                    own: list[Entry] = []
+                else:
+                    tree = self.tree(same_as)
+                    own = diff_layer(self.tree(parent), tree) if parent is not None else tree
+                layer_id, existed = self._commit(writer, parent, own, tag, message, [])
+                return SnapshotResult(layer_id, stats, len(own), existed)
+            base = self.tree(parent) if parent is not None else []
             scanner = Scanner(self.store, self.store.config.chunker, writer.put,
                               progress=progress)
             tree = scanner.scan(directory)
             own = diff_layer(base, tree) if parent is not None else tree
-            layer_id, existed = self._commit(writer, parent, own, tag, message,
-                                             scanner.statcache_updates)
+            cache = list(scanner.statcache_updates)
+            record_fp = fp is not None and max_ctime < start_ns - RACY_NS
+            layer_id, existed = self._commit(writer, parent, own, tag, message, cache,
+                                             (fp_key, fp) if record_fp else None)
         return SnapshotResult(layer_id, scanner.stats, len(own), existed)
+
+    def _unchanged_since(self, fp: bytes | None, fp_key: bytes | None) -> bytes | None:
+        if fp is None:
+            return None
+        known = self.store.get("statcache", fp_key)
+        if known is None or known[:32] != fp:
+            return None
+        layer_id = bytes(known[32:64])
+        return layer_id if self.exists(layer_id) else None
 
     def commit_entries(self, parent: bytes | None, own: list[Entry], writer: ChunkWriter,
                        tag: str | None = None, message: str = "") -> bytes:
@@ -194,8 +226,8 @@ class Layers:
         return self._commit(writer, parent, own, tag, message, [])[0]
 
     def _commit(self, writer: ChunkWriter, parent: bytes | None, own: list[Entry],
-                tag: str | None, message: str,
-                statcache: list[tuple[bytes, bytes]]) -> tuple[bytes, bool]:
+                tag: str | None, message: str, statcache: list[tuple[bytes, bytes]],
+                tree_fp: tuple[bytes, bytes] | None = None) -> tuple[bytes, bool]:
         data = encode_manifest(parent, own)
         layer_id = blake3.blake3(data).digest()
         existed = self.exists(layer_id)
@@ -223,6 +255,8 @@ class Layers:
                 txn.put(tag.encode(), layer_id, db=db["tags"])
             for key, value in statcache:
                 txn.put(key, value, db=db["statcache"])
+            if tree_fp is not None:
+                txn.put(tree_fp[0], tree_fp[1] + layer_id, db=db["statcache"])
 
         writer.commit(extra)
         return layer_id, existed

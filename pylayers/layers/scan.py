@@ -44,6 +44,8 @@ class ScanStats:
     new_chunks: int = 0
     new_bytes: int = 0
     warnings: list[str] = field(default_factory=list)
+    # set when a tree fingerprint showed the directory unchanged since this layer
+    unchanged_since: bytes | None = None
 
 
 def read_xattrs(path: bytes) -> tuple[tuple[bytes, bytes], ...]:

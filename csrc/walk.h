@@ -1,0 +1,30 @@
+/* walk.h -- lstat every entry of a directory tree, in a canonical order, into one
+ * buffer; used to fingerprint a tree (has anything changed since it was snapshotted?)
+ * without a Python object per file.
+ *
+ * Contract
+ *   pl_walk(root, &out, &len, &max_ctime) walks the tree under `root` (a directory;
+ *   symlinks are not followed), depth first, each directory's names sorted bytewise,
+ *   the root first. For each entry it appends one record to a buffer it allocates:
+ *     u16 pathlen, path (relative to root, no leading '/'; the root's is empty),
+ *     then the lstat fields as little-endian integers:
+ *     u32 mode, u32 uid, u32 gid, u32 reserved(0), u64 nlink, u64 size,
+ *     i64 mtime_ns, i64 ctime_ns, u64 ino, u64 dev, u64 rdev.
+ *   On success it returns 0 and stores the buffer in *out (free it with pl_free), its
+ *   length in *len and the newest ctime seen in *max_ctime (a fingerprint is only
+ *   trusted when that is safely in the past). On failure it returns a negative errno
+ *   (-ENOENT, -EACCES, -ENOTDIR, -ENAMETOOLONG, -ENOMEM) and allocates nothing.
+ *   An entry that vanishes between readdir and lstat is skipped.
+ *   A record's ctime changes whenever the entry's content, metadata or xattrs change,
+ *   which is what makes a fingerprint of these records sound.
+ */
+#ifndef PYLAYERS_WALK_H
+#define PYLAYERS_WALK_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+int pl_walk(const char *root, uint8_t **out, size_t *len, int64_t *max_ctime);
+void pl_free(void *p);
+
+#endif

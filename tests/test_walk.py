@@ -1,0 +1,177 @@
+"""The C tree walk (csrc/walk.c) against a pure-Python reference, and the tree
+fingerprint that lets an unchanged directory skip scanning."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pylayers import Layers, Store
+from pylayers._native import walk_records
+from pylayers.layers.fingerprint import tree_fingerprint
+
+REC = struct.Struct("<IIIIQQqqQQQ")
+
+
+def reference_records(root: bytes) -> tuple[bytes, int]:
+    out = []
+    newest = -(1 << 63)
+
+    def emit(rel: bytes, st: os.stat_result) -> None:
+        nonlocal newest
+        newest = max(newest, st.st_ctime_ns)
+        out.append(struct.pack("<H", len(rel)) + rel + REC.pack(
+            st.st_mode, st.st_uid, st.st_gid, 0, st.st_nlink, st.st_size, st.st_mtime_ns,
+            st.st_ctime_ns, st.st_ino, st.st_dev, st.st_rdev))
+
+    def walk(abs_dir: bytes, rel_dir: bytes) -> None:
+        for name in sorted(os.listdir(abs_dir)):
+            rel = rel_dir + b"/" + name if rel_dir else name
+            path = abs_dir + b"/" + name
+            st = os.lstat(path)
+            emit(rel, st)
+            if os.path.isdir(path) and not os.path.islink(path):
+                walk(path, rel)
+
+    emit(b"", os.stat(root))
+    walk(root, b"")
+    return b"".join(out), newest
+
+
+def make_tree(root: Path) -> None:
+    (root / "a" / "b" / "c").mkdir(parents=True)
+    (root / "a" / "f").write_bytes(b"x" * 100)
+    (root / "a.b").write_text("sorted after a/ in component order")
+    (root / "link").symlink_to("a")  # not followed
+    os.mkfifo(root / "fifo")
+    (root / os.fsdecode(b"caf\xe9")).write_bytes(b"latin-1 name")
+    (root / "n\nl").write_text("newline")
+    os.link(root / "a" / "f", root / "hard")
+    for i in range(300):
+        (root / "a" / "b" / "c" / f"{i:04}").write_bytes(b"")
+
+
+def test_records_match_reference(tmp_path: Path) -> None:
+    make_tree(tmp_path)
+    got = walk_records(os.fsencode(tmp_path))
+    assert got == reference_records(os.fsencode(tmp_path))
+
+
+def test_buffer_grows_past_its_first_allocation(tmp_path: Path) -> None:
+    # ~100 bytes a record: 15,000 entries need more than the first 1 MiB
+    for d in range(15):
+        sub = tmp_path / f"d{d}"
+        sub.mkdir()
+        for i in range(1000):
+            (sub / f"{i:05}-{'x' * 20}").touch()
+    records, _ = walk_records(str(tmp_path))
+    assert len(records) > 1 << 20
+    assert (records, _) == reference_records(os.fsencode(tmp_path))
+
+
+def test_errors_are_oserrors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        walk_records(str(tmp_path / "missing"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        walk_records(str(tmp_path / "file"))
+
+
+def test_fingerprint_sees_every_kind_of_change(tmp_path: Path) -> None:
+    root = tmp_path / "t"
+    root.mkdir()
+    make_tree(root)
+    f = root / "a" / "f"
+    seen = {tree_fingerprint(root)[0]}
+    assert tree_fingerprint(root)[0] in seen  # stable when nothing changes
+
+    def changed(step) -> None:
+        time.sleep(0.01)  # move ctime past the coarse timestamp tick
+        step()
+        fp = tree_fingerprint(root)[0]
+        assert fp not in seen, step
+        seen.add(fp)
+
+    st = f.stat()
+
+    def same_size_edit_time_restored() -> None:
+        f.write_bytes(b"y" * 100)
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    changed(same_size_edit_time_restored)
+    changed(lambda: os.chmod(f, 0o600))
+    changed(lambda: os.setxattr(f, "user.k", b"v"))
+    changed(lambda: os.rename(root / "a.b", root / "a.c"))
+    changed(lambda: (root / "new").touch())
+    changed(lambda: os.unlink(root / "new"))
+
+
+def _snap(store: Path, src: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pylayers", "--store", str(store),
+                           "snapshot", str(src), *args], capture_output=True, text=True,
+                          cwd=store.parent, check=True)
+
+
+def test_unchanged_directory_skips_the_scan_and_a_change_does_not(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    make_tree(src)
+    old = time.time() - 10
+    for dirpath, dirs, files in os.walk(src):
+        for n in dirs + files:
+            os.utime(os.path.join(dirpath, n), (old, old), follow_symlinks=False)
+    time.sleep(1.1)  # ctimes must leave the racy window before a fingerprint is kept
+    store = tmp_path / "store"
+    base = _snap(store, src, "--tag", "base").stdout.split()[-1]
+    again = _snap(store, src, "--parent", "base")
+    assert "unchanged since layer " + base[:12] in again.stderr
+    with Store.open(store) as s:
+        layers = Layers(s)
+        assert layers.entries(bytes.fromhex(again.stdout.split()[-1])) == []
+    # a same-size edit with its mtime put back is still seen
+    f = src / "a" / "f"
+    st = f.stat()
+    f.write_bytes(b"z" * 100)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    changed = _snap(store, src, "--parent", "base")
+    assert "unchanged" not in changed.stderr
+    with Store.open(store) as s:
+        layers = Layers(s)
+        own = layers.entries(bytes.fromhex(changed.stdout.split()[-1]))
+        assert [e.path for e in own] == [b"a/f"]
+        assert layers.read_file(own[0]) == b"z" * 100
+
+
+def _checksum(data: bytes) -> int:
+    s = 0
+    for b in data:
+        s = (s * 31 + b) & 0xFFFFFFFFFFFFFFFF
+    return s
+
+
+@pytest.mark.skipif(not Path("/usr/bin/gcc").exists() and not Path("/usr/bin/cc").exists(),
+                    reason="no C compiler to build the sanitizer driver")
+def test_walk_under_address_sanitizer(tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parent.parent
+    exe = tmp_path / "walk_asan"
+    subprocess.run(["gcc", "-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g",
+                    "-O1", "-I", str(repo / "csrc"), str(repo / "csrc" / "walk.c"),
+                    str(repo / "tests" / "native" / "walk_asan_driver.c"), "-o", str(exe)],
+                   check=True)
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    make_tree(tree)
+    for i in range(12000):  # enough records to make the buffer grow several times
+        (tree / "a" / "b" / f"{i:06}").touch()
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=1",
+               UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
+    res = subprocess.run([str(exe), str(tree)], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    records, _ = walk_records(str(tree))
+    assert res.stdout.split() == [str(len(records)), str(_checksum(records))]
