@@ -127,6 +127,19 @@ def decode_frame(buf: bytes, offset: int, where: str) -> Frame:
     return Frame(offset, tend + stored_len, codec, raw_len, table, payload)
 
 
+def frame_raw_len(f, offset: int) -> int | None:
+    """The raw (decompressed) length a frame's header states, or None if there is no
+    frame header at `offset` of the open pack `f`."""
+    f.seek(offset)
+    head = f.read(FRAME_HEADER.size)
+    if len(head) < FRAME_HEADER.size:
+        return None
+    magic, codec, _n, raw_len, _stored, _crc = FRAME_HEADER.unpack(head)
+    if magic != FRAME_MAGIC or codec not in (CODEC_RAW, CODEC_ZSTD):
+        return None
+    return raw_len
+
+
 def pack_path(root: Path, pack: str) -> Path:
     return root / pack[:2] / f"{pack}.pack"
 

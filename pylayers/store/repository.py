@@ -23,7 +23,7 @@ import lmdb
 
 from ..errors import CorruptData, StoreError
 from .config import CONFIG_FILE, FORMAT_VERSION, StoreConfig, write_atomically
-from .packs import Location, PackReader, PackWriter, pack_path
+from .packs import Location, PackReader, PackWriter, frame_raw_len, pack_path
 
 DB_NAMES = ("meta", "chunks", "layers", "tags", "statcache", "snapshots", "cachekeys")
 MAP_SIZE = 1 << 40
@@ -352,9 +352,11 @@ class Store:
                 txn.delete(cid)
             txn.drop(self.db["statcache"], delete=False)
         res.chunks_removed = len(dead)
-        used: dict[str, dict[int, int]] = {}
+        # per pack, per live frame: (frame length, raw bytes of its live chunks)
+        used: dict[str, dict[int, list[int]]] = {}
         for _cid, loc in self.iter_chunk_locations():
-            used.setdefault(loc.pack, {})[loc.offset] = loc.frame_len
+            frame = used.setdefault(loc.pack, {}).setdefault(loc.offset, [loc.frame_len, 0])
+            frame[1] += loc.length
         self.reader.close()
         for path in self.pack_files():
             pack = path.stem
@@ -364,10 +366,26 @@ class Store:
                 path.unlink()
                 res.packs_removed += 1
                 res.bytes_freed += size
-            elif sum(frames.values()) < repack_below * size:
+            elif self._live_bytes(path, frames) < repack_below * size:
                 res.bytes_freed += size - self._rewrite_pack(pack)
                 res.packs_rewritten += 1
         return res
+
+    @staticmethod
+    def _live_bytes(path: Path, frames: dict[int, list[int]]) -> float:
+        """The stored bytes of a pack that live chunks account for. A frame whose chunks
+        are mostly dead counts only for its live share (of its raw length, read from its
+        header): small files share frames, and a pack whose frames each keep one live
+        chunk is still mostly dead."""
+        live = 0.0
+        with open(path, "rb") as f:
+            for offset, (frame_len, live_raw) in frames.items():
+                raw_len = frame_raw_len(f, offset)
+                if raw_len and live_raw < raw_len:
+                    live += frame_len * live_raw / raw_len
+                else:
+                    live += frame_len
+        return live
 
     def _rewrite_pack(self, pack: str) -> int:
         moving = [(cid, loc) for cid, loc in self.iter_chunk_locations() if loc.pack == pack]
