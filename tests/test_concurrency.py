@@ -281,6 +281,28 @@ def test_gc_repacks_a_mostly_dead_pack(tmp_path: Path) -> None:
     assert indexed_chunks(store) == referenced_chunks(store)
 
 
+def test_gc_repacks_a_pack_whose_frames_are_each_mostly_dead(tmp_path: Path) -> None:
+    """Small files share frames (~1 MiB each). When 9 in 10 of them die, every frame
+    still holds a live chunk, but the pack is mostly dead all the same: gc must rewrite
+    it, not keep 90 % dead bytes because no single frame is wholly dead."""
+    store = tmp_path / "store"
+    files = {f"f{i:03d}": os.urandom(8000) for i in range(400)}
+    big_src = write_tree(tmp_path / "all", files)
+    few_src = write_tree(tmp_path / "few", {k: v for i, (k, v) in enumerate(files.items())
+                                            if i % 10 == 0})
+    big = snapshot(store, big_src)
+    few = snapshot(store, few_src)
+    assert run_cli(store, "rm", big).returncode == 0
+    before = du(store)["stored_bytes"]
+    proc = run_cli(store, "gc")
+    assert proc.returncode == 0, proc.stderr
+    assert "rewrote 1 packs" in proc.stdout, proc.stdout
+    after = du(store)["stored_bytes"]
+    assert after < before - 2_500_000  # about 360 files' worth freed
+    assert_fsck_ok(store)
+    assert_checks_out(store, few, few_src, tmp_path / "out")
+
+
 def test_resnapshot_after_gc_does_not_trust_a_stale_stat_cache(tmp_path: Path) -> None:
     """The stat cache names chunks; after rm + gc deleted them, snapshotting the same
     directory again must store its data again, not reuse the cached chunk lists."""
