@@ -185,44 +185,54 @@ def test_concurrent_snapshots_create_the_store(tmp_path: Path) -> None:
 # -- gc beside snapshots ----------------------------------------------------------------------
 
 def test_gc_beside_snapshots_never_deletes_what_they_use(tmp_path: Path) -> None:
-    """Each round: a snapshot starts whose files dedup against the previous round's
-    layer; meanwhile that layer is removed and gc runs. gc must wait for the snapshot
-    (store lock): if it swept while the snapshot ran, the new layer would name chunks gc
-    had just deleted."""
+    """Each round: a snapshot starts whose first file dedups against the previous
+    round's layer; meanwhile that layer is removed and two gcs and another snapshot
+    start. gc must wait for the snapshots (store lock): had it swept while the first one
+    ran, the new layer would name chunks gc had just deleted. (A big sparse file keeps
+    each snapshot busy for a while, cheaply: its zero chunks dedup to one.)"""
     store = tmp_path / "store"
-    rounds = 4
+    rounds = 3
+    payload = [os.urandom(4 << 20) for _ in range(rounds + 1)]
     srcs = []
-    payload = [os.urandom(6 << 20) for _ in range(rounds + 1)]
     for r in range(rounds + 1):
-        # tree r shares payload[r] with tree r-1 and has payload[r+1] ... of its own
-        files = {"a.bin": payload[r], "pad.bin": os.urandom(8 << 20), "n": b"%d\n" % r}
-        if r + 1 <= rounds:
+        # tree r: a.bin is tree r-1's b.bin; then the sparse file
+        files = {"a.bin": payload[r], "n": b"%d\n" % r}
+        if r < rounds:
             files["b.bin"] = payload[r + 1]
-        srcs.append(write_tree(tmp_path / f"gsrc{r}", files))
+        src = write_tree(tmp_path / f"gsrc{r}", files)
+        with open(src / "sparse", "wb") as f:
+            f.truncate(768 << 20)
+        srcs.append(src)
     prev = snapshot(store, srcs[0])
-    keep = {}
+    others = {}
     for r in range(1, rounds + 1):
         snap = start_cli(store, "snapshot", str(srcs[r]))
-        time.sleep(0.15 + 0.1 * r)  # at various points of the snapshot
+        time.sleep(0.05 * r)  # at various points of the snapshot
         rm = run_cli(store, "rm", prev)
         assert rm.returncode == 0, rm.stderr
         gcs = [start_cli(store, "gc") for _ in range(2)]
-        extra = start_cli(store, "snapshot", str(srcs[r - 1]))  # re-adds the removed tree
+        other_src = write_tree(tmp_path / f"other{r}", {"o": os.urandom(1 << 20)})
+        other = start_cli(store, "snapshot", str(other_src))
         rc, out, err = finish(snap)
         assert rc == 0, err
         prev = out.strip().splitlines()[-1]
         for g in gcs:
             grc, _gout, gerr = finish(g)
             assert grc == 0, gerr
-        erc, eout, eerr = finish(extra)
-        assert erc == 0, eerr
-        keep[eout.strip().splitlines()[-1]] = srcs[r - 1]
-        keep[prev] = srcs[r]
-    assert_fsck_ok(store)
+        orc, oout, oerr = finish(other)
+        assert orc == 0, oerr
+        others[oout.strip().splitlines()[-1]] = other_src
+        # the layer just made must be whole now, before a later snapshot could re-add
+        # anything gc deleted
+        proc = run_cli(store, "fsck")
+        assert proc.returncode == 0, (r, proc.stdout, proc.stderr)
+        cat = subprocess.run([*CLI, "--store", str(store), "cat", prev, "/a.bin"],
+                             capture_output=True, cwd=tmp_path, timeout=60)
+        assert cat.returncode == 0 and cat.stdout == payload[r], cat.stderr
     with Store.open(store, create=False) as s:
         layer_ids = {k.hex() for k, _ in s.items("layers")}
-    assert set(keep) <= layer_ids
-    for i, (lid, src) in enumerate(keep.items()):
+    assert layer_ids == set(others) | {prev}
+    for i, (lid, src) in enumerate(others.items()):
         assert_checks_out(store, lid, src, tmp_path / f"co{i}")
 
 
