@@ -45,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         what = f"{e.filename}: " if e.filename else ""
         if e.errno == errno.ENOSPC:
-            print(f"pylayers: {what}no space left on device; the store is unchanged",
-                  file=sys.stderr)
+            print(f"pylayers: {what}no space left on device", file=sys.stderr)
         else:
             print(f"pylayers: {what}{e.strerror or e}", file=sys.stderr)
         return 1

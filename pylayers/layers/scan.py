@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import blake3
 
 from ..chunking import Chunker, ChunkerParams, cut_points
-from ..errors import InvalidArgument, NotFound
+from ..errors import InvalidArgument, NotFound, StoreError
 from ..store.repository import Store
 from .manifest import BLK, CHR, DIR, FIFO, HARDLINK, REG, SYMLINK, Entry
 
@@ -86,7 +86,12 @@ class ContentReader:
     def _store(self, pieces: list, ids: list[bytes], out: list[bytes]) -> None:
         sink = self.sink
         for piece, cid in zip(pieces, ids, strict=True):
-            if sink is not None and sink(cid, piece):
+            try:
+                new = sink is not None and sink(cid, piece)
+            except OSError as e:
+                # the store's fault, not the source file's: say so
+                raise StoreError(f"cannot write to the store: {e.strerror or e}") from None
+            if new:
                 self.stats.new_chunks += 1
                 self.stats.new_bytes += len(piece)
             out.append(_CHUNK.pack(cid, len(piece)))
