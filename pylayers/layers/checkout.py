@@ -3,7 +3,7 @@
 Order matters: data, then owner (chown clears setuid bits and file capabilities),
 then mode, then xattrs, then times; directories get their metadata last, deepest
 first, so read-only directories can still be filled and their mtimes stay put.
-All-zero chunks become holes, so sparse files stay sparse.
+All-zero blocks become holes, so sparse files stay sparse.
 """
 
 from __future__ import annotations
@@ -59,25 +59,76 @@ def _meta(path: bytes, e: Entry, fd: int | None = None) -> None:
         os.utime(path, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
 
 
+class _SparseWriter:
+    """Writes a file's bytes in order, leaving every all-zero, block-aligned block of
+    the file as a hole (whatever the chunk boundaries), as `tar -S` does: a sparse
+    file's holes come back where they were, not rounded out to whole chunks."""
+
+    def __init__(self, fd: int, block: int) -> None:
+        self.fd = fd
+        self.block = block
+        self.zero = memoryview(bytes(block))
+        self.carry = bytearray()  # the start of the current block, not yet complete
+        self.pos = 0  # bytes given so far
+        self.hole = False
+
+    def _emit(self, view: memoryview, all_zero: bool = False) -> None:
+        """Write `view` (starting at a block boundary), skipping all-zero blocks."""
+        block, zero = self.block, self.zero
+        n = len(view)
+        if all_zero:
+            if n:
+                os.lseek(self.fd, n, os.SEEK_CUR)
+                self.hole = True
+            return
+        run = 0  # start of the pending run of blocks to write
+        for i in range(0, n, block):
+            end = min(i + block, n)
+            if view[i] or view[end - 1] or view[i:end] != zero[: end - i]:
+                continue
+            self._write(view[run:i])
+            os.lseek(self.fd, end - i, os.SEEK_CUR)
+            self.hole = True
+            run = end
+        self._write(view[run:])
+
+    def _write(self, view: memoryview) -> None:
+        while view:
+            written = os.write(self.fd, view)
+            view = view[written:]
+
+    def write(self, data: bytes) -> None:
+        all_zero = data.count(0) == len(data)
+        view = memoryview(data)
+        self.pos += len(view)
+        if self.carry:
+            need = self.block - len(self.carry)
+            self.carry += view[:need]
+            view = view[need:]
+            if len(self.carry) < self.block:
+                return
+            self._emit(memoryview(bytes(self.carry)))
+            self.carry.clear()
+        whole = len(view) - len(view) % self.block
+        self._emit(view[:whole], all_zero)
+        self.carry += view[whole:]
+
+    def finish(self) -> None:
+        if self.carry:
+            self._emit(memoryview(bytes(self.carry)))
+            self.carry.clear()
+        if self.hole:
+            os.ftruncate(self.fd, self.pos)
+
+
 def write_file(path: bytes, e: Entry, read_chunk: Callable[[bytes], bytes]) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600)
     try:
-        pos = 0
-        hole = False
-        for cid, length in e.chunk_list():
-            data = read_chunk(cid)
-            if data.count(0) == length:  # all zeros: leave a hole
-                os.lseek(fd, length, os.SEEK_CUR)
-                hole = True
-            else:
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-            pos += length
-        if hole:
-            os.ftruncate(fd, pos)
+        out = _SparseWriter(fd, max(os.fstat(fd).st_blksize, 512))
+        for cid, _length in e.chunk_list():
+            out.write(read_chunk(cid))
+        out.finish()
         _meta(path, e, fd)
     finally:
         os.close(fd)
