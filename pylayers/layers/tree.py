@@ -119,14 +119,15 @@ def changed_attributes(old: Entry, new: Entry, old_tree_files: dict[bytes, Entry
     if old.kind == HARDLINK or new.kind == HARDLINK:
         if (old.kind, old.target) != (new.kind, new.target):
             attrs.append("link")
-    if (o.mode if old.kind == HARDLINK else old.mode) != (
-            nw.mode if new.kind == HARDLINK else new.mode):
+    # A hardlink entry carries its inode's metadata (the scan lstats every name), so a
+    # chown, touch or setxattr of a hardlinked file shows on each of its names.
+    if old.mode != new.mode:
         attrs.append("mode")
-    if (old.uid, old.gid) != (new.uid, new.gid) and HARDLINK not in (old.kind, new.kind):
+    if (old.uid, old.gid) != (new.uid, new.gid):
         attrs.append("owner")
-    if old.mtime_ns != new.mtime_ns and HARDLINK not in (old.kind, new.kind):
+    if old.mtime_ns != new.mtime_ns:
         attrs.append("mtime")
-    if old.xattrs != new.xattrs and HARDLINK not in (old.kind, new.kind):
+    if old.xattrs != new.xattrs:
         attrs.append("xattrs")
     return attrs
 
