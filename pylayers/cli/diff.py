@@ -54,9 +54,13 @@ def diff(ctx: click.Context, ref1: str, ref2: str, as_json: bool, as_stat: bool)
         new = _tree_of(layers, ref2, new_chunks)
         changes = diff_trees(old, new)
         if as_stat:
-            added = sum(c.new.size for c in changes if c.new is not None and c.new.kind == REG)
-            removed = sum(c.old.size for c in changes if c.change == "C" and c.old.kind == REG)
-            removed += sum(_subtree_bytes(old, c.old) for c in changes if c.change == "D")
+            # Bytes move only where content does: a new file, or a path whose content or
+            # type changed (a deleted or replaced directory: all its files). A chmod,
+            # chown or touch moves none.
+            moved = [c for c in changes if c.change != "C" or
+                     {"content", "type"} & set(c.attributes)]
+            added = sum(c.new.size for c in moved if c.new is not None and c.new.kind == REG)
+            removed = sum(_subtree_bytes(old, c.old) for c in moved if c.old is not None)
             if from_dir:
                 really_new = sum(new_chunks.values())
             else:
