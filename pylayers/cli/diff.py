@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 
@@ -33,9 +34,17 @@ def _tree_of(layers: Layers, ref: str, new_chunks: dict[bytes, int]) -> list[Ent
     return layers.tree(layers.resolve(ref))
 
 
-def _subtree_bytes(tree: list[Entry], root: Entry) -> int:
+def _subtree_bytes(tree: list[Entry], keys: list[bytes], root: Entry) -> int:
+    """Bytes of the regular files at and under `root` (`keys`: the tree's sort keys).
+    The subtree is contiguous in component order: no scan of the whole tree per call."""
+    i = bisect.bisect_left(keys, root.key)
     prefix = root.key + b"\x00"
-    return sum(e.size for e in tree if e.kind == REG and (e is root or e.key.startswith(prefix)))
+    total = 0
+    while i < len(tree) and (tree[i] is root or keys[i].startswith(prefix)):
+        if tree[i].kind == REG:
+            total += tree[i].size
+        i += 1
+    return total
 
 
 @cli.command()
@@ -60,7 +69,8 @@ def diff(ctx: click.Context, ref1: str, ref2: str, as_json: bool, as_stat: bool)
             moved = [c for c in changes if c.change != "C" or
                      {"content", "type"} & set(c.attributes)]
             added = sum(c.new.size for c in moved if c.new is not None and c.new.kind == REG)
-            removed = sum(_subtree_bytes(old, c.old) for c in moved if c.old is not None)
+            keys = [e.key for e in old]
+            removed = sum(_subtree_bytes(old, keys, c.old) for c in moved if c.old is not None)
             if from_dir:
                 really_new = sum(new_chunks.values())
             else:
