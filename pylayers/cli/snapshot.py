@@ -21,7 +21,7 @@ def snapshot(ctx: click.Context, directory: str, parent: str | None, tag: str | 
              message: str) -> None:
     """Snapshot DIRECTORY into a new layer; prints its id as the last line."""
     with open_layers(ctx) as layers:
-        parent_id = layers.resolve(parent) if parent else None
+        parent_id = layers.resolve(parent) if parent is not None else None
         progress = Progress("snapshot")
         try:
             res = layers.snapshot(directory, parent_id, tag, message, progress)
