@@ -40,6 +40,28 @@ def _set_xattrs(path: bytes, e: Entry) -> None:
                                 f"{os.fsdecode(path)}: {err.strerror}") from None
 
 
+def _drop_xattrs(path: bytes) -> None:
+    """Remove the xattrs a checkout restores (all but security.*, which the system may
+    own, e.g. SELinux labels) from the existing directory `path`."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as err:
+        if err.errno in (errno.ENOTSUP, errno.ENODATA):
+            return
+        raise PylayersError(f"cannot list xattrs of {os.fsdecode(path)}: "
+                            f"{err.strerror}") from None
+    for name in names:
+        if name.startswith("security."):
+            continue
+        try:
+            os.removexattr(path, name, follow_symlinks=False)
+        except OSError as err:
+            if err.errno in (errno.ENOTSUP, errno.ENODATA):
+                continue
+            raise PylayersError(f"cannot remove xattr {name} of {os.fsdecode(path)}: "
+                                f"{err.strerror}") from None
+
+
 def _meta(path: bytes, e: Entry, fd: int | None = None) -> None:
     if e.kind == SYMLINK:
         os.chown(path, e.uid, e.gid, follow_symlinks=False)
@@ -140,6 +162,9 @@ def checkout_tree(tree: list[Entry], dest: Path, read_chunk: Callable[[bytes], b
     validate_tree(tree)
     prepare_destination(dest)
     base = os.fsencode(dest.resolve())
+    # DEST becomes the layer's root: its own xattrs go (the root's are set at the end),
+    # above all a default ACL, which every entry made inside would otherwise inherit.
+    _drop_xattrs(base)
     dirs: list[tuple[bytes, Entry]] = []
     for e in tree:
         path = base + b"/" + e.path if e.path else base
