@@ -10,6 +10,7 @@ import sys
 import click
 
 from ..errors import PylayersError
+from ..layers.scan import one_line
 from . import diff, inspect, maintenance, mounts, refs, snapshot  # noqa: F401  (verbs)
 from .app import cli
 
@@ -22,18 +23,18 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except click.UsageError as e:
         msg = e.format_message().splitlines()[0] if e.format_message() else "usage error"
-        print(f"pylayers: {msg} (see pylayers --help)", file=sys.stderr)
+        print(f"pylayers: {one_line(msg)} (see pylayers --help)", file=sys.stderr)
         return 2
     except click.Abort:
         print("pylayers: aborted", file=sys.stderr)
         return 130
     except click.ClickException as e:
-        print(f"pylayers: {e.format_message()}", file=sys.stderr)
+        print(f"pylayers: {one_line(e.format_message())}", file=sys.stderr)
         return e.exit_code
     except PylayersError as e:
         if os.environ.get("PYLAYERS_DEBUG"):
             raise
-        print(f"pylayers: {e}", file=sys.stderr)
+        print(f"pylayers: {one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("pylayers: interrupted", file=sys.stderr)
@@ -45,14 +46,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         what = f"{e.filename}: " if e.filename else ""
         if e.errno == errno.ENOSPC:
-            print(f"pylayers: {what}no space left on device", file=sys.stderr)
+            print(f"pylayers: {one_line(what)}no space left on device", file=sys.stderr)
         else:
-            print(f"pylayers: {what}{e.strerror or e}", file=sys.stderr)
+            print(f"pylayers: {one_line(what + str(e.strerror or e))}", file=sys.stderr)
         return 1
     except Exception as e:  # a bug: still one line, but say so
         if os.environ.get("PYLAYERS_DEBUG"):
             raise
-        print(f"pylayers: internal error: {type(e).__name__}: {e} "
+        print(f"pylayers: internal error: {type(e).__name__}: {one_line(str(e))} "
               "(set PYLAYERS_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1
 
