@@ -231,6 +231,9 @@ class Scanner:
             except FileNotFoundError:
                 self.stats.warnings.append(f"{os.fsdecode(d.path)}: vanished during scan")
                 continue
+            except OSError as e:  # ENAMETOOLONG past PATH_MAX, EIO...
+                raise InvalidArgument(f"cannot stat {os.fsdecode(d.path)}: "
+                                      f"{e.strerror}") from None
             if self._entry(d.path, rel, st, entries) and stat.S_ISDIR(st.st_mode):
                 self._walk(d.path, rel, entries)
 
