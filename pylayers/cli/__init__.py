@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if os.environ.get("PYLAYERS_DEBUG"):
             raise
-        what = f"{e.filename}: " if e.filename else ""
+        name = os.fsdecode(e.filename) if isinstance(e.filename, bytes) else e.filename
+        what = f"{name}: " if name else ""
         if e.errno == errno.ENOSPC:
             print(f"pylayers: {one_line(what)}no space left on device", file=sys.stderr)
         else:
