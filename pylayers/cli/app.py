@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+import unicodedata
 from contextlib import contextmanager
 
 import click
@@ -34,10 +35,23 @@ def open_layers(ctx: click.Context, *, create: bool = True, exclusive: bool = Fa
 def display_path(path: bytes) -> str:
     """'/' + path, quoted C-style (as git does) when it holds control characters,
     quotes, backslashes or bytes that are not UTF-8, so every path stays on one line."""
-    p = b"/" + path
+    return display_bytes(b"/" + path)
+
+
+def _plain(text: str) -> bool:
+    if text.isascii():
+        return not any(c < " " or c in '"\\\x7f' for c in text)
+    # Cc: C0, DEL and C1 controls (U+0085 NEL, U+009B CSI...); Zl, Zp: line separators
+    return not any(c in '"\\' or unicodedata.category(c) in ("Cc", "Zl", "Zp")
+                   for c in text)
+
+
+def display_bytes(p: bytes) -> str:
+    """A file name or symlink target as text on one line: as is when it is plain UTF-8,
+    else quoted C-style with every other byte escaped."""
     try:
         text = p.decode("utf-8")
-        if not any(c < " " or c in '"\\\x7f' for c in text):
+        if _plain(text):
             return text
     except UnicodeDecodeError:
         pass

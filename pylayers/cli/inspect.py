@@ -10,7 +10,7 @@ import click
 
 from ..errors import InvalidArgument, NotFound
 from ..layers.manifest import BLK, CHR, DIR, HARDLINK, KIND_NAMES, SYMLINK, Entry
-from .app import cli, display_path, human, open_layers
+from .app import cli, display_bytes, display_path, human, open_layers
 
 
 def _when(t: float) -> str:
@@ -84,7 +84,7 @@ def ls_(ctx: click.Context, ref: str, path: str) -> None:
         for e in rows:
             extra = ""
             if e.kind == SYMLINK:
-                extra = " -> " + e.target.decode(errors="backslashreplace")
+                extra = " -> " + display_bytes(e.target)
             elif e.kind == HARDLINK:
                 extra = " link to " + display_path(e.target)
             size = f"{e.rdev[0]},{e.rdev[1]}" if e.kind in (CHR, BLK) else str(e.size)
