@@ -1,0 +1,513 @@
+"""Snapshot -> checkout round trips, exactly: every kind of entry, every piece of
+metadata (owner, odd modes, ns mtimes, xattrs incl. trusted.*, capabilities and ACLs),
+hardlinks, sparse files and awkward names; incremental layers after every kind of
+edit; dedup of metadata-only changes and small edits; the stat cache; content ids.
+
+Real trees in tmp_path, the real CLI in a subprocess, the Python API where it shows
+what the CLI cannot (scan statistics, entries); nothing of pylayers is mocked. Needs
+root (devices, ownership, trusted.* xattrs).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from treeutil import (  # noqa: E402
+    BlockDev,
+    CharDev,
+    Dir,
+    Fifo,
+    File,
+    Hardlink,
+    Meta,
+    Remove,
+    Sparse,
+    Symlink,
+    Write,
+    assert_same_tree,
+    build,
+    checkout,
+    describe_tree,
+    run_cli,
+    snapshot,
+    tree_differences,
+)
+
+import pylayers  # noqa: E402
+from pylayers.layers.manifest import REG, WHITEOUT  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (devices, chown, "
+                                "trusted.* xattrs)")
+
+MiB = 1 << 20
+T = 1_600_000_000_123_456_789  # an mtime with all nine ns digits in use
+
+
+def rand(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def need_tools(*tools: str) -> None:
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)}")
+
+
+def rich_specs() -> list:
+    """A tree with every kind of entry and metadata pylayers claims to keep."""
+    deep = "/".join(f"d{i}" for i in range(40))
+    specs: list = [
+        File("empty"),
+        File("small", b"hello\n", mode=0o644, uid=1234, gid=5678, mtime_ns=T + 1),
+        File("big", rand(5 * MiB + 12345, 1), mode=0o600, mtime_ns=T + 2),
+        File("zero", b"no permissions at all", mode=0o000, mtime_ns=T + 3),
+        File("suid", b"#!/bin/sh\n", mode=0o4755, mtime_ns=T + 4),
+        File("sgid", b"#!/bin/sh\n", mode=0o2711, uid=1234, gid=5678),
+        File("odd", b"x", mode=0o7007),
+        File("old", b"from before 1970", mtime_ns=-1_000_000_000_000 + 7),
+        File("future", b"from 2096", mtime_ns=4_000_000_000_999_999_999),
+        Dir("ro", mode=0o555, mtime_ns=T + 5),
+        File("ro/inside", b"in a read-only directory", mtime_ns=T + 6),
+        Dir("ro/sub", mode=0o500, uid=1234, gid=5678, mtime_ns=T + 7),
+        File("ro/sub/f", b"deeper"),
+        Dir("sticky", mode=0o1777, mtime_ns=T + 8),
+        Dir("setgid", mode=0o2775, uid=1234, gid=5678, mtime_ns=T + 9),
+        File("setgid/f", b"f", uid=1234, gid=5678),
+        Dir("empty_dir", mode=0o700, mtime_ns=T + 10),
+        # symlinks: relative, dangling, absolute, into a directory, owned, with a
+        # trusted.* xattr (user.* is not allowed on symlinks)
+        Symlink("link_rel", target="small", uid=1234, gid=5678, mtime_ns=T + 11),
+        Symlink("link_dangling", target="nowhere/at/all", mtime_ns=T + 12),
+        Symlink("link_abs", target="/etc/passwd"),
+        Symlink("link_dir", target="ro/sub"),
+        Symlink("link_x", target=b"\xff" * 300, xattrs={"trusted.on-a-link": b"yes"}),
+        Symlink("link_nl", target=b"line1\nline2\x1b[0m"),
+        # hardlinks: three names for one inode, across directories
+        Dir("hl"),
+        File("hl/a", b"shared inode\n" * 100, mode=0o640, uid=7, gid=8, mtime_ns=T + 13,
+             xattrs={"user.k": b"v"}),
+        Hardlink("hl/b", "hl/a"),
+        Dir("other"),
+        Hardlink("other/c", "hl/a"),
+        File("other/pair1", b"pair", mtime_ns=T + 14),
+        Hardlink("other/pair2", "other/pair1"),
+        # devices and FIFOs
+        Dir("dev", mode=0o755),
+        CharDev("dev/null", major=1, minor=3, mode=0o666, mtime_ns=T + 15),
+        CharDev("dev/big", major=4095, minor=1048575, mode=0o600, uid=1, gid=2),
+        BlockDev("dev/loop0", major=7, minor=0, mode=0o660, gid=6, mtime_ns=T + 16),
+        Fifo("dev/fifo", mode=0o620, uid=1234, gid=5678, mtime_ns=T + 17,
+             xattrs={"trusted.fifo": b"\x00"}),
+        # xattrs: user, trusted (binary), and a capability that must survive the chown
+        File("xattrs", b"xattrs", uid=1234, gid=5678, mtime_ns=T + 18,
+             xattrs={"user.comment": b"hello", "user.empty": b"",
+                     "trusted.blob": bytes(range(256)), "user.z" * 20: b"v" * 1000}),
+        File("cap", b"\x7fELF pretend", mode=0o755, uid=1234, gid=5678, mtime_ns=T + 19,
+             cap="cap_net_raw,cap_net_bind_service+ep"),
+        # POSIX ACLs, access and default; files made inside inherit from the default
+        File("acl_file", b"acl", acl="u:1234:rw-,g:5678:r--,m::rw-", mtime_ns=T + 20),
+        Dir("acl_dir", acl="u:1234:rwx", default_acl="u:1234:r-x,g:5678:rwx",
+            mtime_ns=T + 21),
+        File("acl_dir/inherited", b"inherits the default ACL"),
+        Dir("acl_dir/sub"),
+        # sparse: 64 MiB with a few written blocks
+        Sparse("sparse", size=64 * MiB, mtime_ns=T + 22,
+               writes=[(0, rand(4096, 2)), (10 * MiB, b"\x01" * 4096),
+                       (33 * MiB + 8192, rand(8192, 3)), (64 * MiB - 4096, b"end")]),
+        Sparse("sparse_hole_only", size=3 * MiB),
+        Sparse("sparse_tail", size=8 * MiB, writes=[(0, b"head"), (5 * MiB + 1000, rand(5000, 4))]),
+        # names: not UTF-8, newline, 255 bytes, quotes, component order neighbours
+        File(b"not-utf8-\xff\xfe\x80", b"latin-1 name"),
+        Dir(b"dir-\xe9"),
+        File(b"dir-\xe9/\x01ctrl\ttab", b"ctrl"),
+        File("new\nline", b"newline in the name"),
+        File("x" * 255, b"longest name"),
+        File("quote\"back\\slash 'sp ace'", b"q"),
+        Dir("a"),
+        File("a/b", b"a/b"),
+        File("a.b", b"a.b"),
+        File("a-b", b"a-b"),
+        File("a0", b"a0"),
+        # deep nesting
+        Dir(deep.split("/")[0]),
+    ]
+    parts = deep.split("/")
+    for i in range(1, len(parts)):
+        specs.append(Dir("/".join(parts[: i + 1]), mtime_ns=T + 100 + i))
+    specs.append(File(deep + "/leaf", b"leaf", mtime_ns=T + 99))
+    specs.append(Dir("", mode=0o751, uid=1234, gid=5678, mtime_ns=T + 1000,
+                     xattrs={"user.root": b"root xattr"}))
+    return specs
+
+
+@pytest.fixture(scope="module")
+def rich(tmp_path_factory) -> tuple[Path, Path, str, dict]:
+    """(store, source, layer id, description of the source) for the rich tree."""
+    base = tmp_path_factory.mktemp("rich")
+    src = base / "src"
+    build(src, rich_specs())
+    desc = describe_tree(src)
+    store = base / "store"
+    lid = snapshot(store, src, "--tag", "rich")
+    return store, src, lid, desc
+
+
+def test_rich_tree_is_what_the_test_means(rich) -> None:
+    """The source really holds what the round trip claims to cover (so a failure to
+    build it cannot pass as a round trip)."""
+    _store, _src, _lid, d = rich
+    kinds = {n.kind for n in d.values()}
+    assert kinds == {"file", "dir", "symlink", "char", "block", "fifo"}
+    assert d[b"hl/a"].links == (b"hl/a", b"hl/b", b"other/c") and d[b"hl/a"].nlink == 3
+    assert d[b"sparse"].blocks * 512 < 1 * MiB and d[b"sparse"].size == 64 * MiB
+    assert d[b"zero"].mode == 0 and d[b"suid"].mode == 0o4755 and d[b"ro"].mode == 0o555
+    assert (d[b"small"].uid, d[b"small"].gid) == (1234, 5678)
+    names = dict(d[b"cap"].xattrs)
+    assert b"security.capability" in names
+    assert b"system.posix_acl_access" in dict(d[b"acl_file"].xattrs)
+    assert {b"system.posix_acl_access", b"system.posix_acl_default"} <= \
+        set(dict(d[b"acl_dir"].xattrs))
+    assert b"system.posix_acl_access" in dict(d[b"acl_dir/inherited"].xattrs)
+    assert b"trusted.blob" in dict(d[b"xattrs"].xattrs)
+    assert d[b"big"].size > 4 * MiB
+    assert d[b"dir-\xe9/\x01ctrl\ttab"].kind == "file"
+    assert d[b"ro"].mtime_ns == T + 5 and d[b""].mtime_ns == T + 1000
+
+
+def test_checkout_is_identical_to_the_source(rich, tmp_path: Path) -> None:
+    store, src, lid, desc = rich
+    dest = tmp_path / "out"
+    checkout(store, lid, dest)
+    got = describe_tree(dest)
+    diffs = tree_differences(desc, got)
+    assert not diffs, "\n".join(diffs[:40])
+    # the hardlinks really are one inode, and the sparse file stayed sparse
+    assert os.stat(dest / "hl/a").st_ino == os.stat(dest / "hl/b").st_ino \
+        == os.stat(dest / "other/c").st_ino
+    assert os.stat(dest / "sparse").st_blocks == desc[b"sparse"].blocks
+    # and the source was not touched by the snapshot
+    assert_same_tree(desc, src)
+
+
+def test_checkout_into_an_existing_empty_directory(rich, tmp_path: Path) -> None:
+    store, _src, _lid, desc = rich
+    dest = tmp_path / "empty"
+    dest.mkdir()
+    checkout(store, "rich", dest)
+    assert_same_tree(desc, dest)
+
+
+def test_checkout_inherits_nothing_from_the_destination(rich, tmp_path: Path) -> None:
+    """A default ACL on DEST (or on the directory DEST is made in) must not reach the
+    checked-out entries, and DEST's own xattrs give way to the layer root's."""
+    need_tools("setfacl")
+    store, _src, lid, desc = rich
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    subprocess.run(["setfacl", "-m", "u:4321:rwx", "-d", "-m", "u:4321:rwx", str(dest)],
+                   check=True)
+    os.setxattr(dest, "user.stale", b"from before")
+    checkout(store, lid, dest)
+    assert_same_tree(desc, dest)
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    subprocess.run(["setfacl", "-d", "-m", "u:4321:rwx", str(parent)], check=True)
+    checkout(store, lid, parent / "new")
+    assert_same_tree(desc, parent / "new")
+
+
+def test_ls_shows_every_entry_on_one_line(rich) -> None:
+    store, _src, lid, desc = rich
+    for d in (b"", b"hl", b"dev", b"dir-\xe9"):
+        proc = run_cli(store, "ls", lid, os.fsdecode(b"/" + d))
+        assert proc.returncode == 0, proc.stderr
+        children = [p for p in desc if p and p.rpartition(b"/")[0] == d]
+        assert len(proc.stdout.splitlines()) == len(children), proc.stdout
+    line = run_cli(store, "ls", lid, "/link_nl").stdout.decode()
+    assert line.rstrip("\n").endswith(' /link_nl -> "line1\\nline2\\033[0m"'), line
+
+
+def test_api_checkout_matches_too(rich, tmp_path: Path) -> None:
+    store, _src, lid, desc = rich
+    with pylayers.Store.open(store, create=False) as st:
+        layers = pylayers.Layers(st)
+        layers.checkout(layers.resolve(lid[:10]), tmp_path / "api")
+    assert_same_tree(desc, tmp_path / "api")
+
+
+def test_at_least_as_faithful_as_gnu_tar(rich, tmp_path: Path) -> None:
+    """Every attribute GNU tar (--xattrs --acls -S, numeric owners, posix format) keeps
+    for a path, the pylayers checkout keeps as well."""
+    need_tools("tar")
+    store, src, lid, desc = rich
+    archive = tmp_path / "src.tar"
+    subprocess.run(["tar", "--format=posix", "--xattrs", "--xattrs-include=*", "--acls",
+                    "-S", "--numeric-owner", "-C", str(src), "-cf", str(archive), "."],
+                   check=True, capture_output=True)
+    untarred = tmp_path / "untarred"
+    untarred.mkdir()
+    subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "--acls", "-S",
+                    "--numeric-owner", "--same-owner", "-p", "-C", str(untarred), "-xf",
+                    str(archive)], check=True, capture_output=True)
+    by_tar = describe_tree(untarred)
+    dest = tmp_path / "out"
+    checkout(store, lid, dest)
+    ours = describe_tree(dest)
+    kept_by_tar = 0
+    worse = []
+    for path, node in desc.items():
+        if path not in by_tar:
+            continue
+        assert path in ours, path
+        for f in node._fields:
+            if getattr(by_tar[path], f) == getattr(node, f):
+                kept_by_tar += 1
+                if getattr(ours[path], f) != getattr(node, f):
+                    worse.append(f"{path!r}: {f}: tar kept {getattr(node, f)!r}, "
+                                 f"pylayers gave {getattr(ours[path], f)!r}")
+    assert not worse, "\n".join(worse)
+    assert set(desc) <= set(ours)
+    # the comparison means something: tar kept most attributes of most paths
+    assert kept_by_tar > 0.8 * len(desc) * len(desc[b""]._fields)
+
+
+# -- incremental layers ---------------------------------------------------------------
+
+
+def edit_specs() -> list:
+    return [
+        Write("small", 2, b"LL"),  # modify in place
+        File("big", rand(5 * MiB + 12345, 1)[: 3 * MiB] + b"!" + rand(2 * MiB, 9)),
+        Remove("empty"),  # delete a file
+        Remove("d0"),  # delete a deep directory tree
+        Remove("acl_dir"), File("acl_dir", b"a file where a directory was"),  # dir -> file
+        Remove("zero"), Dir("zero", mode=0o705), File("zero/inside", b"file -> dir"),
+        Remove("link_rel"), File("link_rel", b"symlink -> file"),
+        Remove("hl/a"),  # the inode's first name goes: hl/b becomes the file
+        Meta("suid", mode=0o755),  # chmod only
+        Meta("sgid", uid=42, gid=43),  # chown only
+        Meta("other/pair1", mtime_ns=T + 5000),  # touch only (both names of the inode)
+        Meta("xattrs", xattrs={"user.comment": b"changed"}),  # xattr only
+        Meta("ro", mode=0o755),  # chmod only, a directory
+        Dir("added", mtime_ns=T + 6000),
+        File("added/one", b"new file"),
+        Dir("added/sub"),
+        File("added/sub/two", rand(300_000, 4)),
+        Hardlink("added/sub/three", "added/sub/two"),
+        File("ro/sub/g", b"added to a read-only dir"),
+        Write("sparse", 20 * MiB, b"\x02" * 4096),
+        Meta("", mtime_ns=T + 7000),
+    ]
+
+
+def test_second_layer_after_edits(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    build(src, rich_specs())
+    before = describe_tree(src)
+    store = tmp_path / "store"
+    first = snapshot(store, src, "--tag", "one")
+    build(src, edit_specs())
+    after = describe_tree(src)
+    assert after != before
+    second = snapshot(store, src, "--parent", "one")
+    assert second != first
+    checkout(store, second, tmp_path / "co2")
+    assert_same_tree(after, tmp_path / "co2")
+    checkout(store, first, tmp_path / "co1")
+    assert_same_tree(before, tmp_path / "co1")
+    checkout(store, second + "~1", tmp_path / "co1b")
+    assert_same_tree(before, tmp_path / "co1b")
+    # the second layer holds only what changed, with whiteouts for what went
+    with pylayers.Store.open(store, create=False) as st:
+        layers = pylayers.Layers(st)
+        own = {e.path: e for e in layers.entries(bytes.fromhex(second))}
+    assert b"big" in own and b"suid" in own and b"added/sub/two" in own
+    assert b"a/b" not in own and b"dev/null" not in own and b"sparse_tail" not in own
+    assert own[b"empty"].kind == WHITEOUT and own[b"d0"].kind == WHITEOUT
+    assert own[b"hl/a"].kind == WHITEOUT and own[b"hl/b"].kind == REG
+    assert not any(p.startswith(b"d0/") for p in own)  # one whiteout for a tree
+
+
+def _new_chunks(store: Path, before: set[bytes]) -> tuple[set[bytes], set[bytes], int]:
+    """(chunks added since `before`, chunks of manifests, the store's chunk total)."""
+    with pylayers.Store.open(store, create=False) as st:
+        layers = pylayers.Layers(st)
+        now = {cid for cid, _ in st.iter_chunk_locations()}
+        manifest = {cid for lid in layers.all_ids() for cid, _ in layers.record(lid).manifest}
+        sizes = {cid: loc.length for cid, loc in st.iter_chunk_locations()}
+    added = now - before
+    return added, manifest, sum(sizes[c] for c in added - manifest)
+
+
+def _chunks(store: Path) -> set[bytes]:
+    with pylayers.Store.open(store, create=False) as st:
+        return {cid for cid, _ in st.iter_chunk_locations()}
+
+
+@pytest.mark.parametrize("change", [
+    Meta("f", mode=0o700), Meta("f", uid=99, gid=98), Meta("f", mtime_ns=T + 42),
+    Meta("f", xattrs={"user.new": b"x"}), Meta("d", mode=0o711), Meta("big", mode=0o400),
+], ids=["chmod", "chown", "touch", "setxattr", "chmod-dir", "chmod-big"])
+def test_metadata_only_change_stores_no_file_data(tmp_path: Path, change) -> None:
+    src = tmp_path / "src"
+    build(src, [File("f", rand(200_000, 5), mtime_ns=T), Dir("d"), File("d/g", b"g"),
+                File("big", rand(3 * MiB, 6), mtime_ns=T)])
+    store = tmp_path / "store"
+    first = snapshot(store, src)
+    before = _chunks(store)
+    build(src, [change])
+    second = snapshot(store, src, "--parent", first)
+    assert second != first
+    added, manifest, data_bytes = _new_chunks(store, before)
+    assert added <= manifest, "a metadata-only change stored file data"
+    assert data_bytes == 0
+    with pylayers.Store.open(store, create=False) as st:
+        layers = pylayers.Layers(st)
+        rec = layers.record(bytes.fromhex(second))
+        own = layers.entries(bytes.fromhex(second))
+    assert rec.new_bytes <= sum(n for _, n in rec.manifest)
+    assert [e.path for e in own] == [change.path.encode()]
+    checkout(store, second, tmp_path / "co")
+    assert_same_tree(src, tmp_path / "co")
+
+
+def test_same_bytes_different_metadata_share_chunks(tmp_path: Path) -> None:
+    data = rand(2 * MiB, 7)
+    src = tmp_path / "src"
+    build(src, [File("one", data, mode=0o600, uid=1, gid=2, mtime_ns=T),
+                Dir("sub", mode=0o700),
+                File("sub/two", data, mode=0o755, uid=3, gid=4, mtime_ns=T + 1,
+                     xattrs={"user.x": b"y"})])
+    store = tmp_path / "store"
+    lid = snapshot(store, src)
+    with pylayers.Store.open(store, create=False) as st:
+        layers = pylayers.Layers(st)
+        tree = {e.path: e for e in layers.tree(bytes.fromhex(lid))}
+        rec = layers.record(bytes.fromhex(lid))
+        total = st.chunk_count()
+    one, two = tree[b"one"], tree[b"sub/two"]
+    assert one.kind == two.kind == REG
+    assert one.chunks == two.chunks and one.content == two.content
+    assert len(one.chunk_list()) > 4
+    assert total == len(set(one.chunk_list())) + len(rec.manifest)
+    assert rec.new_bytes < len(data) + 64 * 1024
+    checkout(store, lid, tmp_path / "co")
+    assert_same_tree(src, tmp_path / "co")
+
+
+def test_same_tree_twice_on_the_same_parent_gives_the_same_id(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    build(src, [File("f", b"content", mtime_ns=T), Dir("d", mtime_ns=T),
+                File("d/g", rand(500_000, 8), mtime_ns=T), Meta("", mtime_ns=T)])
+    store = tmp_path / "store"
+    a1 = snapshot(store, src)
+    a2 = snapshot(store, src)
+    assert a1 == a2
+    build(src, [File("d/h", b"new"), Meta("d", mtime_ns=T + 1), Meta("", mtime_ns=T)])
+    b1 = snapshot(store, src, "--parent", a1)
+    # a metadata change and its undo move ctimes: this one is a full scan
+    build(src, [Meta("f", mode=0o600), Meta("f", mode=0o644)])
+    b2 = snapshot(store, src, "--parent", a1)
+    b3 = snapshot(store, src, "--parent", a1[:8])
+    assert b1 == b2 == b3 != a1
+    # a snapshot onto itself as parent is an empty layer, again with a stable id
+    c1 = snapshot(store, src, "--parent", b1)
+    c2 = snapshot(store, src, "--parent", b1)
+    assert c1 == c2 not in (a1, b1)
+    with pylayers.Store.open(store, create=False) as st:
+        assert pylayers.Layers(st).entries(bytes.fromhex(c1)) == []
+
+
+def test_one_byte_edit_in_a_big_file_adds_a_few_chunks(tmp_path: Path) -> None:
+    size = 64 * MiB
+    src = tmp_path / "src"
+    build(src, [File("huge", rand(size, 10))])
+    store = tmp_path / "store"
+    first = snapshot(store, src)
+    before = _chunks(store)
+    with open(src / "huge", "r+b") as f:
+        f.seek(size // 2)
+        old = f.read(1)
+        f.seek(size // 2)
+        f.write(bytes([old[0] ^ 0xFF]))
+    second = snapshot(store, src, "--parent", first)
+    added, manifest, data_bytes = _new_chunks(store, before)
+    assert 1 <= len(added - manifest) <= 4
+    assert data_bytes < MiB
+    with pylayers.Store.open(store, create=False) as st:
+        rec = pylayers.Layers(st).record(bytes.fromhex(second))
+    assert rec.new_bytes < MiB
+    with pylayers.Store.open(store, create=False) as st:
+        layers = pylayers.Layers(st)
+        e = {x.path: x for x in layers.tree(bytes.fromhex(second))}[b"huge"]
+        assert layers.read_file(e) == (src / "huge").read_bytes()
+
+
+def _age_past_racy_window(root: Path) -> None:
+    """Sleep until every ctime under `root` is more than the stat cache's racy window
+    (1 s) in the past."""
+    newest = max(os.lstat(os.path.join(d, n)).st_ctime_ns
+                 for d, dirs, files in os.walk(root) for n in dirs + files)
+    newest = max(newest, os.lstat(root).st_ctime_ns)
+    wait = (newest + 1_100_000_000 - time.time_ns()) / 1e9
+    if wait > 0:
+        time.sleep(wait)
+
+
+def test_stat_cache_skips_unchanged_files_but_sees_a_restored_mtime(tmp_path: Path) -> None:
+    size = 8 * MiB
+    src = tmp_path / "src"
+    build(src, [File("big", rand(size, 11), mtime_ns=T), File("small", b"s" * 100)])
+    _age_past_racy_window(src)
+    store = tmp_path / "store"
+    with pylayers.Store.open(store) as st:
+        layers = pylayers.Layers(st)
+        r1 = layers.snapshot(src)
+        assert r1.stats.bytes_read == size + 100
+        # something else changes (so the tree is scanned): the big file is not read
+        (src / "new").write_bytes(b"n" * 10)
+        r2 = layers.snapshot(src, parent=r1.layer_id)
+        assert r2.stats.unchanged_since is None
+        assert r2.stats.bytes_read == 10
+        assert r2.stats.cache_hits == 2
+        # a same-size edit whose mtime is put back: ctime moved, so it is read again
+        build(src, [Write("big", size // 3, b"EDITED", keep_mtime=True)])
+        assert os.stat(src / "big").st_mtime_ns == T
+        assert os.stat(src / "big").st_size == size
+        r3 = layers.snapshot(src, parent=r2.layer_id)
+        assert r3.stats.bytes_read >= size
+        own = {e.path: e for e in layers.entries(r3.layer_id)}
+        assert list(own) == [b"big"]
+        assert layers.read_file(own[b"big"]) == (src / "big").read_bytes()
+        old = {e.path: e for e in layers.tree(r2.layer_id)}[b"big"]
+        assert own[b"big"].content != old.content and own[b"big"].mtime_ns == T
+    checkout(store, r3.layer_id.hex(), tmp_path / "co")
+    assert_same_tree(src, tmp_path / "co")
+
+
+def test_b3sum_prints_the_stored_content_id(tmp_path: Path) -> None:
+    if shutil.which("b3sum") is None:
+        pytest.skip("b3sum is not installed (Debian package b3sum)")
+    src = tmp_path / "src"
+    build(src, [File("empty"), File("small", b"hello\n"), File("one_chunk", rand(9000, 12)),
+                File("multi", rand(3 * MiB + 1, 13)), File("blocky", rand(9 * MiB, 14)),
+                Sparse("sparse", size=5 * MiB, writes=[(MiB, b"x")])])
+    store = tmp_path / "store"
+    lid = snapshot(store, src)
+    with pylayers.Store.open(store, create=False) as st:
+        tree = {e.path: e for e in pylayers.Layers(st).tree(bytes.fromhex(lid))}
+    for name in ("empty", "small", "one_chunk", "multi", "blocky", "sparse"):
+        out = subprocess.run(["b3sum", "--no-names", str(src / name)], check=True,
+                             capture_output=True, text=True).stdout.strip()
+        assert tree[name.encode()].content.hex() == out, name
+    assert len(tree[b"multi"].chunk_list()) > 1

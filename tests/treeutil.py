@@ -1,0 +1,328 @@
+"""Building real directory trees declaratively, and describing them exactly.
+
+`build(root, specs)` applies a list of specs (File, Dir, Symlink, Hardlink, Fifo,
+CharDev, BlockDev, Sparse, Remove, Meta) in order. Metadata given explicitly is applied
+right after each entry is made, except a directory's, which is (re)applied after the
+whole list ran, deepest first, so creating children does not move a directory's mtime
+away from the one asked for. Paths are bytes or str, relative to `root`; b"" is the root.
+
+`describe_tree(root)` maps each path (bytes, relative, b"" for the root) to a `Node`,
+a tuple of everything a faithful copy must keep: type, permission bits, owner, size,
+mtime in ns, content hash / link target / device numbers, every xattr (listed with
+llistxattr, so trusted.*, security.capability and the POSIX ACLs too), link count,
+which paths share the inode, and the allocated blocks of regular files (sparseness).
+Directories' sizes and blocks are left out: they depend on the directory's history, not
+its contents.
+
+The helpers use only os/stat and the standard tools; nothing of pylayers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from dataclasses import KW_ONLY, dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import blake3
+
+PathLike = bytes | str
+
+
+def _b(p: PathLike) -> bytes:
+    return p if isinstance(p, bytes) else os.fsencode(p)
+
+
+def _join(root: PathLike, rel: PathLike) -> bytes:
+    rel = _b(rel)
+    return _b(root) + (b"/" + rel if rel else b"")
+
+
+@dataclass
+class _Meta:
+    """Optional metadata of any entry; None leaves what the system gave."""
+
+    path: PathLike
+    _: KW_ONLY
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    mtime_ns: int | None = None
+    # (name, value) pairs, set in this order after chown and chmod
+    xattrs: dict[PathLike, bytes] = field(default_factory=dict)
+    acl: str | None = None  # setfacl -m text for the access ACL, e.g. "u:1234:rwx"
+    default_acl: str | None = None  # setfacl -d -m text (directories)
+    cap: str | None = None  # setcap text, e.g. "cap_net_raw+ep" (after chown and chmod)
+
+
+@dataclass
+class File(_Meta):
+    content: bytes = b""
+
+
+@dataclass
+class Sparse(_Meta):
+    """A file of `size` bytes that is a hole except for `writes` [(offset, data)]."""
+
+    size: int = 0
+    writes: list[tuple[int, bytes]] = field(default_factory=list)
+
+
+@dataclass
+class Dir(_Meta):
+    pass
+
+
+@dataclass
+class Symlink(_Meta):
+    target: PathLike = b""
+
+
+@dataclass
+class Hardlink:
+    path: PathLike
+    target: PathLike  # an existing path, relative to the root
+
+
+@dataclass
+class Fifo(_Meta):
+    pass
+
+
+@dataclass
+class CharDev(_Meta):
+    major: int = 1
+    minor: int = 3
+
+
+@dataclass
+class BlockDev(_Meta):
+    major: int = 7
+    minor: int = 0
+
+
+@dataclass
+class Meta(_Meta):
+    """Change the metadata of an existing entry only."""
+
+
+@dataclass
+class Write:
+    """Overwrite bytes of an existing file in place (same inode, size may grow)."""
+
+    path: PathLike
+    offset: int
+    data: bytes
+    keep_mtime: bool = False  # put the mtime back as it was (a `touch -d` after an edit)
+
+
+@dataclass
+class Remove:
+    """Remove a path, recursively if it is a directory."""
+
+    path: PathLike
+
+
+def _apply_meta(p: bytes, m: _Meta) -> None:
+    is_link = os.path.islink(p)
+    if m.uid is not None or m.gid is not None:
+        os.chown(p, -1 if m.uid is None else m.uid, -1 if m.gid is None else m.gid,
+                 follow_symlinks=False)
+    if m.mode is not None and not is_link:
+        os.chmod(p, m.mode)
+    if m.acl is not None:
+        subprocess.run(["setfacl", "-m", m.acl, p], check=True)
+    if m.default_acl is not None:
+        subprocess.run(["setfacl", "-d", "-m", m.default_acl, p], check=True)
+    for name, value in m.xattrs.items():
+        os.setxattr(p, _b(name), value, follow_symlinks=False)
+    if m.cap is not None:
+        subprocess.run(["setcap", m.cap, p], check=True)
+    if m.mtime_ns is not None:
+        os.utime(p, ns=(m.mtime_ns, m.mtime_ns), follow_symlinks=False)
+
+
+def build(root: PathLike, specs: list) -> None:
+    """Make `root` (if absent) and apply `specs` in order (see the module docstring)."""
+    root_b = _b(root)
+    os.makedirs(root_b, exist_ok=True)
+    dirs: list[tuple[bytes, _Meta]] = []
+    for s in specs:
+        p = _join(root_b, s.path)
+        if isinstance(s, Remove):
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p)
+            else:
+                os.unlink(p)
+            continue
+        if isinstance(s, Write):
+            before = os.lstat(p)
+            fd = os.open(p, os.O_WRONLY)
+            try:
+                os.pwrite(fd, s.data, s.offset)
+            finally:
+                os.close(fd)
+            if s.keep_mtime:
+                os.utime(p, ns=(before.st_atime_ns, before.st_mtime_ns))
+            continue
+        if isinstance(s, Hardlink):
+            os.link(_join(root_b, s.target), p, follow_symlinks=False)
+            continue
+        if isinstance(s, File):
+            with open(p, "wb") as f:
+                f.write(s.content)
+        elif isinstance(s, Sparse):
+            with open(p, "wb") as f:
+                for off, data in s.writes:
+                    f.seek(off)
+                    f.write(data)
+                f.truncate(s.size)
+        elif isinstance(s, Dir):
+            if not (s.path == b"" or s.path == "") and not os.path.isdir(p):
+                os.mkdir(p)
+            dirs.append((p, s))
+        elif isinstance(s, Symlink):
+            os.symlink(_b(s.target), p)
+        elif isinstance(s, Fifo):
+            os.mkfifo(p)
+        elif isinstance(s, CharDev):
+            os.mknod(p, stat.S_IFCHR | 0o644, os.makedev(s.major, s.minor))
+        elif isinstance(s, BlockDev):
+            os.mknod(p, stat.S_IFBLK | 0o644, os.makedev(s.major, s.minor))
+        elif isinstance(s, Meta):
+            if os.path.isdir(p) and not os.path.islink(p):
+                dirs.append((p, s))
+        else:
+            raise TypeError(f"unknown spec {s!r}")
+        _apply_meta(p, s)
+    # Directory times last, deepest first: making their children moved them.
+    for p, m in sorted(dirs, key=lambda pm: -pm[0].count(b"/")):
+        if m.mtime_ns is not None and os.path.isdir(p):
+            os.utime(p, ns=(m.mtime_ns, m.mtime_ns), follow_symlinks=False)
+
+
+class Node(NamedTuple):
+    kind: str  # "file", "dir", "symlink", "char", "block", "fifo", "socket"
+    mode: int  # S_IMODE
+    uid: int
+    gid: int
+    size: int  # regular files and symlinks; 0 for the rest
+    mtime_ns: int
+    data: object  # BLAKE3 hex of a file, a symlink's target, a device's (major, minor)
+    xattrs: tuple[tuple[bytes, bytes], ...]  # every name llistxattr gives, sorted
+    nlink: int
+    links: tuple[bytes, ...]  # the tree's paths sharing this inode (files with nlink > 1)
+    blocks: int  # st_blocks of regular files; 0 for the rest
+
+
+_KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink",
+          stat.S_IFCHR: "char", stat.S_IFBLK: "block", stat.S_IFIFO: "fifo",
+          stat.S_IFSOCK: "socket"}
+
+
+def lxattrs(path: bytes) -> tuple[tuple[bytes, bytes], ...]:
+    out = []
+    for name in os.listxattr(path, follow_symlinks=False):
+        out.append((os.fsencode(name), os.getxattr(path, name, follow_symlinks=False)))
+    return tuple(sorted(out))
+
+
+def file_hash(path: bytes) -> str:
+    h = blake3.blake3()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe_tree(root: PathLike) -> dict[bytes, Node]:
+    root_b = _b(root)
+    raw: dict[bytes, os.stat_result] = {}
+
+    def walk(rel: bytes) -> None:
+        p = _join(root_b, rel)
+        st = os.lstat(p)
+        raw[rel] = st
+        if stat.S_ISDIR(st.st_mode):
+            for name in sorted(os.listdir(p)):
+                walk(rel + b"/" + name if rel else name)
+
+    walk(b"")
+    by_inode: dict[tuple[int, int], list[bytes]] = {}
+    for rel, st in raw.items():
+        if not stat.S_ISDIR(st.st_mode):
+            by_inode.setdefault((st.st_dev, st.st_ino), []).append(rel)
+    out: dict[bytes, Node] = {}
+    for rel, st in raw.items():
+        p = _join(root_b, rel)
+        fmt = stat.S_IFMT(st.st_mode)
+        kind = _KINDS[fmt]
+        size, blocks, data = 0, 0, None
+        links: tuple[bytes, ...] = ()
+        if fmt == stat.S_IFREG:
+            size, blocks, data = st.st_size, st.st_blocks, file_hash(p)
+            if st.st_nlink > 1:
+                links = tuple(sorted(by_inode[(st.st_dev, st.st_ino)]))
+        elif fmt == stat.S_IFLNK:
+            size, data = st.st_size, os.readlink(p)
+        elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
+            data = (os.major(st.st_rdev), os.minor(st.st_rdev))
+        out[rel] = Node(kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, size,
+                        st.st_mtime_ns, data, lxattrs(p), st.st_nlink, links, blocks)
+    return out
+
+
+def tree_differences(a: dict[bytes, Node], b: dict[bytes, Node],
+                     fields: tuple[str, ...] = Node._fields) -> list[str]:
+    """Readable differences between two descriptions (empty when they agree on
+    `fields`)."""
+    out = []
+    for path in sorted(a.keys() | b.keys()):
+        if path not in a:
+            out.append(f"{path!r}: only in the second tree")
+        elif path not in b:
+            out.append(f"{path!r}: only in the first tree")
+        else:
+            for f in fields:
+                va, vb = getattr(a[path], f), getattr(b[path], f)
+                if va != vb:
+                    out.append(f"{path!r}: {f} {va!r} != {vb!r}")
+    return out
+
+
+def assert_same_tree(a: PathLike | dict, b: PathLike | dict) -> None:
+    da = a if isinstance(a, dict) else describe_tree(a)
+    db = b if isinstance(b, dict) else describe_tree(b)
+    diffs = tree_differences(da, db)
+    assert not diffs, "trees differ:\n" + "\n".join(diffs[:40])
+
+
+def clean(path: PathLike | Path) -> None:
+    """Remove a tree we made (as root, read-only dirs do not get in the way)."""
+    shutil.rmtree(os.fspath(path), ignore_errors=True)
+
+
+def run_cli(store: Path, *args: PathLike, cwd: Path | None = None,
+            preexec_fn=None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m pylayers --store STORE ARGS...`, capturing bytes. The working directory
+    must not be the source tree, or `-m` would import the unbuilt sources."""
+    argv = [sys.executable, "-m", "pylayers", "--store", os.fspath(store),
+            *(os.fsdecode(a) if isinstance(a, bytes) else a for a in args)]
+    return subprocess.run(argv, capture_output=True, timeout=timeout,
+                          cwd=cwd or Path(store).parent, preexec_fn=preexec_fn)
+
+
+def snapshot(store: Path, src: PathLike | Path, *args: str) -> str:
+    """Snapshot through the CLI; the new layer's id (the last line of stdout)."""
+    proc = run_cli(store, "snapshot", os.fspath(src), *args)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    return proc.stdout.decode().strip().splitlines()[-1]
+
+
+def checkout(store: Path, ref: str, dest: PathLike | Path) -> None:
+    proc = run_cli(store, "checkout", ref, os.fspath(dest))
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
