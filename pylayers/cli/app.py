@@ -20,6 +20,8 @@ from ..store import Store
 @click.pass_context
 def cli(ctx: click.Context, store_path: str | None) -> None:
     """pylayers: a content-addressed snapshot store for container-style layers."""
+    if store_path == "":  # `--store "$UNSET"` must not make the current directory a store
+        raise click.BadParameter("must not be empty", param_hint="'--store'")
     ctx.obj = {"store": store_path}
 
 
