@@ -365,6 +365,17 @@ def test_usage_errors_exit_2(store: Path, args: list[str]) -> None:
     fails(run_cli(store, *args), code=2)
 
 
+def test_empty_store_path_is_a_usage_error(tmp_path: Path, tree: Path) -> None:
+    """`--store "$UNSET"`: not the current directory made a store."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    for args in (["snapshot", str(tree)], ["tags"], ["init"]):
+        proc = subprocess.run([sys.executable, "-m", "pylayers", "--store", "", *args],
+                              capture_output=True, cwd=cwd, timeout=60)
+        fails(proc, "--store", code=2)
+    assert os.listdir(cwd) == []
+
+
 # -- rm --------------------------------------------------------------------------------------
 
 
