@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import blake3
 
+from ..build.cachekeys import prune as prune_cache_keys
 from ..errors import CorruptData
 from ..store.repository import Store, SweepResult
 from .manifest import REG, decode_manifest
@@ -27,7 +28,9 @@ def live_chunks(store: Store, extra_roots: set[bytes] | None = None) -> set[byte
 
 
 def gc(store: Store) -> SweepResult:
-    """Delete chunks no layer needs. The store must be opened exclusive."""
+    """Delete chunks no layer needs, and build cache keys whose layer is gone. The store
+    must be opened exclusive."""
+    prune_cache_keys(store)
     return store.sweep(live_chunks(store))
 
 
