@@ -465,8 +465,8 @@ def test_diff_matches_brute_force_over_random_rounds(tmp_path: Path, seed: int) 
         assert from_dir["bytes_new_in_store"] == stored, (rnd, m.log)
         from_layers = check_diff(store, layers[-1], layer, old, new)
         assert from_layers["bytes_new_in_store"] == stored, (rnd, m.log)
-        # backwards, and across every round so far
-        check_diff(store, layer, layers[-1], new, old, full=False)
+        if rnd % 2:  # backwards
+            check_diff(store, layer, layers[-1], new, old, full=False)
         states.append(new)
         layers.append(layer)
         # and each layer checks out as exactly the tree it was taken of
