@@ -1,0 +1,1124 @@
+"""Conformance suite for the snapshotter and its drivers, after containerd's snapshotter
+testsuite (snapshots/testsuite): every test runs once per driver.
+
+The mounts that `prepare` and `view` return are performed for real (`Mount.command`)
+on a temporary mount point; declarative changes (`File`, `Dir`, `Remove`, `Rename`,
+`Chmod`, `Chown`, `SetXattr`, `Link`...) are applied to the mounted tree and, in the
+same order, to a plain reference directory that nothing of pylayers touches. After the
+unmount and the commit, the committed layer's checkout must describe (by lstat: type,
+mode, owner, size, content hash, link target, xattrs except overlayfs's own, mtimes of
+everything but directories, and which names share an inode) exactly as the reference
+does. Each layer is also checked while mounted (the active snapshot shows its parent's
+tree, then the changes) and through a read-only view.
+
+Mounting needs root and the kernel's overlayfs; a session probe tries a bind mount and
+an overlay mount and each driver's tests skip, with the reason, where that fails. Every
+mount a test makes is unmounted in the fixture's teardown (lazily as a last resort).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import blake3
+import pytest
+
+from pylayers import Layers, Store
+from pylayers.errors import AlreadyExists, FailedPrecondition, NotFound
+from pylayers.mounts import Kind, Snapshotter
+from pylayers.mounts.overlay import OverlayDriver
+
+DRIVERS = ["overlay", "copy"]
+T0 = 1_600_000_000_123_456_789  # the mtime (ns) every created entry gets unless told
+OVERLAY_XATTRS = ("trusted.overlay.", "user.overlay.")
+MIB = 1 << 20
+
+
+# --- declarative changes ------------------------------------------------------------
+# Each change applies itself to a root directory: the mounted snapshot, or the
+# reference tree. Entries get explicit owner, mode and mtime, so the two agree.
+
+def _set_meta(p: Path, uid: int, gid: int, mode: int | None, xattrs: dict[str, bytes],
+              mtime: int | None) -> None:
+    os.chown(p, uid, gid, follow_symlinks=False)  # before chmod: chown clears setuid
+    if mode is not None:
+        os.chmod(p, mode)
+    for name, value in xattrs.items():
+        os.setxattr(p, name, value, follow_symlinks=False)
+    if mtime is not None:
+        os.utime(p, ns=(mtime, mtime), follow_symlinks=False)
+
+
+@dataclass
+class File:
+    """Create (or rewrite in place, truncating) a regular file."""
+
+    path: str
+    content: bytes = b""
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+    mtime: int = T0
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+
+    def apply(self, root: Path) -> None:
+        p = root / self.path
+        with open(p, "wb") as f:
+            f.write(self.content)
+        _set_meta(p, self.uid, self.gid, self.mode, self.xattrs, self.mtime)
+
+
+@dataclass
+class Write:
+    """Overwrite bytes of an existing file in place."""
+
+    path: str
+    offset: int
+    data: bytes
+    mtime: int = T0 + 1
+
+    def apply(self, root: Path) -> None:
+        p = root / self.path
+        fd = os.open(p, os.O_WRONLY)
+        try:
+            os.pwrite(fd, self.data, self.offset)
+        finally:
+            os.close(fd)
+        os.utime(p, ns=(self.mtime, self.mtime))
+
+
+@dataclass
+class Dir:
+    """Create a directory (or take the existing one) and set its metadata."""
+
+    path: str
+    mode: int = 0o755
+    uid: int = 0
+    gid: int = 0
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+
+    def apply(self, root: Path) -> None:
+        p = root / self.path
+        if not p.is_dir():
+            os.mkdir(p)
+        _set_meta(p, self.uid, self.gid, self.mode, self.xattrs, None)
+
+
+@dataclass
+class Symlink:
+    path: str
+    target: str
+    uid: int = 0
+    gid: int = 0
+    mtime: int = T0
+
+    def apply(self, root: Path) -> None:
+        p = root / self.path
+        os.symlink(self.target, p)
+        _set_meta(p, self.uid, self.gid, None, {}, self.mtime)
+
+
+@dataclass
+class Fifo:
+    path: str
+    mode: int = 0o640
+
+    def apply(self, root: Path) -> None:
+        p = root / self.path
+        os.mkfifo(p)
+        _set_meta(p, 0, 0, self.mode, {}, T0)
+
+
+@dataclass
+class CharDev:
+    path: str
+    major: int = 1
+    minor: int = 3
+
+    def apply(self, root: Path) -> None:
+        p = root / self.path
+        os.mknod(p, stat.S_IFCHR | 0o666, os.makedev(self.major, self.minor))
+        _set_meta(p, 0, 0, 0o666, {}, T0)
+
+
+@dataclass
+class Link:
+    """A hardlink `path` to the existing file `target`."""
+
+    path: str
+    target: str
+
+    def apply(self, root: Path) -> None:
+        os.link(root / self.target, root / self.path, follow_symlinks=False)
+
+
+@dataclass
+class Remove:
+    """rm -rf."""
+
+    path: str
+
+    def apply(self, root: Path) -> None:
+        p = root / self.path
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            os.unlink(p)
+
+
+def _copy_entry(src: Path, dst: Path) -> None:
+    """What mv(1) does across file systems, for one entry and what is under it."""
+    st = os.lstat(src)
+    if stat.S_ISDIR(st.st_mode):
+        os.mkdir(dst)
+        for name in sorted(os.listdir(src)):
+            _copy_entry(src / name, dst / name)
+    elif stat.S_ISLNK(st.st_mode):
+        os.symlink(os.readlink(src), dst)
+    elif stat.S_ISREG(st.st_mode):
+        shutil.copyfile(src, dst)
+    else:
+        os.mknod(dst, st.st_mode, st.st_rdev)
+    xattrs = {n: os.getxattr(src, n, follow_symlinks=False)
+              for n in os.listxattr(src, follow_symlinks=False)}
+    _set_meta(dst, st.st_uid, st.st_gid,
+              None if stat.S_ISLNK(st.st_mode) else stat.S_IMODE(st.st_mode), xattrs, None)
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+@dataclass
+class Rename:
+    """mv: rename(2), or copy and delete where it fails with EXDEV (overlayfs refuses to
+    rename a directory that comes from a lower layer unless redirect_dir is on)."""
+
+    src: str
+    dst: str
+
+    def apply(self, root: Path) -> None:
+        try:
+            os.rename(root / self.src, root / self.dst)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            _copy_entry(root / self.src, root / self.dst)
+            Remove(self.src).apply(root)
+
+
+@dataclass
+class Chmod:
+    path: str
+    mode: int
+
+    def apply(self, root: Path) -> None:
+        os.chmod(root / self.path, self.mode)
+
+
+@dataclass
+class Chown:
+    path: str
+    uid: int
+    gid: int
+
+    def apply(self, root: Path) -> None:
+        os.chown(root / self.path, self.uid, self.gid, follow_symlinks=False)
+
+
+@dataclass
+class SetXattr:
+    path: str
+    name: str
+    value: bytes
+
+    def apply(self, root: Path) -> None:
+        os.setxattr(root / self.path, self.name, self.value, follow_symlinks=False)
+
+
+@dataclass
+class DelXattr:
+    path: str
+    name: str
+
+    def apply(self, root: Path) -> None:
+        os.removexattr(root / self.path, self.name, follow_symlinks=False)
+
+
+@dataclass
+class Touch:
+    path: str
+    mtime: int
+
+    def apply(self, root: Path) -> None:
+        os.utime(root / self.path, ns=(self.mtime, self.mtime), follow_symlinks=False)
+
+
+def apply_changes(root: Path, changes: list) -> None:
+    for c in changes:
+        c.apply(root)
+
+
+# --- describing trees ---------------------------------------------------------------
+
+class Node(NamedTuple):
+    kind: str
+    mode: int
+    uid: int
+    gid: int
+    size: int  # regular files and symlinks
+    data: object  # BLAKE3 of a file, a symlink's target, a device's numbers
+    xattrs: tuple[tuple[str, bytes], ...]  # without overlayfs's private ones
+    mtime_ns: int | None  # None for directories (their mtimes follow their history)
+    links: tuple[str, ...]  # names of this tree sharing the file's inode (nlink > 1)
+
+
+_KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink",
+          stat.S_IFCHR: "char", stat.S_IFBLK: "block", stat.S_IFIFO: "fifo"}
+
+
+def _hash(p: Path) -> str:
+    h = blake3.blake3()
+    with open(p, "rb") as f:
+        while block := f.read(4 * MIB):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe(root: Path, *, links: bool = True) -> dict[str, Node]:
+    """Every path under `root` ("" for the root itself) by lstat. `links=False` leaves
+    out which names share an inode: a mounted overlay shows the file cache's sharing
+    and copy-ups breaking links, which only the committed tree is held to."""
+    stats: dict[str, os.stat_result] = {}
+
+    def walk(rel: str) -> None:
+        p = root / rel if rel else root
+        st = os.lstat(p)
+        stats[rel] = st
+        if stat.S_ISDIR(st.st_mode):
+            for name in sorted(os.listdir(p)):
+                walk(f"{rel}/{name}" if rel else name)
+
+    walk("")
+    inodes: dict[tuple[int, int], list[str]] = {}
+    for rel, st in stats.items():
+        if stat.S_ISREG(st.st_mode):
+            inodes.setdefault((st.st_dev, st.st_ino), []).append(rel)
+    out = {}
+    for rel, st in stats.items():
+        p = root / rel if rel else root
+        fmt = stat.S_IFMT(st.st_mode)
+        size, data, group = 0, None, ()
+        if fmt == stat.S_IFREG:
+            size, data = st.st_size, _hash(p)
+            if links and st.st_nlink > 1:
+                group = tuple(sorted(inodes[(st.st_dev, st.st_ino)]))
+        elif fmt == stat.S_IFLNK:
+            size, data = st.st_size, os.readlink(p)
+        elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
+            data = (os.major(st.st_rdev), os.minor(st.st_rdev))
+        xattrs = tuple(sorted((n, os.getxattr(p, n, follow_symlinks=False))
+                              for n in os.listxattr(p, follow_symlinks=False)
+                              if not n.startswith(OVERLAY_XATTRS)))
+        out[rel] = Node(_KINDS[fmt], stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, size,
+                        data, xattrs, None if fmt == stat.S_IFDIR else st.st_mtime_ns, group)
+    return out
+
+
+def assert_same(actual: dict[str, Node], expected: dict[str, Node], what: str) -> None:
+    problems = []
+    for path in sorted(actual.keys() | expected.keys()):
+        shown = "/" + path
+        if path not in expected:
+            problems.append(f"{shown}: unexpected ({actual[path].kind})")
+        elif path not in actual:
+            problems.append(f"{shown}: missing ({expected[path].kind})")
+        else:
+            for name in Node._fields:
+                a, e = getattr(actual[path], name), getattr(expected[path], name)
+                if a != e:
+                    problems.append(f"{shown}: {name} is {a!r}, expected {e!r}")
+    assert not problems, f"{what} differs from the reference:\n  " + "\n  ".join(problems[:30])
+
+
+# --- mounting -------------------------------------------------------------------------
+
+def _try(cmd: list[str]) -> str | None:
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    return None if res.returncode == 0 else (res.stderr or res.stdout).strip() or "failed"
+
+
+@pytest.fixture(scope="session")
+def mount_support(tmp_path_factory) -> dict[str, str | None]:
+    """Per driver: None when its mounts can be performed here, else why not (found by
+    trying a read-only bind mount, and an overlay mount)."""
+    base = tmp_path_factory.mktemp("probe")
+    for d in ("src", "bind", "lower", "upper", "work", "merged"):
+        (base / d).mkdir()
+    bind = _try(["mount", "-t", "none", "-o", "rbind,ro", str(base / "src"), str(base / "bind")])
+    if bind is None:
+        subprocess.run(["umount", str(base / "bind")], capture_output=True)
+        bind_reason = None
+    else:
+        bind_reason = f"cannot bind-mount here (mount: {bind})"
+    overlay_reason = OverlayDriver.unavailable()
+    if overlay_reason is None:
+        err = _try(["mount", "-t", "overlay", "-o",
+                    f"lowerdir={base / 'lower'},upperdir={base / 'upper'},"
+                    f"workdir={base / 'work'}", "overlay", str(base / "merged")])
+        if err is None:
+            subprocess.run(["umount", str(base / "merged")], capture_output=True)
+        else:
+            overlay_reason = f"cannot mount overlayfs here (mount: {err})"
+    return {"copy": bind_reason, "overlay": overlay_reason or bind_reason}
+
+
+class Env:
+    """A store, its Snapshotter for one driver, and the mounts a test made."""
+
+    def __init__(self, base: Path, driver: str) -> None:
+        self.base = base
+        self.driver = driver
+        self.store_path = base / "store"
+        self.mounted: list[Path] = []
+        self._n = itertools.count()
+        self.open()
+
+    def open(self) -> None:
+        self.store = Store.open(self.store_path)
+        self.layers = Layers(self.store)
+        self.sn = Snapshotter(self.layers, self.driver)
+
+    def reopen(self) -> None:
+        self.store.close()
+        self.open()
+
+    def fresh(self, prefix: str) -> Path:
+        p = self.base / f"{prefix}-{next(self._n)}"
+        p.mkdir()
+        return p
+
+    def mount(self, mounts, target: Path | None = None) -> Path:
+        target = target or self.fresh("mnt")
+        assert mounts, "a snapshot must have at least one mount"
+        for m in mounts:
+            cmd = m.command(str(target))
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            assert res.returncode == 0, f"{cmd} failed: {res.stderr.strip()}"
+            self.mounted.append(target)
+        return target
+
+    def umount(self, target: Path) -> None:
+        while target in self.mounted:
+            res = subprocess.run(["umount", str(target)], capture_output=True, text=True)
+            assert res.returncode == 0, f"umount {target}: {res.stderr.strip()}"
+            del self.mounted[len(self.mounted) - 1 - self.mounted[::-1].index(target)]
+
+    def cleanup(self) -> None:
+        for target in reversed(self.mounted):
+            if subprocess.run(["umount", str(target)], capture_output=True).returncode:
+                subprocess.run(["umount", "-l", str(target)], capture_output=True)
+        self.mounted.clear()
+        self.store.close()
+
+    def layer(self, name: str) -> bytes:
+        info = self.sn.stat(name)
+        assert info.kind == Kind.COMMITTED and info.layer
+        return bytes.fromhex(info.layer)
+
+    def checkout(self, name: str) -> Path:
+        dest = self.base / f"checkout-{next(self._n)}"
+        self.layers.checkout(self.layer(name), dest)
+        return dest
+
+    def reference(self) -> Path:
+        ref = self.fresh("ref")
+        os.chmod(ref, 0o755)
+        return ref
+
+
+@pytest.fixture(params=DRIVERS)
+def env(request, tmp_path, mount_support):
+    reason = mount_support[request.param]
+    if reason is not None:
+        pytest.skip(f"{request.param} driver: {reason}")
+    e = Env(tmp_path, request.param)
+    try:
+        yield e
+    finally:
+        e.cleanup()
+
+
+def assert_read_only(mnt: Path) -> None:
+    """Every kind of write to a mounted view fails with EROFS."""
+    existing = next((p for p in sorted(mnt.rglob("*")) if p.is_file() and not p.is_symlink()),
+                    None)
+    attempts = [lambda: open(mnt / "new-file", "wb"), lambda: os.mkdir(mnt / "new-dir"),
+                lambda: os.chmod(mnt, 0o700), lambda: os.setxattr(mnt, "user.x", b"1"),
+                lambda: os.symlink("x", mnt / "new-link")]
+    if existing is not None:
+        attempts += [lambda: open(existing, "ab"), lambda: os.unlink(existing),
+                     lambda: os.rename(existing, mnt / "renamed")]
+    for attempt in attempts:
+        with pytest.raises(OSError) as info:
+            attempt()
+        assert info.value.errno == errno.EROFS, info.value
+
+
+def check_view(env: Env, parent: str, expected: dict[str, Node]) -> None:
+    key = f"view-of-{parent}-{next(env._n)}"
+    mnt = env.mount(env.sn.view(key, parent))
+    assert env.sn.stat(key).kind == Kind.VIEW
+    assert_same(describe(mnt, links=False), expected, f"view of {parent}")
+    assert_read_only(mnt)
+    env.umount(mnt)
+    env.sn.remove(key)
+
+
+def run_chain(env: Env, steps: list[list], *, parent: str | None = None,
+              ref: Path | None = None, prefix: str = "layer",
+              views: bool = True) -> tuple[list[str], Path]:
+    """Prepare, mount, change, unmount and commit one layer per step, on `parent`; the
+    reference directory `ref` (the parent's tree) gets the same changes. Checks the
+    active mount before and after the changes, the committed checkout and a view.
+    Returns the committed names and the reference."""
+    if ref is None:
+        ref = env.reference()
+    names = []
+    for i, changes in enumerate(steps):
+        key, name = f"{prefix}-{i}-active", f"{prefix}-{i}"
+        mnt = env.mount(env.sn.prepare(key, parent))
+        if parent is None:
+            changes = [Dir(""), *changes]  # the new root's mode follows the umask
+        else:
+            assert_same(describe(mnt, links=False), describe(ref, links=False),
+                        f"new active snapshot on {parent}")
+        apply_changes(mnt, changes)
+        apply_changes(ref, changes)
+        expected = describe(ref)
+        assert_same(describe(mnt, links=False), describe(ref, links=False),
+                    f"active snapshot {key} after step {i}")
+        env.umount(mnt)
+        layer_id = env.sn.commit(name, key)
+        info = env.sn.stat(name)
+        assert (info.kind, info.parent, info.layer) == (Kind.COMMITTED, parent, layer_id.hex())
+        with pytest.raises(NotFound):
+            env.sn.stat(key)
+        assert_same(describe(env.checkout(name)), expected, f"checkout of {name} (step {i})")
+        if views:
+            check_view(env, name, describe(ref, links=False))
+        names.append(name)
+        parent = name
+    return names, ref
+
+
+# --- scenarios (containerd's testsuite cases, and more) -------------------------------
+
+BIG = bytes(range(256)) * 64
+
+SCENARIOS = {
+    # checkLayerFileUpdate / checkUpdatedFiles
+    "updated_files": [
+        [Dir("etc", 0o777), File("etc/hosts", b"mydomain 10.0.0.1"),
+         File("etc/profile", b"PATH=/usr/bin")],
+        [File("etc/hosts", b"mydomain 10.0.0.2", mtime=T0 + 5),
+         File("etc/profile", b"PATH=/usr/bin", mode=0o666), Dir("root", 0o700),
+         File("root/.bashrc", b"PATH=/usr/sbin:/usr/bin")],
+        [Remove("etc/profile"), Remove("root/.bashrc")],
+    ],
+    # checkFileFromLowerLayer: appended to and rewritten in later layers
+    "file_from_lower_layer": [
+        [Dir("dir1", 0o700), File("dir1/f", b"Hello"), Dir("dir2", 0o700),
+         File("dir2/f", BIG)],
+        [Write("dir1/f", 5, b", world"), Write("dir2/f", 1000, b"XY")],
+        [File("dir1/f", b"short"), Touch("dir2/f", T0 + 99)],
+    ],
+    # checkRemoveDirectoryInLowerLayer
+    "lower_dir_removed": [
+        [Dir("lib", 0o700), File("lib/hidden", b"ignore"), Dir("lib/sub"),
+         File("lib/sub/deep", b"deep"), Dir("other"), File("other/keep", b"keep")],
+        [Remove("lib")],
+        [Dir("lib", 0o700), File("lib/not-hidden", b"ignore")],
+        [Remove("lib/not-hidden"), File("lib/newfile", b"new")],
+    ],
+    # checkChown
+    "chown": [
+        [Dir("opt", 0o700), Dir("opt/a", 0o700), Dir("opt/a/b", 0o700),
+         File("opt/a/b/file.txt", b"hello"), Symlink("opt/link", "a/b/file.txt")],
+        [Chown("opt", 1, 1), Chown("opt/a", 1, 1), Chown("opt/a/b", 1, 1),
+         Chown("opt/a/b/file.txt", 1, 1), Chown("opt/link", 2, 2)],
+        [Chown("opt/a/b/file.txt", 1000, 100)],
+    ],
+    # checkRename, and a renamed directory from a lower layer with contents
+    "rename": [
+        [Dir("dir1", 0o700), Dir("somefiles", 0o700),
+         File("somefiles/f1", b"was here first!"), File("somefiles/f2", b"nothing interesting"),
+         Dir("tree", 0o750, uid=5, gid=6, xattrs={"user.d": b"1"}), Dir("tree/sub"),
+         File("tree/sub/leaf", b"leaf", mode=0o600, uid=7, xattrs={"user.f": b"2"}),
+         Symlink("tree/ln", "sub/leaf")],
+        [Rename("dir1", "dir2"), File("somefiles/f1-overwrite", b"new content 1"),
+         Rename("somefiles/f1-overwrite", "somefiles/f1"),
+         Rename("somefiles/f2", "somefiles/f3"), Rename("tree", "moved")],
+        [Rename("moved/sub/leaf", "leaf-at-root"), Rename("dir2", "dir1")],
+    ],
+    # checkDirectoryPermissionOnCommit: directories copied up keep mode and owner
+    "dir_permissions_on_commit": [
+        [Dir("dir1", 0o700), Dir("dir2", 0o750, uid=1, gid=1), Dir("dir3", 0o711, uid=2),
+         Dir("dir4", 0o1777), Dir("dir5", 0o2775, gid=50), Dir("dir5/nested", 0o700),
+         File("dir4/foo", b"something")],
+        [File("dir1/file1", b"1"), File("dir2/file2", b"2"), File("dir3/file3", b"3"),
+         File("dir4/file4", b"4"), File("dir5/nested/file5", b"5")],
+        [Chmod("dir1", 0o755), Chown("dir3", 3, 3), Remove("dir4/foo")],
+    ],
+    # checkDeletedFilesInChildSnapshot
+    "deleted_in_child": [
+        [File("foo", b"foo\n"), File("bar", b"bar\n"), Dir("baz"), File("baz/qux", b"q")],
+        [Remove("foo"), Remove("baz/qux")],
+        [Remove("bar"), Remove("baz")],
+        [File("foo", b"back\n")],
+    ],
+    "type_changes": [
+        [File("x", b"file"), Dir("d"), File("d/child", b"c"), Dir("d/sub"),
+         File("d/sub/grandchild", b"g"), Symlink("s", "x"), Fifo("p"), CharDev("null"),
+         File("f2d", b"file to dir")],
+        [Remove("x"), Dir("x"), File("x/inside", b"i"), Remove("d"), File("d", b"was a dir"),
+         Remove("s"), File("s", b"was a symlink"), Remove("p"), Symlink("p", "x/inside"),
+         Chmod("null", 0o600)],
+        [Remove("x"), Symlink("x", "d"), Remove("d"), Dir("d"), File("d/again", b"a"),
+         Remove("null"), Fifo("null")],
+    ],
+    # rm -rf a lower directory, then mkdir it again: the old children must not come
+    # back, also when one of the new children equals an old one exactly
+    "opaque_directory": [
+        [Dir("d", 0o750), File("d/a", b"same"), File("d/b", b"old b"), Dir("d/sub"),
+         File("d/sub/c", b"old c"), Dir("keep"), File("keep/k", b"k")],
+        [Remove("d"), Dir("d", 0o750), File("d/a", b"same"), File("d/new", b"new")],
+        [File("d/x", b"x"), File("keep/k2", b"k2")],
+        [Remove("d/a"), Dir("d/sub"), File("d/sub/z", b"z")],
+        [Remove("d/sub"), Dir("d/sub", 0o700)],
+    ],
+    "hardlinks": [
+        [File("f", b"shared", mode=0o640, uid=3), Link("g", "f"), Dir("sub"),
+         Link("sub/h", "f"), File("solo", b"solo")],
+        [Link("f2", "f"), Remove("sub/h"), File("new", b"n"), Link("new2", "new")],
+        [Remove("f")],
+        [Remove("g"), File("g", b"replaced"), Link("sub/n3", "new")],
+        [Rename("f2", "f3"), Remove("new")],
+    ],
+    "xattrs_and_ownership": [
+        [File("f", b"x", mode=0o4755, uid=1000, gid=1000,
+              xattrs={"user.a": b"1", "trusted.t": b"t", "user.big": b"v" * 2000}),
+         Dir("d", 0o2775, uid=2000, gid=3000, xattrs={"user.dir": b"1"}),
+         Symlink("s", "f", uid=4000, gid=4000), SetXattr("s", "trusted.lnk", b"1"),
+         File("plain", b"p"), File("empty", b"", mode=0o600, uid=65534, gid=65534)],
+        [SetXattr("f", "user.a", b"2"), DelXattr("f", "trusted.t"), Chown("plain", 5, 6),
+         SetXattr("d", "user.new", b"n"), Chown("s", 7, 8), Chmod("f", 0o755)],
+        [Chown("d", 0, 0), Chmod("d", 0o700), DelXattr("d", "user.dir"),
+         SetXattr("plain", "user.p", b"\x00\xff")],
+    ],
+}
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_scenario(env, scenario):
+    run_chain(env, SCENARIOS[scenario])
+
+
+def test_prepare_commit_chain(env):
+    steps = [
+        [Dir("etc"), File("etc/hosts", b"127.0.0.1 localhost\n"),
+         File("etc/shadow", b"root:*:", mode=0o640, gid=42), Dir("bin"),
+         File("bin/sh", b"\x7fELF" * 5000, mode=0o755), Symlink("bin/bash", "sh"),
+         Dir("tmp", 0o1777)],
+        [File("etc/hosts", b"127.0.0.1 localhost\n::1 localhost\n", mtime=T0 + 10),
+         Chmod("etc/shadow", 0o600), Dir("home"), Dir("home/user", uid=1000, gid=1000),
+         File("home/user/.profile", b"export X=1\n", uid=1000, gid=1000),
+         Remove("bin/bash")],
+        [Remove("etc"), File("etc", b"now a file"), Symlink("bin/bash", "/bin/sh")],
+    ]
+    names, _ = run_chain(env, steps)
+    ids = [env.layer(n) for n in names]
+    assert env.layers.record(ids[0]).parent is None
+    assert [env.layers.record(i).parent for i in ids[1:]] == ids[:2]
+    assert [i.key for i in env.sn.walk(kind=Kind.ACTIVE)] == []
+
+
+def test_view_is_read_only_and_shows_parent(env):
+    (base,), ref = run_chain(env, [[Dir("d"), File("d/f", b"data"), Symlink("l", "d/f")]],
+                             views=False)
+    mounts = env.sn.view("v", base)
+    mnt = env.mount(mounts)
+    assert_same(describe(mnt, links=False), describe(ref, links=False), "view")
+    assert_read_only(mnt)
+    assert env.sn.mounts("v") == mounts
+    env.sn.view("v2", base)
+    with pytest.raises(FailedPrecondition):
+        env.sn.commit("from-view", "v")
+    with pytest.raises(FailedPrecondition):
+        env.sn.prepare("on-view", "v")  # a view cannot be a parent
+    env.umount(mnt)
+    env.sn.remove("v")
+    env.sn.remove("v2")
+    # a view of nothing: an empty read-only directory
+    mnt = env.mount(env.sn.view("empty-view"))
+    assert os.listdir(mnt) == []
+    with pytest.raises(OSError) as info:
+        open(mnt / "x", "wb")
+    assert info.value.errno == errno.EROFS
+    env.umount(mnt)
+
+
+def test_remove_rules(env):
+    (base,), _ = run_chain(env, [[File("a", b"a")]], views=False)
+    mnt = env.mount(env.sn.prepare("child", base))
+    File("b", b"b").apply(mnt)
+    env.umount(mnt)
+    env.sn.commit("child-committed", "child")
+    with pytest.raises(FailedPrecondition):
+        env.sn.remove(base)  # the parent of child-committed
+    assert env.sn.stat(base).kind == Kind.COMMITTED
+    # only committed snapshots can be parents
+    env.sn.prepare("active", base)
+    with pytest.raises(FailedPrecondition):
+        env.sn.prepare("on-active", "active")
+    with pytest.raises(FailedPrecondition):
+        env.sn.view("view-on-active", "active")
+    with pytest.raises(NotFound):
+        env.sn.stat("on-active")
+    # keys are unique across kinds
+    for make in (env.sn.prepare, env.sn.view):
+        for key in ("active", base):
+            with pytest.raises(AlreadyExists):
+                make(key, base)
+    with pytest.raises(AlreadyExists):
+        env.sn.commit(base, "active")
+    with pytest.raises(FailedPrecondition):
+        env.sn.commit("again", "child-committed")  # not active
+    with pytest.raises(NotFound):
+        env.sn.remove("no-such-key")
+    with pytest.raises(NotFound):
+        env.sn.stat("no-such-key")
+    # remove an active snapshot, then reuse its key: a fresh snapshot of the parent
+    sdir = env.sn.root / env.sn.stat("active").dir_id
+    assert sdir.exists()
+    mnt = env.mount(env.sn.mounts("active"))
+    File("scratch", b"gone with the snapshot").apply(mnt)
+    env.umount(mnt)
+    env.sn.remove("active")
+    assert not sdir.exists()
+    mnt = env.mount(env.sn.prepare("active", base))
+    assert sorted(os.listdir(mnt)) == ["a"]
+    env.umount(mnt)
+    env.sn.remove("active")
+    # remove the child first, then the parent goes, and its key can be used again
+    env.sn.remove("child-committed")
+    env.sn.remove(base)
+    with pytest.raises(NotFound):
+        env.sn.stat(base)
+    mnt = env.mount(env.sn.prepare(base))
+    assert os.listdir(mnt) == []
+    env.umount(mnt)
+    assert [i.key for i in env.sn.walk()] == [base]
+
+
+def test_write_to_hardlinked_lower_file(env):
+    """A write through one name of a hardlink from a lower layer. A file system shows
+    it on every name; overlayfs without index=on copies up only the name written (as
+    Docker's overlay2 does), so the other names keep the old data. Either way the commit
+    must hold what the mount showed, and a valid tree."""
+    (base,), ref = run_chain(env, [[File("f", b"old"), Link("g", "f"), File("h", b"h")]],
+                             views=False)
+    mnt = env.mount(env.sn.prepare("k", base))
+    changes = [Write("f", 0, b"NEW"), Chmod("h", 0o600)]
+    apply_changes(mnt, changes)
+    apply_changes(ref, changes)
+    shown = describe(mnt, links=False)
+    env.umount(mnt)
+    env.sn.commit("c", "k")
+    got = describe(env.checkout("c"), links=False)
+    assert_same(got, shown, "checkout after a write to a hardlinked file")
+    assert got["f"].data == describe(ref)["f"].data
+    if env.driver == "copy":  # a plain directory: the write shows on both names
+        assert_same(describe(env.checkout("c")), describe(ref), "checkout")
+
+
+@pytest.mark.parametrize("change", ["remove", "replace", "rename", "chmod"])
+def test_hardlink_target_changed_in_upper(env, change):
+    """Removing, replacing, renaming or chmod-ing the first name of a hardlinked file
+    from a lower layer: the names left alone stay one valid, linked file with the old
+    content, in the commit as in the mount."""
+    first = [Dir("d"), File("a", b"linked", uid=9), Link("b", "a"), Link("c", "a"),
+             Link("d/e", "a")]
+    last = {"remove": [Remove("a")], "replace": [Remove("a"), File("a", b"other")],
+            "rename": [Rename("a", "z")], "chmod": [Chmod("a", 0o600)]}[change]
+    (base,), ref = run_chain(env, [first], views=False)
+    mnt = env.mount(env.sn.prepare("k", base))
+    apply_changes(mnt, last)
+    apply_changes(ref, last)
+    shown = describe(mnt, links=False)
+    env.umount(mnt)
+    env.sn.commit("c", "k")
+    got = describe(env.checkout("c"))
+    assert_same({p: n._replace(links=()) for p, n in got.items()}, shown, "checkout")
+    expected = describe(ref)
+    if env.driver == "copy":
+        assert_same(got, expected, "checkout")
+    else:  # overlayfs (index=off) copies up only the name changed, as Docker's does
+        assert got["b"].links[:3] == ("b", "c", "d/e")
+        assert got["b"].data == expected["b"].data or change == "chmod"
+    check_view(env, "c", shown)
+
+
+# --- usage ----------------------------------------------------------------------------
+
+def test_usage(env):
+    rnd = os.urandom(4 * MIB + 150 * 1024)
+    big, a, b = rnd[:4 * MIB], rnd[4 * MIB:4 * MIB + 100 * 1024], rnd[4 * MIB + 100 * 1024:]
+    mnt = env.mount(env.sn.prepare("u1"))
+    apply_changes(mnt, [File("big", big), File("a", a), Dir("d"), File("d/b", b),
+                        Symlink("s", "a")])
+    u = env.sn.usage("u1")
+    assert u.size == len(big) + len(a) + len(b)
+    assert u.new_bytes == u.size  # random data: nothing to dedup
+    assert u.inodes >= 5
+    env.umount(mnt)
+    layer = env.sn.commit("c1", "u1")
+    u = env.sn.usage("c1")
+    assert u.size == len(big) + len(a) + len(b)
+    assert u.inodes == len(env.layers.entries(layer))
+    assert u.size <= u.new_bytes < u.size + 64 * 1024  # the file data and a manifest
+
+    # copied up (chmod) and unchanged: the file is the layer's own, its data is not new
+    mnt = env.mount(env.sn.prepare("u2", "c1"))
+    Chmod("big", 0o600).apply(mnt)
+    with open(mnt / "a", "r+b"):  # opened for writing, nothing written
+        pass
+    u = env.sn.usage("u2")
+    assert u.size == len(big)
+    assert u.new_bytes == 0
+    env.umount(mnt)
+    env.sn.commit("c2", "u2")
+    assert env.sn.usage("c2").size == len(big)
+    assert env.sn.usage("c2").new_bytes < 16 * 1024  # the manifest only
+
+    # one byte changed in the middle: a few chunks, not the file
+    mnt = env.mount(env.sn.prepare("u3", "c2"))
+    Write("big", 2 * MIB, b"!").apply(mnt)
+    u = env.sn.usage("u3")
+    assert u.size == len(big)
+    assert 0 < u.new_bytes <= 3 * env.store.config.chunker.max_size
+    env.umount(mnt)
+    env.sn.commit("c3", "u3")
+    assert 0 < env.sn.usage("c3").new_bytes < 1 * MIB
+    # nothing changed at all
+    env.sn.prepare("u4", "c3")
+    assert env.sn.usage("u4").size == 0
+    assert env.sn.usage("u4").new_bytes == 0
+
+
+def test_big_file_one_byte_change_costs_chunks(env):
+    """A 1 GB file copied up and changed by one byte costs a few chunks, not 1 GB (here
+    64 MiB): the copy-up rewrites the file, the commit re-chunks it."""
+    size = 64 * MIB
+    data = bytearray(os.urandom(size))
+    mnt = env.mount(env.sn.prepare("k1"))
+    File("big", bytes(data)).apply(mnt)
+    env.umount(mnt)
+    first = env.sn.commit("c1", "k1")
+    assert env.layers.record(first).new_bytes >= size
+    mnt = env.mount(env.sn.prepare("k2", "c1"))
+    Write("big", size // 2 + 12345, b"\x00").apply(mnt)
+    data[size // 2 + 12345] = 0
+    assert env.sn.usage("k2").new_bytes < MIB
+    env.umount(mnt)
+    second = env.sn.commit("c2", "k2")
+    assert env.layers.record(second).new_bytes < MIB
+    assert env.sn.usage("c2").new_bytes < MIB
+    out = env.checkout("c2")
+    assert _hash(out / "big") == blake3.blake3(bytes(data)).hexdigest()
+
+
+# --- long chains, concurrency ----------------------------------------------------------
+
+def test_chain_of_50_layers(env):
+    """50 layers, each changing a file (and now and then removing, renaming or making
+    something): the last one's checkout, and a view of it, equal a flattened copy."""
+    steps = []
+    for i in range(50):
+        step = [File(f"f{i % 7}", f"layer {i}\n".encode() * (i + 1), mtime=T0 + i)]
+        if i % 10 == 3:
+            step += [Dir(f"dir{i}"), File(f"dir{i}/inner", b"in")]
+        if i % 10 == 8:
+            step += [Remove(f"dir{i - 5}"), Rename(f"f{(i + 1) % 7}", f"moved{i}")]
+        steps.append(step)
+    (parent,), ref = run_chain(env, steps[:1], prefix="c0", views=False)
+    for i in range(1, 49):
+        parent = _quick_layer(env, steps[i], parent, ref, i)
+    (parent,), ref = run_chain(env, steps[49:], parent=parent, ref=ref, prefix="c49",
+                               views=False)
+    assert len(env.layers.chain(env.layer(parent))) == 50
+    check_view(env, parent, describe(ref, links=False))
+    mnt = env.mount(env.sn.prepare("on-top", parent))
+    assert_same(describe(mnt, links=False), describe(ref, links=False), "50-layer mount")
+    env.umount(mnt)
+
+
+def _quick_layer(env: Env, step: list, parent: str, ref: Path, i: int) -> str:
+    mnt = env.mount(env.sn.prepare(f"q{i}", parent))
+    apply_changes(mnt, step)
+    apply_changes(ref, step)
+    env.umount(mnt)
+    env.sn.commit(f"c{i}", f"q{i}")
+    return f"c{i}"
+
+
+def _base_with_files(env: Env, name: str, n: int = 60) -> Path:
+    steps = [[Dir("d"), *(File(f"d/f{i:03}", os.urandom(3000 + i)) for i in range(n)),
+              File("same1", b"identical"), File("same2", b"identical")]]
+    (_,), ref = run_chain(env, steps, prefix=name, views=False)
+    return ref
+
+
+def test_concurrent_prepares_threads(env):
+    ref = _base_with_files(env, "base")
+    env.reopen()  # no lower directories or caches in memory for "base-0"
+    import pylayers.mounts.overlay as overlay
+    overlay.drop_caches(env.store_path)
+    n = 8
+    barrier = threading.Barrier(n)
+    errors: list[BaseException] = []
+    results: dict[str, list] = {}
+
+    def worker(i: int) -> None:
+        try:
+            barrier.wait()
+            results[f"t{i}"] = env.sn.prepare(f"t{i}", "base-0")
+        except BaseException as e:  # noqa: B036 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    expected = describe(ref, links=False)
+    for key, mounts in sorted(results.items()):
+        mnt = env.mount(mounts)
+        assert_same(describe(mnt, links=False), expected, f"snapshot {key}")
+        env.umount(mnt)
+    assert sorted(i.key for i in env.sn.walk(kind=Kind.ACTIVE)) == sorted(results)
+
+    # the same key from several threads at once: exactly one wins
+    outcomes: list[str] = []
+    barrier = threading.Barrier(6)
+
+    def same_key() -> None:
+        barrier.wait()
+        try:
+            env.sn.prepare("contended", "base-0")
+            outcomes.append("ok")
+        except AlreadyExists:
+            outcomes.append("exists")
+
+    threads = [threading.Thread(target=same_key) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["exists"] * 5 + ["ok"]
+    dirs = {i.dir_id for i in env.sn.walk(kind=Kind.ACTIVE)}
+    assert {p.name for p in env.sn.root.iterdir()} == dirs  # no directory left behind
+
+
+PREPARE_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from pylayers import Layers, Store
+    from pylayers.mounts import Snapshotter
+    store, driver, key, parent, start = sys.argv[1:6]
+    with Store.open(store) as s:
+        snaps = Snapshotter(Layers(s), driver)
+        time.sleep(max(0.0, float(start) - time.time()))
+        snaps.prepare(key, parent)
+""")
+
+
+def test_concurrent_prepares_processes(env):
+    ref = _base_with_files(env, "pbase")
+    import pylayers.mounts.overlay as overlay
+    overlay.drop_caches(env.store_path)
+    start = time.time() + 1.5
+    procs = [subprocess.Popen([sys.executable, "-c", PREPARE_SCRIPT, str(env.store_path),
+                               env.driver, f"p{i}", "pbase-0", str(start)],
+                              cwd=env.base, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(4)]
+    for p in procs:
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+    expected = describe(ref, links=False)
+    for i in range(4):
+        mnt = env.mount(env.sn.mounts(f"p{i}"))
+        assert_same(describe(mnt, links=False), expected, f"snapshot p{i}")
+        env.umount(mnt)
+
+
+# --- metadata, persistence, crashes ------------------------------------------------------
+
+def test_stat_update_walk(env):
+    env.sn.prepare("a1", labels={"team": "x", "pylayers.gc.root": "1"})
+    mnt = env.mount(env.sn.mounts("a1"))
+    File("f", b"f").apply(mnt)
+    env.umount(mnt)
+    env.sn.commit("base", "a1", labels={"committed": "yes"})
+    info = env.sn.stat("base")
+    assert info.kind == Kind.COMMITTED and info.parent is None
+    assert info.labels == {"team": "x", "pylayers.gc.root": "1", "committed": "yes"}
+    assert info.driver == env.driver
+    env.sn.prepare("act", "base", labels={"team": "y"})
+    env.sn.view("vw", "base", labels={"team": "x", "kind": "view"})
+    env.sn.prepare("lonely")
+    info = env.sn.stat("act")
+    assert (info.kind, info.parent, info.labels) == (Kind.ACTIVE, "base", {"team": "y"})
+    assert info.created <= info.updated
+
+    time.sleep(0.01)
+    updated = env.sn.update("act", {"team": "z", "new": "1"})
+    assert updated.labels == {"team": "z", "new": "1"}
+    assert updated.updated > updated.created
+    assert env.sn.stat("act").labels == {"team": "z", "new": "1"}
+    env.sn.update("act", {"new": ""})  # an empty value deletes
+    assert env.sn.stat("act").labels == {"team": "z"}
+    with pytest.raises(NotFound):
+        env.sn.update("missing", {"a": "b"})
+
+    def keys(**filters) -> list[str]:
+        return sorted(i.key for i in env.sn.walk(**filters))
+
+    assert keys() == ["act", "base", "lonely", "vw"]
+    assert keys(kind=Kind.ACTIVE) == ["act", "lonely"]
+    assert keys(kind=Kind.VIEW) == ["vw"]
+    assert keys(kind=Kind.COMMITTED) == ["base"]
+    assert keys(parent="base") == ["act", "vw"]
+    assert keys(labels={"team": "x"}) == ["base", "vw"]
+    assert keys(labels={"team": "*"}) == ["act", "base", "vw"]
+    assert keys(labels={"team": "x", "kind": "view"}) == ["vw"]
+    assert keys(labels={"nope": "*"}) == []
+    assert keys(kind=Kind.VIEW, parent="base", labels={"team": "x"}) == ["vw"]
+
+
+def test_state_survives_reopening(env):
+    (base,), ref = run_chain(env, [[File("f", b"1"), Dir("d")]], views=False)
+    mnt = env.mount(env.sn.prepare("act", base, labels={"l": "1"}))
+    File("d/new", b"new").apply(mnt)
+    File("d/new", b"new").apply(ref)
+    env.umount(mnt)
+    env.sn.view("vw", base)
+    before = {i.key: i for i in env.sn.walk()}
+    env.store.close()
+    env.open()  # a new Store, Layers and Snapshotter
+    assert {i.key: i for i in env.sn.walk()} == before
+    mnt = env.mount(env.sn.mounts("act"))
+    assert (mnt / "d" / "new").read_bytes() == b"new"
+    env.umount(mnt)
+    env.sn.commit("after", "act")
+    assert_same(describe(env.checkout("after")), describe(ref), "commit after reopening")
+    assert env.sn.stat("after").labels == {"l": "1"}
+    env.sn.remove("vw")
+    assert sorted(i.key for i in env.sn.walk()) == sorted([base, "after"])
+
+
+CRASH_SCRIPT = textwrap.dedent("""
+    import subprocess, sys, time
+    from pylayers import Layers, Store
+    from pylayers.mounts import Snapshotter
+    store, driver, key, parent, target, phase = sys.argv[1:7]
+    s = Store.open(store)
+    snaps = Snapshotter(Layers(s), driver)
+    for m in snaps.prepare(key, parent):
+        subprocess.run(m.command(target), check=True)
+    with open(target + "/written-before-crash", "wb") as f:
+        f.write(b"still here")
+    if phase == "commit":
+        subprocess.run(["umount", target], check=True)
+        # die after the layer is stored but before the snapshot records change
+        def die(*a, **k):
+            import os, signal
+            os.kill(os.getpid(), signal.SIGKILL)
+        s.transaction = die
+        snaps.commit("never-recorded", key)
+    print("ready", flush=True)
+    time.sleep(60)
+""")
+
+
+def _crash(env: Env, key: str, parent: str, phase: str) -> Path:
+    target = env.fresh("crash-mnt")
+    env.mounted.append(target)  # the child mounts it: unmount it in teardown if need be
+    proc = subprocess.Popen([sys.executable, "-c", CRASH_SCRIPT, str(env.store_path),
+                             env.driver, key, parent, str(target), phase],
+                            cwd=env.base, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        if phase == "prepare":
+            line = proc.stdout.readline()
+            assert line.strip() == "ready", proc.stderr.read()
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    if phase == "commit":
+        env.mounted.remove(target)  # it unmounted before dying
+    return target
+
+
+def test_crash_between_prepare_and_commit(env):
+    (base,), ref = run_chain(env, [[File("f", b"base")]], views=False)
+    # killed while its snapshot is mounted: commit it later
+    target = _crash(env, "doomed", base, "prepare")
+    info = env.sn.stat("doomed")
+    assert info.kind == Kind.ACTIVE
+    env.umount(target)
+    mnt = env.mount(env.sn.mounts("doomed"))
+    assert (mnt / "written-before-crash").read_bytes() == b"still here"
+    env.umount(mnt)
+    env.sn.commit("rescued", "doomed")
+    File("written-before-crash", b"still here").apply(ref)
+    out = describe(env.checkout("rescued"), links=False)
+    assert out["written-before-crash"].data == describe(ref)["written-before-crash"].data
+    # killed the same way: remove it later, and reuse the key
+    target = _crash(env, "doomed2", base, "prepare")
+    env.umount(target)
+    sdir = env.sn.root / env.sn.stat("doomed2").dir_id
+    env.sn.remove("doomed2")
+    assert not sdir.exists()
+    env.sn.prepare("doomed2", base)
+    env.sn.remove("doomed2")
+
+
+def test_crash_inside_commit(env):
+    """Killed after the layer is stored but before the snapshot records change: the
+    active snapshot is still there, and committing it again gives the same layer."""
+    (base,), _ = run_chain(env, [[File("f", b"base")]], views=False)
+    _crash(env, "half", base, "commit")
+    assert env.sn.stat("half").kind == Kind.ACTIVE
+    with pytest.raises(NotFound):
+        env.sn.stat("never-recorded")
+    before = set(env.layers.all_ids())
+    layer = env.sn.commit("done", "half")
+    assert layer in before  # stored by the killed process
+    assert (env.checkout("done") / "written-before-crash").read_bytes() == b"still here"
