@@ -89,6 +89,17 @@ def collect_caches(store_path: Path, live_layers: set[bytes]) -> int:
     return freed
 
 
+def _unchanged(old: Entry, new: Entry) -> bool:
+    """Whether an upper entry just repeats the parent's. A directory copied up from an
+    opaque lower one is not opaque itself (overlayfs does not copy its private xattrs):
+    that alone is no change."""
+    if old == new:
+        return True
+    if old.kind == DIR and new.kind == DIR and old.opaque and not new.opaque:
+        return old.same_metadata(new)
+    return False
+
+
 class OverlayDriver(Driver):
     name = "overlay"
 
@@ -245,7 +256,10 @@ class OverlayDriver(Driver):
         upper = scanner.scan(sdir / "fs")
         base = {e.path: e for e in self.layers.tree(parent)} if parent is not None else {}
         own = []
+        opaque_prefix: bytes | None = None  # key prefix of the opaque directory we are in
         for e in upper:
+            if opaque_prefix is not None and not e.key.startswith(opaque_prefix):
+                opaque_prefix = None
             xattrs = tuple(x for x in e.xattrs if not x[0].startswith(OVERLAY_XATTR_PREFIXES))
             if e.kind == CHR and e.rdev == (0, 0):
                 e = Entry(e.path, WHITEOUT)
@@ -254,7 +268,12 @@ class OverlayDriver(Driver):
                 e.flags |= OPAQUE
             e.xattrs = xattrs
             old = base.get(e.path)
-            if old is not None and old == e:
+            if e.kind == DIR and e.opaque:
+                # Nothing of the parent's shows through an opaque directory: it and
+                # every entry under it are stored, even those equal to the parent's.
+                if opaque_prefix is None:
+                    opaque_prefix = e.key + b"\x00"
+            elif opaque_prefix is None and old is not None and _unchanged(old, e):
                 continue
             if e.kind == WHITEOUT and old is None:
                 continue  # whiteout of something the parent does not have
