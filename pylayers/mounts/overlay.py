@@ -90,6 +90,12 @@ def collect_caches(store_path: Path, live_layers: set[bytes]) -> int:
     return freed
 
 
+def _unique() -> str:
+    """A temporary name's suffix no other process or thread uses: threads of one
+    process share its pid, and would write into (or delete) each other's files."""
+    return f"{os.getpid()}-{os.urandom(6).hex()}"
+
+
 def _unchanged(old: Entry, new: Entry) -> bool:
     """Whether an upper entry just repeats the parent's. A directory copied up from an
     opaque lower one is not opaque itself (overlayfs does not copy its private xattrs):
@@ -188,9 +194,7 @@ class OverlayDriver(Driver):
         path = self.files_dir / key[:2] / key
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{key}.{os.getpid()}.tmp")
-            if tmp.exists():
-                tmp.unlink()
+            tmp = path.with_name(f".{key}.{_unique()}.tmp")
             write_file(os.fsencode(tmp), e, self.store.read_chunk)
             os.replace(tmp, path)
         return os.fsencode(path)
@@ -198,9 +202,7 @@ class OverlayDriver(Driver):
     def _materialise(self, layer_id: bytes, tree: list[Entry], dest: Path) -> None:
         own = self.layers.entries(layer_id)
         full = {e.path: e for e in tree}
-        tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        tmp = dest.with_name(dest.name + f".tmp{_unique()}")
         tmp.parent.mkdir(parents=True, exist_ok=True)
         os.mkdir(tmp, 0o700)
         base = os.fsencode(tmp)
