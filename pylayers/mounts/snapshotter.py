@@ -163,7 +163,20 @@ class Snapshotter:
         info = Info(key, kind, parent, parent_layer.hex() if parent_layer else None,
                     driver=drv.name, dir_id=os.urandom(8).hex(), labels=dict(labels or {}),
                     created=now, updated=now)
-        self._put(info)  # first, so a crash below leaves something `remove` can clean
+        # First, so a crash below leaves something `remove` can clean. One transaction
+        # checks and claims the key, and checks the parent again: of concurrent
+        # prepares of one key only one wins, and none builds on a parent just removed.
+        parent_is_snapshot = parent is not None and self._get(parent) is not None
+        with self.store.transaction(write=True) as txn:
+            db = self.store.db["snapshots"]
+            if parent_is_snapshot:
+                raw = txn.get(parent.encode(), db=db)
+                now_parent = Info.decode(raw) if raw is not None else None
+                if now_parent is None or now_parent.kind != Kind.COMMITTED \
+                        or now_parent.layer != info.parent_layer:
+                    raise FailedPrecondition(f"parent {parent!r} changed meanwhile")
+            if not txn.put(key.encode(), info.encode(), db=db, overwrite=False):
+                raise AlreadyExists(f"snapshot {key!r} already exists")
         sdir = self.root / info.dir_id
         try:
             drv.create(sdir, parent_layer, readonly=(kind == Kind.VIEW))
@@ -208,6 +221,11 @@ class Snapshotter:
                          labels={**info.labels, **(labels or {})}, created=now, updated=now)
         with self.store.transaction(write=True) as txn:
             db = self.store.db["snapshots"]
+            current = txn.get(key.encode(), db=db)
+            if current is None or Info.decode(current).dir_id != info.dir_id:
+                raise NotFound(f"snapshot {key!r} was removed or committed meanwhile")
+            if name != key and txn.get(name.encode(), db=db) is not None:
+                raise AlreadyExists(f"snapshot {name!r} already exists")
             txn.delete(key.encode(), db=db)
             txn.put(name.encode(), committed.encode(), db=db)
         drv.remove(self.root / info.dir_id)
@@ -217,9 +235,17 @@ class Snapshotter:
         """Remove a snapshot; refused while another snapshot has it as parent."""
         info = self.stat(key)
         if info.kind == Kind.COMMITTED:
-            kids = [i.key for i in self.walk() if i.parent == key]
-            if kids:
-                raise FailedPrecondition(f"snapshot {key!r} is the parent of {kids[0]!r}")
+            # committed snapshots have no directory: check and delete in one transaction,
+            # so that no prepare on this parent slips in between
+            with self.store.transaction(write=True) as txn:
+                db = self.store.db["snapshots"]
+                for _k, raw in txn.cursor(db=db):
+                    kid = Info.decode(raw)
+                    if kid.parent == key:
+                        raise FailedPrecondition(
+                            f"snapshot {key!r} is the parent of {kid.key!r}")
+                txn.delete(key.encode(), db=db)
+            return
         self._discard(info)
 
     def _discard(self, info: Info) -> None:
