@@ -47,13 +47,46 @@ class Mount:
     options: list[str] = field(default_factory=list)
 
     def command(self, target: str) -> list[str]:
+        """The mount(8) command that mounts this at `target`. mount(2) takes at most a
+        page of options: an overlay whose lowerdir list is longer (a few dozen layers
+        in a deep directory) is mounted from the lower directories' common parent,
+        with relative lowerdirs, as containerd does (`sh -c 'cd DIR && exec mount
+        ...'`)."""
         cmd = ["mount", "-t", self.type if self.type != "bind" else "none"]
         opts = list(self.options)
         if self.type == "bind" and "bind" not in opts and "rbind" not in opts:
             opts.insert(0, "bind")
+        cwd = None
+        if self.type == "overlay" and len(",".join(opts)) >= os.sysconf("SC_PAGE_SIZE"):
+            cwd, opts = _compact_lowerdir(opts)
         if opts:
             cmd += ["-o", ",".join(opts)]
-        return cmd + [self.source, target]
+        if cwd is None:
+            return cmd + [self.source, target]
+        return ["sh", "-c", 'cd "$1" && shift && exec "$@"', "sh", cwd,
+                *cmd, self.source, os.path.abspath(target)]
+
+
+def _compact_lowerdir(opts: list[str]) -> tuple[str | None, list[str]]:
+    """(the lowerdirs' common parent, options with lowerdirs relative to it and every
+    other path absolute), or (None, opts) when that does not make them shorter."""
+    lowers = next((o[len("lowerdir="):].split(":") for o in opts
+                   if o.startswith("lowerdir=")), [])
+    if len(lowers) < 2:
+        return None, opts
+    lowers = [os.path.abspath(d) for d in lowers]
+    common = os.path.commonpath(lowers)
+    if common == "/":
+        return None, opts
+    out = []
+    for o in opts:
+        name, eq, value = o.partition("=")
+        if name == "lowerdir":
+            o = "lowerdir=" + ":".join(os.path.relpath(d, common) for d in lowers)
+        elif eq and name in ("upperdir", "workdir"):
+            o = f"{name}={os.path.abspath(value)}"
+        out.append(o)
+    return common, out
 
 
 @dataclass
