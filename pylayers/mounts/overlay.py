@@ -158,11 +158,11 @@ class OverlayDriver(Driver):
 
     @property
     def layers_dir(self) -> Path:
-        return cache_root(self.store.path) / "layers"
+        return cache_root(self.store.path.absolute()) / "layers"
 
     @property
     def files_dir(self) -> Path:
-        return cache_root(self.store.path) / "files"
+        return cache_root(self.store.path.absolute()) / "files"
 
     def lower_dir(self, layer_id: bytes) -> Path:
         return self.layers_dir / layer_id.hex()[:16]

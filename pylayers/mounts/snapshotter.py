@@ -125,7 +125,8 @@ class Snapshotter:
     def __init__(self, layers: Layers, driver: str | None = None) -> None:
         self.layers = layers
         self.store = layers.store
-        self.root = self.store.path / "snapshots"
+        # absolute: mounts are data, performed wherever their user runs
+        self.root = self.store.path.absolute() / "snapshots"
         self.default_driver = driver
 
     # -- records -------------------------------------------------------------------
