@@ -279,9 +279,13 @@ class OverlayDriver(Driver):
             if len(lowers) == 1:
                 return [Mount("bind", lowers[0], ["rbind", "ro"])]
             return [Mount("overlay", "overlay", ["ro", "lowerdir=" + ":".join(lowers)])]
+        # Commit reads the upper directory as plain files: pin off the features that
+        # would leave it holding xattr references instead (a renamed directory's
+        # redirect, a chmod-ed file's metadata-only copy), whatever the module's
+        # defaults on this host.
         return [Mount("overlay", "overlay", [
             "lowerdir=" + ":".join(lowers), f"upperdir={sdir / 'fs'}",
-            f"workdir={sdir / 'work'}", "index=off"])]
+            f"workdir={sdir / 'work'}", "index=off", "redirect_dir=off", "metacopy=off"])]
 
     def upper_entries(self, sdir: Path, parent: bytes | None, sink) -> list[Entry]:
         """The upper directory as a layer's own entries: whiteouts and opaque markers
