@@ -1,0 +1,209 @@
+"""`pylayers mount`, `umount`, `commit` and `snapshots` end to end, through the CLI in
+subprocesses, with real mounts (root and, for the overlay driver, overlayfs; each test
+skips with the reason where mounting is not permitted here).
+
+The flow: mount a layer writable (prints the snapshot key), edit the tree, unmount,
+commit (prints the layer id), and `diff` shows exactly the edits. A read-only mount
+is a view that umount removes; `umount --discard` drops a writable snapshot. Errors are
+one line on stderr, exit status 1, never a traceback, and leave nothing mounted.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pylayers.mounts.overlay import OverlayDriver
+
+DRIVERS = ["overlay", "copy"]
+
+
+def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pylayers", "--store",
+                           str(tmp_path / "store"), *args], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+
+
+def ok(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def fails(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """The one-line failure, exit status 1, nothing on stdout; returns the line."""
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pylayers: "), proc.stderr
+    assert proc.stdout == ""
+    for needle in needles:
+        assert needle.lower() in lines[0].lower(), (needle, lines[0])
+    return lines[0]
+
+
+def mounted(path: Path) -> bool:
+    """Whether `path` is a mount point (bind mounts on one file system included, which
+    os.path.ismount misses)."""
+    with open("/proc/self/mountinfo") as f:
+        targets = {line.split()[4].encode().decode("unicode_escape") for line in f}
+    return str(path) in targets
+
+
+def _try_mount(args: list[str]) -> str | None:
+    res = subprocess.run(["mount", *args], capture_output=True, text=True)
+    return None if res.returncode == 0 else (res.stderr.strip() or "failed")
+
+
+@pytest.fixture(scope="module")
+def mount_support(tmp_path_factory) -> dict[str, str | None]:
+    """Per driver: None where its mounts work here, else why not (found by trying)."""
+    base = tmp_path_factory.mktemp("probe")
+    for d in ("a", "b", "lower", "upper", "work", "merged"):
+        (base / d).mkdir()
+    err = _try_mount(["--bind", str(base / "a"), str(base / "b")])
+    bind = None if err is None else f"cannot bind-mount here ({err})"
+    if err is None:
+        subprocess.run(["umount", str(base / "b")], check=True)
+    overlay = OverlayDriver.unavailable()
+    if overlay is None:
+        err = _try_mount(["-t", "overlay", "-o", f"lowerdir={base / 'lower'},upperdir="
+                          f"{base / 'upper'},workdir={base / 'work'}", "overlay",
+                          str(base / "merged")])
+        if err is None:
+            subprocess.run(["umount", str(base / "merged")], check=True)
+        else:
+            overlay = f"cannot mount overlayfs here ({err})"
+    return {"copy": bind, "overlay": overlay or bind}
+
+
+@pytest.fixture
+def mountpoints(tmp_path):
+    """Fresh mount points; whatever is still mounted on them is unmounted afterwards."""
+    made: list[Path] = []
+
+    def make(name: str) -> Path:
+        p = tmp_path / name
+        p.mkdir()
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        while mounted(p):
+            if subprocess.run(["umount", str(p)], capture_output=True).returncode:
+                subprocess.run(["umount", "-l", str(p)], capture_output=True)
+
+
+@pytest.fixture
+def base(tmp_path) -> Path:
+    """A store with the layer tagged `base`."""
+    src = tmp_path / "src"
+    (src / "etc").mkdir(parents=True)
+    (src / "bin").mkdir()
+    (src / "etc" / "motd").write_text("hello\n")
+    (src / "old").write_text("to be removed\n")
+    (src / "bin" / "tool").write_bytes(b"\x7fELF" * 100)
+    os.chmod(src / "bin" / "tool", 0o755)
+    ok(cli(tmp_path, "snapshot", str(src), "--tag", "base"))
+    return src
+
+
+def need(mount_support, driver: str) -> None:
+    if mount_support[driver] is not None:
+        pytest.skip(f"{driver} driver: {mount_support[driver]}")
+
+
+def snapshots(tmp_path: Path) -> dict[str, list[str]]:
+    """`pylayers snapshots` as key -> the other columns."""
+    out = {}
+    for line in ok(cli(tmp_path, "snapshots")).splitlines():
+        key, *rest = line.split()
+        out[key] = rest
+    return out
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_mount_edit_umount_commit_diff(tmp_path, base, mountpoints, mount_support, driver):
+    need(mount_support, driver)
+    mnt = mountpoints("mnt")
+    key = ok(cli(tmp_path, "mount", "base", str(mnt), "--rw", "--driver", driver)).strip()
+    assert re.fullmatch(r"rw-[0-9a-f]{12}", key), key
+    assert mounted(mnt)
+    listed = snapshots(tmp_path)
+    assert listed[key][:2] == ["active", driver] and str(mnt) in listed[key]
+
+    with open(mnt / "etc" / "motd", "a") as f:
+        f.write("edited\n")
+    (mnt / "new").write_text("new file\n")
+    os.unlink(mnt / "old")
+    os.chmod(mnt / "bin" / "tool", 0o700)
+
+    assert ok(cli(tmp_path, "umount", str(mnt))).strip() == key
+    assert not mounted(mnt)
+    assert os.listdir(mnt) == []
+    listed = snapshots(tmp_path)
+    assert listed[key][:2] == ["active", driver] and str(mnt) not in listed[key]
+
+    out = ok(cli(tmp_path, "commit", key, "--tag", "t", "-m", "edited"))
+    layer = out.strip().splitlines()[-1]
+    assert re.fullmatch(r"[0-9a-f]{64}", layer), out
+    diff = ok(cli(tmp_path, "diff", "base", "t")).splitlines()
+    assert diff == ["C /bin/tool", "C /etc/motd", "A /new", "D /old"]
+    listed = snapshots(tmp_path)
+    assert key not in listed
+    assert listed[layer][:2] == ["committed", driver]
+    assert ok(cli(tmp_path, "cat", "t", "/etc/motd")) == "hello\nedited\n"
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_read_only_mount_is_a_view_umount_removes(tmp_path, base, mountpoints,
+                                                   mount_support, driver):
+    need(mount_support, driver)
+    mnt = mountpoints("ro")
+    key = ok(cli(tmp_path, "mount", "base", str(mnt), "--driver", driver)).strip()
+    assert re.fullmatch(r"ro-[0-9a-f]{12}", key), key
+    assert mounted(mnt)
+    assert (mnt / "etc" / "motd").read_text() == "hello\n"
+    with pytest.raises(OSError) as info:
+        (mnt / "x").write_text("x")
+    assert info.value.errno == errno.EROFS
+    assert snapshots(tmp_path)[key][:2] == ["view", driver]
+    # a view cannot be committed: refused, and left mounted
+    fails(cli(tmp_path, "commit", key), key)
+    assert mounted(mnt) and (mnt / "etc" / "motd").read_text() == "hello\n"
+    assert ok(cli(tmp_path, "umount", str(mnt))) == ""
+    assert not mounted(mnt)
+    assert key not in snapshots(tmp_path)
+    assert list((tmp_path / "store" / "snapshots").iterdir()) == []
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_umount_discard(tmp_path, base, mountpoints, mount_support, driver):
+    need(mount_support, driver)
+    mnt = mountpoints("rw with a space")  # escaped as \040 in the kernel's mount table
+    key = ok(cli(tmp_path, "mount", "base", str(mnt), "--rw", "--driver", driver)).strip()
+    (mnt / "scratch").write_text("thrown away\n")
+    ok(cli(tmp_path, "umount", str(mnt), "--discard"))
+    assert not mounted(mnt)
+    assert key not in snapshots(tmp_path)
+    assert list((tmp_path / "store" / "snapshots").iterdir()) == []
+    fails(cli(tmp_path, "commit", key), key)
+
+
+def test_errors_are_one_line(tmp_path, base, mountpoints, mount_support):
+    driver = "overlay" if mount_support["overlay"] is None else "copy"
+    need(mount_support, driver)
+    mnt = mountpoints("mnt")
+    fails(cli(tmp_path, "mount", "no-such-ref", str(mnt), "--driver", driver), "no-such-ref")
+    fails(cli(tmp_path, "mount", "base", str(tmp_path / "absent"), "--driver", driver))
+    assert not mounted(mnt) and snapshots(tmp_path) == {}
+    fails(cli(tmp_path, "umount", str(mnt)), str(mnt))  # nothing mounted there
+    fails(cli(tmp_path, "commit", "no-such-key"), "no-such-key")
+    snapdir = tmp_path / "store" / "snapshots"
+    assert not snapdir.exists() or list(snapdir.iterdir()) == []
