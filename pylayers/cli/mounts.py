@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 
 import click
@@ -22,7 +23,28 @@ def _run_mount(cmd: list[str]) -> None:
         raise PylayersError(f"{cmd[0]} is not installed") from None
     if res.returncode != 0:
         err = (res.stderr or res.stdout).strip().splitlines()
-        raise PylayersError(f"{' '.join(cmd[:3])} failed: {err[-1] if err else res.returncode}")
+        # Mount.command may wrap mount(8) in `sh -c 'cd DIR && exec mount ...'`
+        shown = cmd[cmd.index("mount"):] if "mount" in cmd else cmd
+        raise PylayersError(f"{' '.join(shown[:3])} failed: "
+                            f"{err[-1] if err else res.returncode}")
+
+
+def _unescape(field: bytes) -> bytes:
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
+
+
+def _is_mounted(target: str) -> bool:
+    """Whether something is mounted at `target`. os.path.ismount compares device
+    numbers, so it misses bind mounts within one file system (the copy driver's, and
+    the overlay driver's view of a one-layer chain): ask the kernel's mount table."""
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            table = f.read()
+    except OSError:
+        return os.path.ismount(target)
+    want = os.fsencode(target)
+    return any(len(fields) > 4 and _unescape(fields[4]) == want
+               for fields in (line.split(b" ") for line in table.splitlines()))
 
 
 @cli.command()
@@ -34,7 +56,7 @@ def _run_mount(cmd: list[str]) -> None:
 @click.pass_context
 def mount(ctx: click.Context, ref: str, mountpoint: str, rw: bool, driver: str | None) -> None:
     """Mount layer REF at MOUNTPOINT; prints the snapshot key."""
-    target = os.path.abspath(mountpoint)
+    target = os.path.realpath(mountpoint)  # as the kernel's mount table shows it
     if not os.path.isdir(target):
         raise NotFound(f"{target}: no such directory")
     with open_layers(ctx, create=False) as layers:
@@ -64,11 +86,11 @@ def _find_mounted(snaps: Snapshotter, target: str):
 @click.pass_context
 def umount(ctx: click.Context, mountpoint: str, discard: bool) -> None:
     """Unmount MOUNTPOINT; a writable snapshot is kept for `commit` unless --discard."""
-    target = os.path.abspath(mountpoint)
+    target = os.path.realpath(mountpoint)
     with open_layers(ctx, create=False) as layers:
         snaps = Snapshotter(layers)
         info = _find_mounted(snaps, target)
-        if os.path.ismount(target):
+        if _is_mounted(target):
             _run_mount(["umount", target])
         if discard or info.kind == Kind.VIEW:
             snaps.remove(info.key)
@@ -89,13 +111,13 @@ def commit(ctx: click.Context, key: str, tag: str | None, message: str,
     with open_layers(ctx, create=False) as layers:
         snaps = Snapshotter(layers)
         info = snaps.stat(key)
+        if info.kind != Kind.ACTIVE:  # before touching its mount: a refusal changes nothing
+            raise FailedPrecondition(f"snapshot {key} is {info.kind.value}, not writable")
         target = info.labels.get(MOUNTPOINT_LABEL)
-        if target and os.path.ismount(target):
+        if target and _is_mounted(target):
             _run_mount(["umount", target])
         if target:
             snaps.update(key, {MOUNTPOINT_LABEL: ""})
-        if info.kind != Kind.ACTIVE:
-            raise FailedPrecondition(f"snapshot {key} is {info.kind.value}, not writable")
         tmp_name = name or f"commit-{os.urandom(6).hex()}"
         # made by a person at the command line: keep it until they remove it
         layer_id = snaps.commit(tmp_name, key, message=message, tag=tag,
