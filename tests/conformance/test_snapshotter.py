@@ -633,6 +633,23 @@ SCENARIOS = {
         [Chown("d", 0, 0), Chmod("d", 0o700), DelXattr("d", "user.dir"),
          SetXattr("plain", "user.p", b"\x00\xff")],
     ],
+    # the root directory's own metadata
+    "root_metadata": [
+        [File("a", b"a")],
+        [Chmod("", 0o750), Chown("", 5, 6), SetXattr("", "user.root", b"r")],
+        [File("b", b"b")],
+        [Chmod("", 0o755), Chown("", 0, 0), DelXattr("", "user.root")],
+    ],
+    # names the kernel's mount table and overlayfs options would have to escape
+    "odd_names": [
+        [Dir("with space"), File("with space/a b", b"1"), File("tab\there", b"2"),
+         File("new\nline", b"3"), File("colon:name", b"4"), File("comma,name", b"5"),
+         File("ünïcödé", b"6"), File(os.fsdecode(b"not-utf8-\xff\xfe"), b"7"),
+         Dir("d\\back"), File("d\\back/x", b"8")],
+        [Remove("tab\there"), Rename("new\nline", "new\nname"),
+         Remove(os.fsdecode(b"not-utf8-\xff\xfe")), Remove("with space"),
+         Dir("with space"), File("with space/c,d:e", b"9")],
+    ],
 }
 
 
@@ -707,6 +724,16 @@ def test_mounts_hold_absolute_paths(env, monkeypatch):
         mnt = env.mount(mounts)
         assert sorted(os.listdir(mnt)) in (["f", "g"], ["f"])
         env.umount(mnt)
+
+
+@pytest.mark.parametrize("env", ["overlay"], indirect=True)
+def test_overlay_upper_holds_plain_files(env):
+    """The commit reads the upper directory as plain files: the overlay driver's
+    writable mounts pin off redirect_dir and metacopy (some hosts default them on), so
+    a renamed lower directory is copied and a chmod copies the data up."""
+    (base,), _ = run_chain(env, [[Dir("d"), File("d/f", b"f")]], views=False)
+    (mount,) = env.sn.prepare("k", base)
+    assert {"redirect_dir=off", "metacopy=off", "index=off"} <= set(mount.options)
 
 
 def test_remove_rules(env):
@@ -851,10 +878,11 @@ def test_usage(env):
     env.umount(mnt)
     env.sn.commit("c3", "u3")
     assert 0 < env.sn.usage("c3").new_bytes < 1 * MIB
-    # nothing changed at all
+    # nothing changed at all, and views own nothing
     env.sn.prepare("u4", "c3")
-    assert env.sn.usage("u4").size == 0
-    assert env.sn.usage("u4").new_bytes == 0
+    env.sn.view("v4", "c3")
+    for key in ("u4", "v4"):
+        assert (env.sn.usage(key).size, env.sn.usage(key).new_bytes) == (0, 0)
 
 
 def test_big_file_one_byte_change_costs_chunks(env):
@@ -1049,6 +1077,7 @@ def test_stat_update_walk(env):
 
 def test_state_survives_reopening(env):
     (base,), ref = run_chain(env, [[File("f", b"1"), Dir("d")]], views=False)
+    of_base = describe(ref, links=False)
     mnt = env.mount(env.sn.prepare("act", base, labels={"l": "1"}))
     File("d/new", b"new").apply(mnt)
     File("d/new", b"new").apply(ref)
@@ -1056,6 +1085,8 @@ def test_state_survives_reopening(env):
     env.sn.view("vw", base)
     before = {i.key: i for i in env.sn.walk()}
     env.store.close()
+    import pylayers.mounts.overlay as overlay
+    overlay.drop_caches(env.store_path)  # caches: rebuilt on the next mount
     env.open()  # a new Store, Layers and Snapshotter
     assert {i.key: i for i in env.sn.walk()} == before
     mnt = env.mount(env.sn.mounts("act"))
@@ -1064,6 +1095,9 @@ def test_state_survives_reopening(env):
     env.sn.commit("after", "act")
     assert_same(describe(env.checkout("after")), describe(ref), "commit after reopening")
     assert env.sn.stat("after").labels == {"l": "1"}
+    mnt = env.mount(env.sn.mounts("vw"))
+    assert_same(describe(mnt, links=False), of_base, "view after reopening")
+    env.umount(mnt)
     env.sn.remove("vw")
     assert sorted(i.key for i in env.sn.walk()) == sorted([base, "after"])
 
@@ -1139,6 +1173,66 @@ def test_crash_between_prepare_and_commit(env):
     assert not sdir.exists()
     env.sn.prepare("doomed2", base)
     env.sn.remove("doomed2")
+
+
+PREPARE_CRASH_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    import pylayers.layers.checkout as checkout
+    import pylayers.mounts.overlay as overlay
+    from pylayers import Layers, Store
+    from pylayers.mounts import Snapshotter
+    store, driver, key, parent = sys.argv[1:5]
+    calls = []
+    real = checkout.write_file
+
+    def write_file(*args):  # die in the middle of filling the snapshot (or its lowers)
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args)
+
+    checkout.write_file = overlay.write_file = write_file
+    Snapshotter(Layers(Store.open(store)), driver).prepare(key, parent)
+""")
+
+
+def test_crash_inside_prepare(env):
+    """Killed while the snapshot's directory (or its parent's lower directories) is
+    being filled: the record is there, remove cleans it up, and the next prepare on
+    the same parent is whole."""
+    (base,), ref = run_chain(env, [[File(f"f{i}", os.urandom(100 + i)) for i in range(20)]],
+                             views=False)
+    import pylayers.mounts.overlay as overlay
+    overlay.drop_caches(env.store_path)
+    proc = subprocess.run([sys.executable, "-c", PREPARE_CRASH_SCRIPT, str(env.store_path),
+                           env.driver, "torn", base], cwd=env.base, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert env.sn.stat("torn").kind == Kind.ACTIVE
+    env.sn.remove("torn")
+    assert list(env.sn.root.iterdir()) == []
+    mnt = env.mount(env.sn.prepare("torn", base))
+    assert_same(describe(mnt, links=False), describe(ref, links=False), "prepare after a crash")
+    env.umount(mnt)
+
+
+def test_layers_are_driver_neutral(env, mount_support):
+    """A layer committed through one driver is the parent of a snapshot of the other."""
+    other = "copy" if env.driver == "overlay" else "overlay"
+    if mount_support[other] is not None:
+        pytest.skip(f"{other} driver: {mount_support[other]}")
+    (base,), ref = run_chain(env, SCENARIOS["type_changes"][:1], views=False)
+    mnt = env.mount(env.sn.prepare("k", base, driver=other))
+    assert env.sn.stat("k").driver == other
+    assert_same(describe(mnt, links=False), describe(ref, links=False), f"{other} on {base}")
+    changes = SCENARIOS["type_changes"][1]
+    apply_changes(mnt, changes)
+    apply_changes(ref, changes)
+    env.umount(mnt)
+    env.reopen()  # the snapshot's own driver is used, not the Snapshotter's default
+    env.sn.commit("c", "k")
+    assert_same(describe(env.checkout("c")), describe(ref), "checkout")
+    check_view(env, "c", describe(ref, links=False))
 
 
 def test_crash_inside_commit(env):
