@@ -3,9 +3,13 @@
 Each layer is materialised once, as a lower directory holding the layer's own entries
 in overlayfs form (whiteouts as 0/0 character devices, opaque directories marked with
 the `trusted.overlay.opaque` xattr). Regular files in lower directories are hardlinks
-into one file cache keyed by content and metadata, so a file that appears in many
-layers and images occupies one inode. Both are caches: `drop_caches` deletes them and
-they are rebuilt from the store on the next mount.
+into one file cache keyed by path, content and metadata, so a file that appears in
+many layers and images occupies one inode. The path is part of the key so that a
+mount shows as one inode exactly the names the layer hardlinks (whose entries all
+use their group's first path), not every pair of equal files: a program reading the
+mount (tar, cp -a, `pylayers snapshot`) would keep those as hardlinks. Both are
+caches: `drop_caches` deletes them and they are rebuilt from the store on the next
+mount.
 
 An active snapshot is `upperdir` + `workdir` over its parent's lower directories;
 commit reads the upper directory back into a layer.
@@ -185,9 +189,10 @@ class OverlayDriver(Driver):
         return [self.lower_dir(lid) for lid in chain]
 
     def _cached_file(self, e: Entry) -> bytes:
-        """Path of the file cache's copy of a file with this content and metadata."""
+        """Path of the file cache's copy of the file at this path with this content and
+        metadata (for a hardlink group: its first file's entry)."""
         h = blake3.blake3(e.content)
-        h.update(struct.pack("<IIIq", e.mode, e.uid, e.gid, e.mtime_ns))
+        h.update(struct.pack("<IIIqI", e.mode, e.uid, e.gid, e.mtime_ns, len(e.path)) + e.path)
         for name, value in e.xattrs:
             h.update(struct.pack("<HI", len(name), len(value)) + name + value)
         key = h.hexdigest()
