@@ -43,7 +43,7 @@ from pylayers.mounts.overlay import OverlayDriver
 
 DRIVERS = ["overlay", "copy"]
 T0 = 1_600_000_000_123_456_789  # the mtime (ns) every created entry gets unless told
-OVERLAY_XATTRS = ("trusted.overlay.", "user.overlay.")
+OVERLAY_XATTRS = ("trusted.overlay.",)  # overlayfs's own (without its userxattr option)
 MIB = 1 << 20
 
 
@@ -633,6 +633,13 @@ SCENARIOS = {
          SetXattr("d", "user.new", b"n"), Chown("s", 7, 8), Chmod("f", 0o755)],
         [Chown("d", 0, 0), Chmod("d", 0o700), DelXattr("d", "user.dir"),
          SetXattr("plain", "user.p", b"\x00\xff")],
+    ],
+    # user.overlay.* is an ordinary xattr namespace for a mount that does not use
+    # overlayfs's userxattr option: kept, and never read as a marker
+    "user_overlay_xattrs": [
+        [Dir("d"), File("d/child", b"c"), File("f", b"f")],
+        [SetXattr("f", "user.overlay.note", b"kept"), SetXattr("d", "user.overlay.opaque", b"y")],
+        [File("d/new", b"n")],
     ],
     # the root directory's own metadata
     "root_metadata": [
