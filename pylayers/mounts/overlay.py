@@ -33,8 +33,10 @@ from ..layers.tree import apply_layer
 from .drivers import Driver
 from .snapshotter import Mount, Usage
 
-OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque")
-OVERLAY_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.")
+# The mounts use overlayfs's trusted.overlay.* xattrs (no `userxattr` option):
+# user.overlay.* is then an ordinary namespace, for the files' owners to use.
+OPAQUE_XATTRS = (b"trusted.overlay.opaque",)
+OVERLAY_XATTR_PREFIXES = (b"trusted.overlay.",)
 
 
 def cache_root(store_path: Path) -> Path:
