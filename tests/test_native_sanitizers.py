@@ -52,3 +52,86 @@ def test_chunker_under_valgrind(tmp_path: Path) -> None:
                           "--errors-for-leak-kinds=definite,indirect", "-q", str(exe)],
                          capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+# --- tests/native/fastcdc_asan_driver.c: a naive C transcription of the contract as the
+# oracle, exact-size allocations for every piece and cuts[] array, 0- and 1-byte pieces,
+# max_cuts of 1 and 2, per-buffer cut ranges, and cross-checks with chunk_reference.py.
+
+import chunk_reference  # noqa: E402
+
+from pylayers import cut_points  # noqa: E402
+
+ASAN_SOURCES = [str(REPO / "csrc" / "fastcdc.c"),
+                str(REPO / "tests" / "native" / "fastcdc_asan_driver.c")]
+SANITIZER_ENV = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=1",
+                     UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
+
+
+def build_asan_driver(out: Path, *flags: str) -> Path:
+    subprocess.run(["gcc", *flags, "-Wall", "-Wextra", "-Werror", "-I", str(REPO / "csrc"),
+                    *ASAN_SOURCES, "-o", str(out)], check=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def asan_driver(tmp_path_factory) -> Path:
+    return build_asan_driver(tmp_path_factory.mktemp("asan") / "fastcdc_asan",
+                             "-fsanitize=address,undefined", "-fno-omit-frame-pointer",
+                             "-g", "-O1")
+
+
+def test_asan_driver_selftest_under_address_and_undefined_sanitizers(
+        asan_driver: Path) -> None:
+    res = subprocess.run([str(asan_driver), "selftest"], capture_output=True, text=True,
+                         env=SANITIZER_ENV, timeout=900)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.startswith("ok "), res.stdout
+    assert "runtime error" not in res.stderr, res.stderr
+
+
+def _input(kind: str, size: int, seed: int) -> bytes:
+    rng = random.Random(seed)
+    if kind == "zeros":
+        return bytes(size)
+    if kind == "pattern":
+        return (rng.randbytes(37) * (size // 37 + 1))[:size]
+    return rng.randbytes(size)
+
+
+@pytest.mark.parametrize(("kind", "size", "params"), [
+    ("random", 0, (64, 256, 1024)),
+    ("random", 1, (64, 256, 1024)),
+    ("random", 63, (64, 64, 64)),
+    ("random", 1025, (64, 256, 1024)),
+    ("random", 200_000, (64, 256, 1024)),
+    ("random", 200_000, (100, 300, 1000)),
+    ("random", 200_000, (64, 64, 64)),
+    ("zeros", 100_000, (64, 256, 1024)),
+    ("pattern", 100_000, (64, 128, 4096)),
+    ("random", 700_000, (16384, 65536, 262144)),
+])
+def test_asan_driver_cut_points_match_reference(asan_driver: Path, tmp_path: Path,
+                                                kind: str, size: int,
+                                                params: tuple[int, int, int]) -> None:
+    data = _input(kind, size, seed=size)
+    path = tmp_path / "input"
+    path.write_bytes(data)
+    res = subprocess.run([str(asan_driver), "cuts", str(path), *map(str, params)],
+                         capture_output=True, text=True, env=SANITIZER_ENV, timeout=300)
+    assert res.returncode == 0, res.stderr
+    got = [int(line) for line in res.stdout.split()]
+    assert got == chunk_reference.cut_points(data, *params)
+    lo, avg, hi = params
+    assert got == list(cut_points(data, min_size=lo, avg_size=avg, max_size=hi))
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_asan_driver_selftest_under_valgrind(tmp_path: Path) -> None:
+    exe = build_asan_driver(tmp_path / "fastcdc_plain", "-g", "-O1")
+    # Fewer random parameter sets and 1 MiB large inputs: valgrind runs ~50x slower.
+    res = subprocess.run(["valgrind", "-q", "--error-exitcode=3", "--leak-check=full",
+                          str(exe), "selftest", "4", "1"],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.startswith("ok "), res.stdout
