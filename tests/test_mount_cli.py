@@ -201,9 +201,11 @@ def test_errors_are_one_line(tmp_path, base, mountpoints, mount_support):
     need(mount_support, driver)
     mnt = mountpoints("mnt")
     fails(cli(tmp_path, "mount", "no-such-ref", str(mnt), "--driver", driver), "no-such-ref")
+    fails(cli(tmp_path, "mount", "", str(mnt), "--driver", driver))
     fails(cli(tmp_path, "mount", "base", str(tmp_path / "absent"), "--driver", driver))
     assert not mounted(mnt) and snapshots(tmp_path) == {}
     fails(cli(tmp_path, "umount", str(mnt)), str(mnt))  # nothing mounted there
     fails(cli(tmp_path, "commit", "no-such-key"), "no-such-key")
+    fails(cli(tmp_path, "commit", "k" * 600))
     snapdir = tmp_path / "store" / "snapshots"
     assert not snapdir.exists() or list(snapdir.iterdir()) == []

@@ -38,7 +38,7 @@ import blake3
 import pytest
 
 from pylayers import Layers, Store
-from pylayers.errors import AlreadyExists, FailedPrecondition, NotFound
+from pylayers.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from pylayers.mounts import Kind, Snapshotter
 from pylayers.mounts.overlay import OverlayDriver
 
@@ -844,6 +844,28 @@ def test_remove_rules(env):
     assert os.listdir(mnt) == []
     env.umount(mnt)
     assert [i.key for i in env.sn.walk()] == [base]
+
+
+def test_bad_keys_and_parents(env):
+    """Keys the index cannot hold are refused up front, names that cannot exist are not
+    found, and an empty parent is a bad reference: each a pylayers error, not LMDB's."""
+    (base,), _ = run_chain(env, [[File("f", b"f")]], views=False)
+    env.sn.prepare("active", base)
+    too_long = "k" * 600
+    for bad in ("", too_long, "é" * 300, "nul\x00key"):
+        for make in (env.sn.prepare, env.sn.view):
+            with pytest.raises(InvalidArgument):
+                make(bad, base)
+        with pytest.raises(InvalidArgument):
+            env.sn.commit(bad, "active")
+        for look in (env.sn.stat, env.sn.remove, env.sn.usage, env.sn.mounts):
+            with pytest.raises(NotFound):
+                look(bad)
+        with pytest.raises((InvalidArgument, NotFound)):
+            env.sn.prepare("child", bad)
+    assert env.sn.stat("active").kind == Kind.ACTIVE  # the failed commits left it be
+    assert sorted(i.key for i in env.sn.walk()) == ["active", base]
+    assert list(env.sn.walk(parent="")) == []
 
 
 def test_write_to_hardlinked_lower_file(env):
