@@ -130,7 +130,23 @@ class Snapshotter:
         self.default_driver = driver
 
     # -- records -------------------------------------------------------------------
+    def _check_key(self, key: str) -> None:
+        """A key the index can hold: non-empty, no NUL, at most LMDB's key size."""
+        if not key or "\x00" in key:
+            raise InvalidArgument("a snapshot key must be a non-empty string without NUL")
+        try:
+            size = len(key.encode())
+        except UnicodeEncodeError:
+            raise InvalidArgument("a snapshot key must be valid Unicode text") from None
+        limit = self.store.env.max_key_size()
+        if size > limit:
+            raise InvalidArgument(f"a snapshot key must be at most {limit} bytes")
+
     def _get(self, key: str) -> Info | None:
+        try:
+            self._check_key(key)
+        except InvalidArgument:
+            return None  # no such snapshot can exist
         raw = self.store.get("snapshots", key.encode())
         return Info.decode(raw) if raw is not None else None
 
@@ -187,8 +203,7 @@ class Snapshotter:
 
     def _create(self, key: str, parent: str | None, kind: Kind,
                 labels: dict[str, str] | None, driver: str | None) -> list[Mount]:
-        if not key or "\x00" in key:
-            raise InvalidArgument("a snapshot key must be a non-empty string")
+        self._check_key(key)
         if self._get(key) is not None:
             raise AlreadyExists(f"snapshot {key!r} already exists")
         parent_layer = self._parent_layer(parent)
@@ -243,6 +258,7 @@ class Snapshotter:
         info = self.stat(key)
         if info.kind != Kind.ACTIVE:
             raise FailedPrecondition(f"snapshot {key!r} is {info.kind.value}, not active")
+        self._check_key(name)
         existing = self._get(name)
         if existing is not None and name != key:
             raise AlreadyExists(f"snapshot {name!r} already exists")
