@@ -377,7 +377,8 @@ def assert_same(actual: dict[str, Node], expected: dict[str, Node], what: str) -
 
 def _try(cmd: list[str]) -> str | None:
     res = subprocess.run(cmd, capture_output=True, text=True)
-    return None if res.returncode == 0 else (res.stderr or res.stdout).strip() or "failed"
+    return None if res.returncode == 0 else \
+        ((res.stderr or res.stdout).strip() or "failed").splitlines()[0]
 
 
 @pytest.fixture(scope="session")
