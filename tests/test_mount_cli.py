@@ -148,6 +148,9 @@ def test_mount_edit_umount_commit_diff(driver, tmp_path, base, mountpoints):
     listed = snapshots(tmp_path)
     assert listed[key][:2] == ["active", driver] and str(mnt) in listed[key]
 
+    fails(cli(tmp_path, "commit", key, "--tag", "not a tag"), "tag")
+    assert mounted(mnt)  # refused before anything was done
+
     with open(mnt / "etc" / "motd", "a") as f:
         f.write("edited\n")
     (mnt / "new").write_text("new file\n")

@@ -864,6 +864,11 @@ def test_bad_keys_and_parents(env):
                 look(bad)
         with pytest.raises((InvalidArgument, NotFound)):
             env.sn.prepare("child", bad)
+    layers_before = set(env.layers.all_ids())
+    for bad_tag in ("with space", "0123456789abcdef", "", "-x"):
+        with pytest.raises(InvalidArgument):
+            env.sn.commit("tagged", "active", tag=bad_tag)
+    assert set(env.layers.all_ids()) == layers_before and env.layers.tags() == {}
     assert env.sn.stat("active").kind == Kind.ACTIVE  # the failed commits left it be
     assert sorted(i.key for i in env.sn.walk()) == ["active", base]
     assert list(env.sn.walk(parent="")) == []
