@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from ..layers.manifest import REG
-from ..layers.repo import Layers
+from ..layers.repo import Layers, check_tag
 from .drivers import Driver, get_driver
 
 GC_ROOT_LABEL = "pylayers.gc.root"
@@ -259,6 +259,8 @@ class Snapshotter:
         if info.kind != Kind.ACTIVE:
             raise FailedPrecondition(f"snapshot {key!r} is {info.kind.value}, not active")
         self._check_key(name)
+        if tag is not None:
+            check_tag(tag)  # before the work; and the overlay driver stores it unchecked
         existing = self._get(name)
         if existing is not None and name != key:
             raise AlreadyExists(f"snapshot {name!r} already exists")
