@@ -9,6 +9,7 @@ import subprocess
 import click
 
 from ..errors import FailedPrecondition, NotFound, PylayersError
+from ..layers.repo import check_tag
 from ..mounts import Kind, Snapshotter
 from ..mounts.snapshotter import GC_ROOT_LABEL
 from .app import cli, human, open_layers
@@ -111,8 +112,11 @@ def commit(ctx: click.Context, key: str, tag: str | None, message: str,
     with open_layers(ctx, create=False) as layers:
         snaps = Snapshotter(layers)
         info = snaps.stat(key)
-        if info.kind != Kind.ACTIVE:  # before touching its mount: a refusal changes nothing
+        # before touching its mount: a refusal changes nothing
+        if info.kind != Kind.ACTIVE:
             raise FailedPrecondition(f"snapshot {key} is {info.kind.value}, not writable")
+        if tag is not None:
+            check_tag(tag)
         target = info.labels.get(MOUNTPOINT_LABEL)
         if target and _is_mounted(target):
             _run_mount(["umount", target])
