@@ -528,7 +528,8 @@ def run_chain(env: Env, steps: list[list], *, parent: str | None = None,
         apply_changes(mnt, changes)
         apply_changes(ref, changes)
         expected = describe(ref)
-        assert_same(describe(mnt, links=False), describe(ref, links=False),
+        links = env.driver != "overlay"  # overlayfs (index=off) copy-ups break hardlinks
+        assert_same(describe(mnt, links=links), describe(ref, links=links),
                     f"active snapshot {key} after step {i}")
         env.umount(mnt)
         layer_id = env.sn.commit(name, key)
