@@ -203,7 +203,15 @@ class OverlayDriver(Driver):
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{key}.{_unique()}.tmp")
             write_file(os.fsencode(tmp), e, self.store.read_chunk)
-            os.replace(tmp, path)
+            # Never replace a cached file: another thread or process may be linking it
+            # into a lower directory, and link(2) of an inode whose last name was just
+            # replaced fails with ENOENT. The first one made stays.
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(tmp)
         return os.fsencode(path)
 
     def _materialise(self, layer_id: bytes, tree: list[Entry], dest: Path) -> None:
