@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from chunker_reference import reference_cut_points  # noqa: E402
+from chunk_reference import cut_points as reference_cut_points  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCES = [str(REPO / "csrc" / "fastcdc.c"), str(REPO / "tests" / "native" / "fastcdc_driver.c")]
