@@ -23,7 +23,9 @@ __all__ = ["ffi", "lib", "new_params", "new_state", "gear", "walk_records"]
 def new_params(min_size: int, avg_size: int, max_size: int):
     """A validated `plc_params` for the given sizes (see csrc/fastcdc.h)."""
     params = ffi.new("plc_params *")
-    if lib.plc_params_init(params, min_size, avg_size, max_size) != 0:
+    sizes = (min_size, avg_size, max_size)
+    in_range = all(isinstance(s, int) and 0 <= s < 1 << 64 for s in sizes)
+    if not in_range or lib.plc_params_init(params, min_size, avg_size, max_size) != 0:
         raise InvalidArgument(
             f"invalid chunk sizes min={min_size} avg={avg_size} max={max_size}: "
             "need 64 <= min <= avg <= max <= 2 GiB"

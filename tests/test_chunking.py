@@ -214,7 +214,7 @@ def test_empty_input_has_no_chunks() -> None:
 @pytest.mark.parametrize("sizes", [
     (0, 256, 1024), (63, 256, 1024), (128, 64, 1024), (64, 2048, 1024),
     (64, 64, (1 << 31) + 1), (2048, 1024, 4096), (1 << 32, 1 << 32, 1 << 32),
-    (64, 64, (1 << 64) - 1),
+    (64, 64, (1 << 64) - 1), (-1, 256, 1024), (64, 256, 1 << 64), (64, 256, -1024),
 ])
 def test_invalid_sizes_raise_invalid_argument(sizes: tuple[int, int, int]) -> None:
     lo, avg, hi = sizes
