@@ -512,3 +512,47 @@ def test_packs_module_constants_match_format_doc() -> None:
     assert PACK_HEADER.size == 16
     assert FRAME_HEADER.size == 24
     assert packs.TABLE_ENTRY.size == 36
+
+
+def test_reads_from_many_threads_over_many_packs(tmp_path: Path) -> None:
+    """One Store shared by threads (the overlay driver materialises layers from several
+    at once): every read returns the right bytes, and no more than a bounded number of
+    pack files stay open however many packs are read."""
+    import random
+    import threading
+
+    chunks = {}
+    fds_at_start = len(os.listdir("/proc/self/fd"))
+    with Store.open(tmp_path / "s") as store:
+        for _ in range(80):  # each writing job starts its own pack
+            with store.writer() as w:
+                for _ in range(4):
+                    data = os.urandom(random.randrange(1000, 30_000))
+                    chunks[cid(data)] = data
+                    w.put(cid(data), data)
+                w.commit()
+        assert len(store.pack_files()) == 80
+        fds_before = len(os.listdir("/proc/self/fd"))
+        errors: list[str] = []
+        start = threading.Barrier(6)
+
+        def reader(seed: int) -> None:
+            order = list(chunks)
+            random.Random(seed).shuffle(order)
+            start.wait()
+            try:
+                for _ in range(3):
+                    for c in order:
+                        if store.read_chunk(c) != chunks[c]:
+                            errors.append(f"wrong bytes for {c.hex()}")
+            except Exception as exc:  # a damaged read is a test failure, not a warning
+                errors.append(repr(exc))
+
+        threads = [threading.Thread(target=reader, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert len(os.listdir("/proc/self/fd")) <= fds_before + 64
+    assert len(os.listdir("/proc/self/fd")) <= fds_at_start  # close() closed them all

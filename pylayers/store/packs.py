@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
+import threading
 import zlib
 from collections import OrderedDict, deque
 from collections.abc import Iterator
@@ -172,39 +173,62 @@ def iter_frames(path: Path) -> Iterator[Frame]:
 
 class PackReader:
     """Reads chunks by location, keeping a few decompressed frames (sequential reads of
-    one file hit the same frame many times)."""
+    one file hit the same frame many times). Safe to share between threads: files are
+    read with pread, the caches are guarded by a lock, and frames are decompressed
+    outside it (two threads may then decompress one frame; both results are equal)."""
 
     def __init__(self, root: Path, cache_frames: int = 8) -> None:
         self.root = root
-        self._files: OrderedDict[str, object] = OrderedDict()
+        self._fds: OrderedDict[str, int] = OrderedDict()
         self._frames: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._cache_frames = cache_frames
+        self._lock = threading.Lock()
+        self._active = 0  # threads inside pread
+        self._retired: list[int] = []  # descriptors to close when none is
 
-    def _file(self, pack: str):
-        f = self._files.get(pack)
-        if f is None:
+    def _read(self, pack: str, offset: int, length: int) -> bytes:
+        with self._lock:
+            fd = self._fds.get(pack)
+            if fd is not None:
+                self._fds.move_to_end(pack)
+                self._active += 1
+        if fd is None:
             try:
-                f = open(pack_path(self.root, pack), "rb")  # noqa: SIM115
+                new_fd = os.open(pack_path(self.root, pack), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 raise CorruptData(f"pack {pack} is missing") from None
-            self._files[pack] = f
-            if len(self._files) > 64:
-                self._files.popitem(last=False)[1].close()
-        return f
+            with self._lock:
+                fd = self._fds.get(pack)
+                if fd is None:
+                    fd = self._fds[pack] = new_fd
+                    if len(self._fds) > 64:  # closed once no thread is reading
+                        self._retired.append(self._fds.popitem(last=False)[1])
+                else:  # another thread opened it meanwhile
+                    self._retired.append(new_fd)
+                self._active += 1
+        try:
+            return os.pread(fd, length, offset)
+        finally:
+            with self._lock:
+                self._active -= 1
+                if not self._active and self._retired:
+                    for old in self._retired:
+                        os.close(old)
+                    self._retired.clear()
 
     def frame_raw(self, loc: Location) -> bytes:
         key = (loc.pack, loc.offset)
-        raw = self._frames.get(key)
-        if raw is not None:
-            self._frames.move_to_end(key)
-            return raw
-        f = self._file(loc.pack)
-        f.seek(loc.offset)
-        buf = f.read(loc.frame_len)
+        with self._lock:
+            raw = self._frames.get(key)
+            if raw is not None:
+                self._frames.move_to_end(key)
+                return raw
+        buf = self._read(loc.pack, loc.offset, loc.frame_len)
         raw = decode_frame(buf, loc.offset, f"pack {loc.pack}").raw()
-        self._frames[key] = raw
-        if len(self._frames) > self._cache_frames:
-            self._frames.popitem(last=False)
+        with self._lock:
+            self._frames[key] = raw
+            if len(self._frames) > self._cache_frames:
+                self._frames.popitem(last=False)
         return raw
 
     def read(self, loc: Location) -> bytes:
@@ -214,10 +238,12 @@ class PackReader:
         return raw[loc.start : loc.start + loc.length]
 
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
-        self._frames.clear()
+        with self._lock:
+            for fd in [*self._fds.values(), *self._retired]:
+                os.close(fd)
+            self._fds.clear()
+            self._retired.clear()
+            self._frames.clear()
 
 
 class PackWriter:
