@@ -556,3 +556,33 @@ def test_reads_from_many_threads_over_many_packs(tmp_path: Path) -> None:
         assert errors == []
         assert len(os.listdir("/proc/self/fd")) <= fds_before + 64
     assert len(os.listdir("/proc/self/fd")) <= fds_at_start  # close() closed them all
+
+
+def test_read_ahead_in_order_errors_in_place_and_stops_when_closed(tmp_path: Path) -> None:
+    import threading
+
+    from pylayers.store.readahead import read_ahead
+
+    datas = [os.urandom(50_000) for _ in range(40)]
+    with Store.open(tmp_path / "s") as store:
+        with store.writer() as w:
+            for d in datas:
+                w.put(cid(d), d)
+            w.commit()
+        ids = [cid(d) for d in datas]
+        # twice over, in an order unlike the packs', with small batches ahead
+        order = ids[::-1] + ids
+        assert list(read_ahead(store, order, ahead_bytes=1 << 20)) == datas[::-1] + datas
+        # a missing chunk is an error where it stands: the chunks before it are given
+        missing = cid(b"not stored")
+        got = []
+        with pytest.raises(CorruptData, match="missing"):
+            for data in read_ahead(store, [*ids[:3], missing, *ids[3:]]):
+                got.append(data)
+        assert got == datas[:3]
+        # leaving early stops the thread
+        before = threading.active_count()
+        it = read_ahead(store, ids * 50, ahead_bytes=1 << 20)
+        assert next(it) == datas[0]
+        it.close()
+        assert threading.active_count() == before

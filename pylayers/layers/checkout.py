@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from ..errors import InvalidArgument, PylayersError
@@ -145,23 +145,41 @@ class _SparseWriter:
 
 
 def write_file(path: bytes, e: Entry, read_chunk: Callable[[bytes], bytes]) -> None:
+    write_file_from(path, e, (read_chunk(cid) for cid, _length in e.chunk_list()))
+
+
+def write_file_from(path: bytes, e: Entry, chunks: Iterable[bytes]) -> None:
+    """Create the regular file `path` from the bytes of its chunks, then its metadata."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600)
     try:
         out = _SparseWriter(fd, max(os.fstat(fd).st_blksize, 512))
-        for cid, _length in e.chunk_list():
-            out.write(read_chunk(cid))
+        for data in chunks:
+            out.write(data)
         out.finish()
         _meta(path, e, fd)
     finally:
         os.close(fd)
 
 
-def checkout_tree(tree: list[Entry], dest: Path, read_chunk: Callable[[bytes], bytes],
+def checkout_tree(tree: list[Entry], dest: Path,
+                  read_chunks: Callable[[Iterable[bytes]], Iterator[bytes]],
                   progress: Callable[[int], None] | None = None) -> None:
-    """Write `tree` into the empty directory `dest`."""
+    """Write `tree` into the empty directory `dest`. `read_chunks` gives the bytes of
+    a sequence of chunk ids, in order (Store.read_ahead reads ahead on a thread)."""
     validate_tree(tree)
     prepare_destination(dest)
+    stream = read_chunks(cid for e in tree if e.kind == REG for cid, _n in e.chunk_list())
+    try:
+        _write_tree(tree, dest, stream, progress)
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+
+
+def _write_tree(tree: list[Entry], dest: Path, stream: Iterator[bytes],
+                progress: Callable[[int], None] | None) -> None:
     base = os.fsencode(dest.resolve())
     # DEST becomes the layer's root: its own xattrs go (the root's are set at the end),
     # above all a default ACL, which every entry made inside would otherwise inherit.
@@ -175,7 +193,7 @@ def checkout_tree(tree: list[Entry], dest: Path, read_chunk: Callable[[bytes], b
                     os.mkdir(path, 0o700)
                 dirs.append((path, e))
             elif e.kind == REG:
-                write_file(path, e, read_chunk)
+                write_file_from(path, e, (next(stream) for _ in range(e.chunk_count())))
                 if progress is not None:
                     progress(e.size)
             elif e.kind == HARDLINK:

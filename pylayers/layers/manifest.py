@@ -85,6 +85,9 @@ class Entry:
     def opaque(self) -> bool:
         return bool(self.flags & OPAQUE)
 
+    def chunk_count(self) -> int:
+        return len(self.chunks) // _CHUNK.size
+
     def chunk_list(self) -> list[tuple[bytes, int]]:
         c = self.chunks
         return [_CHUNK.unpack_from(c, i) for i in range(0, len(c), _CHUNK.size)]

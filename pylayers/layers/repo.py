@@ -20,6 +20,7 @@ import blake3
 
 from ..chunking import cut_points
 from ..errors import AlreadyExists, CorruptData, FailedPrecondition, InvalidArgument, NotFound
+from ..store.readahead import read_ahead
 from ..store.repository import ChunkWriter, Store
 from . import fingerprint
 from .checkout import checkout_tree
@@ -172,7 +173,8 @@ class Layers:
         return b"".join(self.store.read_chunk(cid) for cid, _ in e.chunk_list())
 
     def checkout(self, layer_id: bytes, dest: Path, progress=None) -> None:
-        checkout_tree(self.tree(layer_id), dest, self.store.read_chunk, progress)
+        checkout_tree(self.tree(layer_id), dest, lambda cids: read_ahead(self.store, cids),
+                      progress)
 
     # -- writing -------------------------------------------------------------------
     def snapshot(self, directory: str | Path, parent: bytes | None = None,

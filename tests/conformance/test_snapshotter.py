@@ -1272,15 +1272,17 @@ PREPARE_CRASH_SCRIPT = textwrap.dedent("""
     from pylayers.mounts import Snapshotter
     store, driver, key, parent = sys.argv[1:5]
     calls = []
-    real = checkout.write_file
 
-    def write_file(*args):  # die in the middle of filling the snapshot (or its lowers)
-        calls.append(1)
-        if len(calls) == 5:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(*args)
+    def dying(real):  # die in the middle of filling the snapshot (or its lowers)
+        def wrapper(*args):
+            calls.append(1)
+            if len(calls) == 5:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args)
+        return wrapper
 
-    checkout.write_file = overlay.write_file = write_file
+    overlay.write_file = dying(checkout.write_file)  # lower dirs
+    checkout.write_file_from = dying(checkout.write_file_from)  # a copy's checkout
     Snapshotter(Layers(Store.open(store)), driver).prepare(key, parent)
 """)
 
