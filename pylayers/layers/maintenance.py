@@ -28,10 +28,12 @@ def live_chunks(store: Store, extra_roots: set[bytes] | None = None) -> set[byte
 
 
 def gc(store: Store) -> SweepResult:
-    """Delete chunks no layer needs, and build cache keys whose layer is gone. The store
-    must be opened exclusive."""
+    """Delete chunks no layer needs, and build cache keys whose layer is gone, then
+    rewrite the index without its free pages. The store must be opened exclusive."""
     prune_cache_keys(store)
-    return store.sweep(live_chunks(store))
+    res = store.sweep(live_chunks(store))
+    res.bytes_freed += store.compact_index()
+    return res
 
 
 @dataclass

@@ -27,7 +27,7 @@ from .manifest import BLK, CHR, DIR, FIFO, HARDLINK, REG, SYMLINK, Entry
 
 BLOCK = 4 << 20
 _CHUNK = struct.Struct("<32sI")
-STATCACHE = struct.Struct("<QQQqq32s")
+STATCACHE = struct.Struct("<Qqq32s")  # size, mtime_ns, ctime_ns, content id
 _INODE = struct.Struct("<QQ")  # the stat cache's key: dev, ino
 # A cache entry is recorded only if the file's ctime is this much older than the moment
 # we began reading it: timestamps are coarse, so a write in the same tick as our read
@@ -66,6 +66,27 @@ def read_xattrs(path: bytes) -> tuple[tuple[bytes, bytes], ...]:
             if e.errno != errno.ENODATA:
                 raise
     return tuple(out)
+
+
+def encode_statcache(size: int, mtime_ns: int, ctime_ns: int, content: bytes,
+                     chunks: bytes) -> bytes:
+    """A stat-cache value (docs/format.md, "The index"): the chunk list is left out
+    when the file is one chunk, whose id is then the content id."""
+    if len(chunks) == _CHUNK.size and _CHUNK.unpack(chunks) == (content, size):
+        chunks = b""
+    return STATCACHE.pack(size, mtime_ns, ctime_ns, content) + chunks
+
+
+def decode_statcache(value: bytes) -> tuple[int, int, int, bytes, bytes] | None:
+    """(size, mtime_ns, ctime_ns, content id, packed chunk list), or None for a value
+    of another length (an entry in an earlier layout: a miss)."""
+    if len(value) < STATCACHE.size or (len(value) - STATCACHE.size) % _CHUNK.size:
+        return None
+    size, mtime, ctime, content = STATCACHE.unpack_from(value)
+    chunks = bytes(value[STATCACHE.size:])
+    if not chunks and size:
+        chunks = _CHUNK.pack(content, size)
+    return size, mtime, ctime, content, chunks
 
 
 class ContentReader:
@@ -283,13 +304,12 @@ class Scanner:
         self.stats.bytes_total += st.st_size
         key = _INODE.pack(st.st_dev, st.st_ino)
         if self._txn is not None:
-            cached = self._txn.get(key)
+            raw = self._txn.get(key)  # the key is the inode: dev and ino match
+            cached = decode_statcache(raw) if raw is not None else None
             if cached is not None:
-                dev, ino, size, mtime, ctime, content = STATCACHE.unpack_from(cached)
-                if (dev, ino, size, mtime, ctime) == (
-                        st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
-                    e.size, e.content = size, content
-                    e.chunks = bytes(cached[STATCACHE.size:])
+                size, mtime, ctime, content, chunks = cached
+                if (size, mtime, ctime) == (st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+                    e.size, e.content, e.chunks = size, content, chunks
                     self.stats.cache_hits += 1
                     if self.progress is not None:
                         self.progress(st.st_size)
@@ -318,9 +338,8 @@ class Scanner:
                 st.st_size, st.st_mtime_ns, st.st_ctime_ns):
             self.stats.warnings.append(f"{os.fsdecode(path)}: changed as we read it")
         elif self.use_statcache and st.st_ctime_ns < read_start - RACY_NS:
-            self.statcache_updates.append((key, STATCACHE.pack(
-                st.st_dev, st.st_ino, e.size, st.st_mtime_ns, st.st_ctime_ns, e.content)
-                + e.chunks))
+            self.statcache_updates.append((key, encode_statcache(
+                e.size, st.st_mtime_ns, st.st_ctime_ns, e.content, e.chunks)))
         e.mtime_ns = st.st_mtime_ns
         return True
 

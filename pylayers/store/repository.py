@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import sys
 import threading
 from collections.abc import Iterator
@@ -22,12 +23,19 @@ import blake3
 import lmdb
 
 from ..errors import CorruptData, StoreError
-from .config import CONFIG_FILE, FORMAT_VERSION, StoreConfig, write_atomically
+from .config import CONFIG_FILE, FORMAT_VERSION, StoreConfig, fsync_dir, write_atomically
 from .packs import Location, PackReader, PackWriter, frame_raw_len, pack_path
 
 DB_NAMES = ("meta", "chunks", "layers", "tags", "statcache", "snapshots", "cachekeys")
 MAP_SIZE = 1 << 40
 COMMIT_EVERY = 256 << 20  # bytes of new chunk data between index commits
+# LMDB never shrinks its file: every commit copies the pages it changes, and the old
+# copies stay in the file as free pages. A process closing the store rewrites the index
+# (Store.compact_index) when free pages are at least this share of the file and this
+# many bytes, and it can take the store lock exclusively without waiting; gc always does.
+COMPACT_FREE_SHARE = 0.25
+COMPACT_MIN_BYTES = 64 << 10
+COMPACT_DIR = "index.compact"  # the rewritten index, before it replaces index/data.mdb
 
 _envs: dict[str, tuple[lmdb.Environment, int]] = {}
 _envs_lock = threading.Lock()
@@ -117,11 +125,12 @@ class Store:
     manager or call `close()`."""
 
     def __init__(self, path: Path, config: StoreConfig, env: lmdb.Environment,
-                 lock_fd: int) -> None:
+                 lock_fd: int, exclusive: bool = False) -> None:
         self.path = path
         self.config = config
         self.env = env
         self._lock_fd = lock_fd
+        self._exclusive = exclusive
         self.db = {name: env.open_db(name.encode()) for name in DB_NAMES}
         self.packs_root = path / "packs"
         self.reader = PackReader(self.packs_root)
@@ -150,7 +159,7 @@ class Store:
         except BaseException:
             os.close(lock_fd)
             raise
-        store = cls(path, config, env, lock_fd)
+        store = cls(path, config, env, lock_fd, exclusive)
         with env.begin(db=store.db["meta"]) as txn:
             raw = txn.get(b"format_version")
         try:
@@ -237,12 +246,43 @@ class Store:
         return fd
 
     def close(self) -> None:
+        """Close the store; first rewrite the index if it is mostly free pages and no
+        other process uses the store (see `compact_index`)."""
         if self._lock_fd < 0:
             return
         self.reader.close()
+        try:
+            compact = self._compaction_due()
+            if compact and self._exclusive:
+                self.compact_index()
+                compact = False
+        except (OSError, lmdb.Error, StoreError):
+            compact = False  # an optimisation only: the index is as it was
         _close_env(self.path / "index")
+        if compact:
+            self._compact_if_alone()
         os.close(self._lock_fd)
         self._lock_fd = -1
+
+    def _compact_if_alone(self) -> None:
+        """With this store's index closed: take the store lock exclusively if nobody else
+        holds it (never waiting), reopen the index and compact it. The index must not be
+        open while the lock is not held: gc could replace its file meanwhile."""
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return  # another process uses the store (our shared lock may be gone too)
+        try:
+            self.env = _open_env(self.path / "index")
+        except StoreError:
+            return
+        try:
+            self.db = {name: self.env.open_db(name.encode()) for name in DB_NAMES}
+            self.compact_index()
+        except (OSError, lmdb.Error, StoreError):
+            pass
+        finally:
+            _close_env(self.path / "index")
 
     def __enter__(self) -> Store:
         return self
@@ -406,6 +446,99 @@ class Store:
         self.reader.close()
         pack_path(self.packs_root, pack).unlink()
         return w.bytes_written
+
+    # -- index compaction ------------------------------------------------------------
+    def index_pages(self) -> tuple[int, int, int]:
+        """(page size, pages in index/data.mdb, pages holding data). The difference is
+        LMDB's free pages (and the pages of its list of them)."""
+        stat = self.env.stat()
+
+        def pages(s: dict) -> int:
+            return s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"]
+
+        used = 2 + pages(stat)  # two meta pages, the main table (naming the others)
+        with self.env.begin() as txn:
+            for db in self.db.values():
+                used += pages(txn.stat(db))
+        return stat["psize"], self.env.info()["last_pgno"] + 1, used
+
+    def _compaction_due(self) -> bool:
+        key = os.path.realpath(self.path / "index")
+        with _envs_lock:
+            if _envs[key][1] != 1:
+                return False  # another Store of this process has the index open
+        if (self.path / COMPACT_DIR).exists():
+            return True  # a compaction was interrupted: finish cleaning up
+        psize, total, used = self.index_pages()
+        free = (total - used) * psize
+        return free >= COMPACT_MIN_BYTES and free >= COMPACT_FREE_SHARE * total * psize
+
+    def compact_index(self, min_free: int = 0) -> int:
+        """Rewrite the index into a new file holding only its data, every table written
+        in key order so its pages are full, and swap it in; returns the bytes saved.
+        Skipped (0) when fewer than `min_free` bytes are free pages.
+
+        The caller holds the store lock exclusively, so no other process has the index
+        open (every process opens it only while holding the lock), and has no
+        transaction open. Crash safety: the new file is written and fsynced in
+        COMPACT_DIR, then renamed over index/data.mdb, which is atomic: a crash leaves
+        the old index or the new one, both whole, and at most a stale COMPACT_DIR, which
+        the next compaction removes. LMDB resets lock.mdb when the first process opens
+        the environment, so the old lock file does not outlive the old data file."""
+        index = self.path / "index"
+        tmp = self.path / COMPACT_DIR
+        key = os.path.realpath(index)
+        with _envs_lock:
+            if _envs[key][1] != 1:
+                return 0
+        shutil.rmtree(tmp, ignore_errors=True)
+        psize, total, used = self.index_pages()
+        if (total - used) * psize < min_free:
+            return 0
+        counts: dict[bytes, int] = {}
+        with self.env.begin() as txn:
+            names = [bytes(k) for k in txn.cursor().iternext(values=False)]
+            if any(n.decode(errors="replace") not in self.db for n in names):
+                return 0  # a table this pylayers does not know: leave it all alone
+            for name in names:
+                counts[name] = txn.stat(self.db[name.decode()])["entries"]
+        tmp.mkdir()
+        try:
+            new = lmdb.open(os.fspath(tmp), map_size=MAP_SIZE, max_dbs=len(DB_NAMES) + 2,
+                            subdir=True, lock=False, meminit=False)
+            try:
+                with self.env.begin() as src, new.begin(write=True) as dst:
+                    for name in names:
+                        db = new.open_db(name, txn=dst)
+                        rows = src.cursor(self.db[name.decode()]).iternext()
+                        dst.cursor(db).putmulti(rows, append=True)
+                        if dst.stat(db)["entries"] != counts[name]:
+                            raise StoreError(f"index compaction: table {name.decode()} "
+                                             "lost entries")
+            finally:
+                new.close()
+            data = tmp / "data.mdb"
+            fd = os.open(data, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            fsync_dir(tmp)
+            before = (index / "data.mdb").stat().st_size
+            after = data.stat().st_size
+            self.reader.close()
+            _close_env(index)
+            try:
+                os.rename(data, index / "data.mdb")
+                fsync_dir(index)
+            finally:
+                self.env = _open_env(index)
+                self.db = {n: self.env.open_db(n.encode()) for n in DB_NAMES}
+        except lmdb.Error as e:
+            raise _index_error(self.path, e) from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return before - after
 
     def disk_usage(self) -> int:
         total = 0

@@ -1,0 +1,347 @@
+"""The index's size: the stat cache's compact values, and compaction of the LMDB file
+(free pages dropped by rewriting it), including processes killed while compacting and
+compaction beside concurrent snapshots."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lmdb
+import pytest
+
+import pylayers
+from pylayers.layers.scan import decode_statcache, encode_statcache
+from pylayers.store import repository
+from pylayers.store.repository import COMPACT_DIR, Store
+
+CLI = [sys.executable, "-m", "pylayers"]
+
+
+def run_cli(store: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, "--store", str(store), *args], capture_output=True,
+                          text=True, timeout=120, cwd=store.parent)
+
+
+def snapshot(store: Path, src: Path, *extra: str) -> str:
+    proc = run_cli(store, "snapshot", str(src), *extra)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def assert_fsck_ok(store: Path) -> None:
+    proc = run_cli(store, "fsck")
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+
+
+def many_files(root: Path, n: int, seed: int) -> Path:
+    """`n` small files of distinct content: each snapshot adds `n` chunks at random
+    places in the chunk index, so its commit rewrites most of the index's pages."""
+    rnd = random.Random(seed)
+    for i in range(n):
+        d = root / f"d{i % 20}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i}").write_bytes(rnd.randbytes(rnd.randrange(50, 3000)))
+    return root
+
+
+def _raw_index(store_path: Path):
+    """The index opened read-only and without LMDB's lock file, outside any Store (whose
+    close could compact it); only while no process writes to it."""
+    return lmdb.open(os.fspath(store_path / "index"), readonly=True, lock=False, max_dbs=16)
+
+
+def all_tables(store_path: Path) -> dict[str, list[tuple[bytes, bytes]]]:
+    env = _raw_index(store_path)
+    try:
+        out = {}
+        with env.begin() as txn:
+            for name in repository.DB_NAMES:
+                db = env.open_db(name.encode(), txn=txn, create=False)
+                out[name] = [(bytes(k), bytes(v)) for k, v in txn.cursor(db)]
+        return out
+    finally:
+        env.close()
+
+
+def free_bytes(store_path: Path) -> int:
+    """Bytes of data.mdb that hold no table's page (LMDB's free pages)."""
+    env = _raw_index(store_path)
+    try:
+        def pages(st: dict) -> int:
+            return st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+
+        st = env.stat()
+        used = 2 + pages(st)
+        with env.begin() as txn:
+            for name in repository.DB_NAMES:
+                used += pages(txn.stat(env.open_db(name.encode(), txn=txn, create=False)))
+        return os.path.getsize(store_path / "index" / "data.mdb") - used * st["psize"]
+    finally:
+        env.close()
+
+
+def data_mdb(store_path: Path) -> Path:
+    return store_path / "index" / "data.mdb"
+
+
+# -- the stat cache's values -------------------------------------------------------------
+
+def test_statcache_values_leave_out_the_chunk_list_of_one_chunk_files(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "small").write_bytes(b"one chunk\n" * 100)
+    (src / "empty").write_bytes(b"")
+    (src / "big").write_bytes(random.Random(1).randbytes(1 << 20))  # several chunks
+    time.sleep(1.1)  # ctimes out of the racy window: entries are written
+    with Store.open(tmp_path / "store") as store:
+        layers = pylayers.Layers(store)
+        first = layers.snapshot(src)
+        inode = {name: struct.pack("<QQ", st.st_dev, st.st_ino)
+                 for name in ("small", "empty", "big")
+                 for st in [os.stat(src / name)]}
+        values = dict(store.items("statcache"))
+        assert len(values[inode["small"]]) == 56
+        assert len(values[inode["empty"]]) == 56
+        big = values[inode["big"]]
+        assert len(big) > 56 and (len(big) - 56) % 36 == 0
+        (src / "new").write_bytes(b"12345")  # the tree changed: no fingerprint shortcut
+        again = layers.snapshot(src, parent=first.layer_id)
+        assert again.stats.cache_hits == 3 and again.stats.bytes_read == 5
+        assert [e.path for e in layers.entries(again.layer_id)] == [b"", b"new"]
+        # what the cache gave back is what reading gave: the tree's manifests agree
+        for e in layers.tree(again.layer_id):
+            if e.path == b"small":
+                assert e.chunk_list() == [(e.content, e.size)]
+            if e.path == b"empty":
+                assert e.chunk_list() == []
+
+
+def test_statcache_round_trip_and_rejected_lengths() -> None:
+    content = bytes(range(32))
+    one = struct.pack("<32sI", content, 700)
+    assert decode_statcache(encode_statcache(700, 5, 6, content, one)) == (
+        700, 5, 6, content, one)
+    two = struct.pack("<32sI", b"a" * 32, 300) + struct.pack("<32sI", b"b" * 32, 400)
+    assert decode_statcache(encode_statcache(700, -5, 6, content, two)) == (
+        700, -5, 6, content, two)
+    assert decode_statcache(encode_statcache(0, 1, 2, b"\0" * 32, b"")) == (
+        0, 1, 2, b"\0" * 32, b"")
+    # the earlier layout (dev, ino first: 80 + 36n bytes) never decodes
+    old = struct.pack("<QQQqq32s", 1, 2, 700, 5, 6, content) + one
+    assert decode_statcache(old) is None
+    assert decode_statcache(old[:-36]) is None
+    assert decode_statcache(b"x" * 55) is None
+
+
+def test_an_entry_in_the_earlier_layout_is_a_miss_and_is_replaced(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"data\n" * 1000)
+    time.sleep(1.1)
+    with Store.open(tmp_path / "store") as store:
+        layers = pylayers.Layers(store)
+        first = layers.snapshot(src)
+        st = os.stat(src / "f")
+        key = struct.pack("<QQ", st.st_dev, st.st_ino)
+        value = store.get("statcache", key)
+        size, mtime, ctime, content, chunks = decode_statcache(value)
+        # what an earlier build wrote, claiming other content: it must not be believed
+        store.put("statcache", key, struct.pack("<QQQqq32s", st.st_dev, st.st_ino, size,
+                                                mtime, ctime, b"\xee" * 32) + chunks)
+        (src / "new").write_bytes(b"12345")  # the tree changed: no fingerprint shortcut
+        again = layers.snapshot(src, parent=first.layer_id)
+        assert again.stats.cache_hits == 0 and again.stats.bytes_read == size + 5
+        assert [e.path for e in layers.entries(again.layer_id)] == [b"", b"new"]
+        assert store.get("statcache", key) == value
+
+
+# -- compaction ------------------------------------------------------------------------
+
+@pytest.fixture
+def wasteful_store(tmp_path: Path, monkeypatch) -> Path:
+    """A store whose index is mostly free pages: several snapshots, each indexing many
+    new chunks, while this process holds the store, so none of them compacts."""
+    store = tmp_path / "store"
+    holder = Store.open(store)  # a shared lock: the CLI's snapshots cannot compact
+    for i in range(4):
+        snapshot(store, many_files(tmp_path / f"t{i}", 400, seed=i), "--tag", f"v{i}")
+    with monkeypatch.context() as m:
+        m.setattr(repository, "COMPACT_MIN_BYTES", 1 << 60)
+        holder.close()  # without compacting
+    assert free_bytes(store) > data_mdb(store).stat().st_size / 3
+    return store
+
+
+HOLD = """
+import sys
+from pylayers.store.repository import Store
+s = Store.open(sys.argv[1])
+print("ready", flush=True)
+sys.stdin.readline()
+s.close()
+"""
+
+
+def test_compaction_drops_free_pages_and_keeps_every_entry(wasteful_store: Path) -> None:
+    store = wasteful_store
+    before = all_tables(store)
+    size = data_mdb(store).stat().st_size
+    with Store.open(store, exclusive=True) as s:
+        saved = s.compact_index()
+        psize, total, used = s.index_pages()
+        assert total - used <= 1  # nothing left but data (and LMDB's free list root)
+        assert s.chunk_count() == len(before["chunks"])  # the reopened index works
+    assert saved > size / 3 and data_mdb(store).stat().st_size == size - saved
+    assert all_tables(store) == before
+    assert not (store / COMPACT_DIR).exists()
+    assert_fsck_ok(store)
+    # other processes open and write it as before
+    nxt = snapshot(store, many_files(store.parent / "next", 50, seed=9), "--tag", "next")
+    assert run_cli(store, "tags").stdout.count("\n") == 5
+    proc = run_cli(store, "checkout", nxt, str(store.parent / "out"))
+    assert proc.returncode == 0, proc.stderr
+    assert_fsck_ok(store)
+
+
+def test_gc_compacts(wasteful_store: Path) -> None:
+    size = data_mdb(wasteful_store).stat().st_size
+    proc = run_cli(wasteful_store, "gc")
+    assert proc.returncode == 0, proc.stderr
+    assert data_mdb(wasteful_store).stat().st_size < size * 2 / 3
+    assert free_bytes(wasteful_store) <= 4096
+    assert_fsck_ok(wasteful_store)
+
+
+def test_closing_compacts_only_when_alone(wasteful_store: Path) -> None:
+    store = wasteful_store
+    ino = data_mdb(store).stat().st_ino
+    other = subprocess.Popen([sys.executable, "-c", HOLD, str(store)], text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=store.parent)
+    try:
+        assert other.stdout.readline() == "ready\n"
+        # a process closing the store while `other` holds it cannot compact
+        proc = run_cli(store, "tags")
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+        assert data_mdb(store).stat().st_ino == ino
+    finally:
+        other.communicate("\n", timeout=60)  # alone when it closes: it compacts
+    assert other.returncode == 0
+    assert data_mdb(store).stat().st_ino != ino
+    assert free_bytes(store) <= 4096
+    # a close with little free space does not rewrite the file again
+    ino = data_mdb(store).stat().st_ino
+    assert run_cli(store, "tags").returncode == 0
+    assert data_mdb(store).stat().st_ino == ino
+    assert_fsck_ok(store)
+
+
+def test_snapshots_compact_the_index_as_they_go(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    sizes = []
+    for i in range(5):
+        snapshot(store, many_files(tmp_path / f"t{i}", 400, seed=i), "--tag", f"v{i}")
+        sizes.append(data_mdb(store).stat().st_size)
+        assert free_bytes(store) < max(repository.COMPACT_MIN_BYTES,
+                                       repository.COMPACT_FREE_SHARE * sizes[-1])
+    assert_fsck_ok(store)
+
+
+COMPACT_LOOP = """
+import sys
+from pylayers.store.repository import Store
+s = Store.open(sys.argv[1], exclusive=True)
+print("ready", flush=True)
+while True:
+    s.compact_index()
+"""
+
+KILL_AT = """
+import os, signal, sys
+from pylayers.store import repository
+real_rename, real_fsync_dir = os.rename, repository.fsync_dir
+point = sys.argv[2]
+def rename(a, b):
+    if point == "before-rename":
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_rename(a, b)
+    if point == "after-rename":
+        os.kill(os.getpid(), signal.SIGKILL)
+os.rename = rename
+s = repository.Store.open(sys.argv[1], exclusive=True)
+s.compact_index()
+"""
+
+
+@pytest.mark.parametrize("point", ["before-rename", "after-rename"])
+def test_killed_at_each_step_of_compaction(wasteful_store: Path, point: str) -> None:
+    store = wasteful_store
+    before = all_tables(store)
+    size = data_mdb(store).stat().st_size
+    proc = subprocess.run([sys.executable, "-c", KILL_AT, str(store), point],
+                          capture_output=True, text=True, timeout=60, cwd=store.parent)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    # killed with the new file written beside the old one, or just after it replaced it
+    renamed = point == "after-rename"
+    assert (store / COMPACT_DIR / "data.mdb").exists() != renamed
+    assert (data_mdb(store).stat().st_size < size * 2 / 3) == renamed
+    assert all_tables(store) == before
+    assert_fsck_ok(store)
+    snapshot(store, many_files(store.parent / "next", 50, seed=9), "--tag", "next")
+    assert not (store / COMPACT_DIR).exists()  # cleaned up by the next compaction
+    assert_fsck_ok(store)
+    assert len(all_tables(store)["layers"]) == len(before["layers"]) + 1
+
+
+def test_killed_while_compacting_at_random_moments(wasteful_store: Path) -> None:
+    store = wasteful_store
+    before = all_tables(store)
+    rnd = random.Random(7)
+    replaced = 0
+    for _ in range(8):
+        ino = data_mdb(store).stat().st_ino
+        proc = subprocess.Popen([sys.executable, "-c", COMPACT_LOOP, str(store)],
+                                stdout=subprocess.PIPE, text=True, cwd=store.parent)
+        assert proc.stdout.readline() == "ready\n"
+        time.sleep(rnd.uniform(0.0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+        replaced += data_mdb(store).stat().st_ino != ino
+        assert all_tables(store) == before
+    assert replaced  # the kills did land in compacting processes that had swapped files
+    assert_fsck_ok(store)
+    snapshot(store, many_files(store.parent / "next", 50, seed=9), "--tag", "next")
+    assert_fsck_ok(store)
+
+
+def test_concurrent_snapshots_while_closers_compact(tmp_path: Path) -> None:
+    """Processes closing the store try to compact it while others snapshot into it:
+    every layer stays, and the index is compacted by whoever is alone last."""
+    store = tmp_path / "store"
+    Store.open(store).close()
+    trees = [many_files(tmp_path / f"t{i}", 300, seed=i) for i in range(6)]
+    ino = data_mdb(store).stat().st_ino
+    for rnd in range(2):
+        procs = [subprocess.Popen([*CLI, "--store", str(store), "snapshot", str(t), "--tag",
+                                   f"r{rnd}-{i}", "-m", str(rnd)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  cwd=tmp_path)
+                 for i, t in enumerate(trees)]
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err
+        for i in range(len(trees)):
+            (trees[i] / f"d{rnd}" / f"new{rnd}").write_bytes(os.urandom(2000))
+    tags = all_tables(store)["tags"]
+    assert len(tags) == 12
+    assert data_mdb(store).stat().st_ino != ino
+    assert_fsck_ok(store)
+    for i in (0, 5):
+        proc = run_cli(store, "checkout", f"r1-{i}", str(tmp_path / f"out{i}"))
+        assert proc.returncode == 0, proc.stderr
