@@ -15,11 +15,13 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -490,3 +492,55 @@ def test_snapshot_is_used_only_in_its_mode(ctx, work):
     assert ok(root_cli(work, "snapshots")).split()[:3] == [key, "active", "overlay"]
     layer = ok(in_userns(ctx, work, ["sh", "-c", f"$PL commit {key}"])).strip()
     assert ok(root_cli(work, "diff", "base", layer)).splitlines() == ["D /old"]
+
+
+# The conformance suite's overlay tests that need root in the initial user namespace.
+ROOT_ONLY = {
+    "type_changes": "makes device nodes (CAP_MKNOD)",
+    "driver_neutral": "its layer holds a device node",
+    "xattrs_and_ownership": "sets trusted.* xattrs",
+    "user_overlay_xattrs": "user.overlay.* as content: root mode only (refused here, "
+                           "see test_overlay_xattrs_in_content_are_refused)",
+}
+
+
+def test_conformance_suite_in_userxattr_mode(tmp_path):
+    """tests/conformance's overlay tests, all in one pytest run as root inside a user
+    and mount namespace mapping ids 0-65535 to themselves (their layers own many ids,
+    which `unshare -Urm` would not map; real root writes the wider map), so the driver
+    is in userxattr mode. Those needing root in the initial namespace are left out."""
+    ctx = probe()
+    if isinstance(ctx, str):
+        pytest.skip(ctx)
+    repo = Path(__file__).resolve().parents[1]
+    check = "from pylayers.mounts.overlay import overlay_mode; print(overlay_mode()[0])"
+    select = "overlay and not (" + " or ".join(ROOT_ONLY) + ")"
+    cmds = {"mode": [PY, "-P", "-c", check],
+            "suite": [PY, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                      f"--basetemp={tmp_path / 'inner'}", "-k", select,
+                      str(repo / "tests" / "conformance" / "test_snapshotter.py")]}
+    out = {}
+    for name, cmd in cmds.items():
+        r, w = os.pipe()  # the child waits on it until its maps are written
+        proc = subprocess.Popen(["unshare", "-Um", "sh", "-c", 'read _; exec "$@" </dev/null',
+                                 "sh", *cmd], cwd=repo, stdin=r,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        os.close(r)
+        try:
+            deadline = time.monotonic() + 10
+            while os.readlink(f"/proc/{proc.pid}/ns/user") == os.readlink("/proc/self/ns/user"):
+                assert time.monotonic() < deadline, "unshare did not make a user namespace"
+                time.sleep(0.01)
+            for kind in ("uid", "gid"):
+                with open(f"/proc/{proc.pid}/{kind}_map", "w") as f:
+                    f.write("0 0 65536\n")
+            os.write(w, b"go\n")
+        finally:
+            os.close(w)
+        out[name] = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, out[name][-3000:]
+    assert out["mode"].strip() == "userxattr"
+    summary = out["suite"].strip().splitlines()[-1]
+    print(summary)
+    assert re.match(r"\d+ passed, \d+ deselected", summary), out["suite"][-3000:]
+    assert not re.search(r"failed|error|skipped", summary), out["suite"][-3000:]
