@@ -47,14 +47,14 @@ def is_mapped(value: int, idmap: IdMap) -> bool:
     return any(inside <= value < inside + count for inside, _outside, count in idmap)
 
 
-def unmapped_owner(uid: int, gid: int) -> str | None:
+def unmapped_owner(uid: int, gid: int, maps: tuple[IdMap, IdMap] | None = None) -> str | None:
     """None if this process's user namespace can hold files owned by uid:gid, else
-    the message saying which id it cannot (rootless podman's rule)."""
-    if in_initial_userns():
-        return None
-    if not is_mapped(uid, read_idmap("uid")):
+    the message saying which id it cannot (rootless podman's rule). `maps`: the uid
+    and gid maps, if already read."""
+    uid_map, gid_map = maps or (read_idmap("uid"), read_idmap("gid"))
+    if not is_mapped(uid, uid_map):
         return f"uid {uid} is not mapped in this user namespace"
-    if not is_mapped(gid, read_idmap("gid")):
+    if not is_mapped(gid, gid_map):
         return f"gid {gid} is not mapped in this user namespace"
     return None
 

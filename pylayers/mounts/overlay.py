@@ -231,6 +231,7 @@ class OverlayDriver(Driver):
     def __init__(self, layers) -> None:
         super().__init__(layers)
         self.flavour = current_flavour()
+        self._idmaps = (userns.read_idmap("uid"), userns.read_idmap("gid"))
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -288,7 +289,7 @@ class OverlayDriver(Driver):
         if self.flavour.mode != USERXATTR:
             return
         where = f"/{os.fsdecode(e.path)} in layer {layer_id.hex()[:12]}"
-        problem = userns.unmapped_owner(e.uid, e.gid)
+        problem = userns.unmapped_owner(e.uid, e.gid, self._idmaps)
         if problem is not None:
             raise PylayersError(f"{problem} (owner of {where}); mount it as root, or "
                                 "with a user namespace that maps it")
