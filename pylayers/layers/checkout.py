@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from ..errors import InvalidArgument, PylayersError
+from ..userns import unmapped_owner
 from .manifest import BLK, CHR, DIR, FIFO, HARDLINK, REG, SYMLINK, Entry
 from .tree import validate_tree
 
@@ -62,17 +63,36 @@ def _drop_xattrs(path: bytes) -> None:
                                 f"{err.strerror}") from None
 
 
+def _chown(path: bytes, e: Entry, fd: int | None = None) -> None:
+    """Give `path` the entry's owner; a clear error where this process cannot: not
+    root, or in a user namespace that does not map the id (as rootless podman says)."""
+    try:
+        if fd is not None:
+            os.fchown(fd, e.uid, e.gid)
+        else:
+            os.chown(path, e.uid, e.gid, follow_symlinks=False)
+    except OSError as err:
+        where = f"/{os.fsdecode(e.path)}"
+        if err.errno == errno.EINVAL:
+            problem = unmapped_owner(e.uid, e.gid)
+            if problem is not None:
+                raise PylayersError(f"{problem} (owner of {where})") from None
+        if err.errno == errno.EPERM:
+            raise PylayersError(f"cannot make uid {e.uid}, gid {e.gid} the owner of {where}: "
+                                "operation not permitted (only root can)") from None
+        raise
+
+
 def _meta(path: bytes, e: Entry, fd: int | None = None) -> None:
     if e.kind == SYMLINK:
-        os.chown(path, e.uid, e.gid, follow_symlinks=False)
+        _chown(path, e)
         _set_xattrs(path, e)
         os.utime(path, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
         return
+    _chown(path, e, fd)
     if fd is not None:
-        os.fchown(fd, e.uid, e.gid)
         os.fchmod(fd, e.mode)
     else:
-        os.chown(path, e.uid, e.gid, follow_symlinks=False)
         os.chmod(path, e.mode, follow_symlinks=False)
     _set_xattrs(path, e)
     if fd is not None:

@@ -1,8 +1,15 @@
 """The `overlay` driver: kernel overlayfs.
 
+It works in two modes. As root in the initial user namespace, overlayfs keeps its
+private xattrs under `trusted.overlay.*` (and `user.overlay.*` is an ordinary xattr
+namespace, for the files' owners). Without root, inside a user namespace that owns its
+mount namespace (`unshare -Urm`, rootless containers), overlayfs is mounted with the
+`userxattr` option and uses `user.overlay.*` instead, and only the namespace's mapped
+ids can own files.
+
 Each layer is materialised once, as a lower directory holding the layer's own entries
 in overlayfs form (whiteouts as 0/0 character devices, opaque directories marked with
-the `trusted.overlay.opaque` xattr). Regular files in lower directories are hardlinks
+the mode's `overlay.opaque` xattr). Regular files in lower directories are hardlinks
 into one file cache keyed by path, content and metadata, so a file that appears in
 many layers and images occupies one inode. The path is part of the key so that a
 mount shows as one inode exactly the names the layer hardlinks (whose entries all
@@ -18,14 +25,17 @@ commit reads the upper directory back into a layer.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import blake3
 
-from ..errors import PylayersError
+from .. import userns
+from ..errors import FailedPrecondition, PylayersError
 from ..layers.checkout import _meta, write_file
 from ..layers.manifest import BLK, CHR, DIR, FIFO, HARDLINK, OPAQUE, REG, SYMLINK, WHITEOUT, Entry
 from ..layers.scan import Scanner
@@ -33,14 +43,78 @@ from ..layers.tree import apply_layer
 from .drivers import Driver
 from .snapshotter import Mount, Usage
 
-# The mounts use overlayfs's trusted.overlay.* xattrs (no `userxattr` option):
-# user.overlay.* is then an ordinary namespace, for the files' owners to use.
-OPAQUE_XATTRS = (b"trusted.overlay.opaque",)
-OVERLAY_XATTR_PREFIXES = (b"trusted.overlay.",)
+ROOT = "root"
+USERXATTR = "userxattr"
+
+
+@dataclass(frozen=True)
+class Flavour:
+    """How overlayfs is used in one mode: the xattrs it keeps its markers in, the
+    mount options, and where under STORE/cache that mode's lower directories and
+    cached files live (their markers and owners differ, so the modes never share)."""
+
+    mode: str
+    opaque_xattr: bytes
+    private_prefix: bytes  # overlayfs's own xattrs: dropped from the upper dir at commit
+    options: tuple[str, ...]  # added to every overlay mount
+    rw_options: tuple[str, ...]  # added to writable mounts
+    cache: str  # subdirectory of STORE/cache ("" for root mode)
+
+
+# Commit reads the upper directory as plain files: writable mounts pin off the features
+# that would leave it holding xattr references instead (a renamed directory's redirect,
+# a chmod-ed file's metadata-only copy), whatever the module's defaults on this host.
+# With `userxattr` the kernel refuses redirect_dir=off; nofollow is the same for us:
+# redirects are neither made (a lower directory's rename is EXDEV) nor followed.
+ROOT_FLAVOUR = Flavour(ROOT, b"trusted.overlay.opaque", b"trusted.overlay.", (),
+                       ("index=off", "redirect_dir=off", "metacopy=off"), "")
+
+
+def userxattr_flavour(mapping: str) -> Flavour:
+    """Inside a user namespace. Files under one uid/gid mapping show other owners
+    under another, so each mapping has its own cache."""
+    return Flavour(USERXATTR, b"user.overlay.opaque", b"user.overlay.", ("userxattr",),
+                   ("index=off", "redirect_dir=nofollow", "metacopy=off"),
+                   f"userns/{mapping}")
+
+
+def overlay_mode() -> tuple[str | None, str | None]:
+    """(ROOT or USERXATTR, None) where this process can mount overlayfs, else
+    (None, the reason it cannot)."""
+    hint = "run inside `unshare -Urm` (a user namespace: overlayfs with userxattr), " \
+        "or use the copy driver"
+    if userns.in_initial_userns():
+        if os.geteuid() == 0:
+            return ROOT, None
+        return None, f"mounting overlayfs needs root; without root, {hint}"
+    if os.geteuid() != 0 or not userns.has_cap(userns.CAP_SYS_ADMIN):
+        return None, f"not root in this user namespace (no CAP_SYS_ADMIN); {hint}"
+    if not userns.owns_mount_namespace():
+        return None, f"this user namespace does not own its mount namespace; {hint}"
+    return USERXATTR, None
+
+
+def current_flavour() -> Flavour:
+    mode, _reason = overlay_mode()
+    if mode == USERXATTR:
+        return userxattr_flavour(userns.mapping_id())
+    return ROOT_FLAVOUR
 
 
 def cache_root(store_path: Path) -> Path:
     return store_path / "cache"
+
+
+def cache_sets(store_path: Path) -> list[Path]:
+    """Every mode's cache directory (each holds layers/ and files/): root mode's is
+    STORE/cache itself, each user namespace mapping's STORE/cache/userns/<id>."""
+    root = cache_root(store_path)
+    sets = [root]
+    try:
+        sets += sorted(p for p in (root / "userns").iterdir() if p.is_dir())
+    except OSError:
+        pass
+    return sets
 
 
 def drop_caches(store_path: Path) -> int:
@@ -80,19 +154,23 @@ def collect_caches(store_path: Path, live_layers: set[bytes]) -> int:
     directory links to any more. Returns bytes freed (approx.)."""
     freed = 0
     live = {lid.hex()[:16] for lid in live_layers}
-    layers_dir = cache_root(store_path) / "layers"
-    if layers_dir.exists():
-        for d in layers_dir.iterdir():
-            if d.name.split(".")[0] not in live or ".tmp" in d.name:
-                shutil.rmtree(d, ignore_errors=True)
-    files_dir = cache_root(store_path) / "files"
-    if files_dir.exists():
-        for sub in files_dir.iterdir():
-            for f in sub.iterdir():
-                st = f.lstat()
-                if st.st_nlink == 1:
-                    freed += st.st_blocks * 512
-                    f.unlink()
+    for cache in cache_sets(store_path):
+        layers_dir = cache / "layers"
+        if layers_dir.exists():
+            for d in layers_dir.iterdir():
+                if d.name.split(".")[0] not in live or ".tmp" in d.name:
+                    shutil.rmtree(d, ignore_errors=True)
+        files_dir = cache / "files"
+        if files_dir.exists():
+            for sub in files_dir.iterdir():
+                for f in sub.iterdir():
+                    try:
+                        st = f.lstat()
+                        if st.st_nlink == 1:
+                            f.unlink()
+                            freed += st.st_blocks * 512
+                    except OSError:  # another mode's cache this process may not touch
+                        pass
     return freed
 
 
@@ -150,6 +228,11 @@ def _relink_survivors(tree: list[Entry], base: dict[bytes, Entry],
 class OverlayDriver(Driver):
     name = "overlay"
 
+    def __init__(self, layers) -> None:
+        super().__init__(layers)
+        self.flavour = current_flavour()
+        self._idmaps = (userns.read_idmap("uid"), userns.read_idmap("gid"))
+
     @classmethod
     def unavailable(cls) -> str | None:
         try:
@@ -158,20 +241,64 @@ class OverlayDriver(Driver):
                     return "the kernel has no overlayfs"
         except OSError:
             return "cannot read /proc/filesystems"
-        if os.geteuid() != 0:
-            return "mounting overlayfs needs root (or a user namespace)"
-        return None
+        return overlay_mode()[1]
+
+    @property
+    def cache_dir(self) -> Path:
+        root = cache_root(self.store.path.absolute())
+        return root / self.flavour.cache if self.flavour.cache else root
 
     @property
     def layers_dir(self) -> Path:
-        return cache_root(self.store.path.absolute()) / "layers"
+        return self.cache_dir / "layers"
 
     @property
     def files_dir(self) -> Path:
-        return cache_root(self.store.path.absolute()) / "files"
+        return self.cache_dir / "files"
 
     def lower_dir(self, layer_id: bytes) -> Path:
         return self.layers_dir / layer_id.hex()[:16]
+
+    # -- the mode a snapshot was made in -------------------------------------------
+    def _record(self, sdir: Path) -> None:
+        data = {"mode": self.flavour.mode, "cache": self.flavour.cache}
+        (sdir / "overlay.json").write_text(json.dumps(data, sort_keys=True) + "\n")
+
+    def _check_mode(self, sdir: Path) -> None:
+        """A snapshot's upper directory holds its mode's markers and owners as its
+        user namespace maps them: mount, read and commit it only in that mode."""
+        try:
+            data = json.loads((sdir / "overlay.json").read_text())
+        except FileNotFoundError:
+            data = {"mode": ROOT, "cache": ""}  # made before modes were recorded
+        except (OSError, ValueError) as err:
+            raise PylayersError(f"cannot read {sdir / 'overlay.json'}: {err}") from None
+        if (data.get("mode"), data.get("cache")) == (self.flavour.mode, self.flavour.cache):
+            return
+        if data.get("mode") == ROOT:
+            where = "as root outside any user namespace"
+        else:
+            where = "inside a user namespace with the uid/gid mapping it was made with " \
+                "(e.g. `unshare -Urm` as the same user)"
+        raise FailedPrecondition(f"this overlay snapshot was made in {data.get('mode')} "
+                                 f"mode: use it {where}")
+
+    def _check_entry(self, layer_id: bytes, e: Entry) -> None:
+        """Refuse what a lower directory of this mode cannot hold: in a user namespace,
+        unmapped owners and overlayfs's own xattr namespace (user.overlay.*)."""
+        if self.flavour.mode != USERXATTR:
+            return
+        where = f"/{os.fsdecode(e.path)} in layer {layer_id.hex()[:12]}"
+        problem = userns.unmapped_owner(e.uid, e.gid, self._idmaps)
+        if problem is not None:
+            raise PylayersError(f"{problem} (owner of {where}); mount it as root, or "
+                                "with a user namespace that maps it")
+        for name, _value in e.xattrs:
+            if name.startswith(self.flavour.private_prefix):
+                raise PylayersError(
+                    f"{where} has the xattr {name.decode(errors='replace')}, which "
+                    "overlayfs in a user namespace (userxattr) keeps for itself: mount "
+                    "it as root, or use the copy driver")
 
     # -- lower directories ---------------------------------------------------------
     def lower_dirs(self, parent: bytes) -> list[Path]:
@@ -202,7 +329,11 @@ class OverlayDriver(Driver):
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{key}.{_unique()}.tmp")
-            write_file(os.fsencode(tmp), e, self.store.read_chunk)
+            try:
+                write_file(os.fsencode(tmp), e, self.store.read_chunk)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
             # Never replace a cached file: another thread or process may be linking it
             # into a lower directory, and link(2) of an inode whose last name was just
             # replaced fails with ENOENT. The first one made stays.
@@ -215,12 +346,28 @@ class OverlayDriver(Driver):
         return os.fsencode(path)
 
     def _materialise(self, layer_id: bytes, tree: list[Entry], dest: Path) -> None:
-        own = self.layers.entries(layer_id)
-        full = {e.path: e for e in tree}
+        """Write the layer's own entries into a temporary directory beside `dest`, and
+        rename it into place only once complete: a failure (an unmapped owner, a full
+        disk) leaves no lower directory behind, half made or otherwise."""
         tmp = dest.with_name(dest.name + f".tmp{_unique()}")
         tmp.parent.mkdir(parents=True, exist_ok=True)
         os.mkdir(tmp, 0o700)
-        base = os.fsencode(tmp)
+        try:
+            self._fill(layer_id, tree, os.fsencode(tmp))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        try:
+            os.rename(tmp, dest)
+        except OSError as err:  # another process materialised it first
+            shutil.rmtree(tmp, ignore_errors=True)
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+
+    def _fill(self, layer_id: bytes, tree: list[Entry], base: bytes) -> None:
+        own = self.layers.entries(layer_id)
+        full = {e.path: e for e in tree}
+        opaque = self.flavour.opaque_xattr
         made: set[bytes] = {b""}
         dirs: list[tuple[bytes, Entry]] = [(base, full[b""])]
 
@@ -229,53 +376,64 @@ class OverlayDriver(Driver):
             if parent in made:
                 return
             ensure_parent(parent)
+            self._check_entry(layer_id, full[parent])
             os.mkdir(base + b"/" + parent, 0o700)
             made.add(parent)
             dirs.append((base + b"/" + parent, full[parent]))
 
+        def failed(e: Entry, err: OSError) -> PylayersError:
+            return PylayersError(f"cannot materialise /{os.fsdecode(e.path)} of layer "
+                                 f"{layer_id.hex()[:12]} for overlayfs: {err.strerror}")
+
         for e in own:
+            self._check_entry(layer_id, e)
             if not e.path:
                 dirs[0] = (base, e)
                 continue
-            ensure_parent(e.path)
             path = base + b"/" + e.path
-            if e.kind == WHITEOUT:
-                os.mknod(path, 0o020000 | 0o600, os.makedev(0, 0))
-            elif e.kind == DIR:
-                os.mkdir(path, 0o700)
-                made.add(e.path)
-                dirs.append((path, e))
-                if e.flags & OPAQUE:
-                    os.setxattr(path, b"trusted.overlay.opaque", b"y")
-            elif e.kind == REG:
-                os.link(self._cached_file(e), path)
-            elif e.kind == HARDLINK:
-                target = full.get(e.target)
-                if target is None or target.kind != REG:
-                    raise PylayersError(f"layer {layer_id.hex()[:12]}: hardlink /"
-                                        f"{os.fsdecode(e.path)} has no target")
-                os.link(self._cached_file(target), path)
-            elif e.kind == SYMLINK:
-                os.symlink(e.target, path)
-                _meta(path, e)
-            elif e.kind in (CHR, BLK, FIFO):
-                kind = {CHR: 0o020000, BLK: 0o060000, FIFO: 0o010000}[e.kind]
-                os.mknod(path, kind | 0o600, os.makedev(*e.rdev) if e.kind != FIFO else 0)
-                _meta(path, e)
+            try:
+                ensure_parent(e.path)
+                if e.kind == WHITEOUT:
+                    # a 0/0 character device needs no CAP_MKNOD (Linux 5.8+), so this
+                    # works in a user namespace too
+                    os.mknod(path, 0o020000 | 0o600, os.makedev(0, 0))
+                elif e.kind == DIR:
+                    os.mkdir(path, 0o700)
+                    made.add(e.path)
+                    dirs.append((path, e))
+                    if e.flags & OPAQUE:
+                        os.setxattr(path, opaque, b"y")
+                elif e.kind == REG:
+                    os.link(self._cached_file(e), path)
+                elif e.kind == HARDLINK:
+                    target = full.get(e.target)
+                    if target is None or target.kind != REG:
+                        raise PylayersError(f"layer {layer_id.hex()[:12]}: hardlink /"
+                                            f"{os.fsdecode(e.path)} has no target")
+                    self._check_entry(layer_id, target)
+                    os.link(self._cached_file(target), path)
+                elif e.kind == SYMLINK:
+                    os.symlink(e.target, path)
+                    _meta(path, e)
+                elif e.kind in (CHR, BLK, FIFO):
+                    kind = {CHR: 0o020000, BLK: 0o060000, FIFO: 0o010000}[e.kind]
+                    os.mknod(path, kind | 0o600,
+                             os.makedev(*e.rdev) if e.kind != FIFO else 0)
+                    _meta(path, e)
+            except OSError as err:
+                raise failed(e, err) from None
         for path, e in reversed(dirs):
-            _meta(path, e)
-            if e.flags & OPAQUE:
-                os.setxattr(path, b"trusted.overlay.opaque", b"y")
-        try:
-            os.rename(tmp, dest)
-        except OSError as err:  # another process materialised it first
-            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
-            shutil.rmtree(tmp)
+            try:
+                _meta(path, e)
+                if e.flags & OPAQUE:
+                    os.setxattr(path, opaque, b"y")
+            except OSError as err:
+                raise failed(e, err) from None
 
     # -- snapshots -------------------------------------------------------------------
     def create(self, sdir: Path, parent: bytes | None, readonly: bool) -> None:
         sdir.mkdir(parents=True)
+        self._record(sdir)
         fs = sdir / "fs"
         os.mkdir(fs, 0o755)
         os.mkdir(sdir / "work", 0o700)
@@ -283,29 +441,31 @@ class OverlayDriver(Driver):
             self.lower_dirs(parent)
             # overlayfs takes the merged root's attributes from the upper root
             root = self.layers.tree(parent)[0]
+            self._check_entry(parent, root)
             _meta(os.fsencode(fs), Entry(b"", DIR, root.mode, root.uid, root.gid,
                                          root.mtime_ns, xattrs=root.xattrs))
 
     def mounts(self, sdir: Path, parent: bytes | None, readonly: bool) -> list[Mount]:
+        self._check_mode(sdir)
         if parent is None:
             return [Mount("bind", str(sdir / "fs"), ["rbind", "ro" if readonly else "rw"])]
         lowers = [str(p) for p in self.lower_dirs(parent)]
+        options = list(self.flavour.options)
         if readonly:
             if len(lowers) == 1:
                 return [Mount("bind", lowers[0], ["rbind", "ro"])]
-            return [Mount("overlay", "overlay", ["ro", "lowerdir=" + ":".join(lowers)])]
-        # Commit reads the upper directory as plain files: pin off the features that
-        # would leave it holding xattr references instead (a renamed directory's
-        # redirect, a chmod-ed file's metadata-only copy), whatever the module's
-        # defaults on this host.
+            return [Mount("overlay", "overlay", ["ro", "lowerdir=" + ":".join(lowers),
+                                                 *options])]
         return [Mount("overlay", "overlay", [
             "lowerdir=" + ":".join(lowers), f"upperdir={sdir / 'fs'}",
-            f"workdir={sdir / 'work'}", "index=off", "redirect_dir=off", "metacopy=off"])]
+            f"workdir={sdir / 'work'}", *options, *self.flavour.rw_options])]
 
     def upper_entries(self, sdir: Path, parent: bytes | None, sink) -> list[Entry]:
         """The upper directory as a layer's own entries: whiteouts and opaque markers
         translated, overlay's private xattrs dropped, and entries identical to the
         parent's (directories copied up only to hold a changed child) left out."""
+        self._check_mode(sdir)
+        private, opaque = self.flavour.private_prefix, self.flavour.opaque_xattr
         store = self.store
         scanner = Scanner(store, store.config.chunker, sink)
         upper = scanner.scan(sdir / "fs")
@@ -315,11 +475,10 @@ class OverlayDriver(Driver):
         for e in upper:
             if opaque_prefix is not None and not e.key.startswith(opaque_prefix):
                 opaque_prefix = None
-            xattrs = tuple(x for x in e.xattrs if not x[0].startswith(OVERLAY_XATTR_PREFIXES))
+            xattrs = tuple(x for x in e.xattrs if not x[0].startswith(private))
             if e.kind == CHR and e.rdev == (0, 0):
                 e = Entry(e.path, WHITEOUT)
-            elif e.kind == DIR and any(x[0] in OPAQUE_XATTRS and x[1] == b"y"
-                                       for x in e.xattrs):
+            elif e.kind == DIR and any(x[0] == opaque and x[1] == b"y" for x in e.xattrs):
                 e.flags |= OPAQUE
             e.xattrs = xattrs
             old = base.get(e.path)
