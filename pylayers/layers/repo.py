@@ -43,14 +43,18 @@ class LayerRecord:
     entries: int
     file_bytes: int  # bytes of regular-file content in this layer's own entries
     new_bytes: int  # chunk bytes this layer added to the store
+    kept: bool = False  # made (or made again) by `snapshot`: the snapshotter never collects it
 
     def encode(self) -> bytes:
-        return json.dumps({
+        d = {
             "parent": self.parent.hex() if self.parent else None,
             "manifest": [[cid.hex(), n] for cid, n in self.manifest],
             "created": self.created, "message": self.message, "entries": self.entries,
             "file_bytes": self.file_bytes, "new_bytes": self.new_bytes,
-        }, sort_keys=True).encode()
+        }
+        if self.kept:
+            d["kept"] = True
+        return json.dumps(d, sort_keys=True).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> LayerRecord:
@@ -58,7 +62,8 @@ class LayerRecord:
             d = json.loads(data)
             return cls(bytes.fromhex(d["parent"]) if d["parent"] else None,
                        [(bytes.fromhex(c), n) for c, n in d["manifest"]], d["created"],
-                       d["message"], d["entries"], d["file_bytes"], d["new_bytes"])
+                       d["message"], d["entries"], d["file_bytes"], d["new_bytes"],
+                       d.get("kept") is True)
         except (ValueError, KeyError, TypeError) as e:
             raise CorruptData(f"layer record is malformed: {e}") from None
 
@@ -179,7 +184,10 @@ class Layers:
     # -- writing -------------------------------------------------------------------
     def snapshot(self, directory: str | Path, parent: bytes | None = None,
                  tag: str | None = None, message: str = "",
-                 progress: Callable[[int], None] | None = None) -> SnapshotResult:
+                 progress: Callable[[int], None] | None = None,
+                 kept: bool = True) -> SnapshotResult:
+        """Store `directory` as a layer on `parent`. `kept`: a layer the user asked for
+        (False for a snapshotter's commit, which its collection may remove)."""
         if tag is not None:
             check_tag(tag)
         start_ns = time.time_ns()
@@ -200,7 +208,8 @@ class Layers:
                 else:
                     tree = self.tree(same_as)
                     own = diff_layer(self.tree(parent), tree) if parent is not None else tree
-                layer_id, existed = self._commit(writer, parent, own, tag, message, [])
+                layer_id, existed = self._commit(writer, parent, own, tag, message, [],
+                                                 kept=kept)
                 return SnapshotResult(layer_id, stats, len(own), existed)
             base = self.tree(parent) if parent is not None else []
             scanner = Scanner(self.store, self.store.config.chunker, writer.put,
@@ -210,7 +219,7 @@ class Layers:
             cache = list(scanner.statcache_updates)
             record_fp = fp is not None and max_ctime < start_ns - RACY_NS
             layer_id, existed = self._commit(writer, parent, own, tag, message, cache,
-                                             (fp_key, fp) if record_fp else None)
+                                             (fp_key, fp) if record_fp else None, kept=kept)
         return SnapshotResult(layer_id, scanner.stats, len(own), existed)
 
     def _unchanged_since(self, fp: bytes | None, fp_key: bytes | None) -> bytes | None:
@@ -229,7 +238,8 @@ class Layers:
 
     def _commit(self, writer: ChunkWriter, parent: bytes | None, own: list[Entry],
                 tag: str | None, message: str, statcache: list[tuple[bytes, bytes]],
-                tree_fp: tuple[bytes, bytes] | None = None) -> tuple[bytes, bool]:
+                tree_fp: tuple[bytes, bytes] | None = None,
+                kept: bool = False) -> tuple[bytes, bool]:
         data = encode_manifest(parent, own)
         layer_id = blake3.blake3(data).digest()
         existed = self.exists(layer_id)
@@ -245,14 +255,20 @@ class Layers:
             start = end
         new_bytes = writer.new_bytes
         rec = LayerRecord(parent, manifest, time.time(), message, len(own),
-                          sum(e.size for e in own if e.kind == REG), new_bytes)
+                          sum(e.size for e in own if e.kind == REG), new_bytes, kept)
         db = self.store.db
 
         def extra(txn) -> None:
             if parent is not None and txn.get(parent, db=db["layers"]) is None:
                 raise NotFound(f"parent layer {parent.hex()} was removed meanwhile")
-            if txn.get(layer_id, db=db["layers"]) is None:
+            old = txn.get(layer_id, db=db["layers"])
+            if old is None:
                 txn.put(layer_id, rec.encode(), db=db["layers"])
+            elif kept and not LayerRecord.decode(old).kept:
+                # a snapshot of a tree a build step committed too: the user's now
+                again = LayerRecord.decode(old)
+                again.kept = True
+                txn.put(layer_id, again.encode(), db=db["layers"])
             if tag is not None:
                 txn.put(tag.encode(), layer_id, db=db["tags"])
             for key, value in statcache:

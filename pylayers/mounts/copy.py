@@ -26,7 +26,7 @@ class CopyDriver(Driver):
 
     def commit(self, sdir: Path, parent: bytes | None, message: str = "",
                tag: str | None = None) -> bytes:
-        return self.layers.snapshot(sdir / "fs", parent, tag, message).layer_id
+        return self.layers.snapshot(sdir / "fs", parent, tag, message, kept=False).layer_id
 
     def usage(self, sdir: Path, parent: bytes | None) -> Usage:
         return self._usage_of_tree(sdir / "fs", parent)

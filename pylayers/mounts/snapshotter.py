@@ -319,7 +319,8 @@ class Snapshotter:
     def collect(self) -> list[str]:
         """containerd's gc rule for committed snapshots: remove those that nothing
         references: no `pylayers.gc.root` label, not the parent of another snapshot,
-        their layer neither tagged nor the parent of another layer. Their layers go too.
+        their layer neither tagged nor the parent of another layer. Their layers go too,
+        unless `snapshot` made the same layer (its record says `kept`).
         Repeats until nothing changes (removing one may free its parent). Returns the
         removed keys."""
         removed: list[str] = []
@@ -338,8 +339,9 @@ class Snapshotter:
             for info in victims:
                 self.store.delete("snapshots", info.key.encode())
                 others = [i for i in self.walk() if i.layer == info.layer]
-                if not others:
-                    self.store.delete("layers", bytes.fromhex(info.layer))
+                lid = bytes.fromhex(info.layer)
+                if not others and not self.layers.record(lid).kept:
+                    self.store.delete("layers", lid)
                 removed.append(info.key)
 
     def protected_layers(self) -> set[bytes]:
