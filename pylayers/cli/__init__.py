@@ -11,8 +11,7 @@ import click
 
 from ..errors import PylayersError
 from ..layers.scan import one_line
-from . import diff, inspect, maintenance, mounts, refs, snapshot  # noqa: F401  (verbs)
-from .app import cli
+from .app import cli  # the verbs' modules are imported as they are used (app.VERBS)
 
 
 def main(argv: list[str] | None = None) -> int:

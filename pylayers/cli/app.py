@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 import time
 import unicodedata
@@ -12,8 +13,28 @@ import click
 from ..layers.repo import Layers
 from ..store import Store
 
+# Each verb's module is imported only when the verb runs (or help lists it): a command
+# pays for its own imports only (mount's, gc's and the build cache's are not small).
+VERBS = {
+    "init": "maintenance", "snapshot": "snapshot", "checkout": "snapshot", "diff": "diff",
+    "log": "inspect", "show": "inspect", "ls": "inspect", "cat": "inspect", "tag": "refs",
+    "tags": "refs", "rm": "refs", "du": "maintenance", "gc": "maintenance",
+    "fsck": "maintenance", "mount": "mounts", "umount": "mounts", "commit": "mounts",
+    "snapshots": "mounts",
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(VERBS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in VERBS:
+            importlib.import_module(f"{__package__}.{VERBS[cmd_name]}")
+        return self.commands.get(cmd_name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--store", "store_path", envvar="PYLAYERS_STORE", type=click.Path(),
               help="Store directory (default: $PYLAYERS_STORE, else $XDG_DATA_HOME/pylayers).")
 @click.version_option(package_name="pylayers")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +21,7 @@ CONFIG_FILE = "config.json"
 class StoreConfig:
     chunker: ChunkerParams = field(default_factory=ChunkerParams)
     compression_level: int = 2
-    store_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    store_id: str = field(default_factory=lambda: os.urandom(16).hex())
 
     def encode(self) -> bytes:
         doc = {
