@@ -460,7 +460,7 @@ def test_hostile_manifest_is_refused_and_writes_nothing(tmp_path: Path, name: st
     assert sorted(os.listdir(work)) == ["OUTSIDE"]
 
 
-def test_every_verb_is_listed_and_loads_on_demand() -> None:
+def test_every_verb_is_listed_and_loads_on_demand(tmp_path: Path) -> None:
     """The verbs' modules are imported lazily (pylayers.cli.app.VERBS): each verb named
     there is defined by its module, none is missing from help, and each verb's --help
     works in a fresh process that imported no other verb."""
@@ -472,10 +472,10 @@ def test_every_verb_is_listed_and_loads_on_demand() -> None:
         importlib.import_module(f"pylayers.cli.{module}")
     assert set(app.cli.commands) == set(app.VERBS)
     listed = subprocess.run([sys.executable, "-m", "pylayers", "--help"],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     for verb in app.VERBS:
         assert f"\n  {verb} " in listed.stdout, verb
         proc = subprocess.run([sys.executable, "-m", "pylayers", verb, "--help"],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, cwd=tmp_path)
         assert proc.returncode == 0 and "Usage:" in proc.stdout, (verb, proc.stderr)
