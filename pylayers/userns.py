@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import os
 
 INITIAL_MAP = ((0, 0, 4294967295),)
@@ -62,6 +61,8 @@ def unmapped_owner(uid: int, gid: int, maps: tuple[IdMap, IdMap] | None = None) 
 def mapping_id() -> str:
     """A short name for this namespace's uid and gid maps: files made under one
     mapping show other owners under another, so caches of them are kept apart."""
+    import hashlib  # rarely needed: only inside a user namespace
+
     h = hashlib.sha256()
     for kind in ("uid", "gid"):
         h.update(repr(read_idmap(kind)).encode() + b"\n")

@@ -20,8 +20,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import zstandard
-
 from ..errors import CorruptData, StoreError
 from .config import fsync_dir
 
@@ -73,6 +71,8 @@ def encode_frame(chunks: list[tuple[bytes, bytes]], level: int) -> bytes:
     raw = b"".join(data for _, data in chunks)
     codec, payload = CODEC_RAW, raw
     if level > 0 and raw:
+        import zstandard  # here, not at the top: commands that store nothing new skip it
+
         packed = zstandard.ZstdCompressor(level=level).compress(raw)
         if len(packed) < len(raw) * (1 - MIN_SAVING):
             codec, payload = CODEC_ZSTD, packed
@@ -96,6 +96,8 @@ class Frame:
         if self.codec == CODEC_RAW:
             raw = self.payload
         else:
+            import zstandard
+
             try:
                 raw = zstandard.ZstdDecompressor().decompress(
                     self.payload, max_output_size=self.raw_len
