@@ -511,3 +511,37 @@ def test_b3sum_prints_the_stored_content_id(tmp_path: Path) -> None:
                              capture_output=True, text=True).stdout.strip()
         assert tree[name.encode()].content.hex() == out, name
     assert len(tree[b"multi"].chunk_list()) > 1
+
+
+def test_one_chunk_files_keep_their_holes(tmp_path: Path) -> None:
+    """Files of one chunk take a shortcut on checkout when no block of them is all
+    zeros; a small all-zero file and an all-zero last block still become holes, and
+    every byte comes back."""
+    from pylayers import Layers, Store
+
+    src = tmp_path / "src"
+    src.mkdir()
+    files = {
+        "zeros_100": bytes(100),
+        "zero_tail": os.urandom(4096) + bytes(3000),
+        "zero_block_inside": os.urandom(4096) + bytes(4096) + os.urandom(10),
+        "dense": os.urandom(9000),
+        "tiny": b"x",
+        "empty": b"",
+    }
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    with Store.open(tmp_path / "store") as store:
+        layers = Layers(store)
+        lid = layers.snapshot(src).layer_id
+        assert all(e.chunk_count() <= 1 for e in layers.tree(lid))
+        layers.checkout(lid, tmp_path / "out")
+    out = tmp_path / "out"
+    for name, data in files.items():
+        assert (out / name).read_bytes() == data, name
+    block = os.stat(out).st_blksize
+    if block == 4096:
+        assert os.stat(out / "zeros_100").st_blocks == 0
+        assert os.stat(out / "zero_tail").st_blocks * 512 == 4096
+        assert os.stat(out / "zero_block_inside").st_blocks * 512 == 2 * 4096
+        assert os.stat(out / "dense").st_blocks * 512 >= 9000

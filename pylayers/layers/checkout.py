@@ -181,13 +181,41 @@ def write_file_from(path: bytes, e: Entry, chunks: Iterable[bytes]) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600)
     try:
-        out = _SparseWriter(fd, max(os.fstat(fd).st_blksize, 512))
+        block = max(os.fstat(fd).st_blksize, 512)
+        if e.chunk_count() == 1:  # most files: one chunk, and often nothing to skip
+            (data,) = chunks
+            if _dense(data, block):
+                _write_all(fd, memoryview(data))
+                _meta(path, e, fd)
+                return
+            chunks = (data,)
+        out = _SparseWriter(fd, block)
         for data in chunks:
             out.write(data)
         out.finish()
         _meta(path, e, fd)
     finally:
         os.close(fd)
+
+
+_ZERO_BLOCKS: dict[int, bytes] = {}
+
+
+def _dense(data: bytes, block: int) -> bool:
+    """Whether `data`, as a whole file, has no block (the partial last one included)
+    that is all zeros: then _SparseWriter would write it all, as is."""
+    zero = _ZERO_BLOCKS.get(block)
+    if zero is None:
+        zero = _ZERO_BLOCKS[block] = bytes(block)
+    if zero in data:
+        return False
+    tail = len(data) % block
+    return not tail or data.count(0, len(data) - tail) != tail
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def checkout_tree(tree: list[Entry], dest: Path,
