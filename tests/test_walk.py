@@ -146,6 +146,22 @@ def test_unchanged_directory_skips_the_scan_and_a_change_does_not(tmp_path: Path
         own = layers.entries(bytes.fromhex(changed.stdout.split()[-1]))
         assert [e.path for e in own] == [b"a/f"]
         assert layers.read_file(own[0]) == b"z" * 100
+    # unchanged since that layer, on the same parent: that very layer, tagged, nothing
+    # decoded or stored; on another parent (none): the whole tree, a different layer
+    time.sleep(1.1)
+    first = _snap(store, src, "--parent", "base").stdout.split()[-1]
+    same = _snap(store, src, "--parent", "base", "--tag", "again", "-m", "ignored")
+    assert "unchanged since layer " + first[:12] in same.stderr
+    assert same.stdout.split()[-1] == first == changed.stdout.split()[-1]
+    alone = _snap(store, src).stdout.split()[-1]
+    assert alone != first
+    with Store.open(store) as s:
+        layers = Layers(s)
+        assert layers.resolve("again") == bytes.fromhex(first)
+        assert layers.record(bytes.fromhex(first)).kept
+        assert [e.path for e in layers.entries(bytes.fromhex(first))] == [b"a/f"]
+        assert layers.tree(bytes.fromhex(alone)) == layers.tree(bytes.fromhex(first))
+        assert layers.record(bytes.fromhex(alone)).parent is None
 
 
 def _checksum(data: bytes) -> int:

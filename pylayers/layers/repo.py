@@ -203,6 +203,12 @@ class Layers:
             if same_as is not None:
                 # The directory holds exactly the tree of layer `same_as`.
                 stats = ScanStats(unchanged_since=same_as)
+                rec = self.record(same_as)
+                if rec.parent == parent and self._recommit(writer, same_as, tag, kept):
+                    # That very layer again (layer ids are of the manifest, which a
+                    # snapshot derives from the tree and the parent alone): nothing to
+                    # decode, diff or store.
+                    return SnapshotResult(same_as, stats, rec.entries, True)
                 if parent == same_as:
                     own: list[Entry] = []
                 else:
@@ -230,6 +236,28 @@ class Layers:
             return None
         layer_id = bytes(known[32:64])
         return layer_id if self.exists(layer_id) else None
+
+    def _recommit(self, writer: ChunkWriter, layer_id: bytes, tag: str | None,
+                  kept: bool) -> bool:
+        """Tag (and mark kept) the existing layer `layer_id`, as a snapshot that made it
+        again would; False if it was removed meanwhile."""
+        db = self.store.db
+        found = []
+
+        def extra(txn) -> None:
+            old = txn.get(layer_id, db=db["layers"])
+            if old is None:
+                return
+            found.append(True)
+            if kept and not LayerRecord.decode(old).kept:
+                again = LayerRecord.decode(old)
+                again.kept = True
+                txn.put(layer_id, again.encode(), db=db["layers"])
+            if tag is not None:
+                txn.put(tag.encode(), layer_id, db=db["tags"])
+
+        writer.commit(extra)
+        return bool(found)
 
     def commit_entries(self, parent: bytes | None, own: list[Entry], writer: ChunkWriter,
                        tag: str | None = None, message: str = "") -> bytes:
