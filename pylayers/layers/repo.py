@@ -76,6 +76,14 @@ class SnapshotResult:
     existed: bool
 
 
+def _mark_kept(txn, layers_db, layer_id: bytes, raw: bytes) -> None:
+    """Set `kept` in the layer record `raw` of `layer_id`, if it is not set yet."""
+    rec = LayerRecord.decode(raw)
+    if not rec.kept:
+        rec.kept = True
+        txn.put(layer_id, rec.encode(), db=layers_db)
+
+
 def check_tag(name: str) -> None:
     if not TAG_RE.match(name) or re.fullmatch(r"[0-9a-f]{6,64}", name):
         raise InvalidArgument(f"invalid tag name {name!r} (letters, digits and ._:/@+- ; "
@@ -249,10 +257,8 @@ class Layers:
             if old is None:
                 return
             found.append(True)
-            if kept and not LayerRecord.decode(old).kept:
-                again = LayerRecord.decode(old)
-                again.kept = True
-                txn.put(layer_id, again.encode(), db=db["layers"])
+            if kept:
+                _mark_kept(txn, db["layers"], layer_id, old)
             if tag is not None:
                 txn.put(tag.encode(), layer_id, db=db["tags"])
 
@@ -292,11 +298,8 @@ class Layers:
             old = txn.get(layer_id, db=db["layers"])
             if old is None:
                 txn.put(layer_id, rec.encode(), db=db["layers"])
-            elif kept and not LayerRecord.decode(old).kept:
-                # a snapshot of a tree a build step committed too: the user's now
-                again = LayerRecord.decode(old)
-                again.kept = True
-                txn.put(layer_id, again.encode(), db=db["layers"])
+            elif kept:  # a snapshot of a tree a build step committed too: the user's now
+                _mark_kept(txn, db["layers"], layer_id, old)
             if tag is not None:
                 txn.put(tag.encode(), layer_id, db=db["tags"])
             for key, value in statcache:
