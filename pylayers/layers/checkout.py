@@ -109,7 +109,7 @@ class _SparseWriter:
     def __init__(self, fd: int, block: int) -> None:
         self.fd = fd
         self.block = block
-        self.zero_block = bytes(block)
+        self.zero_block = _zero_block(block)
         self.zero = memoryview(self.zero_block)
         self.carry = bytearray()  # the start of the current block, not yet complete
         self.pos = 0  # bytes given so far
@@ -140,9 +140,7 @@ class _SparseWriter:
         self._write(view[run:])
 
     def _write(self, view: memoryview) -> None:
-        while view:
-            written = os.write(self.fd, view)
-            view = view[written:]
+        _write_all(self.fd, view)
 
     def write(self, data: bytes) -> None:
         # most chunks are not all zeros, and show it in their first or last byte
@@ -201,13 +199,17 @@ def write_file_from(path: bytes, e: Entry, chunks: Iterable[bytes]) -> None:
 _ZERO_BLOCKS: dict[int, bytes] = {}
 
 
-def _dense(data: bytes, block: int) -> bool:
-    """Whether `data`, as a whole file, has no block (the partial last one included)
-    that is all zeros: then _SparseWriter would write it all, as is."""
+def _zero_block(block: int) -> bytes:
     zero = _ZERO_BLOCKS.get(block)
     if zero is None:
         zero = _ZERO_BLOCKS[block] = bytes(block)
-    if zero in data:
+    return zero
+
+
+def _dense(data: bytes, block: int) -> bool:
+    """Whether `data`, as a whole file, has no block (the partial last one included)
+    that is all zeros: then _SparseWriter would write it all, as is."""
+    if _zero_block(block) in data:
         return False
     tail = len(data) % block
     return not tail or data.count(0, len(data) - tail) != tail
