@@ -1,0 +1,231 @@
+"""Materialising one entry: creating a file, symlink, device or fifo from its `Entry`
+and giving it the entry's metadata. Checkout (a whole tree into a directory) and the
+overlay driver (a layer's own entries into a lower directory) both build on these.
+
+Order matters: data, then owner (chown clears setuid bits and file capabilities),
+then mode, then xattrs, then times. All-zero blocks of a file become holes, so
+sparse files stay sparse. These raise OSError as the system call gave it, except for
+owners and xattrs, which get a PylayersError naming what was refused; callers add
+the entry's path to what they report.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable, Iterable
+
+from ..errors import PylayersError
+from ..userns import unmapped_owner
+from .manifest import BLK, CHR, FIFO, SYMLINK, Entry
+
+
+def set_xattrs(path: bytes, e: Entry) -> None:
+    for name, value in e.xattrs:
+        try:
+            os.setxattr(path, name, value, follow_symlinks=False)
+        except OSError as err:
+            raise PylayersError(f"cannot set xattr {name.decode(errors='replace')} on "
+                                f"{os.fsdecode(path)}: {err.strerror}") from None
+
+
+def drop_xattrs(path: bytes) -> None:
+    """Remove the xattrs a checkout restores (all but security.*, which the system may
+    own, e.g. SELinux labels) from the existing directory `path`."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as err:
+        if err.errno in (errno.ENOTSUP, errno.ENODATA):
+            return
+        raise PylayersError(f"cannot list xattrs of {os.fsdecode(path)}: "
+                            f"{err.strerror}") from None
+    for name in names:
+        if name.startswith("security."):
+            continue
+        try:
+            os.removexattr(path, name, follow_symlinks=False)
+        except OSError as err:
+            if err.errno in (errno.ENOTSUP, errno.ENODATA):
+                continue
+            raise PylayersError(f"cannot remove xattr {name} of {os.fsdecode(path)}: "
+                                f"{err.strerror}") from None
+
+
+def _chown(path: bytes, e: Entry, fd: int | None = None) -> None:
+    """Give `path` the entry's owner; a clear error where this process cannot: not
+    root, or in a user namespace that does not map the id (as rootless podman says)."""
+    try:
+        if fd is not None:
+            os.fchown(fd, e.uid, e.gid)
+        else:
+            os.chown(path, e.uid, e.gid, follow_symlinks=False)
+    except OSError as err:
+        where = f"/{os.fsdecode(e.path)}"
+        if err.errno == errno.EINVAL:
+            problem = unmapped_owner(e.uid, e.gid)
+            if problem is not None:
+                raise PylayersError(f"{problem} (owner of {where})") from None
+        if err.errno == errno.EPERM:
+            raise PylayersError(f"cannot make uid {e.uid}, gid {e.gid} the owner of {where}: "
+                                "operation not permitted (only root can)") from None
+        raise
+
+
+def apply_metadata(path: bytes, e: Entry, fd: int | None = None) -> None:
+    """Give the existing `path` (or the open `fd` of it) the entry's owner, mode,
+    xattrs and mtime, in that order: chown clears setuid bits and file capabilities, so
+    it goes before chmod and setxattr. A symlink gets owner, xattrs and mtime only."""
+    if e.kind == SYMLINK:
+        _chown(path, e)
+        set_xattrs(path, e)
+        os.utime(path, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
+        return
+    _chown(path, e, fd)
+    if fd is not None:
+        os.fchmod(fd, e.mode)
+    else:
+        os.chmod(path, e.mode, follow_symlinks=False)
+    set_xattrs(path, e)
+    if fd is not None:
+        os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+    else:
+        os.utime(path, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
+
+
+class _SparseWriter:
+    """Writes a file's bytes in order, leaving every all-zero, block-aligned block of
+    the file as a hole (whatever the chunk boundaries), as `tar -S` does: a sparse
+    file's holes come back where they were, not rounded out to whole chunks."""
+
+    def __init__(self, fd: int, block: int) -> None:
+        self.fd = fd
+        self.block = block
+        self.zero_block = _zero_block(block)
+        self.zero = memoryview(self.zero_block)
+        self.carry = bytearray()  # the start of the current block, not yet complete
+        self.pos = 0  # bytes given so far
+        self.hole = False
+
+    def _emit(self, view: memoryview, all_zero: bool = False, dense: bool = False) -> None:
+        """Write `view` (starting at a block boundary), skipping all-zero blocks.
+        `dense`: the caller knows no block of it is all zeros."""
+        block, zero = self.block, self.zero
+        n = len(view)
+        if all_zero:
+            if n:
+                os.lseek(self.fd, n, os.SEEK_CUR)
+                self.hole = True
+            return
+        if dense:
+            self._write(view)
+            return
+        run = 0  # start of the pending run of blocks to write
+        for i in range(0, n, block):
+            end = min(i + block, n)
+            if view[i] or view[end - 1] or view[i:end] != zero[: end - i]:
+                continue
+            self._write(view[run:i])
+            os.lseek(self.fd, end - i, os.SEEK_CUR)
+            self.hole = True
+            run = end
+        self._write(view[run:])
+
+    def _write(self, view: memoryview) -> None:
+        _write_all(self.fd, view)
+
+    def write(self, data: bytes) -> None:
+        # most chunks are not all zeros, and show it in their first or last byte
+        all_zero = (not data or not data[0] and not data[-1]) and data.count(0) == len(data)
+        view = memoryview(data)
+        self.pos += len(view)
+        if self.carry:
+            need = self.block - len(self.carry)
+            self.carry += view[:need]
+            view = view[need:]
+            if len(self.carry) < self.block:
+                return
+            self._emit(memoryview(bytes(self.carry)))
+            self.carry.clear()
+        whole = len(view) - len(view) % self.block
+        # no run of a block's length of zeros anywhere: no all-zero block to look for
+        # (one fast substring search instead of a Python loop over the blocks)
+        dense = not all_zero and self.zero_block not in data
+        self._emit(view[:whole], all_zero, dense)
+        self.carry += view[whole:]
+
+    def finish(self) -> None:
+        if self.carry:
+            self._emit(memoryview(bytes(self.carry)))
+            self.carry.clear()
+        if self.hole:
+            os.ftruncate(self.fd, self.pos)
+
+
+def write_file(path: bytes, e: Entry, read_chunk: Callable[[bytes], bytes]) -> None:
+    """Create the regular file `path` from its chunks, each read by `read_chunk(id)`,
+    then give it its metadata."""
+    write_file_from(path, e, (read_chunk(cid) for cid, _length in e.chunk_list()))
+
+
+def write_file_from(path: bytes, e: Entry, chunks: Iterable[bytes]) -> None:
+    """Create the regular file `path` from the bytes of its chunks, then its metadata."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    try:
+        block = max(os.fstat(fd).st_blksize, 512)
+        if e.chunk_count() == 1:  # most files: one chunk, and often nothing to skip
+            (data,) = chunks
+            if _dense(data, block):
+                _write_all(fd, memoryview(data))
+                apply_metadata(path, e, fd)
+                return
+            chunks = (data,)
+        out = _SparseWriter(fd, block)
+        for data in chunks:
+            out.write(data)
+        out.finish()
+        apply_metadata(path, e, fd)
+    finally:
+        os.close(fd)
+
+
+_ZERO_BLOCKS: dict[int, bytes] = {}
+
+
+def _zero_block(block: int) -> bytes:
+    zero = _ZERO_BLOCKS.get(block)
+    if zero is None:
+        zero = _ZERO_BLOCKS[block] = bytes(block)
+    return zero
+
+
+def _dense(data: bytes, block: int) -> bool:
+    """Whether `data`, as a whole file, has no block (the partial last one included)
+    that is all zeros: then _SparseWriter would write it all, as is."""
+    if _zero_block(block) in data:
+        return False
+    tail = len(data) % block
+    return not tail or data.count(0, len(data) - tail) != tail
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def make_node(path: bytes, e: Entry) -> None:
+    """Create the symlink, character or block device, or fifo `e` at `path`, with its
+    metadata. Devices need CAP_MKNOD (EPERM otherwise, as OSError)."""
+    if e.kind == SYMLINK:
+        os.symlink(e.target, path)
+    elif e.kind in (CHR, BLK, FIFO):
+        os.mknod(path, e.file_type_bits() | stat.S_IRUSR | stat.S_IWUSR,
+                 os.makedev(*e.rdev) if e.kind != FIFO else 0)
+    else:
+        raise ValueError(f"make_node: not a symlink, device or fifo: {e!r}")
+    apply_metadata(path, e)
+
+
+__all__ = ["apply_metadata", "drop_xattrs", "make_node", "set_xattrs", "write_file",
+           "write_file_from"]
