@@ -17,9 +17,10 @@ import lmdb
 import pytest
 
 import pylayers
-from pylayers.layers.scan import decode_statcache, encode_statcache
-from pylayers.store import repository
-from pylayers.store.repository import COMPACT_DIR, Store
+from pylayers.layers.statcache import decode_statcache, encode_statcache
+from pylayers.store import index
+from pylayers.store.index import COMPACT_DIR
+from pylayers.store.repository import Store
 
 CLI = [sys.executable, "-m", "pylayers"]
 
@@ -62,7 +63,7 @@ def all_tables(store_path: Path) -> dict[str, list[tuple[bytes, bytes]]]:
     try:
         out = {}
         with env.begin() as txn:
-            for name in repository.DB_NAMES:
+            for name in index.DB_NAMES:
                 db = env.open_db(name.encode(), txn=txn, create=False)
                 out[name] = [(bytes(k), bytes(v)) for k, v in txn.cursor(db)]
         return out
@@ -80,7 +81,7 @@ def free_bytes(store_path: Path) -> int:
         st = env.stat()
         used = 2 + pages(st)
         with env.begin() as txn:
-            for name in repository.DB_NAMES:
+            for name in index.DB_NAMES:
                 used += pages(txn.stat(env.open_db(name.encode(), txn=txn, create=False)))
         return os.path.getsize(store_path / "index" / "data.mdb") - used * st["psize"]
     finally:
@@ -173,7 +174,7 @@ def wasteful_store(tmp_path: Path, monkeypatch) -> Path:
     for i in range(4):
         snapshot(store, many_files(tmp_path / f"t{i}", 400, seed=i), "--tag", f"v{i}")
     with monkeypatch.context() as m:
-        m.setattr(repository, "COMPACT_MIN_BYTES", 1 << 60)
+        m.setattr(index, "COMPACT_MIN_BYTES", 1 << 60)
         holder.close()  # without compacting
     assert free_bytes(store) > data_mdb(store).stat().st_size / 3
     return store
@@ -248,8 +249,8 @@ def test_snapshots_compact_the_index_as_they_go(tmp_path: Path) -> None:
     for i in range(5):
         snapshot(store, many_files(tmp_path / f"t{i}", 400, seed=i), "--tag", f"v{i}")
         sizes.append(data_mdb(store).stat().st_size)
-        assert free_bytes(store) < max(repository.COMPACT_MIN_BYTES,
-                                       repository.COMPACT_FREE_SHARE * sizes[-1])
+        assert free_bytes(store) < max(index.COMPACT_MIN_BYTES,
+                                       index.COMPACT_FREE_SHARE * sizes[-1])
     assert_fsck_ok(store)
 
 
@@ -265,7 +266,7 @@ while True:
 KILL_AT = """
 import os, signal, sys
 from pylayers.store import repository
-real_rename, real_fsync_dir = os.rename, repository.fsync_dir
+real_rename = os.rename
 point = sys.argv[2]
 def rename(a, b):
     if point == "before-rename":

@@ -22,7 +22,8 @@ import pytest
 import pylayers
 from pylayers.errors import CorruptData, StoreError
 from pylayers.store import packs
-from pylayers.store.config import CONFIG_FILE, FORMAT_VERSION, write_atomically
+from pylayers.store.config import CONFIG_FILE, FORMAT_VERSION
+from pylayers.store.fsutil import write_atomically
 from pylayers.store.packs import (
     CODEC_RAW,
     CODEC_ZSTD,
@@ -473,7 +474,7 @@ def _limited_write(path: Path, data_len: int) -> subprocess.CompletedProcess:
     """write_atomically in a child whose files may not grow past 4 KiB (RLIMIT_FSIZE)."""
     code = (
         "import sys, pathlib\n"
-        "from pylayers.store.config import write_atomically\n"
+        "from pylayers.store.fsutil import write_atomically\n"
         f"write_atomically(pathlib.Path({str(path)!r}), b'x' * {data_len})\n"
     )
 

@@ -9,8 +9,8 @@ import sys
 
 import click
 
+from ..display import one_line
 from ..errors import PylayersError
-from ..layers.scan import one_line
 from .app import cli  # the verbs' modules are imported as they are used (app.VERBS)
 
 

@@ -46,9 +46,14 @@ def cli(ctx: click.Context, store_path: str | None) -> None:
     ctx.obj = {"store": store_path}
 
 
+def _say_waiting() -> None:
+    click.echo("pylayers: waiting for other processes using the store...", err=True)
+
+
 @contextmanager
 def open_layers(ctx: click.Context, *, create: bool = True, exclusive: bool = False):
-    store = Store.open(ctx.obj["store"], create=create, exclusive=exclusive)
+    store = Store.open(ctx.obj["store"], create=create, exclusive=exclusive,
+                       on_wait=_say_waiting)
     try:
         yield Layers(store)
     finally:

@@ -8,9 +8,10 @@ import os
 
 import click
 
+from ..display import one_line
 from ..layers.manifest import KIND_NAMES, REG, Entry
 from ..layers.repo import Layers
-from ..layers.scan import Scanner, warn
+from ..layers.scan import Scanner
 from ..layers.tree import diff_trees
 from .app import cli, display_path, human, open_layers
 
@@ -29,7 +30,8 @@ def _tree_of(layers: Layers, ref: str, new_chunks: dict[bytes, int]) -> list[Ent
 
         scanner = Scanner(store, store.config.chunker, sink)
         tree = scanner.scan(ref)
-        warn(scanner.stats)
+        for w in scanner.stats.warnings:
+            click.echo(f"pylayers: warning: {one_line(w)}", err=True)
         return tree
     return layers.tree(layers.resolve(ref))
 

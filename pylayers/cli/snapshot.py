@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..layers.scan import warn
+from ..display import one_line
 from .app import Progress, cli, human, open_layers
 
 
@@ -27,7 +27,8 @@ def snapshot(ctx: click.Context, directory: str, parent: str | None, tag: str | 
             res = layers.snapshot(directory, parent_id, tag, message, progress)
         finally:
             progress.close()
-        warn(res.stats)
+        for w in res.stats.warnings:
+            click.echo(f"pylayers: warning: {one_line(w)}", err=True)
         s = res.stats
         if s.unchanged_since is not None:
             print(f"{res.entries} entries; directory unchanged since layer "

@@ -8,7 +8,9 @@ import blake3
 
 from ..build.cachekeys import prune as prune_cache_keys
 from ..errors import CorruptData
-from ..store.repository import Store, SweepResult
+from ..store.check import verify_chunks
+from ..store.gc import SweepResult, sweep
+from ..store.repository import Store
 from .manifest import REG, decode_manifest
 from .repo import LayerRecord
 
@@ -31,7 +33,7 @@ def gc(store: Store) -> SweepResult:
     """Delete chunks no layer needs, and build cache keys whose layer is gone, then
     rewrite the index without its free pages. The store must be opened exclusive."""
     prune_cache_keys(store)
-    res = store.sweep(live_chunks(store))
+    res = sweep(store, live_chunks(store))
     res.bytes_freed += store.compact_index()
     return res
 
@@ -51,7 +53,7 @@ class FsckReport:
 def fsck(store: Store) -> FsckReport:
     """Verify every chunk against its id, every manifest against its layer id, and every
     reference (chunks of files, parents, tags)."""
-    v = store.verify_chunks()
+    v = verify_chunks(store)
     report = FsckReport(v.chunks_checked, 0, list(v.damaged), list(v.notes))
     layers = dict(store.items("layers"))
     with store.transaction() as txn:

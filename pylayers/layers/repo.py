@@ -20,12 +20,14 @@ import blake3
 
 from ..chunking import cut_points
 from ..errors import AlreadyExists, CorruptData, FailedPrecondition, InvalidArgument, NotFound
+from ..store.ingest import ChunkWriter
 from ..store.readahead import read_ahead
-from ..store.repository import ChunkWriter, Store
+from ..store.repository import Store
 from . import fingerprint
 from .checkout import checkout_tree
 from .manifest import REG, Entry, decode_manifest, encode_manifest
-from .scan import RACY_NS, Scanner, ScanStats
+from .scan import Scanner, ScanStats
+from .statcache import RACY_NS
 from .tree import apply_layer, diff_layer
 
 TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._:/@+-]{0,127}$")

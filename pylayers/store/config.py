@@ -62,29 +62,3 @@ class StoreConfig:
         except (KeyError, TypeError, ValueError) as e:
             raise StoreError(f"{where}: config.json is malformed ({e})") from None
 
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write, fsync, rename, fsync the directory: the file is whole or absent."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # a failed write (disk full, file too large) must not leave a stray file behind
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

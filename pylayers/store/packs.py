@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CorruptData, StoreError
-from .config import fsync_dir
+from .fsutil import fsync_dir
 
 PACK_MAGIC = b"PLYRPACK"
 PACK_VERSION = 1

@@ -1,0 +1,94 @@
+"""Garbage collection of chunks: drop the index entries of dead chunks, delete packs
+left empty and rewrite packs that are mostly dead (restic's prune and repack)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import lmdb
+
+from .index import index_error
+from .packs import PackWriter, frame_raw_len, pack_path
+
+if TYPE_CHECKING:
+    from .repository import Store
+
+
+@dataclass
+class SweepResult:
+    chunks_removed: int = 0
+    packs_removed: int = 0
+    packs_rewritten: int = 0
+    bytes_freed: int = 0
+
+
+def sweep(store: Store, live: set[bytes], repack_below: float = 0.5) -> SweepResult:
+    """Drop every chunk not in `live`, delete packs left empty and rewrite packs
+    mostly dead. Call with the store opened exclusive."""
+    res = SweepResult()
+    with store.env.begin(write=True, db=store.db["chunks"]) as txn:
+        dead = [bytes(cid) for cid in txn.cursor().iternext(values=False)
+                if bytes(cid) not in live]
+        for cid in dead:
+            txn.delete(cid)
+        txn.drop(store.db["statcache"], delete=False)
+    res.chunks_removed = len(dead)
+    # per pack, per live frame: (frame length, raw bytes of its live chunks)
+    used: dict[str, dict[int, list[int]]] = {}
+    for _cid, loc in store.iter_chunk_locations():
+        frame = used.setdefault(loc.pack, {}).setdefault(loc.offset, [loc.frame_len, 0])
+        frame[1] += loc.length
+    store.reader.close()
+    for path in store.pack_files():
+        pack = path.stem
+        size = path.stat().st_size
+        frames = used.get(pack)
+        if not frames:
+            path.unlink()
+            res.packs_removed += 1
+            res.bytes_freed += size
+        elif _live_bytes(path, frames) < repack_below * size:
+            res.bytes_freed += size - _rewrite_pack(store, pack)
+            res.packs_rewritten += 1
+    return res
+
+
+def _live_bytes(path: Path, frames: dict[int, list[int]]) -> float:
+    """The stored bytes of a pack that live chunks account for. A frame whose chunks
+    are mostly dead counts only for its live share (of its raw length, read from its
+    header): small files share frames, and a pack whose frames each keep one live
+    chunk is still mostly dead."""
+    live = 0.0
+    with open(path, "rb") as f:
+        for offset, (frame_len, live_raw) in frames.items():
+            raw_len = frame_raw_len(f, offset)
+            if raw_len and live_raw < raw_len:
+                live += frame_len * live_raw / raw_len
+            else:
+                live += frame_len
+    return live
+
+
+def _rewrite_pack(store: Store, pack: str) -> int:
+    """Copy the live chunks of `pack` into a new pack, index them there, delete `pack`;
+    returns the new pack's size."""
+    moving = [(cid, loc) for cid, loc in store.iter_chunk_locations() if loc.pack == pack]
+    w = PackWriter(store.packs_root, store.config.compression_level)
+    try:
+        for cid, _ in moving:
+            w.add(cid, store.read_chunk(cid))
+        written = w.flush()
+        try:
+            with store.env.begin(write=True, db=store.db["chunks"]) as txn:
+                for cid, loc in written:
+                    txn.put(cid, loc.encode())
+        except lmdb.Error as e:
+            raise index_error(store.path, e) from None
+        w.keep(written)
+    finally:
+        w.close()  # on failure, removes the new pack: the old one is still indexed
+    store.reader.close()
+    pack_path(store.packs_root, pack).unlink()
+    return w.bytes_written

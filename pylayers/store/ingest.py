@@ -1,0 +1,219 @@
+"""Ingest: file content into chunks, and chunks into the store.
+
+`ContentReader` reads one open file, cuts it into chunks with the C core and hashes
+them (chunk ids, and the whole file's BLAKE3 on a second thread); each chunk goes to a
+sink, usually `ChunkWriter.put`. `ChunkWriter` appends new chunks to this process's
+packs and indexes them on `commit`, after the packs are durable (restic's archiver
+`FileSaver` and repository `SaveBlob` play these roles).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import blake3
+import lmdb
+
+from ..chunking import Chunker, ChunkerParams, cut_points
+from ..errors import StoreError
+from .index import index_error
+from .packs import PackWriter
+
+if TYPE_CHECKING:
+    from .repository import Store
+
+BLOCK = 4 << 20  # bytes read from a file at a time
+CHUNK_REF = struct.Struct("<32sI")  # a packed chunk list's item: chunk id, length
+COMMIT_EVERY = 256 << 20  # bytes of new chunk data between index commits
+
+
+def chunk_id(data) -> bytes:
+    return blake3.blake3(data).digest()
+
+
+@dataclass
+class IngestStats:
+    files: int = 0
+    bytes_read: int = 0
+    new_chunks: int = 0
+    new_bytes: int = 0
+
+
+class ContentReader:
+    """Reads one file's content into chunks; `sink(cid, data)` stores a chunk or, when
+    None, nothing is stored (hash-only, for comparing a directory without storing)."""
+
+    def __init__(self, params: ChunkerParams, sink: Callable[[bytes, bytes], bool] | None,
+                 stats: IngestStats) -> None:
+        self.params = params
+        self.sink = sink
+        self.stats = stats
+        self._pool: ThreadPoolExecutor | None = None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+    def _store(self, pieces: list, ids: list[bytes], out: list[bytes]) -> None:
+        sink = self.sink
+        for piece, cid in zip(pieces, ids, strict=True):
+            try:
+                new = sink is not None and sink(cid, piece)
+            except OSError as e:
+                # the store's fault, not the source file's: say so
+                raise StoreError(f"cannot write to the store: {e.strerror or e}") from None
+            if new:
+                self.stats.new_chunks += 1
+                self.stats.new_bytes += len(piece)
+            out.append(CHUNK_REF.pack(cid, len(piece)))
+
+    def read(self, fd: int, size_hint: int, progress=None) -> tuple[bytes, bytes, int]:
+        """(content id, packed chunk list, size) of the open file `fd`."""
+        if size_hint < BLOCK:
+            data = os.read(fd, BLOCK)
+            if len(data) < BLOCK:  # the whole file in one read: no threads needed
+                return self._read_small(data, progress)
+            return self._read_large(fd, data, progress)
+        return self._read_large(fd, b"", progress)
+
+    def _read_small(self, data: bytes, progress) -> tuple[bytes, bytes, int]:
+        p = self.params
+        out: list[bytes] = []
+        mv = memoryview(data)
+        pieces, start = [], 0
+        for end in cut_points(data, min_size=p.min_size, avg_size=p.avg_size,
+                              max_size=p.max_size):
+            pieces.append(mv[start:end])
+            start = end
+        ids = [blake3.blake3(piece).digest() for piece in pieces]
+        self._store(pieces, ids, out)
+        self.stats.bytes_read += len(data)
+        if progress is not None:
+            progress(len(data))
+        # A one-chunk file's content id is its chunk id: no second hash.
+        content = ids[0] if len(ids) == 1 else blake3.blake3(data).digest()
+        return content, b"".join(out), len(data)
+
+    def _read_large(self, fd: int, first: bytes, progress) -> tuple[bytes, bytes, int]:
+        """Pipelined: while this thread reads and chunks block k, one worker hashes the
+        whole file and another hashes block k-1's chunks (blake3 and the C scan release
+        the GIL); chunks reach the sink in order, from this thread."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pylayers-hash")
+        pool = self._pool
+        chunker = Chunker.from_params(self.params)
+        filehash = blake3.blake3()
+        out: list[bytes] = []
+        carry = bytearray()
+        size = 0
+        file_job = None
+        chunk_job = None
+        block = first or os.read(fd, BLOCK)
+        while block:
+            size += len(block)
+            if file_job is not None:
+                file_job.result()
+            file_job = pool.submit(filehash.update, block)
+            base = chunker.offset
+            mv = memoryview(block)
+            pieces, start = [], 0
+            for c in chunker.feed(block):
+                end = c - base
+                if carry:
+                    carry += mv[start:end]
+                    pieces.append(bytes(carry))
+                    carry.clear()
+                else:
+                    pieces.append(mv[start:end])
+                start = end
+            if start < len(block):
+                carry += mv[start:]
+            if chunk_job is not None:
+                self._store(chunk_job[1], chunk_job[0].result(), out)
+            chunk_job = (pool.submit(_hash_pieces, pieces), pieces)
+            self.stats.bytes_read += len(block)
+            if progress is not None:
+                progress(len(block))
+            block = os.read(fd, BLOCK)
+        if chunk_job is not None:
+            self._store(chunk_job[1], chunk_job[0].result(), out)
+        if chunker.finish() is not None:
+            tail = bytes(carry)
+            self._store([tail], [blake3.blake3(tail).digest()], out)
+        if file_job is not None:
+            file_job.result()
+        return filehash.digest(), b"".join(out), size
+
+
+def _hash_pieces(pieces: list) -> list[bytes]:
+    return [blake3.blake3(piece).digest() for piece in pieces]
+
+
+class ChunkWriter:
+    """Adds chunks to the store for one writing job (a snapshot, an import).
+
+    `put` returns whether the chunk was new. Nothing is visible to other processes until
+    `commit`, which makes the data durable first and then indexes it in one LMDB
+    transaction, together with whatever `extra(txn)` writes (a layer record, a tag).
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.pack = PackWriter(store.packs_root, store.config.compression_level)
+        self._pending: set[bytes] = set()
+        self._uncommitted = 0
+        self.new_chunks = 0
+        self.new_bytes = 0
+        self._txn = store.env.begin(db=store.db["chunks"])
+
+    def has(self, cid: bytes) -> bool:
+        return cid in self._pending or self._txn.get(cid) is not None
+
+    def put(self, cid: bytes, data) -> bool:
+        if self.has(cid):
+            return False
+        self.pack.add(cid, data)
+        self._pending.add(cid)
+        self.new_chunks += 1
+        self.new_bytes += len(data)
+        self._uncommitted += len(data)
+        if self._uncommitted >= COMMIT_EVERY:
+            self.commit()
+        return True
+
+    def commit(self, extra=None) -> None:
+        written = self.pack.flush()
+        self._txn.abort()
+        try:
+            with self.store.env.begin(write=True) as txn:
+                chunks = self.store.db["chunks"]
+                for cid, loc in written:
+                    txn.put(cid, loc.encode(), db=chunks, overwrite=False)
+                if extra is not None:
+                    extra(txn)
+        except lmdb.MapFullError:
+            raise StoreError("the store index is full") from None
+        except lmdb.Error as e:
+            raise index_error(self.store.path, e) from None
+        # The index points at these now; anything else this writer wrote is dead data
+        # that close() removes.
+        self.pack.keep(written)
+        self._uncommitted = 0
+        self._txn = self.store.env.begin(db=self.store.db["chunks"])
+        # Chunks committed by this writer are now in the index, seen by the new txn.
+        self._pending.clear()
+
+    def close(self) -> None:
+        self._txn.abort()
+        self.pack.close()
+
+    def __enter__(self) -> ChunkWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
