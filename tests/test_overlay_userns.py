@@ -190,7 +190,7 @@ PRELUDE = textwrap.dedent("""
     import json, os, shutil, stat, subprocess, sys
     from pylayers import Layers, Store
     from pylayers.mounts import Snapshotter
-    from pylayers.mounts.drivers import get_driver
+    from pylayers.mounts.registry import get_driver
     from pylayers.mounts.overlay import OverlayDriver, overlay_mode
 
     def describe(root):

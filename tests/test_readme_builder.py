@@ -37,6 +37,13 @@ def run(tmp_path: Path) -> tuple[str, str]:
     return lines[-1].split()[1], "\n".join(lines[:-1])
 
 
+def test_readme_builder_example_mounts_through_the_library() -> None:
+    """The example mounts and unmounts with pylayers.mounts, not by running mount(8)."""
+    code = example()
+    assert "mount_all(mounts, target)" in code and "unmount(target)" in code
+    assert "subprocess" not in code and ".command(" not in code
+
+
 def test_readme_builder_example(tmp_path: Path) -> None:
     (tmp_path / "rootfs" / "etc").mkdir(parents=True)
     (tmp_path / "rootfs" / "etc" / "os-release").write_text("ID=test\n")

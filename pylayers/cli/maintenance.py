@@ -11,7 +11,7 @@ from ..chunking import DEFAULT_AVG, DEFAULT_MAX, DEFAULT_MIN, ChunkerParams
 from ..errors import AlreadyExists
 from ..layers import maintenance as m
 from ..mounts import Snapshotter
-from ..mounts.overlay import cache_bytes, collect_caches
+from ..mounts.registry import collect_driver_caches, driver_cache_bytes
 from ..store import Store, StoreConfig, default_store_path
 from .app import cli, human, open_layers
 
@@ -41,7 +41,7 @@ def du(ctx: click.Context, as_json: bool) -> None:
     with open_layers(ctx, create=False) as layers:
         usage = m.disk_usage(layers.store)
         # materialised layers and the file cache live under the store: rebuildable
-        usage["cache_bytes"] = cache_bytes(layers.store.path)
+        usage["cache_bytes"] = driver_cache_bytes(layers)
     if as_json:
         click.echo(json.dumps(usage, indent=2))
         return
@@ -61,7 +61,7 @@ def gc(ctx: click.Context) -> None:
     with open_layers(ctx, create=False, exclusive=True) as layers:
         snaps = Snapshotter(layers).collect()
         res = m.gc(layers.store)
-        cache_freed = collect_caches(layers.store.path, set(layers.all_ids()))
+        cache_freed = collect_driver_caches(layers, set(layers.all_ids()))
     click.echo(f"removed {len(snaps)} unreferenced snapshots, {res.chunks_removed} chunks, "
                f"{res.packs_removed} packs; rewrote {res.packs_rewritten} packs; freed "
                f"{human(res.bytes_freed + cache_freed)}")

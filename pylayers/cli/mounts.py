@@ -3,63 +3,57 @@
 from __future__ import annotations
 
 import os
-import re
-import subprocess
 
 import click
 
-from ..errors import FailedPrecondition, NotFound, PylayersError
+from ..errors import FailedPrecondition, InvalidArgument, NotFound, PylayersError
 from ..layers.repo import check_tag
-from ..mounts import Kind, Snapshotter
+from ..mounts import Kind, Snapshotter, attach, detach, driver_names, is_mounted
+from ..mounts.mounting import canonical_target, mount_count
 from ..mounts.snapshotter import GC_ROOT_LABEL
 from .app import cli, human, open_layers
 
 MOUNTPOINT_LABEL = "pylayers.mountpoint"
 
 
-def _run_mount(cmd: list[str]) -> None:
+def _check_mountpoint(target: str, force: bool) -> None:
+    """A mount point must be an empty directory that nothing is mounted on: mounting
+    over files hides them, and a second mount stacks on the first (--force allows
+    both)."""
+    if not os.path.isdir(target):
+        raise NotFound(f"{target}: no such directory")
+    if force:
+        return
+    if mount_count(target):
+        raise FailedPrecondition(f"{target} is already a mount point (use --force to "
+                                 "mount over it)")
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True)
-    except FileNotFoundError:
-        raise PylayersError(f"{cmd[0]} is not installed") from None
-    if res.returncode != 0:
-        err = (res.stderr or res.stdout).strip().splitlines()
-        # Mount.command may wrap mount(8) in `sh -c 'cd DIR && exec mount ...'`
-        shown = cmd[cmd.index("mount"):] if "mount" in cmd else cmd
-        raise PylayersError(f"{' '.join(shown[:3])} failed: "
-                            f"{err[-1] if err else res.returncode}")
-
-
-def _unescape(field: bytes) -> bytes:
-    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
-
-
-def _is_mounted(target: str) -> bool:
-    """Whether something is mounted at `target`. os.path.ismount compares device
-    numbers, so it misses bind mounts within one file system (the copy driver's, and
-    the overlay driver's view of a one-layer chain): ask the kernel's mount table."""
-    try:
-        with open("/proc/self/mountinfo", "rb") as f:
-            table = f.read()
-    except OSError:
-        return os.path.ismount(target)
-    want = os.fsencode(target)
-    return any(len(fields) > 4 and _unescape(fields[4]) == want
-               for fields in (line.split(b" ") for line in table.splitlines()))
+        busy = any(os.scandir(target))
+    except OSError as err:
+        raise InvalidArgument(f"cannot read {target}: {err.strerror}") from None
+    if busy:
+        raise FailedPrecondition(f"{target} is not empty (use --force to mount over "
+                                 "what it holds)")
 
 
 @cli.command()
 @click.argument("ref")
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @click.option("--rw", is_flag=True, help="Writable (an active snapshot to commit later).")
-@click.option("--driver", type=click.Choice(["overlay", "copy"]), help="Default: overlay "
-              "where the kernel allows it, else copy.")
+@click.option("--driver", type=click.Choice(driver_names()), help="Default: overlay "
+              "where this process can mount overlayfs, else copy.")
+@click.option("--force", is_flag=True, help="Mount even over a non-empty directory or "
+              "an existing mount point.")
 @click.pass_context
-def mount(ctx: click.Context, ref: str, mountpoint: str, rw: bool, driver: str | None) -> None:
-    """Mount layer REF at MOUNTPOINT; prints the snapshot key."""
-    target = os.path.realpath(mountpoint)  # as the kernel's mount table shows it
-    if not os.path.isdir(target):
-        raise NotFound(f"{target}: no such directory")
+def mount(ctx: click.Context, ref: str, mountpoint: str, rw: bool, driver: str | None,
+          force: bool) -> None:
+    """Mount layer REF at MOUNTPOINT; prints the snapshot key.
+
+    Without the privilege to mount (a plain user: the copy driver), MOUNTPOINT, an
+    empty directory, becomes a symbolic link to the snapshot's directory; `umount`
+    puts the empty directory back."""
+    target = canonical_target(mountpoint)  # as the kernel's mount table shows it
+    _check_mountpoint(target, force)
     with open_layers(ctx, create=False) as layers:
         snaps = Snapshotter(layers, driver)
         key = ("rw-" if rw else "ro-") + os.urandom(6).hex()
@@ -67,8 +61,7 @@ def mount(ctx: click.Context, ref: str, mountpoint: str, rw: bool, driver: str |
         make = snaps.prepare if rw else snaps.view
         mounts = make(key, ref, labels=labels)
         try:
-            for m in mounts:
-                _run_mount(m.command(target))
+            attach(mounts, target)
         except BaseException:
             snaps.remove(key)
             raise
@@ -81,18 +74,35 @@ def _find_mounted(snaps: Snapshotter, target: str):
     raise NotFound(f"nothing of this store is mounted at {target}")
 
 
+def _link_source(snaps: Snapshotter, info) -> str | None:
+    """The directory `attach` links a mount point to for this snapshot, if any."""
+    try:
+        mounts = snaps.mounts(info.key)
+    except PylayersError:
+        return None
+    return mounts[0].source if len(mounts) == 1 and mounts[0].type == "bind" else None
+
+
+def _attached(snaps: Snapshotter, info, target: str) -> bool:
+    """Whether the snapshot `info` is still mounted (or linked) at `target`."""
+    if is_mounted(target):
+        return True
+    source = _link_source(snaps, info)
+    return source is not None and os.path.islink(target) and os.readlink(target) == source
+
+
 @cli.command()
 @click.argument("mountpoint", type=click.Path())
 @click.option("--discard", is_flag=True, help="Also remove the snapshot and its changes.")
 @click.pass_context
 def umount(ctx: click.Context, mountpoint: str, discard: bool) -> None:
     """Unmount MOUNTPOINT; a writable snapshot is kept for `commit` unless --discard."""
-    target = os.path.realpath(mountpoint)
+    target = canonical_target(mountpoint)
     with open_layers(ctx, create=False) as layers:
         snaps = Snapshotter(layers)
         info = _find_mounted(snaps, target)
-        if _is_mounted(target):
-            _run_mount(["umount", target])
+        if _attached(snaps, info, target):  # else unmounted by hand: nothing to undo
+            detach(target, _link_source(snaps, info))
         if discard or info.kind == Kind.VIEW:
             snaps.remove(info.key)
         else:
@@ -118,10 +128,11 @@ def commit(ctx: click.Context, key: str, tag: str | None, message: str,
         if tag is not None:
             check_tag(tag)
         target = info.labels.get(MOUNTPOINT_LABEL)
-        if target and _is_mounted(target):
-            _run_mount(["umount", target])
-        if target:
-            snaps.update(key, {MOUNTPOINT_LABEL: ""})
+        if target:  # one lifecycle: mount, work, umount, then commit
+            if _attached(snaps, info, target):
+                raise FailedPrecondition(f"snapshot {key} is mounted at {target}; run "
+                                         f"`pylayers umount {target}` first")
+            snaps.update(key, {MOUNTPOINT_LABEL: ""})  # unmounted by hand
         tmp_name = name or f"commit-{os.urandom(6).hex()}"
         # made by a person at the command line: keep it until they remove it
         layer_id = snaps.commit(tmp_name, key, message=message, tag=tag,

@@ -5,9 +5,19 @@ An *active* snapshot is writable and made by `prepare(key, parent)`; a *view* is
 read-only one made by `view(key, parent)`; a *committed* snapshot is a layer, made by
 `commit(name, key)` from an active snapshot, which is then gone. Only committed
 snapshots can be parents. Kinds share one key space. `prepare` and `view` return
-mounts as plain data; the caller mounts them.
+mounts as plain data; `Mount.mount(target)` or `mount_all(mounts, target)` performs
+them and `unmount(target)` undoes them.
+
+Modules: `types` (the value types), `drivers` (the Driver interface), `copy` and
+`overlay` (the drivers), `registry` (drivers by name), `mounting` (performing mounts),
+`snapshotter` (the Snapshotter).
 """
 
-from .snapshotter import Info, Kind, Mount, Snapshotter, Usage
+from .mounting import attach, detach, is_mounted, mount_all, unmount
+from .registry import DRIVERS, default_driver, driver_names, get_driver
+from .snapshotter import Snapshotter
+from .types import Info, Kind, Mount, Usage
 
-__all__ = ["Info", "Kind", "Mount", "Snapshotter", "Usage"]
+__all__ = ["DRIVERS", "Info", "Kind", "Mount", "Snapshotter", "Usage", "attach",
+           "default_driver", "detach", "driver_names", "get_driver", "is_mounted",
+           "mount_all", "unmount"]

@@ -1,14 +1,16 @@
 """The `copy` driver: no mount privileges at all. A snapshot is a full checkout of its
 parent in a plain directory; commit compares that directory with the parent (as
-Docker's vfs driver does). Mounting it is a bind mount, or just using the directory."""
+Docker's vfs driver does). Its mount is a bind mount of that directory, which a
+process that may not mount uses as it is (`mounting.attach` links to it)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..layers.checkout import prepare_destination
-from .drivers import Driver
-from .snapshotter import Mount, Usage
+from .drivers import Driver, tree_usage
+from .types import Mount, Usage
 
 
 class CopyDriver(Driver):
@@ -20,6 +22,8 @@ class CopyDriver(Driver):
             self.layers.checkout(parent, fs)
         else:
             prepare_destination(fs)
+            # a new snapshot's root is 0755 whatever the umask, as containerd's are
+            os.chmod(fs, 0o755)
 
     def mounts(self, sdir: Path, parent: bytes | None, readonly: bool) -> list[Mount]:
         return [Mount("bind", str(sdir / "fs"), ["rbind", "ro" if readonly else "rw"])]
@@ -29,4 +33,4 @@ class CopyDriver(Driver):
         return self.layers.snapshot(sdir / "fs", parent, tag, message, kept=False).layer_id
 
     def usage(self, sdir: Path, parent: bytes | None) -> Usage:
-        return self._usage_of_tree(sdir / "fs", parent)
+        return tree_usage(self.layers, sdir / "fs", parent)

@@ -1,27 +1,62 @@
-"""Snapshot drivers: how an active snapshot or a view is backed by directories.
+"""The snapshot driver interface: how an active snapshot or a view is backed by
+directories.
 
 A driver creates a snapshot's directory, says how to mount it (plain data), turns its
-changes into a layer at commit, and removes it. One module per driver; `get_driver`
-picks one by name, or the best available.
+changes into a layer at commit, measures it, removes it, and collects whatever caches
+it keeps beside the store. Each driver is its own module (`copy`) or package
+(`overlay`); `registry` names them. This module imports no driver.
 """
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from ..errors import InvalidArgument
-from ..layers.manifest import REG
+from ..layers.manifest import REG, Entry
 from ..layers.repo import Layers
 from ..layers.scan import Scanner
 from ..layers.tree import diff_layer
+from .types import Mount, Usage
 
-if TYPE_CHECKING:
-    from .snapshotter import Mount, Usage
+
+class MissingChunks:
+    """A hash-only sink for a scan that stores nothing: it records the chunks the
+    store lacks (each once) and their sizes."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+        self.sizes: dict[bytes, int] = {}
+
+    def __call__(self, cid: bytes, data) -> bool:
+        if cid in self.sizes or self.store.has_chunk(cid):
+            return False
+        self.sizes[cid] = len(data)
+        return True
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes.values())
+
+
+def usage_of_entries(own: list[Entry], missing: MissingChunks) -> Usage:
+    """A snapshot's own entries as a Usage: regular-file bytes, entries, new bytes."""
+    return Usage(sum(e.size for e in own if e.kind == REG), len(own), missing.total)
+
+
+def tree_usage(layers: Layers, directory: Path, parent: bytes | None) -> Usage:
+    """Own size of a plain directory against its parent layer, and how much of it the
+    store lacks (hash-only scan: nothing is stored)."""
+    store = layers.store
+    missing = MissingChunks(store)
+    tree = Scanner(store, store.config.chunker, missing).scan(directory)
+    base = layers.tree(parent) if parent is not None else []
+    return usage_of_entries(diff_layer(base, tree), missing)
 
 
 class Driver:
+    """The interface every driver implements. `sdir` is a snapshot's own directory
+    under STORE/snapshots/ (made by `create`); `parent` its parent layer's id."""
+
     name = ""
 
     def __init__(self, layers: Layers) -> None:
@@ -50,40 +85,11 @@ class Driver:
         if sdir.exists():
             shutil.rmtree(sdir)
 
-    def _usage_of_tree(self, directory: Path, parent: bytes | None) -> Usage:
-        """Own size of a directory against its parent, and how much of it the store
-        lacks (hash-only scan: nothing is stored)."""
-        from .snapshotter import Usage
-        seen: dict[bytes, int] = {}
-        store = self.store
+    def collect(self, live_layers: set[bytes]) -> int:
+        """Delete what this driver caches for layers not in `live_layers`; returns the
+        bytes freed (approximately). A driver without caches frees nothing."""
+        return 0
 
-        def sink(cid: bytes, data) -> bool:
-            if cid in seen or store.has_chunk(cid):
-                return False
-            seen[cid] = len(data)
-            return True
-
-        tree = Scanner(store, store.config.chunker, sink).scan(directory)
-        base = self.layers.tree(parent) if parent is not None else []
-        own = diff_layer(base, tree)
-        files = [e for e in own if e.kind == REG]
-        return Usage(sum(e.size for e in files), len(own), sum(seen.values()))
-
-
-def driver_names() -> list[str]:
-    return ["overlay", "copy"]
-
-
-def get_driver(name: str | None, layers: Layers) -> Driver:
-    from .copy import CopyDriver
-    from .overlay import OverlayDriver
-    drivers = {"overlay": OverlayDriver, "copy": CopyDriver}
-    if name is None:
-        name = "overlay" if OverlayDriver.unavailable() is None else "copy"
-    cls = drivers.get(name)
-    if cls is None:
-        raise InvalidArgument(f"unknown driver {name!r} (known: {', '.join(drivers)})")
-    reason = cls.unavailable()
-    if reason is not None:
-        raise InvalidArgument(f"driver {name} is not available here: {reason}")
-    return cls(layers)
+    def cache_bytes(self) -> int:
+        """Bytes this driver's caches occupy on disk (rebuilt on demand)."""
+        return 0

@@ -14,116 +14,29 @@ again (the layer id is the same) or removed.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
-from enum import StrEnum
 from pathlib import Path
 
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from ..layers.manifest import REG
 from ..layers.repo import Layers, check_tag
-from .drivers import Driver, get_driver
+from .drivers import Driver
+from .registry import DRIVERS, DriverTable, get_driver
+from .types import Info, Kind, Mount, Usage
 
 GC_ROOT_LABEL = "pylayers.gc.root"
 
 
-class Kind(StrEnum):
-    ACTIVE = "active"
-    VIEW = "view"
-    COMMITTED = "committed"
-
-
-@dataclass
-class Mount:
-    """A mount as plain data, as containerd returns it: `mount -t type source target -o
-    options`."""
-
-    type: str
-    source: str
-    options: list[str] = field(default_factory=list)
-
-    def command(self, target: str) -> list[str]:
-        """The mount(8) command that mounts this at `target`. mount(2) takes at most a
-        page of options: an overlay whose lowerdir list is longer (a few dozen layers
-        in a deep directory) is mounted from the lower directories' common parent,
-        with relative lowerdirs, as containerd does (`sh -c 'cd DIR && exec mount
-        ...'`)."""
-        cmd = ["mount", "-t", self.type if self.type != "bind" else "none"]
-        opts = list(self.options)
-        if self.type == "bind" and "bind" not in opts and "rbind" not in opts:
-            opts.insert(0, "bind")
-        cwd = None
-        if self.type == "overlay" and len(",".join(opts)) >= os.sysconf("SC_PAGE_SIZE"):
-            cwd, opts = _compact_lowerdir(opts)
-        if opts:
-            cmd += ["-o", ",".join(opts)]
-        if cwd is None:
-            return cmd + [self.source, target]
-        return ["sh", "-c", 'cd "$1" && shift && exec "$@"', "sh", cwd,
-                *cmd, self.source, os.path.abspath(target)]
-
-
-def _compact_lowerdir(opts: list[str]) -> tuple[str | None, list[str]]:
-    """(the lowerdirs' common parent, options with lowerdirs relative to it and every
-    other path absolute), or (None, opts) when that does not make them shorter."""
-    lowers = next((o[len("lowerdir="):].split(":") for o in opts
-                   if o.startswith("lowerdir=")), [])
-    if len(lowers) < 2:
-        return None, opts
-    lowers = [os.path.abspath(d) for d in lowers]
-    common = os.path.commonpath(lowers)
-    if common == "/":
-        return None, opts
-    out = []
-    for o in opts:
-        name, eq, value = o.partition("=")
-        if name == "lowerdir":
-            o = "lowerdir=" + ":".join(os.path.relpath(d, common) for d in lowers)
-        elif eq and name in ("upperdir", "workdir"):
-            o = f"{name}={os.path.abspath(value)}"
-        out.append(o)
-    return common, out
-
-
-@dataclass
-class Info:
-    key: str
-    kind: Kind
-    parent: str | None  # the parent's name as given (a committed key or a layer ref)
-    parent_layer: str | None  # hex layer id of the parent
-    layer: str | None = None  # committed: its layer id
-    driver: str = ""
-    dir_id: str = ""  # active/view: its directory under STORE/snapshots/
-    labels: dict[str, str] = field(default_factory=dict)
-    created: float = 0.0
-    updated: float = 0.0
-
-    def encode(self) -> bytes:
-        d = asdict(self)
-        d["kind"] = self.kind.value
-        return json.dumps(d, sort_keys=True).encode()
-
-    @classmethod
-    def decode(cls, data: bytes) -> Info:
-        d = json.loads(data)
-        d["kind"] = Kind(d["kind"])
-        return cls(**d)
-
-
-@dataclass
-class Usage:
-    size: int  # bytes of regular files the snapshot itself holds (not its parents)
-    inodes: int
-    new_bytes: int = 0  # of those, chunk bytes the store does not hold yet (after dedup)
-
-
 class Snapshotter:
-    def __init__(self, layers: Layers, driver: str | None = None) -> None:
+    def __init__(self, layers: Layers, driver: str | None = None,
+                 drivers: DriverTable = DRIVERS) -> None:
+        """`driver`: the default driver's name (None: the best available here);
+        `drivers`: the drivers by name (the registry's, unless given)."""
         self.layers = layers
+        self.drivers = drivers
         self.store = layers.store
         # absolute: mounts are data, performed wherever their user runs
         self.root = self.store.path.absolute() / "snapshots"
@@ -199,7 +112,7 @@ class Snapshotter:
         return self.layers.resolve(parent)
 
     def _driver(self, name: str | None) -> Driver:
-        return get_driver(name or self.default_driver, self.layers)
+        return get_driver(name or self.default_driver, self.layers, self.drivers)
 
     def _create(self, key: str, parent: str | None, kind: Kind,
                 labels: dict[str, str] | None, driver: str | None) -> list[Mount]:

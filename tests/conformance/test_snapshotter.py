@@ -1270,7 +1270,7 @@ def test_crash_between_prepare_and_commit(env):
 PREPARE_CRASH_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     import pylayers.layers.checkout as checkout
-    import pylayers.mounts.overlay as overlay
+    import pylayers.mounts.overlay.lower as lower
     from pylayers import Layers, Store
     from pylayers.mounts import Snapshotter
     store, driver, key, parent = sys.argv[1:5]
@@ -1284,7 +1284,7 @@ PREPARE_CRASH_SCRIPT = textwrap.dedent("""
             return real(*args)
         return wrapper
 
-    overlay.write_file = dying(checkout.write_file)  # lower dirs
+    lower.write_file = dying(checkout.write_file)  # lower dirs
     checkout.write_file_from = dying(checkout.write_file_from)  # a copy's checkout
     Snapshotter(Layers(Store.open(store)), driver).prepare(key, parent)
 """)

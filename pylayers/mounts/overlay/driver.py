@@ -1,0 +1,108 @@
+"""The `overlay` driver: kernel overlayfs, in root or userxattr mode (`mode`), over
+lower directories materialised once per layer (`lower`); commit reads the upper
+directory back into a layer (`upper`); its caches live under STORE/cache (`cache`).
+
+An active snapshot is `upperdir` + `workdir` over its parent's lower directories.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ...layers.checkout import _meta
+from ...layers.manifest import DIR, Entry
+from ...layers.repo import Layers
+from ..drivers import Driver, MissingChunks, usage_of_entries
+from ..types import Mount, Usage
+from .cache import cache_bytes, cache_root, collect_caches
+from .lower import LowerDirs
+from .mode import check_mode, current_flavour, overlay_mode, record_mode
+from .upper import upper_entries
+
+
+class OverlayDriver(Driver):
+    name = "overlay"
+
+    def __init__(self, layers: Layers) -> None:
+        super().__init__(layers)
+        self.flavour = current_flavour()
+        self.lowers = LowerDirs(layers, self.flavour, self.cache_dir)
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        try:
+            with open("/proc/filesystems") as f:
+                if "overlay" not in f.read():
+                    return "the kernel has no overlayfs"
+        except OSError:
+            return "cannot read /proc/filesystems"
+        return overlay_mode()[1]
+
+    @property
+    def cache_dir(self) -> Path:
+        root = cache_root(self.store.path.absolute())
+        return root / self.flavour.cache if self.flavour.cache else root
+
+    def lower_dir(self, layer_id: bytes) -> Path:
+        return self.lowers.lower_dir(layer_id)
+
+    def lower_dirs(self, parent: bytes) -> list[Path]:
+        """The parent chain's lower directories, newest first, materialised if needed."""
+        return self.lowers.materialised(parent)
+
+    # -- snapshots -------------------------------------------------------------------
+    def create(self, sdir: Path, parent: bytes | None, readonly: bool) -> None:
+        sdir.mkdir(parents=True)
+        record_mode(sdir, self.flavour)
+        fs = sdir / "fs"
+        os.mkdir(fs, 0o755)
+        os.chmod(fs, 0o755)  # whatever the umask
+        os.mkdir(sdir / "work", 0o700)
+        if parent is not None:
+            self.lower_dirs(parent)
+            # overlayfs takes the merged root's attributes from the upper root
+            root = self.layers.tree(parent)[0]
+            self.lowers.check_entry(parent, root)
+            _meta(os.fsencode(fs), Entry(b"", DIR, root.mode, root.uid, root.gid,
+                                         root.mtime_ns, xattrs=root.xattrs))
+
+    def mounts(self, sdir: Path, parent: bytes | None, readonly: bool) -> list[Mount]:
+        check_mode(sdir, self.flavour)
+        if parent is None:
+            return [Mount("bind", str(sdir / "fs"), ["rbind", "ro" if readonly else "rw"])]
+        lowers = [str(p) for p in self.lower_dirs(parent)]
+        options = list(self.flavour.options)
+        if readonly:
+            if len(lowers) == 1:
+                return [Mount("bind", lowers[0], ["rbind", "ro"])]
+            return [Mount("overlay", "overlay", ["ro", "lowerdir=" + ":".join(lowers),
+                                                 *options])]
+        return [Mount("overlay", "overlay", [
+            "lowerdir=" + ":".join(lowers), f"upperdir={sdir / 'fs'}",
+            f"workdir={sdir / 'work'}", *options, *self.flavour.rw_options])]
+
+    def upper_entries(self, sdir: Path, parent: bytes | None, sink) -> list[Entry]:
+        """The upper directory as a layer's own entries (see `upper.upper_entries`)."""
+        check_mode(sdir, self.flavour)
+        tree = self.layers.tree(parent) if parent is not None else None
+        return upper_entries(self.store, self.flavour, sdir / "fs", tree, sink)
+
+    def commit(self, sdir: Path, parent: bytes | None, message: str = "",
+               tag: str | None = None) -> bytes:
+        with self.store.writer() as writer:
+            own = self.upper_entries(sdir, parent, writer.put)
+            return self.layers.commit_entries(parent, own, writer, tag, message)
+
+    def usage(self, sdir: Path, parent: bytes | None) -> Usage:
+        missing = MissingChunks(self.store)
+        return usage_of_entries(self.upper_entries(sdir, parent, missing), missing)
+
+    # -- caches ----------------------------------------------------------------------
+    def collect(self, live_layers: set[bytes]) -> int:
+        """Every mode's materialised layers not in `live_layers`, and cached files no
+        lower directory links any more."""
+        return collect_caches(self.store.path.absolute(), live_layers)
+
+    def cache_bytes(self) -> int:
+        return cache_bytes(self.store.path.absolute())

@@ -1,0 +1,93 @@
+"""Upper directories: reading what a writable overlay mount changed back as a layer's
+own entries (whiteouts and opaque markers translated, overlayfs's private xattrs
+dropped, entries equal to the parent's left out, the parent's hardlinks kept valid)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ...layers.manifest import CHR, DIR, HARDLINK, OPAQUE, REG, WHITEOUT, Entry
+from ...layers.scan import Scanner
+from ...layers.tree import apply_layer
+from .mode import Flavour
+
+
+def _unchanged(old: Entry, new: Entry) -> bool:
+    """Whether an upper entry just repeats the parent's. A directory copied up from an
+    opaque lower one is not opaque itself (overlayfs does not copy its private xattrs):
+    that alone is no change."""
+    if old == new:
+        return True
+    if old.kind == DIR and new.kind == DIR and old.opaque and not new.opaque:
+        return old.same_metadata(new)
+    return False
+
+
+def relink_survivors(tree: list[Entry], base: dict[bytes, Entry],
+                     own: list[Entry]) -> list[Entry]:
+    """Keep the parent's hardlinks valid. A hardlink entry names the path of its
+    group's first file; when this layer removes, replaces or changes that path,
+    overlayfs (index=off) has copied up only the name used, and the group's other
+    names still show the old inode. Those names, left alone in the upper directory,
+    must not follow the path to something else (or to nothing): they become a group of
+    their own, the first a file with the old content and metadata, the rest hardlinks
+    to it. `own` is in component order, and so is the result."""
+    groups: dict[bytes, list[Entry]] = {}
+    for e in tree:
+        if e.kind == HARDLINK:
+            groups.setdefault(e.target, []).append(e)
+    if not groups:
+        return own
+    after = {e.path: e for e in apply_layer(tree, own)}
+    extra: list[Entry] = []
+    for target, names in groups.items():
+        old = base.get(target)
+        if old is None or after.get(target) is old:
+            continue  # the group's file is the parent's still
+        survivors = [e for e in names if after.get(e.path) is e]
+        if not survivors:
+            continue
+        first = survivors[0].path
+        extra.append(Entry(first, REG, old.mode, old.uid, old.gid, old.mtime_ns, old.size,
+                           old.content, old.chunks, xattrs=old.xattrs))
+        extra.extend(Entry(e.path, HARDLINK, old.mode, old.uid, old.gid, old.mtime_ns,
+                           target=first, xattrs=old.xattrs) for e in survivors[1:])
+    if not extra:
+        return own
+    return sorted(own + extra, key=lambda e: e.key)
+
+
+def upper_entries(store, flavour: Flavour, upper: Path, parent_tree: list[Entry] | None,
+                  sink) -> list[Entry]:
+    """The upper directory `upper` over the parent's tree (None: no parent) as a
+    layer's own entries; chunks go to `sink` (the store's writer, or a hash-only
+    sink)."""
+    private, opaque = flavour.private_prefix, flavour.opaque_xattr
+    scanner = Scanner(store, store.config.chunker, sink)
+    scanned = scanner.scan(upper)
+    base = {e.path: e for e in parent_tree} if parent_tree is not None else {}
+    own = []
+    opaque_prefix: bytes | None = None  # key prefix of the opaque directory we are in
+    for e in scanned:
+        if opaque_prefix is not None and not e.key.startswith(opaque_prefix):
+            opaque_prefix = None
+        xattrs = tuple(x for x in e.xattrs if not x[0].startswith(private))
+        if e.kind == CHR and e.rdev == (0, 0):
+            e = Entry(e.path, WHITEOUT)
+        elif e.kind == DIR and any(x[0] == opaque and x[1] == b"y" for x in e.xattrs):
+            e.flags |= OPAQUE
+        e.xattrs = xattrs
+        old = base.get(e.path)
+        if e.kind == DIR and e.opaque:
+            # Nothing of the parent's shows through an opaque directory: it and
+            # every entry under it are stored, even those equal to the parent's.
+            if opaque_prefix is None:
+                opaque_prefix = e.key + b"\x00"
+        elif opaque_prefix is None and old is not None and _unchanged(old, e):
+            continue
+        if e.kind == WHITEOUT and old is None:
+            continue  # whiteout of something the parent does not have
+        own.append(e)
+    if parent_tree is not None:
+        own = relink_survivors(parent_tree, base, own)
+    return own
