@@ -35,6 +35,14 @@ class FailedPrecondition(PylayersError):
     """The request is well formed but the state forbids it (layer has children...)."""
 
 
+class SourceChanged(FailedPrecondition):
+    """A file kept changing while it was read (tar's "file changed as we read it")."""
+
+    def __init__(self, path: str, problem: str, hint: str = "") -> None:
+        super().__init__(f"{path}: {problem}" + (f"; {hint}" if hint else ""))
+        self.path, self.problem = path, problem
+
+
 class StoreError(PylayersError):
     """The store cannot be opened: foreign directory, unknown format version, locked."""
 

@@ -37,7 +37,7 @@ from typing import Any
 import blake3
 
 from ..chunking import ChunkerParams
-from ..errors import CorruptData, InvalidArgument, NotFound
+from ..errors import CorruptData, InvalidArgument, NotFound, SourceChanged
 from ..layers.manifest import BLK, CHR, HARDLINK, KIND_NAMES, REG, SYMLINK, Entry
 from ..layers.scan import Scanner
 from ..store.repository import Store
@@ -51,8 +51,6 @@ _PARENT_KINDS = {v: k for k, v in _PARENT_NAMES.items()}
 BY_PARENT = b"by-parent:"
 _INDEX_LEN = len(BY_PARENT) + 33 + 32
 NO_CONTENT = bytes(32)
-# Scanner warnings that mean the bytes hashed may not be any one version of the file
-_UNSTABLE = ("changed as we read it", "replaced during scan")
 MAX_SHOWN = 20  # differences listed by explain_miss
 
 _U32 = struct.Struct("<I")
@@ -120,6 +118,7 @@ class _HashScanner(Scanner):
         try:
             entries: list[Entry] = []
             self._entry(real, b"", st, entries)
+            self._report_vanished()
             if not entries:
                 raise NotFound(f"{os.fsdecode(path)}: vanished, or a socket")
             return entries
@@ -153,10 +152,11 @@ def checksum_inputs(inputs: Iterable, *, store: Store | None = None) -> InputsCh
     for src, name in _normalise_inputs(inputs):
         # one scanner per input: hardlinks are resolved within one input
         scanner = _HashScanner(store, params, None)
-        entries = scanner.scan_input(src)
-        for w in scanner.stats.warnings:
-            if w.endswith(_UNSTABLE):
-                raise InvalidArgument(f"{w}: cannot checksum an input that is being written")
+        try:
+            entries = scanner.scan_input(src)
+        except SourceChanged as e:  # the bytes hashed may not be any one version of it
+            raise InvalidArgument(f"{e.path}: {e.problem}: cannot checksum an input that "
+                                  "is being written") from None
         first = {e.path: e for e in entries if e.kind == REG}
         for e in entries:
             if e.kind == HARDLINK and e.target in first:

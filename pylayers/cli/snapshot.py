@@ -16,15 +16,19 @@ from .app import Progress, cli, human, open_layers
 @click.option("--parent", "-p", help="Store only what differs from this layer.")
 @click.option("--tag", "-t", help="Tag the new layer.")
 @click.option("-m", "--message", default="", help="A message kept with the layer.")
+@click.option("--allow-changing", is_flag=True,
+              help="Store a file that keeps changing while read as last read (a warning "
+                   "and exit status 1, as tar) instead of failing.")
 @click.pass_context
 def snapshot(ctx: click.Context, directory: str, parent: str | None, tag: str | None,
-             message: str) -> None:
+             message: str, allow_changing: bool) -> None:
     """Snapshot DIRECTORY into a new layer; prints its id as the last line."""
     with open_layers(ctx) as layers:
         parent_id = layers.resolve(parent) if parent is not None else None
         progress = Progress("snapshot")
         try:
-            res = layers.snapshot(directory, parent_id, tag, message, progress)
+            res = layers.snapshot(directory, parent_id, tag, message, progress,
+                                  allow_changing=allow_changing)
         finally:
             progress.close()
         for w in res.stats.warnings:
@@ -38,6 +42,8 @@ def snapshot(ctx: click.Context, directory: str, parent: str | None, tag: str | 
                   f"read {human(s.bytes_read)}, new in store {human(s.new_bytes)}"
                   + (" (layer existed)" if res.existed else ""), file=sys.stderr)
         click.echo(res.layer_id.hex())
+        if s.changed:  # stored, but not as any one version of those files
+            ctx.exit(1)
 
 
 @cli.command()

@@ -195,9 +195,11 @@ class Layers:
     def snapshot(self, directory: str | Path, parent: bytes | None = None,
                  tag: str | None = None, message: str = "",
                  progress: Callable[[int], None] | None = None,
-                 kept: bool = True) -> SnapshotResult:
+                 kept: bool = True, allow_changing: bool = False) -> SnapshotResult:
         """Store `directory` as a layer on `parent`. `kept`: a layer the user asked for
-        (False for a snapshotter's commit, which its collection may remove)."""
+        (False for a snapshotter's commit, which its collection may remove). A file that
+        keeps changing while read fails the snapshot with SourceChanged, unless
+        `allow_changing`: then its last read is stored and listed in `stats.changed`."""
         if tag is not None:
             check_tag(tag)
         start_ns = time.time_ns()
@@ -229,7 +231,7 @@ class Layers:
                 return SnapshotResult(layer_id, stats, len(own), existed)
             base = self.tree(parent) if parent is not None else []
             scanner = Scanner(self.store, self.store.config.chunker, writer.put,
-                              progress=progress)
+                              progress=progress, allow_changing=allow_changing)
             tree = scanner.scan(directory)
             own = diff_layer(base, tree) if parent is not None else tree
             cache = list(scanner.statcache_updates)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..chunking import ChunkerParams
-from ..errors import InvalidArgument, NotFound
+from ..errors import InvalidArgument, NotFound, SourceChanged
 from ..store.ingest import ContentReader, IngestStats
 from ..store.repository import Store
 from .manifest import BLK, CHR, DIR, FIFO, HARDLINK, REG, SYMLINK, Entry
@@ -28,8 +28,19 @@ class ScanStats(IngestStats):
     bytes_total: int = 0
     cache_hits: int = 0
     warnings: list[str] = field(default_factory=list)
+    # files that kept changing while read, stored as last read (allow_changing only)
+    changed: list[bytes] = field(default_factory=list)
     # set when a tree fingerprint showed the directory unchanged since this layer
     unchanged_since: bytes | None = None
+
+
+# A file that changes while it is read is read again, up to this many times in all.
+READ_ATTEMPTS = 3
+
+
+def _changed(before: os.stat_result, after: os.stat_result) -> bool:
+    return (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (
+        before.st_size, before.st_mtime_ns, before.st_ctime_ns)
 
 
 def read_xattrs(path: bytes) -> tuple[tuple[bytes, bytes], ...]:
@@ -57,15 +68,46 @@ class Scanner:
 
     def __init__(self, store: Store | None, params: ChunkerParams,
                  sink: Callable[[bytes, bytes], bool] | None,
-                 use_statcache: bool = True, progress=None) -> None:
+                 use_statcache: bool = True, progress=None,
+                 allow_changing: bool = False) -> None:
         self.store = store
         self.stats = ScanStats()
         self.reader = ContentReader(params, sink, self.stats)
         self.use_statcache = use_statcache and store is not None
         self.progress = progress
+        # a file still changing after READ_ATTEMPTS reads: store the last read (and
+        # list it in stats.changed) instead of failing with SourceChanged
+        self.allow_changing = allow_changing
         self.statcache_updates: list[tuple[bytes, bytes]] = []
         self._links: dict[tuple[int, int], bytes] = {}
         self._txn = None
+        self._root = b""
+        self._vanished_paths: list[bytes] = []
+
+    def _vanished(self, path: bytes) -> bytes:
+        """Note that `path` vanished while the walk was at it; returns the highest
+        directory gone with it (or `path`), so a walk can stop listing a deleted one."""
+        self._vanished_paths.append(path)
+        return self._highest_gone(path)
+
+    def _highest_gone(self, path: bytes) -> bytes:
+        top, parent = path, os.path.dirname(path)
+        while (len(parent) > len(self._root) and parent != os.path.dirname(parent)
+               and not os.path.lexists(parent)):
+            top, parent = parent, os.path.dirname(parent)
+        return top
+
+    def _report_vanished(self) -> None:
+        """One warning per vanished top directory (as things stand once the walk is
+        done), not one per entry a concurrent `rm -r` took from under the walk."""
+        tops: list[bytes] = []
+        for path in self._vanished_paths:
+            top = self._highest_gone(path)
+            # the walk is in component order: what one deleted directory took is consecutive
+            if not tops or (top != tops[-1] and not top.startswith(tops[-1] + b"/")):
+                tops.append(top)
+        self._vanished_paths.clear()
+        self.stats.warnings.extend(f"{os.fsdecode(t)}: vanished during scan" for t in tops)
 
     def scan(self, root: str | bytes) -> list[Entry]:
         root_b = os.fsencode(os.path.abspath(root))
@@ -78,6 +120,7 @@ class Scanner:
         if not stat.S_ISDIR(st.st_mode):
             raise InvalidArgument(f"{os.fsdecode(root_b)} is not a directory")
         root_b = os.path.realpath(root_b)
+        self._root = root_b
         self._start_ns = time.time_ns()
         if self.store is not None and self.use_statcache:
             self._txn = self.store.env.begin(db=self.store.db["statcache"])
@@ -85,6 +128,7 @@ class Scanner:
             entries: list[Entry] = []
             self._entry(root_b, b"", st, entries)
             self._walk(root_b, b"", entries)
+            self._report_vanished()
             return entries
         finally:
             if self._txn is not None:
@@ -96,6 +140,9 @@ class Scanner:
         try:
             with os.scandir(abs_dir) as it:
                 children = sorted(it, key=lambda d: d.name)
+        except FileNotFoundError:
+            self._vanished(abs_dir)
+            return
         except OSError as e:
             raise InvalidArgument(f"cannot list {os.fsdecode(abs_dir)}: {e.strerror}") from None
         for d in children:
@@ -103,7 +150,8 @@ class Scanner:
             try:
                 st = d.stat(follow_symlinks=False)
             except FileNotFoundError:
-                self.stats.warnings.append(f"{os.fsdecode(d.path)}: vanished during scan")
+                if self._vanished(d.path) != d.path:
+                    return  # this directory went with it: no use listing the rest
                 continue
             except OSError as e:  # ENAMETOOLONG past PATH_MAX, EIO...
                 raise InvalidArgument(f"cannot stat {os.fsdecode(d.path)}: "
@@ -116,6 +164,7 @@ class Scanner:
         try:
             xattrs = read_xattrs(path)
         except FileNotFoundError:
+            self._vanished(path)
             return False
         except OSError as e:
             raise InvalidArgument(f"cannot read xattrs of {os.fsdecode(path)}: "
@@ -140,6 +189,7 @@ class Scanner:
             try:
                 e.target = os.readlink(path)
             except FileNotFoundError:
+                self._vanished(path)
                 return False
         elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
             e.kind = CHR if stat.S_ISCHR(mode) else BLK
@@ -167,32 +217,70 @@ class Scanner:
                     if self.progress is not None:
                         self.progress(st.st_size)
                     return True
-        read_start = time.time_ns()
+        for attempt in range(1, READ_ATTEMPTS + 1):
+            read_start = time.time_ns()
+            read = self._read_once(path, st, e)
+            if read is None:
+                return False
+            fst, after = read
+            if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
+                problem = "replaced during scan"
+            elif e.size != st.st_size or _changed(st, after):
+                problem = "changed as we read it"
+            else:
+                break
+            if attempt == READ_ATTEMPTS:
+                if not self.allow_changing:
+                    raise SourceChanged(
+                        os.fsdecode(path), f"{problem} ({READ_ATTEMPTS} reads)",
+                        "snapshot it again when it is quiet, or pass --allow-changing to "
+                        "store the last read")
+                self.stats.changed.append(path)
+                self.stats.warnings.append(
+                    f"{os.fsdecode(path)}: {problem} ({READ_ATTEMPTS} reads); stored "
+                    f"the last read ({e.size} bytes)")
+                e.mode, e.uid, e.gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+                e.mtime_ns = st.st_mtime_ns
+                return True
+            seen = st.st_size
+            try:  # read it again, as it is now
+                st = os.lstat(path)
+            except FileNotFoundError:
+                self._vanished(path)
+                return False
+            if not stat.S_ISREG(st.st_mode):
+                raise SourceChanged(os.fsdecode(path),
+                                    "replaced by another kind of file during scan",
+                                    "snapshot it again")
+            self.stats.bytes_total += st.st_size - seen
+        if self.use_statcache and st.st_ctime_ns < read_start - RACY_NS:
+            key = inode_key(st.st_dev, st.st_ino)  # st may be a later lstat than the walk's
+            self.statcache_updates.append((key, encode_statcache(
+                e.size, st.st_mtime_ns, st.st_ctime_ns, e.content, e.chunks)))
+        # metadata as of the consistent read
+        e.mode, e.uid, e.gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+        e.mtime_ns = st.st_mtime_ns
+        return True
+
+    def _read_once(self, path: bytes, st: os.stat_result,
+                   e: Entry) -> tuple[os.stat_result, os.stat_result] | None:
+        """Read the file at `path` into `e` (content, chunks, size: at most the size
+        `st` saw); the file's fstat before and after the read, or None if it vanished."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
-            self.stats.warnings.append(f"{os.fsdecode(path)}: vanished during scan")
-            return False
+            self._vanished(path)
+            return None
         except OSError as err:
             raise InvalidArgument(f"cannot read {os.fsdecode(path)}: {err.strerror}") from None
         try:
             fst = os.fstat(fd)
-            if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
-                self.stats.warnings.append(f"{os.fsdecode(path)}: replaced during scan")
             try:
                 e.content, e.chunks, e.size = self.reader.read(fd, st.st_size, self.progress)
             except OSError as err:
                 raise InvalidArgument(
                     f"cannot read {os.fsdecode(path)}: {err.strerror}") from None
-            after = os.fstat(fd)
+            return fst, os.fstat(fd)
         finally:
             os.close(fd)
-        if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (
-                st.st_size, st.st_mtime_ns, st.st_ctime_ns):
-            self.stats.warnings.append(f"{os.fsdecode(path)}: changed as we read it")
-        elif self.use_statcache and st.st_ctime_ns < read_start - RACY_NS:
-            self.statcache_updates.append((key, encode_statcache(
-                e.size, st.st_mtime_ns, st.st_ctime_ns, e.content, e.chunks)))
-        e.mtime_ns = st.st_mtime_ns
-        return True
 

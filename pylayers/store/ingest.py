@@ -72,14 +72,13 @@ class ContentReader:
                 self.stats.new_bytes += len(piece)
             out.append(CHUNK_REF.pack(cid, len(piece)))
 
-    def read(self, fd: int, size_hint: int, progress=None) -> tuple[bytes, bytes, int]:
-        """(content id, packed chunk list, size) of the open file `fd`."""
-        if size_hint < BLOCK:
-            data = os.read(fd, BLOCK)
-            if len(data) < BLOCK:  # the whole file in one read: no threads needed
-                return self._read_small(data, progress)
-            return self._read_large(fd, data, progress)
-        return self._read_large(fd, b"", progress)
+    def read(self, fd: int, size: int, progress=None) -> tuple[bytes, bytes, int]:
+        """(content id, packed chunk list, bytes read) of the open file `fd`, reading at
+        most `size` bytes (the size `lstat` saw): a file that grows while it is read is
+        not read past it. Fewer bytes read than `size` means the file shrank."""
+        if size < BLOCK:  # the whole file in one read: no threads needed
+            return self._read_small(_read_upto(fd, size), progress)
+        return self._read_large(fd, size, progress)
 
     def _read_small(self, data: bytes, progress) -> tuple[bytes, bytes, int]:
         p = self.params
@@ -99,7 +98,7 @@ class ContentReader:
         content = ids[0] if len(ids) == 1 else blake3.blake3(data).digest()
         return content, b"".join(out), len(data)
 
-    def _read_large(self, fd: int, first: bytes, progress) -> tuple[bytes, bytes, int]:
+    def _read_large(self, fd: int, limit: int, progress) -> tuple[bytes, bytes, int]:
         """Pipelined: while this thread reads and chunks block k, one worker hashes the
         whole file and another hashes block k-1's chunks (blake3 and the C scan release
         the GIL); chunks reach the sink in order, from this thread."""
@@ -113,7 +112,7 @@ class ContentReader:
         size = 0
         file_job = None
         chunk_job = None
-        block = first or os.read(fd, BLOCK)
+        block = _read_upto(fd, min(BLOCK, limit))
         while block:
             size += len(block)
             if file_job is not None:
@@ -139,7 +138,7 @@ class ContentReader:
             self.stats.bytes_read += len(block)
             if progress is not None:
                 progress(len(block))
-            block = os.read(fd, BLOCK)
+            block = _read_upto(fd, min(BLOCK, limit - size))
         if chunk_job is not None:
             self._store(chunk_job[1], chunk_job[0].result(), out)
         if chunker.finish() is not None:
@@ -148,6 +147,24 @@ class ContentReader:
         if file_job is not None:
             file_job.result()
         return filehash.digest(), b"".join(out), size
+
+
+def _read_upto(fd: int, n: int) -> bytes:
+    """Up to `n` bytes from `fd`: fewer only at end of file."""
+    if n <= 0:
+        return b""
+    data = os.read(fd, n)
+    if 0 < len(data) < n:  # a short read before EOF (FUSE, network filesystems)
+        parts = [data]
+        got = len(data)
+        while got < n:
+            more = os.read(fd, n - got)
+            if not more:
+                break
+            parts.append(more)
+            got += len(more)
+        data = b"".join(parts)
+    return data
 
 
 def _hash_pieces(pieces: list) -> list[bytes]:
