@@ -25,7 +25,7 @@ anything of pylayers) and applies the documented rules (README, "Diff rules"):
 - --stat: bytes_added is the size of each regular file of the new tree that is new or
   whose content or type changed, bytes_removed the same for the old tree (a deleted or
   replaced directory's files included); metadata-only changes move no bytes. A hardlinked
-  inode counts once, under its first name. bytes_new_in_store is the file data a snapshot
+  inode counts once, under its first name. new_bytes is the file data a snapshot
   of the new side would add: checked by taking that snapshot (for a directory) or by the
   data the second layer really stored on top of the first.
 
@@ -462,9 +462,9 @@ def test_diff_matches_brute_force_over_random_rounds(tmp_path: Path, seed: int) 
         assert chunk_ids(store) == before, "diff against a directory stored something"
         layer = snap(store, src, "--parent", layers[-1])
         stored = stored_file_bytes(store, layer, before)
-        assert from_dir["bytes_new_in_store"] == stored, (rnd, m.log)
+        assert from_dir["new_bytes"] == stored, (rnd, m.log)
         from_layers = check_diff(store, layers[-1], layer, old, new)
-        assert from_layers["bytes_new_in_store"] == stored, (rnd, m.log)
+        assert from_layers["new_bytes"] == stored, (rnd, m.log)
         if rnd % 2:  # backwards
             check_diff(store, layer, layers[-1], new, old, full=False)
         states.append(new)

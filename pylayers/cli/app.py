@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 import click
 
+from ..display import one_line
 from ..layers.repo import Layers
 from ..store import Store
 
@@ -97,6 +98,12 @@ def display_bytes(p: bytes) -> str:
         else:
             out.append(ch)
     return '"' + "".join(out) + '"'
+
+
+def warn(warnings: list[str]) -> None:
+    """The library's warnings (a scan's vanished files...), one line each on stderr."""
+    for w in warnings:
+        print(f"pylayers: warning: {one_line(w)}", file=sys.stderr)
 
 
 def human(n: float) -> str:

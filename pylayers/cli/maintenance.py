@@ -9,9 +9,6 @@ import click
 
 from ..chunking import DEFAULT_AVG, DEFAULT_MAX, DEFAULT_MIN, ChunkerParams
 from ..errors import AlreadyExists
-from ..layers import maintenance as m
-from ..mounts import Snapshotter
-from ..mounts.registry import collect_driver_caches, driver_cache_bytes
 from ..store import Store, StoreConfig, default_store_path
 from .app import cli, human, open_layers
 
@@ -33,51 +30,70 @@ def init(ctx: click.Context, min_size: int, avg_size: int, max_size: int,
     click.echo(f"initialised store at {path}")
 
 
+def _maintenance():
+    from .. import maintenance  # mounts' and the build cache's imports: not for init
+    return maintenance
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def du(ctx: click.Context, as_json: bool) -> None:
-    """Logical bytes held, bytes on disk, and the dedup ratio."""
+    """Logical bytes held against bytes on disk, and the dedup ratio."""
     with open_layers(ctx, create=False) as layers:
-        usage = m.disk_usage(layers.store)
-        # materialised layers and the file cache live under the store: rebuildable
-        usage["cache_bytes"] = driver_cache_bytes(layers)
+        usage = _maintenance().du(layers.store)
     if as_json:
-        click.echo(json.dumps(usage, indent=2))
+        click.echo(json.dumps(usage.to_json(), indent=2))
         return
-    click.echo(f"layers          {usage['layers']}")
-    click.echo(f"chunks          {usage['chunks']}")
-    click.echo(f"logical bytes   {usage['logical_bytes']} ({human(usage['logical_bytes'])})")
-    click.echo(f"stored bytes    {usage['stored_bytes']} ({human(usage['stored_bytes'])})")
-    click.echo(f"dedup ratio     {usage['dedup_ratio']}")
-    click.echo(f"caches          {usage['cache_bytes']} ({human(usage['cache_bytes'])}; "
-               "included in stored bytes; rebuilt on demand)")
+    click.echo(f"layers          {usage.layers}")
+    click.echo(f"chunks          {usage.chunks}")
+    click.echo(f"logical bytes   {usage.logical_bytes} ({human(usage.logical_bytes)}; "
+               "file content of every layer's own entries)")
+    click.echo(f"stored bytes    {usage.stored_bytes} ({human(usage.stored_bytes)} on disk)")
+    click.echo(f"  packs         {usage.pack_bytes} ({human(usage.pack_bytes)}; chunk data)")
+    click.echo(f"  index         {usage.index_bytes} ({human(usage.index_bytes)}; "
+               "mostly fixed overhead on a small store)")
+    click.echo(f"  caches        {usage.cache_bytes} ({human(usage.cache_bytes)}; "
+               "rebuilt on demand)")
+    click.echo(f"  other         {usage.other_bytes} ({human(usage.other_bytes)})")
+    click.echo(f"dedup ratio     {usage.dedup_ratio} (logical bytes / pack bytes)")
 
 
 @cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
-def gc(ctx: click.Context) -> None:
-    """Delete chunks no layer needs; waits for running snapshots to finish."""
+def gc(ctx: click.Context, as_json: bool) -> None:
+    """Delete what nothing needs: unreferenced committed snapshots, chunks no layer
+    needs, stale build-cache keys and driver caches; waits for running snapshots."""
     with open_layers(ctx, create=False, exclusive=True) as layers:
-        snaps = Snapshotter(layers).collect()
-        res = m.gc(layers.store)
-        cache_freed = collect_driver_caches(layers, set(layers.all_ids()))
-    click.echo(f"removed {len(snaps)} unreferenced snapshots, {res.chunks_removed} chunks, "
-               f"{res.packs_removed} packs; rewrote {res.packs_rewritten} packs; freed "
-               f"{human(res.bytes_freed + cache_freed)}")
+        res = _maintenance().gc(layers.store)
+    if as_json:
+        click.echo(json.dumps(res.to_json(), indent=2))
+        return
+    click.echo(f"removed {len(res.snapshots)} unreferenced snapshots, {len(res.layers)} "
+               f"layers, {res.cache_keys} build cache keys, {res.cache_dirs} cached layer "
+               f"directories, {res.chunks} chunks, {res.packs_removed} packs; "
+               f"rewrote {res.packs_rewritten} packs; freed {human(res.bytes_freed)}")
 
 
 @cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
-def fsck(ctx: click.Context) -> None:
+def fsck(ctx: click.Context, as_json: bool) -> None:
     """Verify every chunk, manifest and reference; exit 1 listing what is damaged."""
     with open_layers(ctx, create=False) as layers:
-        report = m.fsck(layers.store)
+        report = _maintenance().fsck(layers.store)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+        if not report.ok:
+            ctx.exit(1)
+        return
     for note in report.notes:
         click.echo(f"note: {note}", err=True)
     for line in report.damaged:
         click.echo(f"damaged: {line}")
-    click.echo(f"checked {report.chunks_checked} chunks, {report.layers_checked} layers: "
+    click.echo(f"checked {report.chunks_checked} chunks, {report.layers_checked} layers, "
+               f"{report.snapshots_checked} snapshots: "
                + ("ok" if report.ok else f"{len(report.damaged)} problems"), err=True)
     if not report.ok:
         ctx.exit(1)

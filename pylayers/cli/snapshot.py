@@ -7,8 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..display import one_line
-from .app import Progress, cli, human, open_layers
+from .app import Progress, cli, human, open_layers, warn
 
 
 @cli.command()
@@ -31,8 +30,7 @@ def snapshot(ctx: click.Context, directory: str, parent: str | None, tag: str | 
                                   allow_changing=allow_changing)
         finally:
             progress.close()
-        for w in res.stats.warnings:
-            click.echo(f"pylayers: warning: {one_line(w)}", err=True)
+        warn(res.stats.warnings)
         s = res.stats
         if s.unchanged_since is not None:
             print(f"{res.entries} entries; directory unchanged since layer "

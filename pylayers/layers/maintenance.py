@@ -1,4 +1,6 @@
-"""Store-wide jobs that need to know about layers: gc, fsck and du."""
+"""Store-wide jobs that need to know about layers: the live chunks (gc's roots from
+layers), fsck of layers and tags, and du's logical bytes. `pylayers.maintenance` runs
+them together with every other subsystem's part."""
 
 from __future__ import annotations
 
@@ -6,10 +8,8 @@ from dataclasses import dataclass, field
 
 import blake3
 
-from ..build.cachekeys import prune as prune_cache_keys
 from ..errors import CorruptData
 from ..store.check import verify_chunks
-from ..store.gc import SweepResult, sweep
 from ..store.repository import Store
 from .manifest import REG, decode_manifest
 from .repo import LayerRecord
@@ -27,15 +27,6 @@ def live_chunks(store: Store, extra_roots: set[bytes] | None = None) -> set[byte
                 c = e.chunks
                 live.update(c[i : i + 32] for i in range(0, len(c), 36))
     return live
-
-
-def gc(store: Store) -> SweepResult:
-    """Delete chunks no layer needs, and build cache keys whose layer is gone, then
-    rewrite the index without its free pages. The store must be opened exclusive."""
-    prune_cache_keys(store)
-    res = sweep(store, live_chunks(store))
-    res.bytes_freed += store.compact_index()
-    return res
 
 
 @dataclass
