@@ -49,11 +49,24 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from treeutil import assert_same_tree, checkout, describe_tree, run_cli  # noqa: E402
+from treeutil import (  # noqa: E402
+    assert_same_tree,
+    checkout,
+    describe_tree,
+    need_root,
+    run_cli,
+)
 
 import pylayers  # noqa: E402
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown)")
+# As root the random rounds chown to any ids and set trusted.* xattrs; as another user
+# they chown among the user's own ids (a change only where the user has several groups),
+# set user.* xattrs only and keep the owner's rwx bits (to read what they made), so a
+# developer without root runs the oracle too.
+ROOT = os.geteuid() == 0
+UIDS = [0, 7, 1234] if ROOT else [os.geteuid()]
+GIDS = [0, 8, 5678] if ROOT else sorted({os.getegid(), *os.getgroups()})
+XATTRS = ["user.a", "user.b", "trusted.c"] if ROOT else ["user.a", "user.b"]
 
 T = 1_600_000_000_000_000_000
 
@@ -332,12 +345,12 @@ class Mutator:
         elif op == "chmod":
             target = self.pick(files | dirs | {"fifo"}, root_ok=True)
             if target is not None:
-                os.chmod(self.p(target), rng.choice([0o644, 0o600, 0o755, 0o4755, 0o000,
-                                                     0o1777, 0o2750, 0o555]))
+                mode = rng.choice([0o644, 0o600, 0o755, 0o4755, 0o000, 0o1777, 0o2750, 0o555])
+                os.chmod(self.p(target), mode if ROOT else mode | 0o700)
         elif op == "chown":
             target = self.pick(files | dirs | {"symlink", "fifo"})
             if target:
-                os.chown(self.p(target), rng.choice([0, 7, 1234]), rng.choice([0, 8, 5678]),
+                os.chown(self.p(target), rng.choice(UIDS), rng.choice(GIDS),
                          follow_symlinks=False)
         elif op == "touch":
             target = self.pick(files | dirs | {"symlink", "fifo"}, root_ok=True)
@@ -352,7 +365,7 @@ class Mutator:
                 if have and rng.random() < 0.4:
                     os.removexattr(p, rng.choice(have))
                 else:
-                    os.setxattr(p, rng.choice(["user.a", "user.b", "trusted.c"]),
+                    os.setxattr(p, rng.choice(XATTRS),
                                 rng.randbytes(rng.randrange(1, 20)))
         elif op == "rm":
             target = self.pick(files | {"symlink", "fifo"})
@@ -502,6 +515,7 @@ def test_sort_order_puts_slash_before_every_other_byte(tmp_path: Path) -> None:
 
 
 def test_hardlinked_inode_change_shows_on_every_name(tmp_path: Path) -> None:
+    need_root("chown")
     src = tmp_path / "src"
     src.mkdir()
     (src / "one").write_bytes(b"x" * 1000)

@@ -4,20 +4,21 @@ hardlinks, sparse files and awkward names; incremental layers after every kind o
 edit; dedup of metadata-only changes and small edits; the stat cache; content ids.
 
 Real trees in tmp_path, the real CLI in a subprocess, the Python API where it shows
-what the CLI cannot (scan statistics, entries); nothing of pylayers is mocked. Needs
-root (devices, ownership, trusted.* xattrs).
+what the CLI cannot (scan statistics, entries); nothing of pylayers is mocked. A test
+whose tree needs root (devices, ownership, trusted.* xattrs) or a tool (setfacl, setcap)
+skips with the reason where it is missing (treeutil.build says which).
 """
 
 from __future__ import annotations
 
 import os
 import random
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import blake3
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -38,6 +39,7 @@ from treeutil import (  # noqa: E402
     build,
     checkout,
     describe_tree,
+    need_tools,
     run_cli,
     snapshot,
     tree_differences,
@@ -46,21 +48,12 @@ from treeutil import (  # noqa: E402
 import pylayers  # noqa: E402
 from pylayers.layers.manifest import REG, WHITEOUT  # noqa: E402
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (devices, chown, "
-                                "trusted.* xattrs)")
-
 MiB = 1 << 20
 T = 1_600_000_000_123_456_789  # an mtime with all nine ns digits in use
 
 
 def rand(n: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(n)
-
-
-def need_tools(*tools: str) -> None:
-    missing = [t for t in tools if shutil.which(t) is None]
-    if missing:
-        pytest.skip(f"needs {', '.join(missing)}")
 
 
 def rich_specs() -> list:
@@ -495,9 +488,12 @@ def test_stat_cache_skips_unchanged_files_but_sees_a_restored_mtime(tmp_path: Pa
     assert_same_tree(src, tmp_path / "co")
 
 
-def test_b3sum_prints_the_stored_content_id(tmp_path: Path) -> None:
-    if shutil.which("b3sum") is None:
-        pytest.skip("b3sum is not installed (Debian package b3sum)")
+CONTENT_ID_FILES = ("empty", "small", "one_chunk", "multi", "blocky", "sparse")
+
+
+@pytest.fixture
+def content_id_tree(tmp_path: Path) -> tuple[Path, dict[bytes, object]]:
+    """(source, tree entries by path) of a layer of files of one and many chunks."""
     src = tmp_path / "src"
     build(src, [File("empty"), File("small", b"hello\n"), File("one_chunk", rand(9000, 12)),
                 File("multi", rand(3 * MiB + 1, 13)), File("blocky", rand(9 * MiB, 14)),
@@ -506,11 +502,30 @@ def test_b3sum_prints_the_stored_content_id(tmp_path: Path) -> None:
     lid = snapshot(store, src)
     with pylayers.Store.open(store, create=False) as st:
         tree = {e.path: e for e in pylayers.Layers(st).tree(bytes.fromhex(lid))}
-    for name in ("empty", "small", "one_chunk", "multi", "blocky", "sparse"):
+    assert len(tree[b"multi"].chunk_list()) > 1
+    return src, tree
+
+
+def test_content_id_is_the_blake3_of_the_whole_file(content_id_tree) -> None:
+    """The documented content id is what `b3sum` prints: BLAKE3 of the file's bytes
+    (checked with the blake3 package, which holds to the spec's test vector), not of
+    its chunks."""
+    assert blake3.blake3(b"").hexdigest() == \
+        "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+    src, tree = content_id_tree
+    for name in CONTENT_ID_FILES:
+        want = blake3.blake3((src / name).read_bytes()).digest()
+        assert tree[name.encode()].content == want, name
+
+
+def test_b3sum_prints_the_stored_content_id(content_id_tree) -> None:
+    """The same against the b3sum binary, where it is installed."""
+    need_tools("b3sum")
+    src, tree = content_id_tree
+    for name in CONTENT_ID_FILES:
         out = subprocess.run(["b3sum", "--no-names", str(src / name)], check=True,
                              capture_output=True, text=True).stdout.strip()
         assert tree[name.encode()].content.hex() == out, name
-    assert len(tree[b"multi"].chunk_list()) > 1
 
 
 def test_one_chunk_files_keep_their_holes(tmp_path: Path) -> None:

@@ -14,11 +14,22 @@ which paths share the inode, and the allocated blocks of regular files (sparsene
 Directories' sizes and blocks are left out: they depend on the directory's history, not
 its contents.
 
+`build` first checks what its specs need: root (chown to another id, device nodes,
+trusted.* or security.* xattrs, capabilities) and tools (`setfacl` for ACLs, `setcap`
+for capabilities); when something is missing it skips the calling test with the reason
+(`need_root`, `need_tools`), before it makes anything.
+
+The CLI helpers (`run_cli`, `start_cli`, `snapshot`, `checkout`, `assert_checks_out`,
+`du`) and `tree_state`, a plainer description than `describe_tree`, are shared by the
+test modules that drive real processes.
+
 The helpers use only os/stat and the standard tools; nothing of pylayers.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import stat
@@ -29,8 +40,32 @@ from pathlib import Path
 from typing import NamedTuple
 
 import blake3
+import pytest
 
 PathLike = bytes | str
+
+# Debian package of each optional tool the tests run, for the skip reasons
+TOOL_PACKAGES = {"setfacl": "acl", "getfacl": "acl", "setfattr": "attr", "getfattr": "attr",
+                 "b3sum": "b3sum", "setcap": "libcap2-bin", "tar": "tar",
+                 "setpriv": "util-linux", "unshare": "util-linux"}
+
+
+def missing_tools(*tools: str) -> list[str]:
+    return [t for t in tools if shutil.which(t) is None]
+
+
+def need_tools(*tools: str) -> None:
+    """Skip the calling test, with the reason, unless every tool is on PATH."""
+    missing = missing_tools(*tools)
+    if missing:
+        pytest.skip(", ".join(f"{t} is not installed (Debian: {TOOL_PACKAGES.get(t, t)})"
+                              for t in missing))
+
+
+def need_root(why: str) -> None:
+    """Skip the calling test unless it runs as root."""
+    if os.geteuid() != 0:
+        pytest.skip(f"needs root ({why})")
 
 
 def _b(p: PathLike) -> bytes:
@@ -146,8 +181,40 @@ def _apply_meta(p: bytes, m: _Meta) -> None:
         os.utime(p, ns=(m.mtime_ns, m.mtime_ns), follow_symlinks=False)
 
 
+def needs(specs: list) -> tuple[list[str], list[str]]:
+    """(why root is needed, tools needed) to build `specs` here; both empty if none."""
+    root: list[str] = []
+    tools: list[str] = []
+
+    def add(lst: list[str], item: str) -> None:
+        if item not in lst:
+            lst.append(item)
+
+    mine_u, mine_g = os.geteuid(), {os.getegid(), *os.getgroups()}
+    for s in specs:
+        if isinstance(s, CharDev | BlockDev):
+            add(root, "device nodes")
+        if not isinstance(s, _Meta):
+            continue
+        if s.uid not in (None, mine_u) or s.gid not in (None, *mine_g):
+            add(root, "chown")
+        if any(_b(n).startswith((b"trusted.", b"security.")) for n in s.xattrs):
+            add(root, "trusted.* and security.* xattrs")
+        if s.acl is not None or s.default_acl is not None:
+            add(tools, "setfacl")
+        if s.cap is not None:
+            add(root, "file capabilities")
+            add(tools, "setcap")
+    return root, tools
+
+
 def build(root: PathLike, specs: list) -> None:
-    """Make `root` (if absent) and apply `specs` in order (see the module docstring)."""
+    """Make `root` (if absent) and apply `specs` in order (see the module docstring).
+    Skips the calling test if the specs need root or a tool this machine lacks."""
+    why_root, tools = needs(specs)
+    if why_root:
+        need_root(", ".join(why_root))
+    need_tools(*tools)
     root_b = _b(root)
     os.makedirs(root_b, exist_ok=True)
     dirs: list[tuple[bytes, _Meta]] = []
@@ -306,14 +373,25 @@ def clean(path: PathLike | Path) -> None:
     shutil.rmtree(os.fspath(path), ignore_errors=True)
 
 
+def _argv(store: PathLike | Path, args: tuple) -> list[str]:
+    return [sys.executable, "-m", "pylayers", "--store", os.fsdecode(os.fspath(store)),
+            *(os.fsdecode(a) if isinstance(a, bytes) else os.fspath(a) for a in args)]
+
+
 def run_cli(store: Path, *args: PathLike, cwd: Path | None = None,
-            preexec_fn=None, timeout: float = 120) -> subprocess.CompletedProcess:
-    """`python -m pylayers --store STORE ARGS...`, capturing bytes. The working directory
-    must not be the source tree, or `-m` would import the unbuilt sources."""
-    argv = [sys.executable, "-m", "pylayers", "--store", os.fspath(store),
-            *(os.fsdecode(a) if isinstance(a, bytes) else a for a in args)]
-    return subprocess.run(argv, capture_output=True, timeout=timeout,
-                          cwd=cwd or Path(store).parent, preexec_fn=preexec_fn)
+            preexec_fn=None, timeout: float = 120,
+            text: bool = False) -> subprocess.CompletedProcess:
+    """`python -m pylayers --store STORE ARGS...`, capturing bytes (str with `text`).
+    The working directory must not be the source tree, or `-m` would import the unbuilt
+    sources."""
+    return subprocess.run(_argv(store, args), capture_output=True, timeout=timeout,
+                          cwd=cwd or Path(store).parent, preexec_fn=preexec_fn, text=text)
+
+
+def start_cli(store: Path, *args: PathLike) -> subprocess.Popen:
+    """`run_cli` started in the background, stdout and stderr piped as text."""
+    return subprocess.Popen(_argv(store, args), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=Path(store).parent)
 
 
 def snapshot(store: Path, src: PathLike | Path, *args: str) -> str:
@@ -326,3 +404,38 @@ def snapshot(store: Path, src: PathLike | Path, *args: str) -> str:
 def checkout(store: Path, ref: str, dest: PathLike | Path) -> None:
     proc = run_cli(store, "checkout", ref, os.fspath(dest))
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+
+
+def assert_checks_out(store: Path, ref: str, src: Path, dest: Path) -> None:
+    """REF checks out into DEST as a tree equal to SRC by `tree_state`."""
+    checkout(store, ref, dest)
+    assert tree_state(dest) == tree_state(src)
+
+
+def du(store: Path) -> dict:
+    proc = run_cli(store, "du", "--json")
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    return json.loads(proc.stdout)
+
+
+def tree_state(root: PathLike | Path) -> dict[str, tuple]:
+    """Relative path -> ("link", target) | ("dir", mode) | ("file", mode, size, sha256,
+    mtime_ns): what a tree must keep, without owners, xattrs or inode sharing."""
+    out: dict[str, tuple] = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = os.path.join(dirpath, name)
+            rel = os.path.relpath(p, root)
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", os.readlink(p))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", stat.S_IMODE(st.st_mode))
+            else:
+                h = hashlib.sha256()
+                with open(p, "rb") as f:
+                    while block := f.read(1 << 20):
+                        h.update(block)
+                out[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_size, h.hexdigest(),
+                            st.st_mtime_ns)
+    return out
