@@ -4,11 +4,8 @@ intact and take the next snapshot; gc then reclaims what the dead process left."
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -16,50 +13,14 @@ from pathlib import Path
 
 import pytest
 
-CLI = [sys.executable, "-m", "pylayers"]
+sys.path.insert(0, os.path.dirname(__file__))
+
+from treeutil import assert_checks_out, du, snapshot, start_cli  # noqa: E402
+from treeutil import run_cli as _run_cli  # noqa: E402
 
 
 def run_cli(store: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, "--store", str(store), *args], capture_output=True,
-                          text=True, timeout=120, cwd=cwd or store.parent)
-
-
-def start_cli(store: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([*CLI, "--store", str(store), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=store.parent)
-
-
-def tree_state(root: Path) -> dict[str, tuple]:
-    out: dict[str, tuple] = {}
-    for dirpath, dirs, files in os.walk(root):
-        for name in dirs + files:
-            p = os.path.join(dirpath, name)
-            rel = os.path.relpath(p, root)
-            st = os.lstat(p)
-            if stat.S_ISLNK(st.st_mode):
-                out[rel] = ("link", os.readlink(p))
-            elif stat.S_ISDIR(st.st_mode):
-                out[rel] = ("dir", stat.S_IMODE(st.st_mode))
-            else:
-                h = hashlib.sha256()
-                with open(p, "rb") as f:
-                    while block := f.read(1 << 20):
-                        h.update(block)
-                out[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_size, h.hexdigest(),
-                            st.st_mtime_ns)
-    return out
-
-
-def snapshot(store: Path, src: Path, *extra: str) -> str:
-    proc = run_cli(store, "snapshot", str(src), *extra)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip().splitlines()[-1]
-
-
-def assert_checks_out(store: Path, ref: str, src: Path, dest: Path) -> None:
-    proc = run_cli(store, "checkout", ref, str(dest))
-    assert proc.returncode == 0, proc.stderr
-    assert tree_state(dest) == tree_state(src)
+    return _run_cli(store, *args, cwd=cwd, text=True)
 
 
 def fsck_notes(store: Path) -> list[str]:
@@ -68,12 +29,6 @@ def fsck_notes(store: Path) -> list[str]:
     assert proc.returncode == 0, (proc.stdout, proc.stderr)
     assert "damaged" not in proc.stdout
     return [ln for ln in proc.stderr.splitlines() if ln.startswith("note:")]
-
-
-def du(store: Path) -> dict:
-    proc = run_cli(store, "du", "--json")
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
 
 
 def pack_files(store: Path) -> list[Path]:

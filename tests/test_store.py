@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import signal
 import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import blake3
 import lmdb
 import pytest
+import zstandard
 
 import pylayers
 from pylayers.errors import CorruptData, StoreError
@@ -511,10 +514,88 @@ def test_store_open_api(tmp_path: Path) -> None:
         assert store.chunk_count() == 0
 
 
-def test_packs_module_constants_match_format_doc() -> None:
-    assert PACK_HEADER.size == 16
-    assert FRAME_HEADER.size == 24
-    assert packs.TABLE_ENTRY.size == 36
+FORMAT_DOC = Path(__file__).resolve().parents[1] / "docs" / "format.md"
+_FIELD = re.compile(r'"(?P<lit>[^"]*)"'
+                    r"|(?P<ty>u\d+)(?:\[(?P<count>\d+)\])? (?P<name>\w+)(?:\(=(?P<fixed>\d+)\))?"
+                    r"|(?P<raw>\w+)\[(?P<len>\d+)\]")
+
+
+def doc_layout(text: str, values: dict[str, int | bytes]) -> bytes:
+    """Bytes laid out as a docs/format.md grammar line says: "LITERAL", `uN name`
+    (little-endian, from `values`), `uN name(=V)` (fixed V), `u8[K] 0` (K zero bytes),
+    `name[K]` (K raw bytes from `values`). Written from the document, not from packs.py."""
+    out = b""
+    pos = 0
+    for m in _FIELD.finditer(text):
+        assert not text[pos:m.start()].strip(), f"cannot read {text[pos:m.start()]!r}"
+        pos = m.end()
+        if m["lit"] is not None:
+            out += m["lit"].encode()
+        elif m["ty"]:
+            width = int(m["ty"][1:]) // 8
+            if m["count"]:
+                assert m["name"] == "0", m.group()
+                out += bytes(width * int(m["count"]))
+            else:
+                value = int(m["fixed"]) if m["fixed"] else values[m["name"]]
+                out += value.to_bytes(width, "little")
+        else:
+            value = values[m["raw"]]
+            assert isinstance(value, bytes) and len(value) == int(m["len"]), m.group()
+            out += value
+    assert not text[pos:].strip(), f"cannot read {text[pos:]!r}"
+    return out
+
+
+def test_pack_bytes_match_the_format_doc(tmp_path: Path) -> None:
+    """A pack written by PackWriter is, byte for byte, what docs/format.md's grammar
+    gives for known chunks (so a changed field order, width or magic fails here), and
+    an index location is laid out as its `chunks` table says."""
+    doc = FORMAT_DOC.read_text()
+    grammar = doc.split("## Packs", 1)[1].split("```")[1]
+    rules = {}
+    for line in grammar.strip().splitlines():
+        if ":=" in line:
+            name, rule = (x.strip() for x in line.split(":=", 1))
+        else:
+            rule = line.strip()
+        rules.setdefault(name, []).append(re.split(r"\s{3,}", rule)[0])
+    assert rules["pack"] == ["header frame*"]
+    assert rules["header"] == ['"PLYRPACK" u32 version(=1) u32 reserved(=0)']
+    head, table_rule, payload_rule = rules["frame"]
+    entry = re.fullmatch(r"\((.*)\)\{nchunks\}", table_rule)
+    assert entry and payload_rule == "payload[stored_len]", rules["frame"]
+
+    data = [b"hello", b"world!", b"x" * 1000]  # compresses: codec 1, stored < raw
+    locs = write_pack(tmp_path, data, level=3)
+    (pack,) = tmp_path.glob("*/*.pack")
+    got = pack.read_bytes()
+    raw = b"".join(data)
+    table = b"".join(doc_layout(entry[1], {"id": cid(d), "length": len(d)}) for d in data)
+    header = doc_layout(rules["header"][0], {})
+    fields = {"codec": 0, "nchunks": 0, "raw_len": 0, "stored_len": 0, "crc": 0}
+    payload = got[len(header) + len(doc_layout(head, fields)) + len(table):]
+    assert zstandard.ZstdDecompressor().decompress(payload) == raw
+    assert len(payload) < len(raw)
+    fields = {"codec": 1, "nchunks": len(data), "raw_len": len(raw),
+              "stored_len": len(payload), "crc": 0}
+    before_crc = doc_layout(head, fields)[:-4]
+    fields["crc"] = zlib.crc32(before_crc + table)
+    frame = doc_layout(head, fields) + table + payload
+    assert len(header) == 16 and len(before_crc) == 20
+    assert got == header + frame
+
+    row = next(ln for ln in doc.splitlines() if ln.startswith("| `chunks`"))
+    value_rule = re.search(r"`(pack_id\[16\][^`]*)`", row)[1]
+    for i, d in enumerate(data):
+        loc = locs[cid(d)]
+        start = sum(map(len, data[:i]))
+        want = doc_layout(value_rule, {"pack_id": bytes.fromhex(pack.stem),
+                                       "frame_offset": len(header),
+                                       "frame_len": len(frame), "start": start,
+                                       "length": len(d)})
+        assert loc.encode() == want
+        assert raw[start:start + len(d)] == d
 
 
 def test_reads_from_many_threads_over_many_packs(tmp_path: Path) -> None:
