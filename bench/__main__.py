@@ -1,10 +1,15 @@
 """pylayers against tar-based layer stores and peer tools, side by side.
 
+    pip install '.[bench]'                  # what the benchmark imports
     python -m bench --quick [--out DIR]     # small data, every scenario, < 3 min
     python -m bench --full  [--out DIR]     # the issue's sizes (long; downloads wheels once)
     python -m bench --full --scale 0.1      # the full profile with a tenth of the data
 
-Writes bench-{quick,full}.json, .md and .png plots into --out (default bench/results).
+Writes bench-{quick,full}.json, .md and .png plots into --out (default bench/out, which
+git ignores; the committed runs are in bench/results: `--out bench/results`). Peer tools
+that are not installed are left out of the comparison and named in the report;
+`--install` installs them first (Debian packages as root, and the bench extra's Python
+packages), nothing is installed without it.
 Every comparison runs all stores on the same data in the same run, alternating, as
 separate processes; see bench/runner.py for what is timed and bench/report.py for the
 targets checked.
@@ -23,13 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import competitors, install
-from .proc import machine
-from .profiles import PROFILES
-from .runner import Options, log, run_scenario
-from .scenarios import LayerChain, Scaling, main_scenarios
+from . import install
 
 REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "bench" / "out"
 
 
 def parse() -> argparse.Namespace:
@@ -38,7 +40,8 @@ def parse() -> argparse.Namespace:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="small data (default)")
     mode.add_argument("--full", action="store_true", help="the issue's sizes")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                    help="where results go (default: bench/out, untracked)")
     ap.add_argument("--name", help="output file prefix (default: bench-quick / bench-full)")
     ap.add_argument("--work", type=Path,
                     help="work directory (default: a new directory in /dev/shm for --quick "
@@ -50,7 +53,9 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--tools", help="comma-separated store keys (default: all installed)")
     ap.add_argument("--keep", action="store_true",
                     help="keep the work directory: stores, last trees (needs --work)")
-    ap.add_argument("--no-install", action="store_true", help="do not install missing tools")
+    ap.add_argument("--install", action="store_true",
+                    help="install missing peer tools (apt-get, as root) and Python packages "
+                         "(pip) first; without it nothing is installed")
     ap.add_argument("--no-scaling", action="store_true")
     ap.add_argument("--no-core", action="store_true")
     ap.add_argument("--wheel-cache", type=Path, help="wheels for the realistic chain (full)")
@@ -59,6 +64,17 @@ def parse() -> argparse.Namespace:
 
 def main() -> None:
     args = parse()
+    if not args.install and (missing := install.missing_modules()):
+        sys.exit(f"python -m bench: {', '.join(missing)} not installed: run "
+                 "`pip install '.[bench]'` (or pass --install)")
+    not_installed = install.ensure(install=args.install)
+    # imported here, once the bench extra is known to be there (numpy, matplotlib)
+    from . import competitors
+    from .proc import machine
+    from .profiles import PROFILES
+    from .runner import Options, log, run_scenario
+    from .scenarios import main_scenarios
+
     profile = PROFILES["full" if args.full else "quick"].scaled(args.scale)
     overrides = {}
     if args.repeat:
@@ -70,7 +86,6 @@ def main() -> None:
         profile = replace(profile, **overrides)
     t0 = time.perf_counter()
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    not_installed = install.ensure(install=not args.no_install)
 
     tools_info: dict[str, dict] = {}
     classes = []
@@ -134,6 +149,9 @@ def main() -> None:
 
 
 def _scaling(results: dict, profile, classes, work: Path) -> None:
+    from .runner import Options, log, run_scenario
+    from .scenarios import LayerChain, Scaling
+
     light = Options(repeat=1, middle_repeat=1, chain_repeat=1, unchanged=False,
                     reference=False, verify=False)
     runs = [Scaling(profile)] + ([LayerChain(profile)] if profile.layer_counts else [])
@@ -145,6 +163,7 @@ def _scaling(results: dict, profile, classes, work: Path) -> None:
 def _core(profile, work: Path) -> dict:
     from .bench_snapshot import make_big_file
     from .core import bench_core
+    from .runner import log
     path = work / "core.bin"
     make_big_file(path, max(1, profile.core_bytes >> 20))
     log("core primitives")
@@ -156,6 +175,7 @@ def _core(profile, work: Path) -> dict:
 
 def _wheels(cache: Path | None, left_out: list[str]) -> Path | None:
     from .pyenv_wheels import DEFAULT_CACHE, fetch, have_all
+    from .runner import log
     cache = cache or DEFAULT_CACHE
     if not have_all(cache):
         log(f"fetching the realistic chain's wheels into {cache} (once)")

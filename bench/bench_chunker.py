@@ -14,7 +14,7 @@ each one's median throughput in GB/s (10^9 bytes/s) and the ratios of pylayers' 
 others' (above 1: pylayers is faster). JSON goes to `--out`.
 
 Run from the repository root: python -m bench.bench_chunker [--size-mib 512]
-    [--repeat 5] [--out bench/results/chunker.json]
+    [--repeat 5] [--out bench/out/chunker.json]
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=512, help="buffer size (MiB)")
     ap.add_argument("--repeat", type=int, default=5, help="interleaved repetitions")
-    ap.add_argument("--out", default="bench/results/chunker.json", help="JSON output")
+    ap.add_argument("--out", default="bench/out/chunker.json", help="JSON output")
     ap.add_argument("--seed", type=int, default=1, help="seed of the random buffer")
     args = ap.parse_args()
 

@@ -133,7 +133,7 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=50_000)
     ap.add_argument("--layers", type=int, default=20)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--out", default="bench/results/mounts.json")
+    ap.add_argument("--out", default="bench/out/mounts.json")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_mounts needs root (overlayfs mounts)")

@@ -95,7 +95,7 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=100_000)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--dir", help="work directory (default: a temp dir, removed after)")
-    ap.add_argument("--out", default="bench/results/snapshot.json")
+    ap.add_argument("--out", default="bench/out/snapshot.json")
     args = ap.parse_args()
     work = Path(args.dir or tempfile.mkdtemp(prefix="pylayers-bench-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,8 @@
-"""Find the peer tools, installing what is missing: Debian packages with apt-get (as
-root), Python packages with pip into this interpreter's environment. Whatever is still
-missing is reported as "not installed" and its comparisons are skipped."""
+"""Find the peer tools and, only when asked (`python -m bench --install`), install what
+is missing: Debian packages with apt-get (as root), Python packages with pip into this
+interpreter's environment. Whatever is still missing is reported as "not installed" and
+its comparisons are skipped. The Python packages are pyproject.toml's `bench` extra
+(`pip install '.[bench]'`); tests/test_bench.py holds the two lists in step."""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def missing_modules() -> list[str]:
     return [m for m in PYPI if importlib.util.find_spec(m) is None]
 
 
-def ensure(install: bool = True) -> dict[str, str]:
+def ensure(install: bool = False) -> dict[str, str]:
     """Install what is missing if allowed; {name: "not installed"} for what still is."""
     tools, mods = missing_tools(), missing_modules()
     if install and tools and os.geteuid() == 0 and shutil.which("apt-get"):
