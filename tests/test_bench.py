@@ -97,10 +97,11 @@ def test_default_output_is_not_tracked() -> None:
     assert len(paths) == 4, subs
     if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("not a git checkout: cannot ask git what it ignores")
+    git = ["git", "-c", "safe.directory=*", "-C", str(REPO), "check-ignore", "-q"]
     for p in paths:
         rel = p.relative_to(REPO)
-        res = subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", str(rel)])
-        assert res.returncode == 0, f"{rel} would be tracked by git"
-    res = subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q",
-                          "bench/results/bench-quick.json"])
-    assert res.returncode == 1, "the committed results are ignored"
+        res = subprocess.run([*git, str(rel)], capture_output=True, text=True)
+        assert res.returncode == 0, f"{rel} would be tracked by git {res.stderr}"
+    res = subprocess.run([*git, "bench/results/bench-quick.json"], capture_output=True,
+                         text=True)
+    assert res.returncode == 1, f"the committed results are ignored {res.stderr}"
