@@ -10,7 +10,10 @@ away from the one asked for. Paths are bytes or str, relative to `root`; b"" is 
 a tuple of everything a faithful copy must keep: type, permission bits, owner, size,
 mtime in ns, content hash / link target / device numbers, every xattr (listed with
 llistxattr, so trusted.*, security.capability and the POSIX ACLs too), link count,
-which paths share the inode, and the allocated blocks of regular files (sparseness).
+which paths share the inode, and the data blocks of regular files (sparseness: the
+file's data ranges by SEEK_DATA/SEEK_HOLE, in 512-byte units; not st_blocks, which also
+counts the file system's own blocks, such as an ext4 extent tree block allocated at
+writeback, so it moves with timing).
 Directories' sizes and blocks are left out: they depend on the directory's history, not
 its contents.
 
@@ -283,7 +286,7 @@ class Node(NamedTuple):
     xattrs: tuple[tuple[bytes, bytes], ...]  # every name llistxattr gives, sorted
     nlink: int
     links: tuple[bytes, ...]  # the tree's paths sharing this inode (files with nlink > 1)
-    blocks: int  # st_blocks of regular files; 0 for the rest
+    blocks: int  # regular files: data (not hole) bytes / 512, rounded up; 0 for the rest
 
 
 _KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink",
@@ -296,6 +299,25 @@ def lxattrs(path: bytes) -> tuple[tuple[bytes, bytes], ...]:
     for name in os.listxattr(path, follow_symlinks=False):
         out.append((os.fsencode(name), os.getxattr(path, name, follow_symlinks=False)))
     return tuple(sorted(out))
+
+
+def data_blocks(path: bytes) -> int:
+    """512-byte units of a file's data ranges (holes left out), by SEEK_DATA/SEEK_HOLE."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        total, pos = 0, 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole from pos to the end
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            total += end - start
+            pos = end
+        return (total + 511) // 512
+    finally:
+        os.close(fd)
 
 
 def file_hash(path: bytes) -> str:
@@ -331,7 +353,7 @@ def describe_tree(root: PathLike) -> dict[bytes, Node]:
         size, blocks, data = 0, 0, None
         links: tuple[bytes, ...] = ()
         if fmt == stat.S_IFREG:
-            size, blocks, data = st.st_size, st.st_blocks, file_hash(p)
+            size, blocks, data = st.st_size, data_blocks(p), file_hash(p)
             if st.st_nlink > 1:
                 links = tuple(sorted(by_inode[(st.st_dev, st.st_ino)]))
         elif fmt == stat.S_IFLNK:
