@@ -106,7 +106,8 @@ class Snapshotter:
         info = self._get(parent)
         if info is not None:
             if info.kind != Kind.COMMITTED:
-                raise FailedPrecondition(f"parent {parent!r} is {info.kind.value}; only "
+                raise FailedPrecondition(f"cannot use snapshot {parent!r} as a parent: it "
+                                         f"is {info.kind.value}; only "
                                          "committed snapshots can be parents")
             return bytes.fromhex(info.layer)
         return self.layers.resolve(parent)
@@ -118,7 +119,7 @@ class Snapshotter:
                 labels: dict[str, str] | None, driver: str | None) -> list[Mount]:
         self._check_key(key)
         if self._get(key) is not None:
-            raise AlreadyExists(f"snapshot {key!r} already exists")
+            raise AlreadyExists(f"cannot create snapshot {key!r}: it already exists")
         parent_layer = self._parent_layer(parent)
         drv = self._driver(driver)
         now = time.time()
@@ -138,7 +139,7 @@ class Snapshotter:
                         or now_parent.layer != info.parent_layer:
                     raise FailedPrecondition(f"parent {parent!r} changed meanwhile")
             if not txn.put(key.encode(), info.encode(), db=db, overwrite=False):
-                raise AlreadyExists(f"snapshot {key!r} already exists")
+                raise AlreadyExists(f"cannot create snapshot {key!r}: it already exists")
         sdir = self.root / info.dir_id
         try:
             drv.create(sdir, parent_layer, readonly=(kind == Kind.VIEW))
@@ -160,7 +161,8 @@ class Snapshotter:
     def mounts(self, key: str) -> list[Mount]:
         info = self.stat(key)
         if info.kind == Kind.COMMITTED:
-            raise FailedPrecondition(f"snapshot {key!r} is committed; make a view of it")
+            raise FailedPrecondition(f"cannot mount snapshot {key!r}: it is committed; "
+                                     "make a view of it")
         drv = self._driver(info.driver)
         parent = bytes.fromhex(info.parent_layer) if info.parent_layer else None
         return drv.mounts(self.root / info.dir_id, parent, readonly=(info.kind == Kind.VIEW))
@@ -170,13 +172,15 @@ class Snapshotter:
         """Store the active snapshot `key` as a layer named `name`; `key` is removed."""
         info = self.stat(key)
         if info.kind != Kind.ACTIVE:
-            raise FailedPrecondition(f"snapshot {key!r} is {info.kind.value}, not active")
+            raise FailedPrecondition(f"cannot commit snapshot {key!r}: it is a "
+                                     f"{info.kind.value} snapshot, not an active one")
         self._check_key(name)
         if tag is not None:
             check_tag(tag)  # before the work; and the overlay driver stores it unchecked
         existing = self._get(name)
         if existing is not None and name != key:
-            raise AlreadyExists(f"snapshot {name!r} already exists")
+            raise AlreadyExists(f"cannot commit as {name!r}: a snapshot of that name "
+                                "already exists")
         drv = self._driver(info.driver)
         parent = bytes.fromhex(info.parent_layer) if info.parent_layer else None
         layer_id = drv.commit(self.root / info.dir_id, parent, message=message, tag=tag)
@@ -190,7 +194,8 @@ class Snapshotter:
             if current is None or Info.decode(current).dir_id != info.dir_id:
                 raise NotFound(f"snapshot {key!r} was removed or committed meanwhile")
             if name != key and txn.get(name.encode(), db=db) is not None:
-                raise AlreadyExists(f"snapshot {name!r} already exists")
+                raise AlreadyExists(f"cannot commit as {name!r}: a snapshot of that name "
+                                    "already exists")
             txn.delete(key.encode(), db=db)
             txn.put(name.encode(), committed.encode(), db=db)
         drv.remove(self.root / info.dir_id)
@@ -208,7 +213,8 @@ class Snapshotter:
                     kid = Info.decode(raw)
                     if kid.parent == key:
                         raise FailedPrecondition(
-                            f"snapshot {key!r} is the parent of {kid.key!r}")
+                            f"cannot remove snapshot {key!r}: it is the parent of "
+                            f"{kid.key!r}")
                 txn.delete(key.encode(), db=db)
             return
         self._discard(info)

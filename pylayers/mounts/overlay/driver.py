@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ...layers.checkout import _meta
 from ...layers.manifest import DIR, Entry
+from ...layers.materialise import apply_metadata
 from ...layers.repo import Layers
 from ..drivers import Driver, MissingChunks, usage_of_entries
 from ..types import Mount, Usage
@@ -64,7 +64,7 @@ class OverlayDriver(Driver):
             # overlayfs takes the merged root's attributes from the upper root
             root = self.layers.tree(parent)[0]
             self.lowers.check_entry(parent, root)
-            _meta(os.fsencode(fs), Entry(b"", DIR, root.mode, root.uid, root.gid,
+            apply_metadata(os.fsencode(fs), Entry(b"", DIR, root.mode, root.uid, root.gid,
                                          root.mtime_ns, xattrs=root.xattrs))
 
     def mounts(self, sdir: Path, parent: bytes | None, readonly: bool) -> list[Mount]:

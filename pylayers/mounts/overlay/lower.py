@@ -27,8 +27,8 @@ import blake3
 
 from ... import userns
 from ...errors import PylayersError
-from ...layers.checkout import _meta, write_file
 from ...layers.manifest import BLK, CHR, DIR, FIFO, HARDLINK, OPAQUE, REG, SYMLINK, WHITEOUT, Entry
+from ...layers.materialise import apply_metadata, make_node, write_file
 from ...layers.repo import Layers
 from ...layers.tree import apply_layer
 from .cache import unique
@@ -181,19 +181,13 @@ class LowerDirs:
                                             f"{os.fsdecode(e.path)} has no target")
                     self.check_entry(layer_id, target)
                     os.link(self._cached_file(target), path)
-                elif e.kind == SYMLINK:
-                    os.symlink(e.target, path)
-                    _meta(path, e)
-                elif e.kind in (CHR, BLK, FIFO):
-                    kind = {CHR: 0o020000, BLK: 0o060000, FIFO: 0o010000}[e.kind]
-                    os.mknod(path, kind | 0o600,
-                             os.makedev(*e.rdev) if e.kind != FIFO else 0)
-                    _meta(path, e)
+                elif e.kind in (SYMLINK, CHR, BLK, FIFO):
+                    make_node(path, e)
             except OSError as err:
                 raise failed(e, err) from None
         for path, e in reversed(dirs):
             try:
-                _meta(path, e)
+                apply_metadata(path, e)
                 if e.flags & OPAQUE:
                     os.setxattr(path, opaque, b"y")
             except OSError as err:

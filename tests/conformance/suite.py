@@ -1,5 +1,9 @@
 """Conformance suite for the snapshotter and its drivers, after containerd's snapshotter
-testsuite (snapshots/testsuite): every test runs once per driver.
+testsuite (snapshots/testsuite), as a factory: `snapshotter_suite(DriverClass)` returns
+the suite's tests and fixtures for one driver, and each driver's test module
+(test_copy.py, test_overlay.py) puts them in its namespace:
+
+    globals().update(snapshotter_suite(CopyDriver))
 
 The mounts that `prepare` and `view` return are performed for real (`Mount.command`)
 on a temporary mount point; declarative changes (`File`, `Dir`, `Remove`, `Rename`,
@@ -11,9 +15,11 @@ everything but directories, and which names share an inode) exactly as the refer
 does. Each layer is also checked while mounted (the active snapshot shows its parent's
 tree, then the changes) and through a read-only view.
 
-Mounting needs root and the kernel's overlayfs; a session probe tries a bind mount and
-an overlay mount and each driver's tests skip, with the reason, where that fails. Every
-mount a test makes is unmounted in the fixture's teardown (lazily as a last resort).
+Mounting needs root (and, for the overlay driver, the kernel's overlayfs); a probe
+per module (the driver's `unavailable()`, a bind mount, and the driver module's own
+probe) finds whether the driver's mounts work here, and its tests skip with the reason
+where they do not. Every mount a test makes is unmounted in the fixture's teardown
+(lazily as a last resort).
 """
 
 from __future__ import annotations
@@ -38,11 +44,16 @@ import blake3
 import pytest
 
 from pylayers import Layers, Store
-from pylayers.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from pylayers.mounts import Kind, Snapshotter
-from pylayers.mounts.overlay import OverlayDriver
+from pylayers.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PylayersError,
+)
+from pylayers.mounts import DRIVERS, Kind, Snapshotter, mount_all, unmount
+from pylayers.mounts.drivers import Driver
 
-DRIVERS = ["overlay", "copy"]
 T0 = 1_600_000_000_123_456_789  # the mtime (ns) every created entry gets unless told
 OVERLAY_XATTRS = ("trusted.overlay.",)  # overlayfs's own (without its userxattr option)
 MIB = 1 << 20
@@ -381,37 +392,27 @@ def _try(cmd: list[str]) -> str | None:
         ((res.stderr or res.stdout).strip() or "failed").splitlines()[0]
 
 
-@pytest.fixture(scope="session")
-def mount_support(tmp_path_factory) -> dict[str, str | None]:
-    """Per driver: None when its mounts can be performed here, else why not (found by
-    trying a read-only bind mount, and an overlay mount)."""
-    base = tmp_path_factory.mktemp("probe")
-    for d in ("src", "bind", "lower", "upper", "work", "merged"):
+def probe_bind_mount(base: Path) -> str | None:
+    """None where a read-only bind mount works here, else why not."""
+    for d in ("src", "bind"):
         (base / d).mkdir()
-    bind = _try(["mount", "-t", "none", "-o", "rbind,ro", str(base / "src"), str(base / "bind")])
-    if bind is None:
+    err = _try(["mount", "-t", "none", "-o", "rbind,ro", str(base / "src"), str(base / "bind")])
+    if err is None:
         subprocess.run(["umount", str(base / "bind")], capture_output=True)
-        bind_reason = None
-    else:
-        bind_reason = f"cannot bind-mount here (mount: {bind})"
-    overlay_reason = OverlayDriver.unavailable()
-    if overlay_reason is None:
-        err = _try(["mount", "-t", "overlay", "-o",
-                    f"lowerdir={base / 'lower'},upperdir={base / 'upper'},"
-                    f"workdir={base / 'work'}", "overlay", str(base / "merged")])
-        if err is None:
-            subprocess.run(["umount", str(base / "merged")], capture_output=True)
-        else:
-            overlay_reason = f"cannot mount overlayfs here (mount: {err})"
-    return {"copy": bind_reason, "overlay": overlay_reason or bind_reason}
+        return None
+    return f"cannot bind-mount here (mount: {err})"
 
 
 class Env:
     """A store, its Snapshotter for one driver, and the mounts a test made."""
 
-    def __init__(self, base: Path, driver: str) -> None:
+    def __init__(self, base: Path, driver: type[Driver], breaks_hardlinks: bool) -> None:
         self.base = base
-        self.driver = driver
+        self.driver_cls = driver
+        self.driver = driver.name
+        self.drivers = {**DRIVERS, driver.name: driver}
+        # copy-ups break a lower file's hardlinks (overlayfs with index=off)
+        self.breaks_hardlinks = breaks_hardlinks
         self.store_path = base / "store"
         self.mounted: list[Path] = []
         self._n = itertools.count()
@@ -420,7 +421,17 @@ class Env:
     def open(self) -> None:
         self.store = Store.open(self.store_path)
         self.layers = Layers(self.store)
-        self.sn = Snapshotter(self.layers, self.driver)
+        self.sn = Snapshotter(self.layers, self.driver, drivers=self.drivers)
+
+    @property
+    def driver_path(self) -> str:
+        """module:class of the driver, for a script to import it."""
+        return f"{self.driver_cls.__module__}:{self.driver_cls.__qualname__}"
+
+    def drop_caches(self) -> None:
+        """Whatever the driver caches goes (rebuilt on the next mount): its collector
+        with no layer alive."""
+        self.driver_cls(self.layers).collect(set())
 
     def reopen(self) -> None:
         self.store.close()
@@ -434,17 +445,13 @@ class Env:
     def mount(self, mounts, target: Path | None = None) -> Path:
         target = target or self.fresh("mnt")
         assert mounts, "a snapshot must have at least one mount"
-        for m in mounts:
-            cmd = m.command(str(target))
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            assert res.returncode == 0, f"{cmd} failed: {res.stderr.strip()}"
-            self.mounted.append(target)
+        mount_all(mounts, target)
+        self.mounted += [target] * len(mounts)
         return target
 
     def umount(self, target: Path) -> None:
         while target in self.mounted:
-            res = subprocess.run(["umount", str(target)], capture_output=True, text=True)
-            assert res.returncode == 0, f"umount {target}: {res.stderr.strip()}"
+            unmount(target)
             del self.mounted[len(self.mounted) - 1 - self.mounted[::-1].index(target)]
 
     def cleanup(self) -> None:
@@ -468,18 +475,6 @@ class Env:
         ref = self.fresh("ref")
         os.chmod(ref, 0o755)
         return ref
-
-
-@pytest.fixture(params=DRIVERS)
-def env(request, tmp_path, mount_support):
-    reason = mount_support[request.param]
-    if reason is not None:
-        pytest.skip(f"{request.param} driver: {reason}")
-    e = Env(tmp_path, request.param)
-    try:
-        yield e
-    finally:
-        e.cleanup()
 
 
 def assert_read_only(mnt: Path) -> None:
@@ -528,7 +523,7 @@ def run_chain(env: Env, steps: list[list], *, parent: str | None = None,
         apply_changes(mnt, changes)
         apply_changes(ref, changes)
         expected = describe(ref)
-        links = env.driver != "overlay"  # overlayfs (index=off) copy-ups break hardlinks
+        links = not env.breaks_hardlinks
         assert_same(describe(mnt, links=links), describe(ref, links=links),
                     f"active snapshot {key} after step {i}")
         env.umount(mnt)
@@ -565,6 +560,37 @@ SCENARIOS = {
          File("dir2/f", BIG)],
         [Write("dir1/f", 5, b", world"), Write("dir2/f", 1000, b"XY")],
         [File("dir1/f", b"short"), Touch("dir2/f", T0 + 99)],
+    ],
+    # checkFileFromLowerLayer: a lower file moved by hardlinking it elsewhere and
+    # deleting the original name, beside a directory removed and a copy made
+    "move_through_hardlink": [
+        [Dir("dir1", 0o700), File("dir1/f1", b"Hello"), Dir("dir2", 0o700),
+         File("dir2/f2", b"...", mode=0o640, uid=4)],
+        [Dir("dir3", 0o700), File("dir3/f1", b"Hello"), Remove("dir1"),
+         Link("dir3/f2", "dir2/f2"), Remove("dir2/f2")],
+        [File("dir3/f2", b"rewritten", mode=0o600)],
+    ],
+    # checkLayerFileUpdate run within one second: a file rewritten with content of
+    # the same size and the same mtime (cp -p, tar), in place and by a new inode,
+    # must not be taken for the old one by any cache keyed on size and time
+    "same_size_same_second": [
+        [File("hosts", b"mydomain 10.0.0.1"), File("profile", b"PATH=/usr/bin"),
+         File("inplace", b"AAAA")],
+        [File("hosts", b"mydomain 10.0.0.2"), Remove("profile"),
+         File("profile", b"PATH=/usr/sbi"), Write("inplace", 0, b"BBBB", mtime=T0)],
+        [File("hosts", b"mydomain 10.0.0.3"), Write("inplace", 1, b"C", mtime=T0)],
+    ],
+    # checkDirectoryPermissionOnCommit: owners of directories changed, removed and
+    # made again (with the owner they had, or another)
+    "ownership_of_recreated_dirs": [
+        [Dir("dir1", 0o700, uid=1, gid=1), Dir("dir2", 0o700, uid=1, gid=1),
+         Dir("dir3", 0o700, uid=1, gid=1), Dir("dir4", 0o700), File("dir4/f1", b"..."),
+         Dir("dir5", 0o700, uid=1, gid=1), File("dir5/f1", b"...", uid=1, gid=1)],
+        [Chown("dir2", 0, 0), Remove("dir3"), Chown("dir4", 1, 1),
+         Chown("dir4/f1", 1, 1)],
+        [Dir("dir3", 0o700, uid=1, gid=1), Remove("dir5"), Dir("dir5", 0o700, uid=1, gid=1)],
+        [Remove("dir1"), Dir("dir1", 0o750, uid=2, gid=3), Remove("dir4"),
+         Dir("dir4", 0o700)],
     ],
     # checkRemoveDirectoryInLowerLayer
     "lower_dir_removed": [
@@ -751,7 +777,7 @@ def test_mounts_hold_absolute_paths(env, monkeypatch):
     (_, base), _ = run_chain(env, [[File("f", b"f")], [File("g", b"g")]], views=False)
     monkeypatch.chdir(env.base)
     with Store.open("store") as store:
-        sn = Snapshotter(Layers(store), env.driver)
+        sn = Snapshotter(Layers(store), env.driver, drivers=env.drivers)
         all_mounts = [sn.prepare("rel-active", base), sn.view("rel-view", base),
                       sn.view("rel-view-1", "layer-0")]
     elsewhere = env.fresh("elsewhere")
@@ -769,19 +795,6 @@ def test_mounts_hold_absolute_paths(env, monkeypatch):
         env.umount(mnt)
 
 
-@pytest.mark.parametrize("env", ["overlay"], indirect=True)
-def test_overlay_upper_holds_plain_files(env):
-    """The commit reads the upper directory as plain files: the overlay driver's
-    writable mounts pin off redirect_dir and metacopy (some hosts default them on), so
-    a renamed lower directory is copied and a chmod copies the data up."""
-    (base,), _ = run_chain(env, [[Dir("d"), File("d/f", b"f")]], views=False)
-    (mount,) = env.sn.prepare("k", base)
-    # with userxattr (in a user namespace) the kernel refuses redirect_dir=off; nofollow
-    # makes no redirects either
-    redirect = "redirect_dir=nofollow" if "userxattr" in mount.options else "redirect_dir=off"
-    assert {redirect, "metacopy=off", "index=off"} <= set(mount.options)
-
-
 def test_snapshot_of_a_mounted_view(env):
     """What a view shows is what a program reading it keeps: `pylayers snapshot` (or
     tar, cp -a) of the mounted view gives back the layer, with hardlinks where the
@@ -796,6 +809,175 @@ def test_snapshot_of_a_mounted_view(env):
     dest = env.base / "copy-of-view"
     env.layers.checkout(copy, dest)
     assert_same(describe(dest), describe(ref), "snapshot of a mounted view")
+
+
+def test_new_snapshot_root_is_0755_whatever_the_umask(env):
+    """checkRootPermission: the root of a snapshot on no parent is 0755, under umask 0
+    as under 077 (a mkdir would give 0777 or 0700)."""
+    for i, mask in enumerate((0, 0o077, 0o022)):
+        old = os.umask(mask)
+        try:
+            mounts = env.sn.prepare(f"root-{i}")
+            view = env.sn.view(f"view-{i}")
+        finally:
+            os.umask(old)
+        for m in (mounts, view):
+            mnt = env.mount(m)
+            assert stat.S_IMODE(os.stat(mnt).st_mode) == 0o755, oct(mask)
+            env.umount(mnt)
+
+
+def test_stat_inside_walk(env):
+    """checkStatInWalk: stat of each snapshot while walking gives what walk gave."""
+    names, _ = run_chain(env, [[File("f", b"f")], [File("g", b"g")]], views=False)
+    base = names[-1]
+    env.sn.prepare("a1", base, labels={"x": "1"})
+    env.sn.view("v1", base)
+    seen = []
+    for info in env.sn.walk():
+        assert env.sn.stat(info.key) == info
+        seen.append(info.key)
+    assert sorted(seen) == sorted(["layer-0", "layer-1", "a1", "v1"])
+
+
+def test_same_key_twice(env):
+    """checkSnapshotterPrepareView: a key names one snapshot of any kind; a second
+    prepare or view of it is AlreadyExists, and the first is left as it was."""
+    (base,), _ = run_chain(env, [[File("f", b"f")]], views=False)
+    first = {"p": env.sn.prepare("p", base), "v": env.sn.view("v", base)}
+    for key in ("p", "v", base):
+        for make in (env.sn.prepare, env.sn.view):
+            with pytest.raises(AlreadyExists) as info:
+                make(key, base)
+            assert repr(key) in str(info.value) and "already exists" in str(info.value)
+    assert env.sn.stat("p").kind == Kind.ACTIVE and env.sn.stat("v").kind == Kind.VIEW
+    assert env.sn.mounts("p") == first["p"] and env.sn.mounts("v") == first["v"]
+
+
+def test_update_keeps_created(env):
+    """checkUpdate: fresh snapshots of every kind have created == updated; update
+    changes labels and `updated`, never `created`, kind, parent or layer."""
+    before = time.time()
+    env.sn.prepare("c1-a")
+    env.sn.commit("c1", "c1-a")
+    env.sn.prepare("c2-a", "c1")
+    env.sn.commit("c2", "c2-a")
+    for key, make in (("a1", env.sn.prepare), ("v1", env.sn.view)):
+        make(key, "c2")
+    env.sn.prepare("a2")
+    env.sn.view("v2")
+    after = time.time()
+    kinds = {"c1": Kind.COMMITTED, "c2": Kind.COMMITTED, "a1": Kind.ACTIVE,
+             "a2": Kind.ACTIVE, "v1": Kind.VIEW, "v2": Kind.VIEW}
+    for key, kind in kinds.items():
+        info = env.sn.stat(key)
+        assert before <= info.created <= after, key
+        assert info.created == info.updated and info.kind == kind, key
+        time.sleep(0.01)
+        updated = env.sn.update(key, {"l1": "v1", "l2": "v2"})
+        for got in (updated, env.sn.stat(key)):
+            assert got.created == info.created, key
+            assert got.updated > info.created, key
+            assert (got.kind, got.parent, got.parent_layer, got.layer) == \
+                (info.kind, info.parent, info.parent_layer, info.layer), key
+            assert got.labels == {**info.labels, "l1": "v1", "l2": "v2"}, key
+        env.sn.update(key, {"l1": ""})
+        assert env.sn.stat(key).labels == {**info.labels, "l2": "v2"}, key
+        assert env.sn.stat(key).created == info.created, key
+
+
+def test_128_layers_against_a_flat_copy(env):
+    """check128LayersMount: 128 layers, each mounted on the last and compared with a
+    flattened reference directory before and after its changes, then a view of the
+    top compared with it."""
+    flat = env.reference()
+    first = [Dir(""), File("bottom", b"way at the bottom\n", mode=0o777),
+             File("overwriteme", b"FIRST!\n", mode=0o777), Dir("addhere"), Dir("onlyme"),
+             File("onlyme/bottom", b"bye!\n", mode=0o777)]
+    parent = None
+    for i in range(128):
+        changes = first if i == 0 else [
+            File("overwriteme", f"{i} WAS HERE!\n".encode(), mode=0o777),
+            File(f"addhere/file-{i}", b"same\n", mode=0o755), Remove("onlyme"),
+            Dir("onlyme"), File(f"onlyme/file-{i}", b"only me!\n", mode=0o777)]
+        mnt = env.mount(env.sn.prepare(f"prepare-{i}", parent))
+        if i:
+            assert_same(describe(mnt), describe(flat), f"layer {i} before its changes")
+        apply_changes(mnt, changes)
+        apply_changes(flat, changes)
+        assert_same(describe(mnt), describe(flat), f"layer {i} after its changes")
+        env.umount(mnt)
+        env.sn.commit(f"committed-{i}", f"prepare-{i}")
+        parent = f"committed-{i}"
+    assert len(env.layers.chain(env.layer(parent))) == 128
+    check_view(env, parent, describe(flat))
+
+
+def test_refusals_say_what_was_refused(env):
+    """Each refusal has its kind (NotFound, AlreadyExists, FailedPrecondition,
+    InvalidArgument) and a message naming what was refused and why."""
+    (base,), _ = run_chain(env, [[File("f", b"f")]], views=False)
+    env.sn.prepare("child", base)
+    env.sn.commit("kid", "child")
+    env.sn.prepare("act", base)
+    env.sn.view("vw", base)
+
+    def refused(kind, call, *needles):
+        with pytest.raises(kind) as info:
+            call()
+        for needle in needles:
+            assert needle in str(info.value), (needle, str(info.value))
+
+    refused(FailedPrecondition, lambda: env.sn.remove(base),
+            f"cannot remove snapshot {base!r}", "parent of")
+    refused(FailedPrecondition, lambda: env.sn.prepare("x", "act"), "'act'", "active",
+            "committed")
+    refused(FailedPrecondition, lambda: env.sn.commit("y", "vw"),
+            "cannot commit snapshot 'vw'", "view")
+    refused(FailedPrecondition, lambda: env.sn.commit("y", "kid"),
+            "cannot commit snapshot 'kid'", "committed")
+    refused(FailedPrecondition, lambda: env.sn.mounts("kid"), "'kid'", "committed")
+    refused(AlreadyExists, lambda: env.sn.commit("kid", "act"), "'kid'", "already exists")
+    refused(NotFound, lambda: env.sn.stat("nope"), "'nope'", "does not exist")
+    refused(NotFound, lambda: env.sn.remove("nope"), "'nope'", "does not exist")
+    refused(InvalidArgument, lambda: env.sn.prepare(""), "snapshot key")
+    assert sorted(i.key for i in env.sn.walk()) == sorted([base, "kid", "act", "vw"])
+
+
+def test_zero_zero_character_device(env, request):
+    """A layer holding a 0/0 character device, which overlayfs would read as a
+    whiteout: a driver either shows it as the device checkout makes, or refuses the
+    layer naming the path; it never shows a different tree."""
+    src = env.fresh("src")
+    os.chmod(src, 0o755)
+    (src / "keep").write_bytes(b"k")
+    lower = env.layers.snapshot(src, tag="lower").layer_id
+    os.unlink(src / "keep")
+    try:
+        os.mknod(src / "keep", stat.S_IFCHR | 0o600, os.makedev(0, 0))
+        os.mknod(src / "dev00", stat.S_IFCHR | 0o600, os.makedev(0, 0))
+    except PermissionError as err:
+        pytest.skip(f"cannot make a 0/0 character device here: {err}")
+    top = env.layers.snapshot(src, lower, tag="top").layer_id
+    env.layers.checkout(top, env.base / "co")
+    expected = describe(env.base / "co")
+    assert expected["keep"].kind == "char" and expected["dev00"].data == (0, 0)
+    for make in (env.sn.view, env.sn.prepare):
+        key = f"{make.__name__}-top"
+        try:
+            mounts = make(key, "top")
+        except PylayersError as err:
+            assert env.breaks_hardlinks, f"{env.driver} refused: {err}"  # overlay only
+            msg = str(err)
+            assert "/dev00" in msg or "/keep" in msg, msg
+            assert "character device 0/0" in msg and "whiteout" in msg, msg
+            assert "\n" not in msg
+            with pytest.raises(NotFound):
+                env.sn.stat(key)  # nothing left behind
+            continue
+        mnt = env.mount(mounts)
+        assert_same(describe(mnt), expected, f"{make.__name__} of a 0/0 device")
+        env.umount(mnt)
 
 
 def test_remove_rules(env):
@@ -895,7 +1077,7 @@ def test_write_to_hardlinked_lower_file(env):
     got = describe(env.checkout("c"), links=False)
     assert_same(got, shown, "checkout after a write to a hardlinked file")
     assert got["f"].data == describe(ref)["f"].data
-    if env.driver == "copy":  # a plain directory: the write shows on both names
+    if not env.breaks_hardlinks:  # a plain directory: the write shows on both names
         assert_same(describe(env.checkout("c")), describe(ref), "checkout")
 
 
@@ -918,11 +1100,19 @@ def test_hardlink_target_changed_in_upper(env, change):
     got = describe(env.checkout("c"))
     assert_same({p: n._replace(links=()) for p, n in got.items()}, shown, "checkout")
     expected = describe(ref)
-    if env.driver == "copy":
+    if not env.breaks_hardlinks:
         assert_same(got, expected, "checkout")
     else:  # overlayfs (index=off) copies up only the name changed, as Docker's does
-        assert got["b"].links[:3] == ("b", "c", "d/e")
-        assert got["b"].data == expected["b"].data or change == "chmod"
+        assert got["b"].links == ("b", "c", "d/e")
+        for name in ("b", "c", "d/e"):  # the names left alone: the old file, unchanged
+            assert (got[name].data, got[name].mode, got[name].uid) == \
+                (describe(env.checkout(base))["b"].data, 0o644, 9), name
+        if change == "chmod":  # the copied-up name alone has the new mode, same data
+            assert (got["a"].links, got["a"].mode, got["a"].data) == ((), 0o600,
+                                                                     got["b"].data)
+            assert expected["b"].mode == 0o600  # where a file system changes every name
+        else:
+            assert got["b"].data == expected["b"].data
     check_view(env, "c", got)
 
 
@@ -1041,7 +1231,6 @@ def test_concurrent_prepares_threads(env):
     """Threads of one process prepare snapshots on one parent at once, its lower
     directories and cached files not made yet (several rounds: the races are short)."""
     ref = _base_with_files(env, "base")
-    import pylayers.mounts.overlay as overlay
     n = 8
     errors: list[BaseException] = []
     results: dict[str, list] = {}
@@ -1054,7 +1243,7 @@ def test_concurrent_prepares_threads(env):
             errors.append(e)
 
     for r in range(10):
-        overlay.drop_caches(env.store_path)
+        env.drop_caches()
         barrier = threading.Barrier(n)
         threads = [threading.Thread(target=worker, args=(barrier, f"t{r}-{i}"))
                    for i in range(n)]
@@ -1092,13 +1281,24 @@ def test_concurrent_prepares_threads(env):
     assert {p.name for p in env.sn.root.iterdir()} == dirs  # no directory left behind
 
 
-PREPARE_SCRIPT = textwrap.dedent("""
+# Scripts get the driver as module:class (Env.driver_path) and make their Snapshotter
+# with snapshotter(layers, driver).
+SCRIPT_PRELUDE = textwrap.dedent("""
+    import importlib
+    from pylayers.mounts import DRIVERS, Snapshotter
+
+    def snapshotter(layers, path):
+        module, _, name = path.partition(":")
+        cls = getattr(importlib.import_module(module), name)
+        return Snapshotter(layers, cls.name, drivers={**DRIVERS, cls.name: cls})
+""")
+
+PREPARE_SCRIPT = SCRIPT_PRELUDE + textwrap.dedent("""
     import sys, time
     from pylayers import Layers, Store
-    from pylayers.mounts import Snapshotter
     store, driver, key, parent, start = sys.argv[1:6]
     with Store.open(store) as s:
-        snaps = Snapshotter(Layers(s), driver)
+        snaps = snapshotter(Layers(s), driver)
         time.sleep(max(0.0, float(start) - time.time()))
         snaps.prepare(key, parent)
 """)
@@ -1106,11 +1306,10 @@ PREPARE_SCRIPT = textwrap.dedent("""
 
 def test_concurrent_prepares_processes(env):
     ref = _base_with_files(env, "pbase")
-    import pylayers.mounts.overlay as overlay
-    overlay.drop_caches(env.store_path)
+    env.drop_caches()
     start = time.time() + 1.5
     procs = [subprocess.Popen([sys.executable, "-c", PREPARE_SCRIPT, str(env.store_path),
-                               env.driver, f"p{i}", "pbase-0", str(start)],
+                               env.driver_path, f"p{i}", "pbase-0", str(start)],
                               cwd=env.base, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i in range(4)]
     for p in procs:
@@ -1177,8 +1376,7 @@ def test_state_survives_reopening(env):
     env.sn.view("vw", base)
     before = {i.key: i for i in env.sn.walk()}
     env.store.close()
-    import pylayers.mounts.overlay as overlay
-    overlay.drop_caches(env.store_path)  # caches: rebuilt on the next mount
+    env.drop_caches()  # caches: rebuilt on the next mount
     env.open()  # a new Store, Layers and Snapshotter
     assert {i.key: i for i in env.sn.walk()} == before
     mnt = env.mount(env.sn.mounts("act"))
@@ -1194,13 +1392,12 @@ def test_state_survives_reopening(env):
     assert sorted(i.key for i in env.sn.walk()) == sorted([base, "after"])
 
 
-CRASH_SCRIPT = textwrap.dedent("""
+CRASH_SCRIPT = SCRIPT_PRELUDE + textwrap.dedent("""
     import subprocess, sys, time
     from pylayers import Layers, Store
-    from pylayers.mounts import Snapshotter
     store, driver, key, parent, target, phase = sys.argv[1:7]
     s = Store.open(store)
-    snaps = Snapshotter(Layers(s), driver)
+    snaps = snapshotter(Layers(s), driver)
     for m in snaps.prepare(key, parent):
         subprocess.run(m.command(target), check=True)
     with open(target + "/written-before-crash", "wb") as f:
@@ -1222,7 +1419,7 @@ def _crash(env: Env, key: str, parent: str, phase: str) -> Path:
     target = env.fresh("crash-mnt")
     env.mounted.append(target)  # the child mounts it: unmount it in teardown if need be
     proc = subprocess.Popen([sys.executable, "-c", CRASH_SCRIPT, str(env.store_path),
-                             env.driver, key, parent, str(target), phase],
+                             env.driver_path, key, parent, str(target), phase],
                             cwd=env.base, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
@@ -1267,12 +1464,12 @@ def test_crash_between_prepare_and_commit(env):
     env.sn.remove("doomed2")
 
 
-PREPARE_CRASH_SCRIPT = textwrap.dedent("""
+PREPARE_CRASH_SCRIPT = SCRIPT_PRELUDE + textwrap.dedent("""
     import os, signal, sys
     import pylayers.layers.checkout as checkout
+    import pylayers.layers.materialise as materialise
     import pylayers.mounts.overlay.lower as lower
     from pylayers import Layers, Store
-    from pylayers.mounts import Snapshotter
     store, driver, key, parent = sys.argv[1:5]
     calls = []
 
@@ -1284,9 +1481,9 @@ PREPARE_CRASH_SCRIPT = textwrap.dedent("""
             return real(*args)
         return wrapper
 
-    lower.write_file = dying(checkout.write_file)  # lower dirs
+    lower.write_file = dying(materialise.write_file)  # lower dirs
     checkout.write_file_from = dying(checkout.write_file_from)  # a copy's checkout
-    Snapshotter(Layers(Store.open(store)), driver).prepare(key, parent)
+    snapshotter(Layers(Store.open(store)), driver).prepare(key, parent)
 """)
 
 
@@ -1296,10 +1493,9 @@ def test_crash_inside_prepare(env):
     the same parent is whole."""
     (base,), ref = run_chain(env, [[File(f"f{i}", os.urandom(100 + i)) for i in range(20)]],
                              views=False)
-    import pylayers.mounts.overlay as overlay
-    overlay.drop_caches(env.store_path)
+    env.drop_caches()
     proc = subprocess.run([sys.executable, "-c", PREPARE_CRASH_SCRIPT, str(env.store_path),
-                           env.driver, "torn", base], cwd=env.base, capture_output=True,
+                           env.driver_path, "torn", base], cwd=env.base, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert env.sn.stat("torn").kind == Kind.ACTIVE
@@ -1310,23 +1506,26 @@ def test_crash_inside_prepare(env):
     env.umount(mnt)
 
 
-def test_layers_are_driver_neutral(env, mount_support):
-    """A layer committed through one driver is the parent of a snapshot of the other."""
-    other = "copy" if env.driver == "overlay" else "overlay"
-    if mount_support[other] is not None:
-        pytest.skip(f"{other} driver: {mount_support[other]}")
-    (base,), ref = run_chain(env, SCENARIOS["type_changes"][:1], views=False)
-    mnt = env.mount(env.sn.prepare("k", base, driver=other))
-    assert env.sn.stat("k").driver == other
-    assert_same(describe(mnt), describe(ref), f"{other} on {base}")
-    changes = SCENARIOS["type_changes"][1]
-    apply_changes(mnt, changes)
-    apply_changes(ref, changes)
-    env.umount(mnt)
-    env.reopen()  # the snapshot's own driver is used, not the Snapshotter's default
-    env.sn.commit("c", "k")
-    assert_same(describe(env.checkout("c")), describe(ref), "checkout")
-    check_view(env, "c", describe(ref))
+def test_layers_are_driver_neutral(env):
+    """A layer committed through this driver is the parent of a snapshot of every
+    other registered driver that works here, and the other way round."""
+    others = {n: cls.unavailable() for n, cls in env.drivers.items() if n != env.driver}
+    if not others or all(others.values()):
+        pytest.skip(f"no other driver works here: {others}")
+    for other in (n for n, reason in others.items() if reason is None):
+        (base,), ref = run_chain(env, SCENARIOS["type_changes"][:1], views=False,
+                                 prefix=f"base-{other}")
+        mnt = env.mount(env.sn.prepare(f"k-{other}", base, driver=other))
+        assert env.sn.stat(f"k-{other}").driver == other
+        assert_same(describe(mnt), describe(ref), f"{other} on {base}")
+        changes = SCENARIOS["type_changes"][1]
+        apply_changes(mnt, changes)
+        apply_changes(ref, changes)
+        env.umount(mnt)
+        env.reopen()  # the snapshot's own driver is used, not the Snapshotter's default
+        env.sn.commit(f"c-{other}", f"k-{other}")
+        assert_same(describe(env.checkout(f"c-{other}")), describe(ref), "checkout")
+        check_view(env, f"c-{other}", describe(ref))
 
 
 def test_crash_inside_commit(env):
@@ -1341,3 +1540,38 @@ def test_crash_inside_commit(env):
     layer = env.sn.commit("done", "half")
     assert layer in before  # stored by the killed process
     assert (env.checkout("done") / "written-before-crash").read_bytes() == b"still here"
+
+
+# --- the factory --------------------------------------------------------------------
+
+def snapshotter_suite(driver: type[Driver], *, breaks_hardlinks: bool = False,
+                      probe=None) -> dict[str, object]:
+    """The suite for one driver class, as names to put in a test module's globals:
+    every test above and the `env` fixture they take (a store, a Snapshotter whose
+    default driver is `driver`, and the mounts made). `breaks_hardlinks`: the
+    driver's copy-ups break a lower file's hardlinks (overlayfs with index=off).
+    `probe(base) -> str | None`: the driver's own check that its mounts work here,
+    beyond its `unavailable()` and a bind mount (a scratch directory is given)."""
+
+    @pytest.fixture(scope="module")
+    def mount_support(tmp_path_factory) -> str | None:
+        reason = driver.unavailable()
+        if reason is None:
+            reason = probe_bind_mount(tmp_path_factory.mktemp("bind-probe"))
+        if reason is None and probe is not None:
+            reason = probe(tmp_path_factory.mktemp("driver-probe"))
+        return reason
+
+    @pytest.fixture
+    def env(tmp_path, mount_support):
+        if mount_support is not None:
+            pytest.skip(f"{driver.name} driver: {mount_support}")
+        e = Env(tmp_path, driver, breaks_hardlinks)
+        try:
+            yield e
+        finally:
+            e.cleanup()
+
+    tests = {name: obj for name, obj in globals().items()
+             if name.startswith("test_") and callable(obj)}
+    return {**tests, "env": env, "mount_support": mount_support}
