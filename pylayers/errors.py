@@ -6,6 +6,11 @@ Tests check the kind, not the text.
 
 from __future__ import annotations
 
+import os
+
+# The longest path the kernel takes, terminating NUL included (linux/limits.h).
+PATH_MAX = 4096
+
 
 class PylayersError(Exception):
     """Base of every error pylayers reports to a user."""
@@ -53,3 +58,15 @@ class CorruptData(PylayersError):
 
 class UnsafePath(CorruptData):
     """A manifest or archive names a path that would escape the destination."""
+
+
+def short_path(path: bytes | str, limit: int = 200) -> str:
+    """`path` for a message: decoded as os.fsdecode does (the CLI shows undecodable
+    bytes as \\xNN) and, past `limit` characters, cut to its head and tail around
+    " ... ", so a 4 KB path still makes a readable one-line error."""
+    text = os.fsdecode(path)
+    if len(text) <= limit:
+        return text
+    keep = max(limit - 5, 2)
+    head = keep - keep // 2
+    return f"{text[:head]} ... {text[len(text) - keep // 2:]}"

@@ -3,8 +3,8 @@ stdout, exit status 1 (2 for usage errors), never a traceback. Also the REF form
 refusals, and a hostile manifest that a checkout must refuse without writing anything
 outside DEST.
 
-Real stores and trees in tmp_path; the CLI in a subprocess; hostile manifests are made
-with the manifest encoder and stored through the Layers API as a snapshot would.
+Real stores and trees in tmp_path; the CLI in a subprocess; hostile manifests are
+encoded by hand (tests/hostile.py) and stored as a snapshot's would be.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from hostile import raw_manifest, store_file, store_manifest  # noqa: E402
 from treeutil import run_cli, snapshot  # noqa: E402
 
 import pylayers  # noqa: E402
@@ -33,7 +34,6 @@ from pylayers.layers.manifest import (  # noqa: E402
     SYMLINK,
     Entry,
     encode_manifest,
-    pack_chunks,
 )
 
 NOBODY = 65534
@@ -399,17 +399,14 @@ def test_rm(store: Path, chain: list[str]) -> None:
 
 def _store_layer(store: Path, entries: list[Entry], files: dict[bytes, bytes]) -> str:
     """Store a layer of exactly these entries (regular files get their content from
-    `files`), the way Layers._commit stores a snapshot's."""
+    `files`), encoded by hand (encode_manifest refuses them) and stored the way
+    Layers._commit stores a snapshot's."""
     with pylayers.Store.open(store) as st:
-        layers = pylayers.Layers(st)
-        with st.writer() as w:
-            for e in entries:
-                if e.kind == REG:
-                    data = files[e.path]
-                    cid = blake3.blake3(data).digest()
-                    w.put(cid, data)
-                    e.size, e.content, e.chunks = len(data), cid, pack_chunks([(cid, len(data))])
-            return layers.commit_entries(None, entries, w).hex()
+        for e in entries:
+            if e.kind == REG:
+                e.content, e.chunks = store_file(st, files[e.path])
+                e.size = len(files[e.path])
+        return store_manifest(st, raw_manifest(None, entries)).hex()
 
 
 def _root() -> Entry:

@@ -13,6 +13,7 @@ from ..store.check import verify_chunks
 from ..store.repository import Store
 from .manifest import REG, decode_manifest
 from .repo import LayerRecord
+from .tree import tree_problems
 
 
 def live_chunks(store: Store, extra_roots: set[bytes] | None = None) -> set[bytes]:
@@ -47,6 +48,7 @@ def fsck(store: Store) -> FsckReport:
     v = verify_chunks(store)
     report = FsckReport(v.chunks_checked, 0, list(v.damaged), list(v.notes))
     layers = dict(store.items("layers"))
+    decoded: dict[bytes, tuple[bytes | None, list]] = {}
     with store.transaction() as txn:
         chunks_db = store.db["chunks"]
 
@@ -78,6 +80,7 @@ def fsck(store: Store) -> FsckReport:
             except CorruptData as e:
                 report.damaged.append(f"{name}: {e}")
                 continue
+            decoded[lid] = (parent, entries)
             for e in entries:
                 if e.kind != REG:
                     continue
@@ -89,6 +92,8 @@ def fsck(store: Store) -> FsckReport:
                                           "or damaged")
                 elif sum(n for _, n in chunks) != e.size:
                     report.damaged.append(f"{name}: {path}: chunk lengths do not add up")
+    for lid, problem in sorted(tree_problems(decoded)):  # a file under a symlink...
+        report.damaged.append(f"layer {lid.hex()[:12]}: {problem}")
     for tag, lid in store.items("tags"):
         if lid not in layers:
             report.damaged.append(f"tag {tag.decode(errors='replace')}: points at missing "

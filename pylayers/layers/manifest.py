@@ -8,10 +8,11 @@ before every other byte, so a directory's descendants directly follow it.
 
 from __future__ import annotations
 
+import os
 import stat
 import struct
 
-from ..errors import CorruptData, UnsafePath
+from ..errors import PATH_MAX, CorruptData, InvalidArgument, UnsafePath, short_path
 
 MANIFEST_MAGIC = b"PLYRMAN1"
 NO_PARENT = bytes(32)
@@ -110,48 +111,173 @@ def pack_chunks(chunks: list[tuple[bytes, int]]) -> bytes:
     return b"".join(_CHUNK.pack(cid, n) for cid, n in chunks)
 
 
-def check_path(path: bytes) -> None:
-    """Refuse paths that could escape a checkout: absolute, '.', '..', empty parts, NUL."""
-    if path == b"":
-        return
-    if len(path) > 4096 or b"\x00" in path:
-        raise UnsafePath(f"unsafe path in manifest: {path!r}")
-    for part in path.split(b"/"):
-        if part in (b"", b".", b"..") or len(part) > 255:
-            raise UnsafePath(f"unsafe path in manifest: {path!r}")
+NO_OWNER = 0xFFFFFFFF  # (uid_t)-1: chown's "leave unchanged", never a file's owner
+XATTR_NAME_MAX = 255
+
+
+def path_problem(path: bytes) -> str | None:
+    """Why `path` cannot name an entry of a layer, or None: it must be empty (the root)
+    or relative, made of components that are not empty, `.` or `..`, hold no NUL and
+    are at most 255 bytes, and be shorter than PATH_MAX. A few substring searches, not
+    a split: every decoded entry goes through this."""
+    if not path:
+        return None
+    if len(path) >= PATH_MAX:
+        return f"is longer than PATH_MAX ({PATH_MAX} bytes)"
+    if b"\x00" in path:
+        return "holds a NUL byte"
+    if path[0] == 0x2F or path[-1] == 0x2F or b"//" in path:
+        return "has an empty component (a leading, trailing or double slash)"
+    if path[0] == 0x2E or b"/." in path:  # rare: only then look for "." and ".."
+        p = b"/" + path + b"/"
+        if b"/../" in p:
+            return "has a '..' component"
+        if b"/./" in p:
+            return "has a '.' component"
+    if len(path) > 255 and any(len(c) > 255 for c in path.split(b"/")):
+        return "has a component longer than 255 bytes"
+    return None
+
+
+def _quote(name: bytes) -> str:
+    """`name` quoted for a one-line message, escapes and all, at most ~100 characters."""
+    return short_path(repr(os.fsdecode(name)), 100)
+
+
+def entry_problem(e: Entry, prev_key: bytes | None) -> str | None:
+    """Why the decoded entry `e`, following an entry whose key is `prev_key`, breaks
+    the manifest's rules (docs/format.md, "Manifest"), or None. These are the rules
+    a single entry can break; `tree.validate_tree` adds those of a whole tree."""
+    problem = path_problem(e.path)
+    if problem is not None:
+        return f"its path {problem}"
+    if prev_key is not None and e.key <= prev_key:
+        return ("it repeats the path before it" if e.key == prev_key
+                else "it is out of order (entries are sorted in component order)")
+    kind = e.kind
+    if kind not in KIND_NAMES:
+        return f"unknown kind {kind}"
+    name = KIND_NAMES[kind]
+    if e.flags and (kind != DIR or e.flags & ~OPAQUE):
+        return f"flags {e.flags:#x} on a {name} (only a directory may be opaque, bit 0)"
+    if not e.path and kind != DIR:
+        return f"the root is a {name}, not a directory"
+    if e.mode & ~0o7777:
+        return f"mode {e.mode:#o} has bits beyond the permission bits"
+    if NO_OWNER in (e.uid, e.gid):
+        return f"owner {e.uid}:{e.gid} names (uid_t)-1, which is no owner"
+    if kind == REG:
+        if len(e.content) != 32:
+            return f"a file's content id is {len(e.content)} bytes, not 32"
+        lengths = _lengths(e.chunks)
+        if 0 in lengths:
+            return "it lists a chunk of length 0"
+        if sum(lengths) != e.size:
+            return f"its chunk lengths add up to {sum(lengths)}, not its size {e.size}"
+    elif e.size:
+        return f"size {e.size} on a {name} (only files have a size)"
+    if kind == SYMLINK:
+        if not e.target or b"\x00" in e.target:
+            return "a symlink's target is empty or holds a NUL byte"
+    elif kind == HARDLINK:
+        problem = path_problem(e.target) if e.target else "is empty"
+        if problem is not None:
+            return f"its hardlink target {_quote(e.target)} {problem}"
+        if sort_key(e.target) >= e.key:
+            return "hardlink target does not come before the link (the group's first name)"
+    elif kind in (CHR, BLK):
+        if e.rdev[0] >= 1 << 12 or e.rdev[1] >= 1 << 20:
+            return (f"device number {e.rdev[0]}:{e.rdev[1]} is beyond Linux's (a major "
+                    "below 4096, a minor below 1048576)")
+    elif kind == WHITEOUT and (e.mode, e.uid, e.gid, e.mtime_ns, e.xattrs) != (0, 0, 0, 0, ()):
+        return "a whiteout has metadata (mode, owner, mtime and xattrs are all 0 or none)"
+    prev_name = None
+    for xname, _value in e.xattrs:
+        if not xname or b"\x00" in xname or len(xname) > XATTR_NAME_MAX:
+            return (f"xattr name {_quote(xname)} is empty, holds a NUL byte or is longer "
+                    f"than {XATTR_NAME_MAX} bytes")
+        if prev_name is not None and xname <= prev_name:
+            return (f"xattr {_quote(xname)} repeats the one before it" if xname == prev_name
+                    else f"xattr {_quote(xname)} is out of order (xattrs are sorted by name)")
+        prev_name = xname
+    return None
+
+
+_LENGTHS: dict[int, struct.Struct] = {}
+
+
+def _lengths(chunks: bytes) -> tuple[int, ...]:
+    """The lengths in a list of chunk records, read in one call for short lists."""
+    n = len(chunks) // _CHUNK.size
+    if n > 64:
+        return tuple(length for _cid, length in _CHUNK.iter_unpack(chunks))
+    reader = _LENGTHS.get(n)
+    if reader is None:
+        reader = _LENGTHS[n] = struct.Struct("<" + "32xI" * n)
+    return reader.unpack_from(chunks)
+
+
+def _unencoded_problem(e: Entry) -> str | None:
+    """Fields set on an Entry that its kind does not encode: they would be lost, and
+    the decoded entry would differ from the one encoded."""
+    kind = e.kind
+    if kind != REG and (e.content or e.chunks):
+        return "content or chunks on an entry that is not a file"
+    if kind == REG and len(e.chunks) % _CHUNK.size:
+        return f"its chunk list is not a whole number of {_CHUNK.size}-byte records"
+    if kind not in (SYMLINK, HARDLINK) and e.target:
+        return "a target on an entry that is not a link"
+    if kind not in (CHR, BLK) and tuple(e.rdev) != (0, 0):
+        return "a device number on an entry that is not a device"
+    return None
 
 
 def encode_manifest(parent: bytes | None, entries: list[Entry]) -> bytes:
-    """The canonical bytes of a manifest. `entries` must be in component order."""
+    """The canonical bytes of a manifest. `entries` must be in component order, and
+    each must be one the decoder accepts: anything else raises InvalidArgument, so a
+    tree has exactly one encoding and one id."""
+    if parent is not None and (len(parent) != 32 or parent == NO_PARENT):
+        raise InvalidArgument(f"cannot encode a manifest: parent id {parent.hex()} is "
+                              "not a layer id")
     out = [MANIFEST_MAGIC, parent or NO_PARENT, _U32.pack(len(entries))]
     prev = None
     for e in entries:
-        if prev is not None and e.key <= prev:
-            raise ValueError(f"entries out of order at {e.path!r}")
+        if e.key != sort_key(e.path):
+            raise InvalidArgument(f"cannot encode manifest entry {_quote(e.path)}: its sort "
+                                  "key is not its path's")
+        problem = entry_problem(e, prev) or _unencoded_problem(e)
+        if problem is not None:
+            raise InvalidArgument(f"cannot encode manifest entry {_quote(e.path)}: {problem}")
         prev = e.key
-        out.append(_HEAD.pack(len(e.path), e.kind, e.flags, e.mode, e.uid, e.gid,
-                              e.mtime_ns, e.size))
-        out.append(e.path)
-        if e.kind == REG:
-            out.append(e.content)
-            out.append(_U32.pack(len(e.chunks) // _CHUNK.size))
-            out.append(e.chunks)
-        elif e.kind in (SYMLINK, HARDLINK):
-            out.append(_U16.pack(len(e.target)))
-            out.append(e.target)
-        elif e.kind in (CHR, BLK):
-            out.append(_DEV.pack(*e.rdev))
-        out.append(_U16.pack(len(e.xattrs)))
-        for name, value in e.xattrs:
-            out.append(_XATTR.pack(len(name), len(value)))
-            out.append(name)
-            out.append(value)
+        try:
+            out.append(_HEAD.pack(len(e.path), e.kind, e.flags, e.mode, e.uid, e.gid,
+                                  e.mtime_ns, e.size))
+            out.append(e.path)
+            if e.kind == REG:
+                out.append(e.content)
+                out.append(_U32.pack(len(e.chunks) // _CHUNK.size))
+                out.append(e.chunks)
+            elif e.kind in (SYMLINK, HARDLINK):
+                out.append(_U16.pack(len(e.target)))
+                out.append(e.target)
+            elif e.kind in (CHR, BLK):
+                out.append(_DEV.pack(*e.rdev))
+            out.append(_U16.pack(len(e.xattrs)))
+            for name, value in e.xattrs:
+                out.append(_XATTR.pack(len(name), len(value)))
+                out.append(name)
+                out.append(value)
+        except struct.error as err:  # a field out of its integer's range
+            raise InvalidArgument(f"cannot encode manifest entry {_quote(e.path)}: "
+                                  f"{err}") from None
     return b"".join(out)
 
 
 def decode_manifest(data: bytes) -> tuple[bytes | None, list[Entry]]:
-    """(parent id or None, entries). Raises CorruptData on anything out of order or
-    malformed; paths are checked for safety by `tree.validate_tree` before use."""
+    """(parent id or None, entries). Raises CorruptData (UnsafePath for a path that
+    could escape a destination) on anything the format does not allow, so what it
+    returns is safe to use entry by entry; `tree.validate_tree` checks what only a
+    whole tree shows (parents that are directories, hardlink targets)."""
     try:
         return _decode(memoryview(data))
     except (struct.error, IndexError) as e:
@@ -166,8 +292,8 @@ def _decode(mv: memoryview) -> tuple[bytes | None, list[Entry]]:
     pos = 44
     entries: list[Entry] = []
     prev = None
-    kinds = KIND_NAMES
     head = _HEAD.unpack_from
+    check = entry_problem
     for _ in range(n):
         plen, kind, flags, mode, uid, gid, mtime, size = head(mv, pos)
         pos += _HEAD.size
@@ -175,12 +301,6 @@ def _decode(mv: memoryview) -> tuple[bytes | None, list[Entry]]:
         if len(path) != plen:
             raise CorruptData("manifest is truncated")
         pos += plen
-        if kind not in kinds:
-            raise CorruptData(f"manifest entry {path!r} has unknown kind {kind}")
-        key = path.replace(b"/", b"\x00")
-        if prev is not None and key <= prev:
-            raise CorruptData(f"manifest entries out of order at {path!r}")
-        prev = key
         content = chunks = target = b""
         rdev = (0, 0)
         if kind == REG:
@@ -194,6 +314,8 @@ def _decode(mv: memoryview) -> tuple[bytes | None, list[Entry]]:
         elif kind in (SYMLINK, HARDLINK):
             (tlen,) = _U16.unpack_from(mv, pos)
             target = bytes(mv[pos + 2 : pos + 2 + tlen])
+            if len(target) != tlen:
+                raise CorruptData("manifest is truncated")
             pos += 2 + tlen
         elif kind in (CHR, BLK):
             rdev = _DEV.unpack_from(mv, pos)
@@ -206,11 +328,20 @@ def _decode(mv: memoryview) -> tuple[bytes | None, list[Entry]]:
             for _ in range(nx):
                 nlen, vlen = _XATTR.unpack_from(mv, pos)
                 pos += _XATTR.size
+                if pos + nlen + vlen > len(mv):
+                    raise CorruptData("manifest is truncated")
                 xl.append((bytes(mv[pos : pos + nlen]), bytes(mv[pos + nlen : pos + nlen + vlen])))
                 pos += nlen + vlen
             xattrs = tuple(xl)
-        entries.append(Entry(path, kind, mode, uid, gid, mtime, size, content, chunks, target,
-                             rdev, xattrs, flags, key))
+        e = Entry(path, kind, mode, uid, gid, mtime, size, content, chunks, target, rdev,
+                  xattrs, flags, path.replace(b"/", b"\x00"))
+        problem = check(e, prev)
+        if problem is not None:
+            if problem.startswith(("its path", "its hardlink target")):
+                raise UnsafePath(f"unsafe manifest entry {_quote(path)}: {problem}")
+            raise CorruptData(f"manifest entry {_quote(path)}: {problem}")
+        prev = e.key
+        entries.append(e)
     if pos != len(mv):
         raise CorruptData("manifest has trailing bytes")
     return (None if parent == NO_PARENT else parent), entries

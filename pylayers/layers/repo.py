@@ -28,7 +28,7 @@ from .checkout import checkout_tree
 from .manifest import REG, Entry, decode_manifest, encode_manifest
 from .scan import Scanner, ScanStats
 from .statcache import RACY_NS
-from .tree import apply_layer, diff_layer
+from .tree import apply_layer, diff_layer, validate_tree
 
 TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._:/@+-]{0,127}$")
 REF_RE = re.compile(r"^(?P<base>[^~]+)(?:~(?P<n>\d*))?$")
@@ -179,8 +179,11 @@ class Layers:
             if lid in self._trees:
                 tree, start = self._trees[lid], i
                 break
+        own: list[Entry] = []
         for lid in reversed(chain[:start]):
-            tree = apply_layer(tree, self.entries(lid))
+            own = self.entries(lid)
+            tree = apply_layer(tree, own)
+        validate_tree(tree, own, f"layer {layer_id.hex()[:12]}")  # what every reader relies on
         self._trees = {layer_id: tree}
         return tree
 

@@ -53,7 +53,7 @@ def read_xattrs(path: bytes) -> tuple[tuple[bytes, bytes], ...]:
     if not names:
         return ()
     out = []
-    for name in sorted(names):
+    for name in sorted(names, key=lambda n: n.encode("utf-8", "surrogateescape")):
         try:
             out.append((name.encode("utf-8", "surrogateescape"),
                         os.getxattr(path, name, follow_symlinks=False)))

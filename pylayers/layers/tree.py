@@ -6,10 +6,11 @@ A tree is a list of entries in component order, without whiteouts.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from ..errors import UnsafePath
-from .manifest import DIR, HARDLINK, REG, WHITEOUT, Entry, check_path
+from ..errors import UnsafePath, short_path
+from .manifest import DIR, HARDLINK, REG, WHITEOUT, Entry
 
 
 def apply_layer(base: list[Entry], layer: list[Entry]) -> list[Entry]:
@@ -41,23 +42,54 @@ def apply_layer(base: list[Entry], layer: list[Entry]) -> list[Entry]:
     return out
 
 
-def validate_tree(tree: list[Entry]) -> None:
-    """A checkout-safe tree: a root directory first, every entry's parent a directory in
-    the tree, every hardlink pointing at a regular file before it."""
+def validate_tree(tree: list[Entry], own: Iterable[Entry] = (), what: str = "") -> None:
+    """Raise UnsafePath unless `tree` is safe to write out: a root directory first,
+    every entry's parent a directory in the tree (never a symlink or a file), every
+    hardlink pointing at a regular file before it; and every whiteout among `own` (the
+    entries of the layer whose tree this is) under a directory of the tree, as an
+    overlayfs lower directory needs. `what` ("layer 1a2b3c...") starts the message.
+
+    Only the rules of a whole tree: each entry was checked on its own by
+    `decode_manifest` (paths, kinds, fields), so a tree must be made of decoded entries
+    (or entries `encode_manifest` accepts)."""
+    lead = f"{what}: " if what else ""
     if not tree or tree[0].path != b"" or tree[0].kind != DIR:
-        raise UnsafePath("tree has no root directory")
-    kinds: dict[bytes, int] = {}
-    for e in tree:
-        check_path(e.path)
-        if e.path:
-            parent = e.path.rpartition(b"/")[0]
-            if kinds.get(parent) != DIR:
-                raise UnsafePath(f"/{e.path.decode(errors='replace')}: its parent is not a "
-                                 "directory in the layer")
-            if e.kind == HARDLINK and kinds.get(e.target) != REG:
-                raise UnsafePath(f"/{e.path.decode(errors='replace')}: hardlink target is not "
-                                 "a regular file in the layer")
-        kinds[e.path] = e.kind
+        raise UnsafePath(f"{lead}the tree has no root directory")
+    kinds: dict[bytes, int] = {b"": DIR}
+    for e in tree[1:]:
+        path = e.path
+        if kinds.get(path.rpartition(b"/")[0]) != DIR:
+            raise UnsafePath(f"{lead}/{short_path(path)}: its parent is not a directory in "
+                             "the layer")
+        if e.kind == HARDLINK and kinds.get(e.target) != REG:
+            raise UnsafePath(f"{lead}/{short_path(path)}: hardlink target is not a regular "
+                             "file in the layer")
+        kinds[path] = e.kind
+    for e in own:
+        if e.kind == WHITEOUT and kinds.get(e.path.rpartition(b"/")[0]) != DIR:
+            raise UnsafePath(f"{lead}/{short_path(e.path)}: a whiteout whose parent is not a "
+                             "directory in the layer")
+
+
+def tree_problems(layers: dict[bytes, tuple[bytes | None, list[Entry]]]
+                  ) -> Iterator[tuple[bytes, str]]:
+    """(layer id, what is wrong) for each layer whose tree `validate_tree` refuses.
+    `layers` maps an id to (parent id, own entries); a layer whose parent is not in it
+    is skipped (the caller reports the missing parent). Each tree is built once, from
+    its parent's, walking down from the base layers."""
+    children: dict[bytes | None, list[bytes]] = {}
+    for lid, (parent, _own) in layers.items():
+        children.setdefault(parent, []).append(lid)
+    stack: list[tuple[bytes, list[Entry]]] = [(lid, []) for lid in children.get(None, [])]
+    while stack:
+        lid, base = stack.pop()
+        own = layers[lid][1]
+        tree = apply_layer(base, own)
+        try:
+            validate_tree(tree, own)
+        except UnsafePath as e:
+            yield lid, str(e)
+        stack.extend((child, tree) for child in children.get(lid, ()))
 
 
 def diff_layer(parent: list[Entry], tree: list[Entry]) -> list[Entry]:

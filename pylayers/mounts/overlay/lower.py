@@ -30,7 +30,6 @@ from ...errors import PylayersError
 from ...layers.manifest import BLK, CHR, DIR, FIFO, HARDLINK, OPAQUE, REG, SYMLINK, WHITEOUT, Entry
 from ...layers.materialise import apply_metadata, make_node, write_file
 from ...layers.repo import Layers
-from ...layers.tree import apply_layer
 from .cache import unique
 from .mode import USERXATTR, Flavour
 
@@ -73,17 +72,10 @@ class LowerDirs:
     def materialised(self, parent: bytes) -> list[Path]:
         """The parent chain's lower directories, newest first, materialised if needed."""
         chain = self.layers.chain(parent)
-        tree: list[Entry] | None = None
         for lid in reversed(chain):
             d = self.lower_dir(lid)
-            if d.exists():
-                tree = None  # not needed unless a later layer is missing
-                continue
-            if tree is None:
-                tree = self.layers.tree(lid)
-            else:
-                tree = apply_layer(tree, self.layers.entries(lid))
-            self._materialise(lid, tree, d)
+            if not d.exists():  # Layers.tree validates it, and caches it for the next
+                self._materialise(lid, self.layers.tree(lid), d)
         return [self.lower_dir(lid) for lid in chain]
 
     def _cached_file(self, e: Entry) -> bytes:
