@@ -6,10 +6,13 @@ Tests check the kind, not the text.
 
 from __future__ import annotations
 
+import errno
 import os
 
-# The longest path the kernel takes, terminating NUL included (linux/limits.h).
+# The longest path the kernel takes, terminating NUL included, and the longest name
+# (linux/limits.h).
 PATH_MAX = 4096
+NAME_MAX = 255
 
 
 class PylayersError(Exception):
@@ -70,3 +73,14 @@ def short_path(path: bytes | str, limit: int = 200) -> str:
     keep = max(limit - 5, 2)
     head = keep - keep // 2
     return f"{text[:head]} ... {text[len(text) - keep // 2:]}"
+
+
+def os_error_reason(err: OSError, path: bytes | str) -> str:
+    """What went wrong with `path`, for a message: the system's words, except that a
+    name too long says which limit it passed."""
+    if err.errno == errno.ENAMETOOLONG:
+        n = len(os.fsencode(path))
+        if n >= PATH_MAX:
+            return f"the path is {n} bytes, longer than PATH_MAX ({PATH_MAX} bytes)"
+        return f"a name in the path is longer than NAME_MAX ({NAME_MAX} bytes)"
+    return err.strerror or str(err)

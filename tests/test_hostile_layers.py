@@ -152,3 +152,19 @@ def test_mount_of_a_hostile_layer_is_one_line(world, driver: str) -> None:
         assert "unsafe" in line or "not a directory" in line, line
         assert not os.listdir(work / "mnt")
     untouched(work)
+
+
+def test_commit_checks_the_tag_whoever_calls_it(tmp_path: Path) -> None:
+    """Tags are checked where they are written (Layers._commit), so the overlay
+    driver's commit path (commit_entries) cannot store a tag a snapshot would refuse."""
+    with pylayers.Store.open(tmp_path / "store") as st:
+        layers = pylayers.Layers(st)
+        before = layers.all_ids()
+        with st.writer() as w:
+            for bad in ("bad tag", "0123abcd", "-x", ""):
+                with pytest.raises(pylayers.InvalidArgument):
+                    layers.commit_entries(None, [Entry(b"", DIR, 0o755)], w, tag=bad)
+        assert layers.all_ids() == before and layers.tags() == {}
+        with st.writer() as w:
+            lid = layers.commit_entries(None, [Entry(b"", DIR, 0o755)], w, tag="good")
+        assert layers.tags() == {"good": lid}

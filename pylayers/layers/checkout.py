@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from ..errors import InvalidArgument, PylayersError
+from ..errors import InvalidArgument, PylayersError, os_error_reason, short_path
 from .manifest import BLK, CHR, DIR, FIFO, HARDLINK, REG, SYMLINK, Entry
 from .materialise import apply_metadata, drop_xattrs, make_node, write_file, write_file_from
 from .tree import validate_tree
@@ -76,12 +76,13 @@ def _write_tree(tree: list[Entry], dest: Path, stream: Iterator[bytes],
                 make_node(path, e)
         except OSError as err:
             if err.errno == errno.EPERM and e.kind in (CHR, BLK):
-                raise PylayersError(f"cannot create device /{os.fsdecode(e.path)}: "
+                raise PylayersError(f"cannot create device /{short_path(e.path)}: "
                                     "permission denied (needs root)") from None
-            raise PylayersError(f"cannot write /{os.fsdecode(e.path)}: {err.strerror}") from None
+            raise PylayersError(f"cannot write /{short_path(e.path)}: "
+                                f"{os_error_reason(err, path)}") from None
     for path, e in reversed(dirs):
         try:
             apply_metadata(path, e)
         except OSError as err:
-            raise PylayersError(f"cannot set metadata of {os.fsdecode(path)}: "
-                                f"{err.strerror}") from None
+            raise PylayersError(f"cannot set metadata of {short_path(path)}: "
+                                f"{os_error_reason(err, path)}") from None

@@ -16,7 +16,7 @@ import os
 import stat
 from collections.abc import Callable, Iterable
 
-from ..errors import PylayersError
+from ..errors import PylayersError, short_path
 from ..userns import unmapped_owner
 from .manifest import BLK, CHR, FIFO, SYMLINK, Entry
 
@@ -27,7 +27,7 @@ def set_xattrs(path: bytes, e: Entry) -> None:
             os.setxattr(path, name, value, follow_symlinks=False)
         except OSError as err:
             raise PylayersError(f"cannot set xattr {name.decode(errors='replace')} on "
-                                f"{os.fsdecode(path)}: {err.strerror}") from None
+                                f"{short_path(path)}: {err.strerror}") from None
 
 
 def drop_xattrs(path: bytes) -> None:
@@ -38,7 +38,7 @@ def drop_xattrs(path: bytes) -> None:
     except OSError as err:
         if err.errno in (errno.ENOTSUP, errno.ENODATA):
             return
-        raise PylayersError(f"cannot list xattrs of {os.fsdecode(path)}: "
+        raise PylayersError(f"cannot list xattrs of {short_path(path)}: "
                             f"{err.strerror}") from None
     for name in names:
         if name.startswith("security."):
@@ -48,7 +48,7 @@ def drop_xattrs(path: bytes) -> None:
         except OSError as err:
             if err.errno in (errno.ENOTSUP, errno.ENODATA):
                 continue
-            raise PylayersError(f"cannot remove xattr {name} of {os.fsdecode(path)}: "
+            raise PylayersError(f"cannot remove xattr {name} of {short_path(path)}: "
                                 f"{err.strerror}") from None
 
 
@@ -61,7 +61,7 @@ def _chown(path: bytes, e: Entry, fd: int | None = None) -> None:
         else:
             os.chown(path, e.uid, e.gid, follow_symlinks=False)
     except OSError as err:
-        where = f"/{os.fsdecode(e.path)}"
+        where = f"/{short_path(e.path)}"
         if err.errno == errno.EINVAL:
             problem = unmapped_owner(e.uid, e.gid)
             if problem is not None:

@@ -256,6 +256,8 @@ class Layers:
                   kept: bool) -> bool:
         """Tag (and mark kept) the existing layer `layer_id`, as a snapshot that made it
         again would; False if it was removed meanwhile."""
+        if tag is not None:
+            check_tag(tag)
         db = self.store.db
         found = []
 
@@ -281,6 +283,8 @@ class Layers:
                 tag: str | None, message: str, statcache: list[tuple[bytes, bytes]],
                 tree_fp: tuple[bytes, bytes] | None = None,
                 kept: bool = False) -> tuple[bytes, bool]:
+        if tag is not None:
+            check_tag(tag)  # here, where tags are written, whoever the caller
         data = encode_manifest(parent, own)
         layer_id = blake3.blake3(data).digest()
         existed = self.exists(layer_id)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..chunking import ChunkerParams
-from ..errors import InvalidArgument, NotFound, SourceChanged
+from ..errors import InvalidArgument, NotFound, SourceChanged, os_error_reason, short_path
 from ..store.ingest import ContentReader, IngestStats
 from ..store.repository import Store
 from .manifest import BLK, CHR, DIR, FIFO, HARDLINK, REG, SYMLINK, Entry
@@ -116,7 +116,7 @@ class Scanner:
         except FileNotFoundError:
             raise NotFound(f"{os.fsdecode(root_b)}: no such directory") from None
         except OSError as e:
-            raise InvalidArgument(f"{os.fsdecode(root_b)}: {e.strerror}") from None
+            raise InvalidArgument(f"{short_path(root_b)}: {os_error_reason(e, root_b)}") from None
         if not stat.S_ISDIR(st.st_mode):
             raise InvalidArgument(f"{os.fsdecode(root_b)} is not a directory")
         root_b = os.path.realpath(root_b)
@@ -144,7 +144,8 @@ class Scanner:
             self._vanished(abs_dir)
             return
         except OSError as e:
-            raise InvalidArgument(f"cannot list {os.fsdecode(abs_dir)}: {e.strerror}") from None
+            raise InvalidArgument(f"cannot list {short_path(abs_dir)}: "
+                                  f"{os_error_reason(e, abs_dir)}") from None
         for d in children:
             rel = rel_dir + b"/" + d.name if rel_dir else d.name
             try:
@@ -154,8 +155,8 @@ class Scanner:
                     return  # this directory went with it: no use listing the rest
                 continue
             except OSError as e:  # ENAMETOOLONG past PATH_MAX, EIO...
-                raise InvalidArgument(f"cannot stat {os.fsdecode(d.path)}: "
-                                      f"{e.strerror}") from None
+                raise InvalidArgument(f"cannot stat {short_path(d.path)}: "
+                                      f"{os_error_reason(e, d.path)}") from None
             if self._entry(d.path, rel, st, entries) and stat.S_ISDIR(st.st_mode):
                 self._walk(d.path, rel, entries)
 
@@ -167,8 +168,8 @@ class Scanner:
             self._vanished(path)
             return False
         except OSError as e:
-            raise InvalidArgument(f"cannot read xattrs of {os.fsdecode(path)}: "
-                                  f"{e.strerror}") from None
+            raise InvalidArgument(f"cannot read xattrs of {short_path(path)}: "
+                                  f"{os_error_reason(e, path)}") from None
         e = Entry(rel, 0, stat.S_IMODE(mode), st.st_uid, st.st_gid, st.st_mtime_ns,
                   xattrs=xattrs)
         if stat.S_ISREG(mode):
@@ -272,14 +273,15 @@ class Scanner:
             self._vanished(path)
             return None
         except OSError as err:
-            raise InvalidArgument(f"cannot read {os.fsdecode(path)}: {err.strerror}") from None
+            raise InvalidArgument(f"cannot read {short_path(path)}: "
+                                  f"{os_error_reason(err, path)}") from None
         try:
             fst = os.fstat(fd)
             try:
                 e.content, e.chunks, e.size = self.reader.read(fd, st.st_size, self.progress)
             except OSError as err:
                 raise InvalidArgument(
-                    f"cannot read {os.fsdecode(path)}: {err.strerror}") from None
+                    f"cannot read {short_path(path)}: {os_error_reason(err, path)}") from None
             return fst, os.fstat(fd)
         finally:
             os.close(fd)
