@@ -78,9 +78,10 @@ def short_path(path: bytes | str, limit: int = 200) -> str:
 def os_error_reason(err: OSError, path: bytes | str) -> str:
     """What went wrong with `path`, for a message: the system's words, except that a
     name too long says which limit it passed."""
+    text = err.strerror or str(err)
     if err.errno == errno.ENAMETOOLONG:
         n = len(os.fsencode(path))
         if n >= PATH_MAX:
-            return f"the path is {n} bytes, longer than PATH_MAX ({PATH_MAX} bytes)"
-        return f"a name in the path is longer than NAME_MAX ({NAME_MAX} bytes)"
-    return err.strerror or str(err)
+            return f"{text} (the path is {n} bytes; PATH_MAX is {PATH_MAX})"
+        return f"{text} (a name in the path is longer than NAME_MAX, {NAME_MAX} bytes)"
+    return text

@@ -168,3 +168,21 @@ def test_commit_checks_the_tag_whoever_calls_it(tmp_path: Path) -> None:
         with st.writer() as w:
             lid = layers.commit_entries(None, [Entry(b"", DIR, 0o755)], w, tag="good")
         assert layers.tags() == {"good": lid}
+
+
+def test_a_record_naming_another_parent_is_refused(tmp_path: Path) -> None:
+    """The layer record is covered by no id: a record whose parent is not the one its
+    manifest names (so the tree would be built on another base) is refused on read."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"base\n")
+    store = tmp_path / "store"
+    with pylayers.Store.open(store) as st:
+        base = pylayers.Layers(st).snapshot(src).layer_id
+        lid = store_manifest(st, raw_manifest(None, [Entry(b"", DIR, 0o755)]), parent=base)
+        with pytest.raises(pylayers.CorruptData, match="different parents"):
+            pylayers.Layers(st).tree(lid)
+    line = refused(run_cli(store, "checkout", lid.hex(), str(tmp_path / "dest"), cwd=tmp_path))
+    assert "parent" in line
+    proc = run_cli(store, "fsck", cwd=tmp_path)
+    assert proc.returncode == 1 and lid.hex()[:12] in proc.stdout, proc.stdout

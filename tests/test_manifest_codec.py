@@ -514,3 +514,27 @@ def test_encode_accepts_exactly_what_decode_accepts(entries) -> None:
         return
     assert decoded == entries
     assert encode_manifest(None, entries) == raw_manifest(None, entries)
+
+
+def test_xattr_names_that_are_not_utf8_snapshot_in_bytewise_order(tmp_path: Path) -> None:
+    """A scan sorts xattr names as bytes, the order the codec requires: b"user.\\x80"
+    before b"user.\\xc3\\xa9" ("é"), though as decoded strings "é" sorts first."""
+    src = tmp_path / "src"
+    src.mkdir()
+    f = os.fsencode(src / "f")
+    Path(os.fsdecode(f)).write_bytes(b"x")
+    try:
+        os.setxattr(f, b"user.\xc3\xa9", b"2")
+        os.setxattr(f, b"user.\x80", b"1")
+    except OSError as e:
+        pytest.skip(f"user xattrs not supported here: {e.strerror}")
+    with Store.open(tmp_path / "store") as store:
+        from pylayers.layers.repo import Layers
+        layers = Layers(store)
+        lid = layers.snapshot(src).layer_id
+        e = next(e for e in layers.tree(lid) if e.path == b"f")
+        assert e.xattrs == ((b"user.\x80", b"1"), (b"user.\xc3\xa9", b"2"))
+        layers.checkout(lid, tmp_path / "out")
+    out = os.fsencode(tmp_path / "out" / "f")
+    assert os.getxattr(out, b"user.\x80") == b"1"
+    assert os.getxattr(out, b"user.\xc3\xa9") == b"2"

@@ -153,10 +153,15 @@ class Layers:
 
     def entries(self, layer_id: bytes) -> list[Entry]:
         """The layer's own entries (a diff against its parent)."""
-        data = self.manifest_bytes(layer_id)
+        rec = self.record(layer_id)
+        data = b"".join(self.store.read_chunk(cid) for cid, _ in rec.manifest)
         if blake3.blake3(data).digest() != layer_id:
             raise CorruptData(f"manifest of layer {layer_id.hex()} does not match its id")
-        return decode_manifest(data)[1]
+        parent, own = decode_manifest(data)
+        if parent != rec.parent:  # the record is covered by no id; the manifest is
+            raise CorruptData(f"layer {layer_id.hex()[:12]}: its record and its manifest "
+                              "name different parents")
+        return own
 
     def chain(self, layer_id: bytes) -> list[bytes]:
         """The layer and its ancestors, newest first."""
