@@ -15,7 +15,8 @@ run by kind:
   `checkout` means the checkout equals ./rootfs, xattrs and mtimes included;
 - `python` blocks run the same way, in a fresh directory (a fresh store); the block
   after `<!-- builder example -->` is run by tests/test_readme_builder.py;
-- `json` blocks must parse; the bare "Layout" block must name paths that exist.
+- `json` blocks must parse; the bare "Layout" block must name paths that exist;
+  `text` (`output`, `console`) blocks show output and are not run.
 
 A block that needs user namespaces (`unshare`) skips where the kernel refuses them. A
 block of any other kind fails, so a new one gets a way to run here.
@@ -83,7 +84,9 @@ def readme_blocks() -> list[Block]:
     return blocks
 
 
-BLOCKS = readme_blocks()
+# ```text (or output/console) shows what a command prints: not code, not run
+NOT_CODE = {"text", "output", "console"}
+BLOCKS = [b for b in readme_blocks() if b.lang not in NOT_CODE]
 
 
 def is_setup(b: Block) -> bool:
@@ -214,7 +217,7 @@ def test_readme_block(block: Block, tmp_path: Path) -> None:
             assert cmd in said, f".ci/run does not run the README's `{cmd}` ({said})"
     elif block.lang in ("sh", "bash", "shell"):
         make_rootfs(tmp_path)
-        session = [b for b in BLOCKS[:block.n]
+        session = [b for b in BLOCKS if b.n <= block.n
                    if b.lang in ("sh", "bash", "shell") and not is_setup(b)]
         if any("unshare" in b.text for b in session) and (why := userns_refused()):
             pytest.skip(f"a block up to this one needs a user namespace: {why}")
@@ -235,13 +238,19 @@ def test_readme_block(block: Block, tmp_path: Path) -> None:
     elif block.lang == "json":
         json.loads(block.text)
     elif block.lang == "" and block.section == "Layout":
+        described: dict[str, str] = {}
+        name = ""
         for line in block.text.splitlines():
-            name, _, what = line.partition(" ")
-            if name:
-                assert (REPO / name).exists(), f"README's Layout names {name}, absent"
-            if name == "pylayers/":
-                for mod in re.findall(r"[\w.]+\.py|\w+/", what):
-                    assert (REPO / name / mod).exists(), f"pylayers/{mod} is absent"
+            first, _, what = line.partition(" ")
+            name = first or name  # an indented line goes on describing the one above
+            described[name] = described.get(name, "") + " " + what
+        assert {"pylayers/", "tests/", "bench/"} <= set(described), described
+        for name in described:
+            assert (REPO / name).exists(), f"README's Layout names {name}, absent"
+        mods = re.findall(r"[\w.]+\.py|\w+/", described["pylayers/"])
+        assert len(mods) > 5, described["pylayers/"]
+        for mod in mods:
+            assert (REPO / "pylayers" / mod).exists(), f"pylayers/{mod} is absent"
     else:
         raise AssertionError(f"README.md:{block.line}: no way to run a {block.lang!r} "
                              f"block in {block.section!r}: add one to tests/test_readme.py")
@@ -254,4 +263,4 @@ def test_readme_has_the_blocks_this_test_expects() -> None:
     assert any(b.marker == "builder example" for b in BLOCKS)
     assert sum(is_setup(b) for b in BLOCKS) == 2
     text = README.read_text()
-    assert len(BLOCKS) == len(re.findall(r"^```\w*\s*$", text, re.M)) // 2
+    assert len(readme_blocks()) == len(re.findall(r"^```\w*\s*$", text, re.M)) // 2
