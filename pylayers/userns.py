@@ -46,6 +46,23 @@ def is_mapped(value: int, idmap: IdMap) -> bool:
     return any(inside <= value < inside + count for inside, _outside, count in idmap)
 
 
+def to_inside(value: int, idmap: IdMap) -> int | None:
+    """The id inside this namespace of the id `value` outside it (its parent's), or
+    None where the map does not cover it."""
+    for inside, outside, count in idmap:
+        if outside <= value < outside + count:
+            return inside + value - outside
+    return None
+
+
+def to_outside(value: int, idmap: IdMap) -> int | None:
+    """The id outside this namespace of the id `value` inside it, or None."""
+    for inside, outside, count in idmap:
+        if inside <= value < inside + count:
+            return outside + value - inside
+    return None
+
+
 def unmapped_owner(uid: int, gid: int, maps: tuple[IdMap, IdMap] | None = None) -> str | None:
     """None if this process's user namespace can hold files owned by uid:gid, else
     the message saying which id it cannot (rootless podman's rule). `maps`: the uid

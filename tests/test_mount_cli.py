@@ -216,3 +216,52 @@ def test_errors_are_one_line(any_driver, tmp_path, base, mountpoints):
     fails(cli(tmp_path, "commit", "k" * 600))
     snapdir = tmp_path / "store" / "snapshots"
     assert not snapdir.exists() or list(snapdir.iterdir()) == []
+
+
+def test_commit_while_mounted_is_refused_until_umount(driver, tmp_path, base, mountpoints):
+    """One lifecycle: mount, work, umount, commit. A commit while the snapshot is still
+    mounted is refused, naming the mount point and what to run, and changes nothing;
+    after `umount` (or an unmount by hand with umount(8)) it commits."""
+    mnt = mountpoints("mnt")
+    key = ok(cli(tmp_path, "mount", "base", str(mnt), "--rw", "--driver", driver)).strip()
+    (mnt / "new").write_text("new\n")
+    line = fails(cli(tmp_path, "commit", key), key, f"is mounted at {mnt}",
+                 f"pylayers umount {mnt}")
+    assert "Traceback" not in line
+    assert mounted(mnt) and (mnt / "new").read_text() == "new\n"
+    assert snapshots(tmp_path)[key][:2] == ["active", driver]
+    assert ok(cli(tmp_path, "umount", str(mnt))).strip() == key
+    # a second umount: nothing is mounted there any more, one clear line
+    fails(cli(tmp_path, "umount", str(mnt)), f"nothing of this store is mounted at {mnt}")
+    layer = ok(cli(tmp_path, "commit", key)).strip().splitlines()[-1]
+    assert ok(cli(tmp_path, "diff", "base", layer)).splitlines() == ["A /new"]
+
+    # unmounted by hand: the commit goes ahead
+    key = ok(cli(tmp_path, "mount", layer, str(mnt), "--rw", "--driver", driver)).strip()
+    (mnt / "newer").write_text("newer\n")
+    subprocess.run(["umount", str(mnt)], check=True)
+    second = ok(cli(tmp_path, "commit", key)).strip().splitlines()[-1]
+    assert ok(cli(tmp_path, "diff", layer, second)).splitlines() == ["A /newer"]
+
+
+def test_mount_refuses_a_busy_mountpoint_unless_forced(driver, tmp_path, base, mountpoints):
+    """A mount point must be an empty directory nothing is mounted on: files in it
+    would be hidden, and a second mount would stack on the first. --force allows both."""
+    full = mountpoints("full")
+    (full / "precious").write_text("mine\n")
+    fails(cli(tmp_path, "mount", "base", str(full), "--driver", driver), str(full),
+          "not empty", "--force")
+    assert not mounted(full) and snapshots(tmp_path) == {}
+    key = ok(cli(tmp_path, "mount", "base", str(full), "--driver", driver, "--force")).strip()
+    assert mounted(full) and (full / "etc" / "motd").read_text() == "hello\n"
+    ok(cli(tmp_path, "umount", str(full)))
+    assert (full / "precious").read_text() == "mine\n"  # there all along, under the mount
+    assert key not in snapshots(tmp_path)
+
+    mnt = mountpoints("mnt")
+    first = ok(cli(tmp_path, "mount", "base", str(mnt), "--driver", driver)).strip()
+    fails(cli(tmp_path, "mount", "base", str(mnt), "--driver", driver), str(mnt),
+          "already a mount point", "--force")
+    assert list(snapshots(tmp_path)) == [first]
+    ok(cli(tmp_path, "umount", str(mnt)))
+    assert not mounted(mnt)

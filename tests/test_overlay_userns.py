@@ -567,3 +567,112 @@ def missing_tools_only(reason: str) -> bool:
     words = ", ".join(f"{t} is not installed (Debian: {p})" for t, p in re.findall(
         r"(\S+) is not installed \(Debian: ([\w.+-]+)\)", reason))
     return bool(tools) and words == reason and all(shutil.which(t) is None for t in tools)
+
+
+def readme_block(section: str) -> str:
+    """The first sh block of the README section `section`, as written."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    m = re.search(rf"^#+ {re.escape(section)}\n.*?```sh\n(.*?)```", text, re.S | re.M)
+    assert m, f"the README lost its {section!r} recipe"
+    return m.group(1)
+
+
+def own_tree(ctx: Context, src: Path) -> None:
+    """A small tree owned by the context's user, as that user would have made it."""
+    for d in ("etc", "lib"):
+        (src / d).mkdir(parents=True)
+    (src / "etc" / "motd").write_text("hello\n")
+    (src / "lib" / "a").write_text("a\n")
+    os.chmod(src / "lib" / "a", 0o750)
+    give(ctx, src)
+
+
+def test_readme_rootless_recipe_on_a_base_snapshotted_by_the_same_user(ctx, work):
+    """A user snapshots their own tree (files owned by their uid), then follows the
+    README's "Mounting without root" recipe as written: inside `unshare -Urm` their id
+    is 0 and theirs is the only one mapped. The lower directories show their files as
+    the namespace's 0, and the commit stores them as their own uid again, so the
+    layer checks out as that user, outside the namespace."""
+    if ctx.uid == 0:
+        pytest.skip(f"no non-root user can run this interpreter here ({ctx.note})")
+    recipe = readme_block("Mounting without root")
+    assert "set -e" in recipe or "sh -ec" in recipe  # the snippet stops on errors
+    own_tree(ctx, work / "rootfs")
+    env = {**env_for(work), "PYLAYERS_STORE": str(work / "store"),
+           "PATH": f"{os.path.dirname(PY)}:{os.environ['PATH']}"}
+    pl = [PY, "-m", "pylayers"]
+    ok(_run([*SETPRIV, *pl, "snapshot", "rootfs", "--tag", "base"], cwd=work, env=env))
+    res = _run([*SETPRIV, "sh", "-ec", recipe], cwd=work, env=env)
+    assert res.returncode == 0, res.stderr
+    assert ok(_run([*SETPRIV, *pl, "diff", "base", "v2"], cwd=work,
+                   env=env)).splitlines() == ["C /etc/motd"]
+    assert ok(_run([*SETPRIV, *pl, "cat", "v2", "/etc/motd"], cwd=work,
+                   env=env)) == "hello\nhi\n"
+    with Store.open(work / "store") as store:
+        layers = Layers(store)
+        tree = {e.path: e for e in layers.tree(layers.resolve("v2"))}
+        assert {(e.uid, e.gid) for e in tree.values()} == {(ctx.uid, ctx.uid)}, tree
+    ok(_run([*SETPRIV, *pl, "checkout", "v2", "out"], cwd=work, env=env))
+    assert (work / "out" / "etc" / "motd").read_text() == "hello\nhi\n"
+    assert os.stat(work / "out" / "lib" / "a").st_uid == ctx.uid
+    assert os.listdir(work / "mnt") == []  # the mount went with the namespace's umount
+
+    # more of the same: a replaced directory (opaque), a new file, a deleted one
+    session = """
+        key=$($PL mount v2 "$HOME/mnt" --rw)
+        rm -rf "$HOME/mnt/lib" && mkdir "$HOME/mnt/lib" && echo x > "$HOME/mnt/lib/new"
+        echo n > "$HOME/mnt/etc/new" && rm "$HOME/mnt/etc/motd"
+        $PL umount "$HOME/mnt" >/dev/null
+        $PL commit "$key" --tag v3
+    """
+    ok(in_userns(ctx, work, ["sh", "-ec", session]))
+    assert ok(_run([*SETPRIV, *pl, "diff", "v2", "v3"], cwd=work, env=env)).splitlines() == [
+        "C /etc", "D /etc/motd", "A /etc/new", "C /lib", "D /lib/a", "A /lib/new"]
+    with Store.open(work / "store") as store:
+        layers = Layers(store)
+        own = {e.path: e for e in layers.entries(layers.resolve("v3"))}
+        assert own[b"lib"].flags & OPAQUE and own[b"etc/motd"].kind == WHITEOUT
+        assert {(e.uid, e.gid) for e in own.values() if e.kind != WHITEOUT} == \
+            {(ctx.uid, ctx.uid)}, own
+
+
+def test_copy_driver_without_mounting(ctx, work):
+    """A plain user (no user namespace) mounts with the copy driver: nothing is
+    mounted; the mount point, an empty directory, becomes a symbolic link to the
+    snapshot's directory, and umount puts the empty directory back. mount(8)'s own
+    refusal is what the library reports where a mount is attempted."""
+    if ctx.uid == 0:
+        pytest.skip(f"no non-root user can run this interpreter here ({ctx.note})")
+    own_tree(ctx, work / "rootfs")
+    env = {**env_for(work), "PYLAYERS_STORE": str(work / "store")}
+    pl = [PY, "-m", "pylayers"]
+
+    def user(*args: str) -> subprocess.CompletedProcess:
+        return _run([*SETPRIV, *pl, *args], cwd=work, env=env)
+
+    ok(user("snapshot", "rootfs", "--tag", "base"))
+    (work / "mnt").mkdir()
+    os.chown(work / "mnt", ctx.uid, ctx.uid)
+    key = ok(user("mount", "base", "mnt", "--rw", "--driver", "copy")).strip()
+    assert (work / "mnt").is_symlink()
+    with open(work / "mnt" / "etc" / "motd", "a") as f:
+        f.write("edited\n")
+    os.unlink(work / "mnt" / "lib" / "a")
+    fails(user("commit", key), f"is mounted at {work / 'mnt'}", "pylayers umount")
+    assert ok(user("umount", "mnt")).strip() == key
+    assert (work / "mnt").is_dir() and not (work / "mnt").is_symlink()
+    assert os.listdir(work / "mnt") == []
+    layer = ok(user("commit", key, "--tag", "edited")).strip().splitlines()[-1]
+    assert ok(user("diff", "base", layer)).splitlines() == ["C /etc/motd", "C /lib", "D /lib/a"]
+    # a view, with the default driver (copy, for a plain user)
+    key = ok(user("mount", "edited", "mnt")).strip()
+    assert (work / "mnt" / "etc" / "motd").read_text() == "hello\nedited\n"
+    assert ok(user("umount", "mnt")) == ""
+    assert not (work / "mnt").is_symlink() and os.listdir(work / "mnt") == []
+    assert key not in ok(user("snapshots"))
+    # the library, asked to really mount: mount(8)'s reason, not just "see dmesg"
+    script = ("import sys\nfrom pylayers.mounts import Mount\nfrom pylayers.errors import "
+              "PylayersError\ntry:\n    Mount('bind', 'rootfs', ['rbind', 'ro']).mount('mnt')\n"
+              "except PylayersError as e:\n    print(e)\n")
+    said = ok(_run([*SETPRIV, PY, "-c", script], cwd=work, env=env))
+    assert "must be superuser" in said and "dmesg" not in said, said

@@ -10,14 +10,22 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ...layers.manifest import DIR, Entry
+from ...layers.manifest import DIR, WHITEOUT, Entry
 from ...layers.materialise import apply_metadata
 from ...layers.repo import Layers
 from ..drivers import Driver, MissingChunks, usage_of_entries
 from ..types import Mount, Usage
 from .cache import cache_bytes, cache_root, collect_caches
 from .lower import LowerDirs
-from .mode import check_mode, current_flavour, overlay_mode, record_mode
+from .mode import (
+    HOST_IDS_SUFFIX,
+    USERXATTR,
+    HostIds,
+    check_mode,
+    current_flavour,
+    overlay_mode,
+    record_mode,
+)
 from .upper import upper_entries
 
 
@@ -28,6 +36,7 @@ class OverlayDriver(Driver):
         super().__init__(layers)
         self.flavour = current_flavour()
         self.lowers = LowerDirs(layers, self.flavour, self.cache_dir)
+        self._host_lowers: LowerDirs | None = None
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -47,31 +56,61 @@ class OverlayDriver(Driver):
     def lower_dir(self, layer_id: bytes) -> Path:
         return self.lowers.lower_dir(layer_id)
 
-    def lower_dirs(self, parent: bytes) -> list[Path]:
+    def lower_dirs(self, parent: bytes, lowers: LowerDirs | None = None) -> list[Path]:
         """The parent chain's lower directories, newest first, materialised if needed."""
-        return self.lowers.materialised(parent)
+        return (lowers or self.lowers).materialised(parent)
+
+    @property
+    def host_lowers(self) -> LowerDirs:
+        """Lower directories whose owners are read as host ids (see HostIds)."""
+        if self._host_lowers is None:
+            cache = self.cache_dir.with_name(self.cache_dir.name + HOST_IDS_SUFFIX)
+            self._host_lowers = LowerDirs(self.layers, self.flavour, cache,
+                                          HostIds(self.lowers.idmaps))
+        return self._host_lowers
+
+    def _lowers_for(self, parent: bytes | None) -> LowerDirs:
+        """For a new snapshot on `parent`: in a user namespace, the host-id lower
+        directories where the chain's owners are mapped only as host ids (a user's
+        own files, snapshotted outside `unshare -Urm`), else this mode's."""
+        if parent is None or self.flavour.mode != USERXATTR:
+            return self.lowers
+        owners = {(e.uid, e.gid) for lid in self.layers.chain(parent)
+                  for e in self.layers.entries(lid) if e.kind != WHITEOUT}
+        host = HostIds(self.lowers.idmaps)
+        return self.host_lowers if host.applies(owners) else self.lowers
+
+    def _lowers_of(self, sdir: Path) -> LowerDirs:
+        """The lower directories the snapshot `sdir` was made with."""
+        data = check_mode(sdir, self.flavour)
+        return self.host_lowers if data.get("host_ids") else self.lowers
 
     # -- snapshots -------------------------------------------------------------------
     def create(self, sdir: Path, parent: bytes | None, readonly: bool) -> None:
+        lowers = self._lowers_for(parent)
         sdir.mkdir(parents=True)
-        record_mode(sdir, self.flavour)
+        if lowers.host_ids is not None:
+            record_mode(sdir, self.flavour, host_ids=True,
+                        cache=self.flavour.cache + HOST_IDS_SUFFIX)
+        else:
+            record_mode(sdir, self.flavour)
         fs = sdir / "fs"
         os.mkdir(fs, 0o755)
         os.chmod(fs, 0o755)  # whatever the umask
         os.mkdir(sdir / "work", 0o700)
         if parent is not None:
-            self.lower_dirs(parent)
+            self.lower_dirs(parent, lowers)
             # overlayfs takes the merged root's attributes from the upper root
-            root = self.layers.tree(parent)[0]
-            self.lowers.check_entry(parent, root)
+            root = lowers.owned(self.layers.tree(parent)[0])
+            lowers.check_entry(parent, root)
             apply_metadata(os.fsencode(fs), Entry(b"", DIR, root.mode, root.uid, root.gid,
                                          root.mtime_ns, xattrs=root.xattrs))
 
     def mounts(self, sdir: Path, parent: bytes | None, readonly: bool) -> list[Mount]:
-        check_mode(sdir, self.flavour)
+        chosen = self._lowers_of(sdir)
         if parent is None:
             return [Mount("bind", str(sdir / "fs"), ["rbind", "ro" if readonly else "rw"])]
-        lowers = [str(p) for p in self.lower_dirs(parent)]
+        lowers = [str(p) for p in self.lower_dirs(parent, chosen)]
         options = list(self.flavour.options)
         if readonly:
             if len(lowers) == 1:
@@ -84,9 +123,10 @@ class OverlayDriver(Driver):
 
     def upper_entries(self, sdir: Path, parent: bytes | None, sink) -> list[Entry]:
         """The upper directory as a layer's own entries (see `upper.upper_entries`)."""
-        check_mode(sdir, self.flavour)
+        host_ids = self._lowers_of(sdir).host_ids
         tree = self.layers.tree(parent) if parent is not None else None
-        return upper_entries(self.store, self.flavour, sdir / "fs", tree, sink)
+        return upper_entries(self.store, self.flavour, sdir / "fs", tree, sink,
+                             host_ids.outside if host_ids is not None else None)
 
     def commit(self, sdir: Path, parent: bytes | None, message: str = "",
                tag: str | None = None) -> bytes:

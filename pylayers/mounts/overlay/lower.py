@@ -17,6 +17,7 @@ namespace or an owner the user namespace does not map.
 
 from __future__ import annotations
 
+import copy
 import errno
 import os
 import shutil
@@ -31,22 +32,34 @@ from ...layers.manifest import BLK, CHR, DIR, FIFO, HARDLINK, OPAQUE, REG, SYMLI
 from ...layers.materialise import apply_metadata, make_node, write_file
 from ...layers.repo import Layers
 from .cache import unique
-from .mode import USERXATTR, Flavour
+from .mode import USERXATTR, Flavour, HostIds
 
 
 class LowerDirs:
-    """The lower directories and file cache of one cache set (one mode)."""
+    """The lower directories and file cache of one cache set (one mode; with
+    `host_ids`, owners read as ids outside the user namespace)."""
 
-    def __init__(self, layers: Layers, flavour: Flavour, cache_dir: Path) -> None:
+    def __init__(self, layers: Layers, flavour: Flavour, cache_dir: Path,
+                 host_ids: HostIds | None = None) -> None:
         self.layers = layers
+        self.host_ids = host_ids
         self.store = layers.store
         self.flavour = flavour
         self.layers_dir = cache_dir / "layers"
         self.files_dir = cache_dir / "files"
-        self._idmaps = (userns.read_idmap("uid"), userns.read_idmap("gid"))
+        self.idmaps = (userns.read_idmap("uid"), userns.read_idmap("gid"))
 
     def lower_dir(self, layer_id: bytes) -> Path:
         return self.layers_dir / layer_id.hex()[:16]
+
+    def owned(self, e: Entry) -> Entry:
+        """The entry with the owner its lower directory gives it (a copy, translated
+        from host ids, where this cache set reads them so)."""
+        if self.host_ids is None or e.kind == WHITEOUT:
+            return e
+        c = copy.copy(e)
+        c.uid, c.gid = self.host_ids.inside(e.uid, e.gid)
+        return c
 
     def check_entry(self, layer_id: bytes, e: Entry) -> None:
         """Refuse what a lower directory of this mode cannot hold faithfully."""
@@ -58,7 +71,7 @@ class LowerDirs:
                 "layer with the copy driver, or check it out")
         if self.flavour.mode != USERXATTR:
             return
-        problem = userns.unmapped_owner(e.uid, e.gid, self._idmaps)
+        problem = userns.unmapped_owner(e.uid, e.gid, self.idmaps)
         if problem is not None:
             raise PylayersError(f"{problem} (owner of {where}); mount it as root, or "
                                 "with a user namespace that maps it")
@@ -126,8 +139,8 @@ class LowerDirs:
                 raise
 
     def _fill(self, layer_id: bytes, tree: list[Entry], base: bytes) -> None:
-        own = self.layers.entries(layer_id)
-        full = {e.path: e for e in tree}
+        own = [self.owned(e) for e in self.layers.entries(layer_id)]
+        full = {e.path: self.owned(e) for e in tree}
         opaque = self.flavour.opaque_xattr
         made: set[bytes] = {b""}
         dirs: list[tuple[bytes, Entry]] = [(base, full[b""])]

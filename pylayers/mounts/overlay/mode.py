@@ -76,6 +76,43 @@ def current_flavour() -> Flavour:
     return ROOT_FLAVOUR
 
 
+class HostIds:
+    """Owners of a snapshot's layers read as ids *outside* the user namespace (the
+    host's), as the kernel shows a real file there: a user who snapshotted their own
+    tree (files owned by uid 1000) and mounts it in `unshare -Urm` (which maps only
+    their id, as 0) sees their files owned by 0, and commits them as 1000 again, as
+    rootless podman's storage keeps them. Used for a chain whose owners this
+    namespace does not map as they are, but maps all of as host ids."""
+
+    def __init__(self, maps: tuple[userns.IdMap, userns.IdMap]) -> None:
+        self.uid_map, self.gid_map = maps
+
+    def inside(self, uid: int, gid: int) -> tuple[int, int]:
+        u, g = userns.to_inside(uid, self.uid_map), userns.to_inside(gid, self.gid_map)
+        if u is None or g is None:  # not for a chain `applies` accepted
+            raise PylayersError(f"uid {uid}, gid {gid} is not mapped from outside this "
+                                "user namespace")
+        return u, g
+
+    def outside(self, uid: int, gid: int) -> tuple[int, int]:
+        u, g = userns.to_outside(uid, self.uid_map), userns.to_outside(gid, self.gid_map)
+        if u is None or g is None:
+            raise PylayersError(f"uid {uid}, gid {gid} inside this user namespace has "
+                                "no id outside it")
+        return u, g
+
+    def applies(self, owners: set[tuple[int, int]]) -> bool:
+        """Whether a chain with these (uid, gid) owners is read as host ids: some owner
+        is not mapped as it is, and every one is mapped from outside."""
+        um, gm = self.uid_map, self.gid_map
+        as_is = all(userns.is_mapped(u, um) and userns.is_mapped(g, gm) for u, g in owners)
+        return not as_is and all(userns.to_inside(u, um) is not None and
+                                 userns.to_inside(g, gm) is not None for u, g in owners)
+
+
+HOST_IDS_SUFFIX = "-hostids"  # of the cache set of lower dirs with owners read as host ids
+
+
 def record_mode(sdir: Path, flavour: Flavour, **extra: object) -> None:
     """Write the snapshot's overlay.json: the mode (and cache set) it was made in."""
     data = {"mode": flavour.mode, "cache": flavour.cache, **extra}
@@ -96,7 +133,8 @@ def check_mode(sdir: Path, flavour: Flavour) -> dict:
     namespace maps them: mount, read and commit it only in that mode. Returns the
     snapshot's overlay.json."""
     data = read_mode(sdir)
-    if (data.get("mode"), data.get("cache")) == (flavour.mode, flavour.cache):
+    if data.get("mode") == flavour.mode and \
+            data.get("cache") in (flavour.cache, flavour.cache + HOST_IDS_SUFFIX):
         return data
     if data.get("mode") == ROOT:
         where = "as root outside any user namespace"

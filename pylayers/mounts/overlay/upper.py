@@ -4,6 +4,7 @@ dropped, entries equal to the parent's left out, the parent's hardlinks kept val
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from ...layers.manifest import CHR, DIR, HARDLINK, OPAQUE, REG, WHITEOUT, Entry
@@ -58,10 +59,12 @@ def relink_survivors(tree: list[Entry], base: dict[bytes, Entry],
 
 
 def upper_entries(store, flavour: Flavour, upper: Path, parent_tree: list[Entry] | None,
-                  sink) -> list[Entry]:
+                  sink, owner: Callable[[int, int], tuple[int, int]] | None = None
+                  ) -> list[Entry]:
     """The upper directory `upper` over the parent's tree (None: no parent) as a
     layer's own entries; chunks go to `sink` (the store's writer, or a hash-only
-    sink)."""
+    sink). `owner` maps the (uid, gid) the upper directory shows to the one stored
+    (the host's, for a snapshot whose lower directories read owners as host ids)."""
     private, opaque = flavour.private_prefix, flavour.opaque_xattr
     scanner = Scanner(store, store.config.chunker, sink)
     scanned = scanner.scan(upper)
@@ -72,6 +75,8 @@ def upper_entries(store, flavour: Flavour, upper: Path, parent_tree: list[Entry]
         if opaque_prefix is not None and not e.key.startswith(opaque_prefix):
             opaque_prefix = None
         xattrs = tuple(x for x in e.xattrs if not x[0].startswith(private))
+        if owner is not None and not (e.kind == CHR and e.rdev == (0, 0)):
+            e.uid, e.gid = owner(e.uid, e.gid)
         if e.kind == CHR and e.rdev == (0, 0):
             e = Entry(e.path, WHITEOUT)
         elif e.kind == DIR and any(x[0] == opaque and x[1] == b"y" for x in e.xattrs):
