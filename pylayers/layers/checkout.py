@@ -13,13 +13,8 @@ from pathlib import Path
 
 from ..errors import InvalidArgument, PylayersError, os_error_reason, short_path
 from .manifest import BLK, CHR, DIR, FIFO, HARDLINK, REG, SYMLINK, Entry
-from .materialise import apply_metadata, drop_xattrs, make_node, write_file, write_file_from
+from .materialise import apply_metadata, drop_xattrs, make_node, write_file_from
 from .tree import validate_tree
-
-# The names mounts/overlay.py imported before materialise.py was public; it moves to
-# materialise's names (then these two go).
-_meta = apply_metadata
-__all__ = ["checkout_tree", "prepare_destination", "write_file", "_meta"]
 
 
 def prepare_destination(dest: Path) -> None:

@@ -176,7 +176,7 @@ class Snapshotter:
                                      f"{info.kind.value} snapshot, not an active one")
         self._check_key(name)
         if tag is not None:
-            check_tag(tag)  # before the work; and the overlay driver stores it unchecked
+            check_tag(tag)  # before the work (Layers._commit checks it again)
         existing = self._get(name)
         if existing is not None and name != key:
             raise AlreadyExists(f"cannot commit as {name!r}: a snapshot of that name "
