@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from pylayers.errors import FailedPrecondition
 from pylayers.mounts.overlay import OverlayDriver
 
 DRIVERS = ["overlay", "copy"]
@@ -265,3 +266,45 @@ def test_mount_refuses_a_busy_mountpoint_unless_forced(driver, tmp_path, base, m
     assert list(snapshots(tmp_path)) == [first]
     ok(cli(tmp_path, "umount", str(mnt)))
     assert not mounted(mnt)
+
+
+def test_mount_table_reads_escaped_names(mount_support, tmp_path):
+    """is_mounted/mount_count read /proc/self/mountinfo, where the kernel writes a
+    space, tab, newline and backslash in a mount point as octal (\\040, \\011, \\012,
+    \\134): real bind mounts on such names are found, stacked mounts counted, and a
+    name that only looks like an escape is not taken for another."""
+    if mount_support["copy"] is not None:
+        pytest.skip(mount_support["copy"])
+    from pylayers.mounts import Mount, is_mounted, mount_all, unmount
+    from pylayers.mounts.mounting import mount_count, mount_points
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("f\n")
+    names = ["with space", "tab\there", "new\nline", "back\\slash", "looks\\040escaped"]
+    targets = [tmp_path / n for n in names]
+    for t in targets:
+        t.mkdir()
+    decoy = tmp_path / "looks escaped"  # what a parser without unescaping would see
+    decoy.mkdir()
+    bind = Mount("bind", str(src), ["rbind", "ro"])
+    try:
+        for t in targets:
+            bind.mount(t)
+            assert is_mounted(t) and (t / "f").read_text() == "f\n", t
+        assert not is_mounted(decoy) and not is_mounted(src)
+        assert mount_count(targets[0]) == 1
+        mount_all([bind, bind], targets[0])  # stacked
+        assert mount_count(targets[0]) == 3
+        for _ in range(3):
+            unmount(targets[0])
+        assert not is_mounted(targets[0])
+        with pytest.raises(FailedPrecondition, match="nothing is mounted"):
+            unmount(targets[0])
+    finally:
+        for t in targets:
+            while is_mounted(t):
+                subprocess.run(["umount", str(t)], capture_output=True)
+    assert not any(is_mounted(t) for t in targets)
+    table = b"36 35 98:0 / /a\\040b rw - ext3 /dev/x rw\n37 35 98:0 / /c\\134d rw - x y z\n"
+    assert mount_points(table) == [b"/a b", b"/c\\d"]
