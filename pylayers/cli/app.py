@@ -22,6 +22,7 @@ VERBS = {
     "tags": "refs", "rm": "refs", "du": "maintenance", "gc": "maintenance",
     "fsck": "maintenance", "mount": "mounts", "umount": "mounts", "commit": "mounts",
     "snapshots": "mounts",
+    "import": "oci", "export": "oci",
 }
 
 

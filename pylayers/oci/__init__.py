@@ -1,0 +1,16 @@
+"""OCI interop: images in and out of the store (issue 11, first slice: import and
+export; registries come later).
+
+Layering: ranks beside `mounts`, above `layers`; imports `layers` and `store`, never
+`cli`, `build` or `mounts`. One module per concept: `streams` (compression, digests,
+size limits), `tarread` (a layer tar into entries), `changeset` (OCI whiteouts and
+opaque markers onto a parent tree), `tarwrite` (entries into a reproducible changeset
+tar), `layout` and `dockerarchive` (the two image containers), `config` (the image
+config kept beside the top layer), `importer` and `exporter` (the two commands).
+"""
+
+from .exporter import ExportResult, export_image
+from .importer import DEFAULT_MAX_LAYER_SIZE, ImportResult, import_source
+
+__all__ = ["DEFAULT_MAX_LAYER_SIZE", "ExportResult", "ImportResult", "export_image",
+           "import_source"]

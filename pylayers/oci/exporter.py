@@ -1,0 +1,142 @@
+"""`export`: a layer and its ancestors as an OCI image (layout directory or docker
+archive). Each layer is its own entries written as a changeset tar (`tarwrite.py`),
+compressed, hashed twice as it is written (the blob digest and, uncompressed, the
+diffID) and renamed into `blobs/sha256/` when complete. The config is the one stored
+beside the top layer by `import` (its rootfs made to match), else a minimal one;
+`created` times only come from `source_date_epoch`, so the same layers and options
+give byte-identical blobs, config and manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import InvalidArgument
+from ..layers.manifest import Entry
+from ..layers.repo import Layers
+from ..layers.tree import apply_layer
+from ..store.readahead import read_ahead
+from . import config as image_config
+from .dockerarchive import pack_layout
+from .layout import CONFIG, LAYER_TYPES, MANIFEST, Descriptor, LayoutWriter, canonical
+from .streams import COMPRESSIONS, Compressor
+from .tarwrite import write_layer
+
+
+@dataclass
+class ExportResult:
+    manifest_digest: str
+    config_digest: str
+    layers: list[str] = field(default_factory=list)  # blob digests, oldest first
+    diff_ids: list[str] = field(default_factory=list)
+
+
+class _Hashing:
+    def __init__(self, f) -> None:
+        self.f = f
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> None:
+        self.hash.update(data)
+        self.size += len(data)
+        self.f.write(data)
+
+
+def parse_dest(dest: str) -> tuple[str, Path, str | None]:
+    if dest.startswith("oci:"):
+        rest = dest[4:]
+        path, ref = rest, None
+        if ":" in rest and not Path(rest).exists():
+            path, _, ref = rest.rpartition(":")
+        if not path:
+            raise InvalidArgument(f"{dest!r}: no directory after oci:")
+        return "oci", Path(path), ref or None
+    if dest.startswith("docker-archive:"):
+        rest = dest[len("docker-archive:"):]
+        path, _, ref = rest.partition(":")
+        if not path:
+            raise InvalidArgument(f"{dest!r}: no file after docker-archive:")
+        return "docker-archive", Path(path), ref or None
+    raise InvalidArgument(f"{dest!r}: say oci:DIR[:TAG] or docker-archive:FILE[:NAME:TAG]")
+
+
+def export_image(layers: Layers, layer_id: bytes, dest: str, compression: str = "gzip",
+                 source_date_epoch: int | None = None) -> ExportResult:
+    if compression not in COMPRESSIONS:
+        raise InvalidArgument(f"unknown compression {compression!r} "
+                              f"(one of {', '.join(COMPRESSIONS)})")
+    kind, path, ref = parse_dest(dest)
+    if kind == "oci":
+        return _export_layout(layers, layer_id, LayoutWriter(path), ref, compression,
+                              source_date_epoch)
+    if path.is_dir():
+        raise InvalidArgument(f"{path} is a directory")
+    if not path.parent.is_dir():
+        raise InvalidArgument(f"{path.parent} is not a directory")
+    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        res = _export_layout(layers, layer_id, LayoutWriter(work), None, compression,
+                             source_date_epoch)
+        tags = [ref] if ref else []
+        entry = {"Config": "blobs/sha256/" + res.config_digest[7:], "RepoTags": tags,
+                 "Layers": ["blobs/sha256/" + d[7:] for d in res.layers]}
+        pack_layout(work, path, source_date_epoch or 0, entry)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return res
+
+
+def _export_layout(layers: Layers, top: bytes, out: LayoutWriter, ref: str | None,
+                   compression: str, sde: int | None) -> ExportResult:
+    store = layers.store
+    chain = list(reversed(layers.chain(top)))
+    tree: list[Entry] = []
+    res = ExportResult("", "")
+    descs = []
+    for lid in chain:
+        own = layers.entries(lid)
+        tree = apply_layer(tree, own)
+        after = {e.path: e for e in tree}
+        tmp = out.temp()
+        try:
+            blob = _Hashing(tmp)
+            comp = Compressor(blob, compression)
+            diff = hashlib.sha256()
+
+            def write(data, diff=diff, comp=comp) -> None:
+                diff.update(data)
+                comp.write(data)
+
+            write_layer(write, own, after, lambda cids: read_ahead(store, cids), sde)
+            comp.close()
+            tmp.flush()
+            os.fsync(tmp.fileno())
+            tmp.close()
+            digest = "sha256:" + blob.hash.hexdigest()
+            out.add_file(tmp.name, digest)
+        except BaseException:
+            tmp.close()
+            if os.path.exists(tmp.name):
+                os.unlink(tmp.name)
+            raise
+        res.layers.append(digest)
+        res.diff_ids.append("sha256:" + diff.hexdigest())
+        descs.append(Descriptor(LAYER_TYPES[compression], digest, blob.size, {}, {}))
+    created = None
+    if sde is not None:
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(sde))
+    cfg = image_config.for_export(image_config.load(store, top), res.diff_ids, created)
+    cdesc = out.add_bytes(cfg, CONFIG)
+    res.config_digest = cdesc.digest
+    manifest = {"schemaVersion": 2, "mediaType": MANIFEST, "config": cdesc.to_json(),
+                "layers": [d.to_json() for d in descs]}
+    mdesc = out.add_bytes(canonical(manifest), MANIFEST)
+    out.set_ref(mdesc, ref)
+    res.manifest_digest = mdesc.digest
+    return res
