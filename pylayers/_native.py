@@ -6,6 +6,8 @@ Nothing else in the package touches the cffi module directly.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from .errors import InvalidArgument
 
@@ -17,7 +19,7 @@ except ImportError as e:  # pragma: no cover - only on a broken install
         f"({e})"
     ) from e
 
-__all__ = ["ffi", "lib", "new_params", "new_state", "gear", "walk_records"]
+__all__ = ["ffi", "lib", "new_params", "new_state", "gear", "walk", "walk_records"]
 
 
 def new_params(min_size: int, avg_size: int, max_size: int):
@@ -41,8 +43,10 @@ def gear(byte: int) -> int:
     return int(lib.plc_gear(byte))
 
 
-def walk_records(root: str | bytes) -> tuple[bytes, int]:
-    """The lstat records of every entry under `root` (see csrc/walk.h) and the newest
+@contextmanager
+def walk(root: str | bytes) -> Iterator[tuple[memoryview, int]]:
+    """The lstat records of every entry under `root` (see csrc/walk.h), as a view of
+    the C buffer (valid inside the `with` block only, never copied), and the newest
     ctime among them. Raises OSError as the walk's errno says."""
     path = os.fsencode(root)
     out = ffi.new("uint8_t **")
@@ -52,6 +56,13 @@ def walk_records(root: str | bytes) -> tuple[bytes, int]:
     if rc < 0:
         raise OSError(-rc, os.strerror(-rc), os.fsdecode(path))
     try:
-        return bytes(ffi.buffer(out[0], length[0])), int(max_ctime[0])
+        with memoryview(ffi.buffer(out[0], length[0])) as view:
+            yield view, int(max_ctime[0])
     finally:
         lib.pl_free(out[0])
+
+
+def walk_records(root: str | bytes) -> tuple[bytes, int]:
+    """`walk`'s records copied out as bytes (for tests and tools; `walk` avoids it)."""
+    with walk(root) as (view, max_ctime):
+        return bytes(view), max_ctime

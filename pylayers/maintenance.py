@@ -90,9 +90,9 @@ class GcResult:
 
 
 def _require_exclusive(store: Store, what: str) -> None:
-    # Store keeps the flag private; gc deleting chunks while another process writes
-    # would lose that process's data, so refuse rather than trust the caller.
-    if not getattr(store, "_exclusive", False):
+    # gc deleting chunks while another process writes would lose that process's data,
+    # so refuse rather than trust the caller.
+    if not store.exclusive:
         raise FailedPrecondition(f"{what} needs the store opened with exclusive=True")
 
 
@@ -107,17 +107,12 @@ def gc(store: Store, *, progress: StageProgress | None = None) -> GcResult:
     before = set(layers.all_ids())
     _report(progress, "snapshots", 0, 0)
     res.snapshots = snaps.collect()
-    # Snapshotter.cleanup (orphan snapshot directories) is being added by the schema
-    # work; call it once it exists
-    cleanup = getattr(snaps, "cleanup", None)
-    if cleanup is not None:
-        removed = cleanup()
-        res.orphan_dirs = len(removed) if isinstance(removed, list | tuple | set) \
-            else int(removed or 0)
+    res.orphan_dirs = len(snaps.cleanup())
     live_layers = set(layers.all_ids())
     res.layers = sorted(lid.hex() for lid in before - live_layers)
     _report(progress, "build cache", 0, 0)
     res.cache_keys = prune_cache_keys(store)
+    lm.prune_fingerprints(store)
     _report(progress, "layers", 0, len(live_layers))
     live = lm.live_chunks(store)
     _report(progress, "chunks", 0, 0)

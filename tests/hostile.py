@@ -56,10 +56,11 @@ def store_manifest(store: Store, data: bytes, parent: bytes | None = None,
         writer.put(cid, data)
         rec = LayerRecord(parent, [(cid, len(data))], time.time(), "hostile", entries,
                           file_bytes, writer.new_bytes)
-        layers_db = store.db["layers"]
 
-        def extra(txn) -> None:
-            txn.put(layer_id, rec.encode(), db=layers_db)
+        def extra(t) -> None:
+            t.layers.put(layer_id, rec.encode())
+            if parent is not None:
+                t.refs.add(parent, "layer", layer_id)
 
         writer.commit(extra)
     return layer_id

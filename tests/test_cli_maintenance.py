@@ -64,11 +64,12 @@ def _garbage_store(root: Path) -> Path:
 
 def _state(store_path: Path) -> dict:
     with Store.open(store_path) as store:
-        return {"chunks": sorted(cid for cid, _ in store.iter_chunk_locations()),
-                "layers": sorted(k for k, _ in store.items("layers")),
-                "snapshots": sorted(k for k, _ in store.items("snapshots")),
-                "cachekeys": len(store.items("cachekeys")),
-                "tags": sorted(store.items("tags"))}
+        with store.read() as t:
+            return {"chunks": sorted(cid for cid, _ in t.chunks.items()),
+                    "layers": sorted(t.layers.ids()),
+                    "snapshots": sorted(k for k, _ in t.snapshots.items()),
+                    "cachekeys": t.cachekeys.count(),
+                    "tags": sorted(t.tags.items())}
 
 
 def test_library_gc_and_cli_gc_do_the_same(tmp_path: Path) -> None:

@@ -323,3 +323,149 @@ def test_resnapshot_after_gc_does_not_trust_a_stale_stat_cache(tmp_path: Path) -
     assert second == first  # same tree, no parent: same id
     assert_fsck_ok(store)
     assert_checks_out(store, second, src, tmp_path / "out")
+
+
+# -- rm racing children onto the layer it removes ------------------------------------------
+
+# A child of layer argv[3], made once a line arrives on stdin (after the store is open
+# and the parent resolved): a prepare (copy driver) or a snapshot of directory argv[4].
+CHILD = """
+import sys
+from pylayers import Layers, Store
+from pylayers.errors import PylayersError
+from pylayers.mounts import Snapshotter
+with Store.open(sys.argv[1]) as s:
+    layers = Layers(s)
+    parent = layers.resolve(sys.argv[3])
+    print("ready", flush=True)
+    sys.stdin.readline()
+    try:
+        if sys.argv[2] == "prepare":
+            Snapshotter(layers, "copy").prepare("on-" + sys.argv[3], parent.hex())
+        else:
+            layers.snapshot(sys.argv[4], parent)
+    except PylayersError as e:
+        print(f"refused: {e}", flush=True)
+        sys.exit(1)
+print("made", flush=True)
+"""
+
+PREPARE = """
+import sys
+from pylayers import Layers, Store
+from pylayers.errors import PylayersError
+from pylayers.mounts import Snapshotter
+with Store.open(sys.argv[1]) as s:
+    try:
+        Snapshotter(Layers(s), "copy").prepare(sys.argv[2], sys.argv[3])
+    except PylayersError as e:
+        print(f"refused: {e}", flush=True)
+        sys.exit(1)
+print("prepared", flush=True)
+"""
+
+# `rm` whose check takes a while: it sleeps after deciding, inside its transaction. If
+# the check and the delete were not one transaction, children started meanwhile would
+# land on the layer before it is deleted.
+SLOW_RM = """
+import sys, time
+from pylayers import Layers, Store
+from pylayers.layers import repo
+real = repo.Layers.in_use_in
+def slow(t, lid, owners=()):
+    why = real(t, lid, owners)
+    print("checked", flush=True)
+    time.sleep(float(sys.argv[3]))
+    return why
+repo.Layers.in_use_in = staticmethod(slow)
+with Store.open(sys.argv[1]) as s:
+    print(Layers(s).remove(sys.argv[2])[0], flush=True)
+"""
+
+
+def start_prepare(store: Path, key: str, parent: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", PREPARE, str(store), key, parent],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=store.parent)
+
+
+def assert_nothing_stands_on_a_missing_layer(store: Path, tmp_path: Path) -> None:
+    """Every layer's parent and every snapshot's layers exist, and stay usable after
+    gc: no chunk a child or a snapshot needs was freed."""
+    from pylayers.mounts import Snapshotter
+
+    proc = run_cli(store, "gc")
+    assert proc.returncode == 0, proc.stderr
+    assert_fsck_ok(store)  # fsck: parents present, every chunk of every layer indexed
+    with Store.open(store, create=False) as s:
+        layers = Layers(s)
+        ids = set(layers.all_ids())
+        for _lid, rec in layers.records():
+            assert rec.parent is None or rec.parent in ids
+        for i, info in enumerate(Snapshotter(layers).walk()):
+            for h in (info.parent_layer, info.layer):
+                if h:
+                    assert bytes.fromhex(h) in ids, info
+                    layers.checkout(bytes.fromhex(h), tmp_path / f"snapco{i}{h[:6]}")
+
+
+def test_children_started_while_rm_decides_find_the_parent_gone(tmp_path: Path) -> None:
+    """rm decides, then (in its transaction) waits; a prepare and a snapshot on the
+    layer, resolved before, try to commit meanwhile. They must wait for rm and then
+    fail cleanly: the parent was removed. (With check and delete in two
+    transactions, both would land on the layer before it is deleted.)"""
+    store = tmp_path / "store"
+    base = snapshot(store, write_tree(tmp_path / "base", {"a": b"base\n" * 100}))
+    child_src = write_tree(tmp_path / "child", {"a": b"base\n" * 100, "b": b"new\n"})
+    kids = [subprocess.Popen([sys.executable, "-c", CHILD, str(store), kind, base,
+                              str(child_src)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=tmp_path) for kind in ("prepare", "snapshot")]
+    rm = None
+    try:
+        for k in kids:
+            assert k.stdout.readline() == "ready\n", k.stderr.read()
+        rm = subprocess.Popen([sys.executable, "-c", SLOW_RM, str(store), base, "3"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=tmp_path)
+        assert rm.stdout.readline() == "checked\n", rm.stderr.read()
+        # rm has decided the layer is unused and holds its write transaction
+        for k in kids:
+            k.stdin.write("go\n")
+            k.stdin.flush()
+        results = [k.communicate(timeout=120) for k in kids]
+        rest, err = rm.communicate(timeout=120)
+    finally:
+        for p in [*kids, rm]:
+            if p is not None and p.poll() is None:
+                p.kill()
+    assert rm.returncode == 0 and rest == "layer\n", err
+    for k, (out, err) in zip(kids, results, strict=True):
+        assert k.returncode == 1 and "Traceback" not in err, (out, err)
+        assert out.startswith("refused: ") and "removed meanwhile" in out, out
+    assert_nothing_stands_on_a_missing_layer(store, tmp_path)
+
+
+def test_rm_racing_snapshot_and_prepare_on_the_same_layer(tmp_path: Path) -> None:
+    """Free-running rounds: rm, `snapshot --parent` and a prepare on one layer, all
+    started at once. Whatever wins, nothing may stand on a removed layer."""
+    store = tmp_path / "store"
+    for r in range(5):
+        rnd = random.Random(r)
+        base_src = write_tree(tmp_path / f"base{r}", {"a": rnd.randbytes(3000)})
+        base = snapshot(store, base_src)
+        child = write_tree(tmp_path / f"child{r}", {"a": (base_src / "a").read_bytes(),
+                                                    "b": rnd.randbytes(2000)})
+        procs = [start_cli(store, "rm", base),
+                 start_cli(store, "snapshot", "--parent", base, str(child)),
+                 start_prepare(store, f"snap{r}", base)]
+        (rm_rc, _, rm_err), (snap_rc, _, snap_err), (prep_rc, _, prep_err) = \
+            [finish(p) for p in procs]
+        for rc, err in ((rm_rc, rm_err), (snap_rc, snap_err), (prep_rc, prep_err)):
+            assert "Traceback" not in err and (rc == 0 or len(err.strip().splitlines()) <= 2)
+        if rm_rc == 0:  # removed: neither child may exist
+            assert snap_rc != 0 and prep_rc != 0, (snap_err, prep_err)
+        else:
+            assert "cannot remove layer" in rm_err, rm_err
+            assert snap_rc == 0 or prep_rc == 0, (snap_err, prep_err)
+    assert_nothing_stands_on_a_missing_layer(store, tmp_path)

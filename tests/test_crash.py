@@ -305,9 +305,9 @@ def test_reader_slots_of_a_killed_snapshot_are_freed(tmp_path: Path, big_tree: P
          f"s = pylayers.Store.open({str(store)!r}, create=False)\n"
          "print('ready', flush=True)\n"
          "sys.stdin.readline()\n"
-         "print(s.env.readers(), flush=True)\n"
+         "print(s._index.env.readers(), flush=True)\n"
          "sys.stdin.readline()\n"
-         "print(s.env.readers(), flush=True)\n"],
+         "print(s._index.env.readers(), flush=True)\n"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         assert holder.stdout.readline().strip() == "ready"

@@ -107,7 +107,8 @@ def test_statcache_values_leave_out_the_chunk_list_of_one_chunk_files(tmp_path: 
         inode = {name: struct.pack("<QQ", st.st_dev, st.st_ino)
                  for name in ("small", "empty", "big")
                  for st in [os.stat(src / name)]}
-        values = dict(store.items("statcache"))
+        with store.read() as t:
+            values = {k: t.statcache.get(k) for k in inode.values()}
         assert len(values[inode["small"]]) == 56
         assert len(values[inode["empty"]]) == 56
         big = values[inode["big"]]
@@ -134,14 +135,14 @@ def test_statcache_round_trip_and_rejected_lengths() -> None:
         700, -5, 6, content, two)
     assert decode_statcache(encode_statcache(0, 1, 2, b"\0" * 32, b"")) == (
         0, 1, 2, b"\0" * 32, b"")
-    # the earlier layout (dev, ino first: 80 + 36n bytes) never decodes
+    # values of any other length never decode (80 + 36n bytes: dev and ino first)
     old = struct.pack("<QQQqq32s", 1, 2, 700, 5, 6, content) + one
     assert decode_statcache(old) is None
     assert decode_statcache(old[:-36]) is None
     assert decode_statcache(b"x" * 55) is None
 
 
-def test_an_entry_in_the_earlier_layout_is_a_miss_and_is_replaced(tmp_path: Path) -> None:
+def test_a_malformed_entry_is_a_miss_and_is_replaced(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     (src / "f").write_bytes(b"data\n" * 1000)
@@ -151,16 +152,19 @@ def test_an_entry_in_the_earlier_layout_is_a_miss_and_is_replaced(tmp_path: Path
         first = layers.snapshot(src)
         st = os.stat(src / "f")
         key = struct.pack("<QQ", st.st_dev, st.st_ino)
-        value = store.get("statcache", key)
+        with store.read() as t:
+            value = t.statcache.get(key)
         size, mtime, ctime, content, chunks = decode_statcache(value)
-        # what an earlier build wrote, claiming other content: it must not be believed
-        store.put("statcache", key, struct.pack("<QQQqq32s", st.st_dev, st.st_ino, size,
-                                                mtime, ctime, b"\xee" * 32) + chunks)
+        # a value of another layout, claiming other content: it must not be believed
+        with store.write() as t:
+            t.statcache.put(key, struct.pack("<QQQqq32s", st.st_dev, st.st_ino, size,
+                                             mtime, ctime, b"\xee" * 32) + chunks)
         (src / "new").write_bytes(b"12345")  # the tree changed: no fingerprint shortcut
         again = layers.snapshot(src, parent=first.layer_id)
         assert again.stats.cache_hits == 0 and again.stats.bytes_read == size + 5
         assert [e.path for e in layers.entries(again.layer_id)] == [b"", b"new"]
-        assert store.get("statcache", key) == value
+        with store.read() as t:
+            assert t.statcache.get(key) == value
 
 
 # -- compaction ------------------------------------------------------------------------

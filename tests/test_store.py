@@ -390,6 +390,41 @@ def test_newer_index_format_is_refused(base_store, tmp_path: Path) -> None:
         Store.open(store)
 
 
+def make_version_1(store: Path) -> None:
+    """Turn a store into what a pylayers of format version 1 wrote: no `fingerprints` or
+    `refs` table, a tree fingerprint in `statcache` under a b"tree:" key, version 1 in
+    config.json and in the index."""
+    cfg = json.loads((store / CONFIG_FILE).read_text())
+    cfg["version"] = 1
+    (store / CONFIG_FILE).write_text(json.dumps(cfg))
+    env = lmdb.open(str(store / "index"), max_dbs=16)
+    with env.begin(write=True) as txn:
+        for name in (b"fingerprints", b"refs"):
+            txn.drop(env.open_db(name, txn=txn), delete=True)
+        txn.put(b"format_version", b"1", db=env.open_db(b"meta", txn=txn))
+        txn.put(b"tree:" + bytes(32), bytes(64), db=env.open_db(b"statcache", txn=txn))
+    env.close()
+
+
+def test_a_version_1_store_is_refused_by_every_command(base_store, tmp_path: Path) -> None:
+    store, src = base_store
+    make_version_1(store)
+    _every_command_refuses(store, src, tmp_path, "version 1", "earlier pylayers")
+    with pytest.raises(StoreError, match="version 1; this pylayers reads version 2"):
+        Store.open(store)
+    # config.json edited to say 2: the index still says 1, and nothing is created in it
+    cfg = json.loads((store / CONFIG_FILE).read_text())
+    cfg["version"] = FORMAT_VERSION
+    (store / CONFIG_FILE).write_text(json.dumps(cfg))
+    _every_command_refuses(store, src, tmp_path, "index has format version 1",
+                           "earlier pylayers")
+    env = lmdb.open(str(store / "index"), max_dbs=16, readonly=True)
+    with env.begin() as txn:
+        names = {bytes(k) for k in txn.cursor().iternext(values=False)}
+    env.close()
+    assert b"fingerprints" not in names and b"refs" not in names
+
+
 @pytest.mark.parametrize("value", [b"abc", b"0", b""])
 def test_malformed_index_format_is_one_line(base_store, value: bytes) -> None:
     store, src = base_store

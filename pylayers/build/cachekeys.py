@@ -11,15 +11,17 @@ the BLAKE3 of a domain-separated, length-prefixed encoding of
 
 The parent's key is part of the key, so one miss changes the key of every later step.
 
-File content comes from a hash-only `Scanner` scan: content ids are read from the stat
+File content comes from a hash-only `Scanner.scan_path`: content ids are read from the stat
 cache only when the file's inode, size, mtime *and* ctime are those recorded (a write
 always moves the ctime, and the ctime cannot be set back), otherwise the file is read.
 The scan never writes stat-cache entries: they name chunks, and a hash-only scan stores
 none.
 
-`BuildCache(store)` maps keys to layers in the store's `cachekeys` table. With each key
-it keeps what the key was made of (parent, instruction, options, and per input file its
-attributes), so `explain_miss` can say what differs from the closest earlier key.
+`BuildCache(store)` maps keys to layers in the store's `cachekeys` table; this module
+owns its records (layer id + the key's record as JSON), through the table's accessor.
+With each key it keeps what the key was made of (parent, instruction, options, and per
+input file its attributes), so `explain_miss` can say what differs from the closest
+earlier key.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import stat
 import struct
 import time
 from collections.abc import Iterable, Mapping
@@ -41,15 +42,13 @@ from ..errors import CorruptData, InvalidArgument, NotFound, SourceChanged
 from ..layers.manifest import BLK, CHR, HARDLINK, KIND_NAMES, REG, SYMLINK, Entry
 from ..layers.scan import Scanner
 from ..store.repository import Store
+from ..store.tables import CacheKeyTable, Tables
 
 KEY_DOMAIN = b"pylayers build cache key v1\x00"
 RECORD_VERSION = 1
 PARENT_NONE, PARENT_KEY, PARENT_LAYER = 0, 1, 2
 _PARENT_NAMES = {PARENT_NONE: "none", PARENT_KEY: "key", PARENT_LAYER: "layer"}
 _PARENT_KINDS = {v: k for k, v in _PARENT_NAMES.items()}
-# `cachekeys` index entries: BY_PARENT + parent ref (kind byte, 32 bytes) + key (32 bytes)
-BY_PARENT = b"by-parent:"
-_INDEX_LEN = len(BY_PARENT) + 33 + 32
 NO_CONTENT = bytes(32)
 MAX_SHOWN = 20  # differences listed by explain_miss
 
@@ -99,36 +98,6 @@ class InputsChecksum:
     cache_hits: int = 0
 
 
-class _HashScanner(Scanner):
-    """A hash-only scan of one input: a directory (as `Scanner.scan`) or a single file."""
-
-    def scan_input(self, path: bytes) -> list[Entry]:
-        real = os.path.realpath(path)  # a symlink given as the input is followed, as COPY does
-        try:
-            st = os.lstat(real)
-        except FileNotFoundError:
-            raise NotFound(f"{os.fsdecode(path)}: no such file or directory") from None
-        except OSError as e:
-            raise InvalidArgument(f"{os.fsdecode(path)}: {e.strerror}") from None
-        if stat.S_ISDIR(st.st_mode):
-            return self.scan(real)
-        self._start_ns = time.time_ns()
-        if self.use_statcache:
-            self._txn = self.store.env.begin(db=self.store.db["statcache"])
-        try:
-            entries: list[Entry] = []
-            self._entry(real, b"", st, entries)
-            self._report_vanished()
-            if not entries:
-                raise NotFound(f"{os.fsdecode(path)}: vanished, or a socket")
-            return entries
-        finally:
-            if self._txn is not None:
-                self._txn.abort()
-                self._txn = None
-            self.reader.close()
-
-
 def _normalise_inputs(inputs) -> list[tuple[bytes, str]]:
     out = []
     for item in inputs or ():
@@ -151,9 +120,9 @@ def checksum_inputs(inputs: Iterable, *, store: Store | None = None) -> InputsCh
     result = InputsChecksum([])
     for src, name in _normalise_inputs(inputs):
         # one scanner per input: hardlinks are resolved within one input
-        scanner = _HashScanner(store, params, None)
+        scanner = Scanner(store, params, None)
         try:
-            entries = scanner.scan_input(src)
+            entries = scanner.scan_path(src)
         except SourceChanged as e:  # the bytes hashed may not be any one version of it
             raise InvalidArgument(f"{e.path}: {e.problem}: cannot checksum an input that "
                                   "is being written") from None
@@ -404,8 +373,6 @@ class BuildCache:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._db = store.db["cachekeys"]
-        self._layers = store.db["layers"]
 
     @staticmethod
     def _digest(key) -> bytes:
@@ -420,12 +387,12 @@ class BuildCache:
     def get(self, key) -> bytes | None:
         """The layer cached for `key`, or None (never cached, or its layer was removed)."""
         digest = self._digest(key)
-        with self.store.transaction() as txn:
-            raw = txn.get(digest, db=self._db)
+        with self.store.read() as t:
+            raw = t.cachekeys.get(digest)
             if raw is None or len(raw) < 32:
                 return None
-            layer = bytes(raw[:32])
-            return layer if txn.get(layer, db=self._layers) is not None else None
+            layer = raw[:32]
+            return layer if t.layers.has(layer) else None
 
     def put(self, key: CacheKey, layer_id: bytes) -> None:
         """Record that `key`'s step produced `layer_id` (which must exist)."""
@@ -439,28 +406,24 @@ class BuildCache:
         value = layer_id + json.dumps(rec, sort_keys=True, separators=(",", ":"),
                                       ensure_ascii=True).encode()
         parent_ref = _record_parent_ref(key.record)
-        with self.store.transaction(write=True) as txn:
-            if txn.get(layer_id, db=self._layers) is None:
+        with self.store.write() as t:
+            if not t.layers.has(layer_id):
                 raise NotFound(f"layer {layer_id.hex()} not found")
-            txn.put(key.digest, value, db=self._db)
-            txn.put(BY_PARENT + parent_ref + key.digest, b"", db=self._db)
+            t.cachekeys.put(key.digest, parent_ref, value)
 
     def record(self, key) -> tuple[bytes, dict] | None:
         """(layer id, record) stored for `key`, or None."""
-        with self.store.transaction() as txn:
-            raw = txn.get(self._digest(key), db=self._db)
+        with self.store.read() as t:
+            raw = t.cachekeys.get(self._digest(key))
             return _decode_value(raw) if raw is not None else None
 
-    def _children(self, txn, prefix: bytes) -> list[tuple[bytes, dict]]:
+    @staticmethod
+    def _children(table: CacheKeyTable, parent_prefix: bytes) -> list[tuple[bytes, dict]]:
         out = []
-        cur = txn.cursor(db=self._db)
-        if cur.set_range(prefix):
-            for k in cur.iternext(values=False):
-                if not bytes(k).startswith(prefix):
-                    break
-                raw = txn.get(bytes(k[-32:]), db=self._db)
-                if raw is not None:
-                    out.append((bytes(k[-32:]), _decode_value(raw)[1]))
+        for digest in table.children(parent_prefix):
+            raw = table.get(digest)
+            if raw is not None:
+                out.append((digest, _decode_value(raw)[1]))
         return out
 
     def explain_miss(self, key) -> str:
@@ -474,19 +437,19 @@ class BuildCache:
             record = key.record if isinstance(key, CacheKey) else None
         label = (f"step {_show(record['instruction'])}" if record is not None
                  else "step") + (f" (key {digest.hex()[:12]})" if digest else "")
-        with self.store.transaction() as txn:
+        with self.store.read() as t:
             if digest is not None:
-                raw = txn.get(digest, db=self._db)
+                raw = t.cachekeys.get(digest)
                 if raw is not None:
-                    layer = bytes(raw[:32])
-                    if txn.get(layer, db=self._layers) is not None:
+                    layer = raw[:32]
+                    if t.layers.has(layer):
                         return f"{label}: not a miss: cached as layer {layer.hex()[:12]}"
                     return (f"{label}: was cached as layer {layer.hex()[:12]}, which has been "
                             "removed")
             if record is None:
                 return f"{label}: no record of this key (pass the CacheKey cache_key returned)"
             ref = _record_parent_ref(record)
-            siblings = [(d, r) for d, r in self._children(txn, BY_PARENT + ref) if d != digest]
+            siblings = [(d, r) for d, r in self._children(t.cachekeys, ref) if d != digest]
             same = [s for s in siblings if s[1].get("instruction") == record["instruction"]]
             if same:
                 best, _, diffs = self._closest(same, record)
@@ -508,7 +471,7 @@ class BuildCache:
                         "misses too")
             # a first step: the same instruction on another base?
             others = [s for p in (PARENT_NONE, PARENT_LAYER)
-                      for s in self._children(txn, BY_PARENT + bytes([p]))
+                      for s in self._children(t.cachekeys, bytes([p]))
                       if s[1].get("instruction") == record["instruction"] and s[0] != digest]
             base = (f"base layer {_short(parent['id'])}" if parent["kind"] == "layer"
                     else "no base layer")
@@ -539,20 +502,12 @@ class BuildCache:
 def prune(store: Store) -> int:
     """Delete the cache keys whose layer is gone (and their index entries); the number
     of keys deleted. gc calls this with the store held exclusive."""
-    db, layers = store.db["cachekeys"], store.db["layers"]
-    with store.transaction(write=True) as txn:
-        dead, index = [], []
-        for k, v in txn.cursor(db=db):
-            k = bytes(k)
-            if len(k) == 32:
-                if len(v) < 32 or txn.get(bytes(v[:32]), db=layers) is None:
-                    dead.append(k)
-            elif len(k) == _INDEX_LEN and k.startswith(BY_PARENT):
-                index.append(k)
-        for k in dead:
-            txn.delete(k, db=db)
-        gone = set(dead)
-        for k in index:
-            if k[-32:] in gone or txn.get(k[-32:], db=db) is None:
-                txn.delete(k, db=db)
+    with store.write() as t:
+        return prune_in(t)
+
+
+def prune_in(t: Tables) -> int:
+    """`prune` in the transaction `t`."""
+    dead = {k for k, v in t.cachekeys.items() if len(v) < 32 or not t.layers.has(v[:32])}
+    t.cachekeys.delete(dead)
     return len(dead)

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
 from ..chunking import DEFAULT_AVG, DEFAULT_MAX, DEFAULT_MIN, ChunkerParams
-from ..errors import AlreadyExists
 from ..store import Store, StoreConfig, default_store_path
 from .app import cli, human, open_layers
 
@@ -23,10 +21,8 @@ def init(ctx: click.Context, min_size: int, avg_size: int, max_size: int,
          compression_level: int) -> None:
     """Create a store. Chunk sizes are fixed for the store's life."""
     path = ctx.obj["store"] or default_store_path()
-    if (Path(path) / "config.json").exists():
-        raise AlreadyExists(f"a store exists at {path}")
     cfg = StoreConfig(ChunkerParams(min_size, avg_size, max_size).validate(), compression_level)
-    Store.open(path, config=cfg).close()
+    Store.init(path, cfg)  # AlreadyExists if there is a store
     click.echo(f"initialised store at {path}")
 
 

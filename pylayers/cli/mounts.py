@@ -133,17 +133,10 @@ def commit(ctx: click.Context, key: str, tag: str | None, message: str,
                 raise FailedPrecondition(f"snapshot {key} is mounted at {target}; run "
                                          f"`pylayers umount {target}` first")
             snaps.update(key, {MOUNTPOINT_LABEL: ""})  # unmounted by hand
-        tmp_name = name or f"commit-{os.urandom(6).hex()}"
-        # made by a person at the command line: keep it until they remove it
-        layer_id = snaps.commit(tmp_name, key, message=message, tag=tag,
+        # made by a person at the command line: keep it until they remove it; named
+        # after its layer unless --name says otherwise
+        layer_id = snaps.commit(name, key, message=message, tag=tag,
                                 labels={GC_ROOT_LABEL: "cli"})
-        if name is None:  # name the committed snapshot after its layer
-            final = layer_id.hex()
-            if snaps._get(final) is None:
-                committed = snaps.stat(tmp_name)
-                committed.key = final
-                snaps._put(committed)
-            snaps.store.delete("snapshots", tmp_name.encode())
         click.echo(layer_id.hex())
 
 

@@ -7,8 +7,8 @@ fingerprint means an equal tree, as long as no ctime was within the racy window 
 walk (then the fingerprint is not recorded). This is git's index trick for a whole
 tree: a no-change re-snapshot costs one walk and no Python object per file.
 
-Recorded in the `statcache` table under key "tree:" + BLAKE3(real path); value:
-fingerprint (32) + layer id (32) of the layer whose tree the directory held.
+Recorded in the `fingerprints` table under `path_key(directory)`: the fingerprint and
+the id of the layer whose tree the directory held (docs/format.md, "The index").
 """
 
 from __future__ import annotations
@@ -17,17 +17,28 @@ import os
 
 import blake3
 
-from .._native import walk_records
+from .._native import walk
+from ..store.tables import Tables
 
 DOMAIN = b"pylayers tree fingerprint v1\x00"
-KEY_PREFIX = b"tree:"
 
 
 def tree_fingerprint(root: str | os.PathLike) -> tuple[bytes, int]:
     """(fingerprint, newest ctime in ns) of the tree under `root`."""
-    records, max_ctime = walk_records(os.fspath(root))
-    return blake3.blake3(DOMAIN + records).digest(), max_ctime
+    with walk(os.fspath(root)) as (records, max_ctime):
+        h = blake3.blake3(DOMAIN)
+        h.update(records)
+        return h.digest(), max_ctime
 
 
-def cache_key(root: str | os.PathLike) -> bytes:
-    return KEY_PREFIX + blake3.blake3(os.fsencode(os.path.realpath(root))).digest()
+def path_key(root: str | os.PathLike) -> bytes:
+    """The `fingerprints` table's key for the directory `root`: BLAKE3 of its real path."""
+    return blake3.blake3(os.fsencode(os.path.realpath(root))).digest()
+
+
+def prune(t: Tables) -> int:
+    """Delete the fingerprints whose layer is gone (in gc's transaction); how many."""
+    dead = [k for k, _fp, lid in t.fingerprints.items() if not t.layers.has(lid)]
+    for k in dead:
+        t.fingerprints.delete(k)
+    return len(dead)

@@ -11,6 +11,7 @@ import blake3
 from ..errors import CorruptData
 from ..store.check import verify_chunks
 from ..store.repository import Store
+from . import fingerprint
 from .manifest import REG, decode_manifest
 from .repo import LayerRecord
 from .tree import tree_problems
@@ -19,8 +20,9 @@ from .tree import tree_problems
 def live_chunks(store: Store, extra_roots: set[bytes] | None = None) -> set[bytes]:
     """Every chunk a layer needs: its manifest's chunks and its files' chunks."""
     live: set[bytes] = set(extra_roots or ())
-    for _lid, raw in store.items("layers"):
-        rec = LayerRecord.decode(raw)
+    with store.read() as t:
+        records = [LayerRecord.decode(raw) for _lid, raw in t.layers.items()]
+    for rec in records:
         live.update(cid for cid, _ in rec.manifest)
         data = b"".join(store.read_chunk(cid) for cid, _ in rec.manifest)
         for e in decode_manifest(data)[1]:
@@ -28,6 +30,12 @@ def live_chunks(store: Store, extra_roots: set[bytes] | None = None) -> set[byte
                 c = e.chunks
                 live.update(c[i : i + 32] for i in range(0, len(c), 36))
     return live
+
+
+def prune_fingerprints(store: Store) -> int:
+    """Delete the tree fingerprints whose layer is gone; how many (gc)."""
+    with store.write() as t:
+        return fingerprint.prune(t)
 
 
 @dataclass
@@ -47,13 +55,14 @@ def fsck(store: Store) -> FsckReport:
     reference (chunks of files, parents, tags)."""
     v = verify_chunks(store)
     report = FsckReport(v.chunks_checked, 0, list(v.damaged), list(v.notes))
-    layers = dict(store.items("layers"))
+    with store.read() as t:
+        layers = dict(t.layers.items())
+        tags = list(t.tags.items())
     decoded: dict[bytes, tuple[bytes | None, list]] = {}
-    with store.transaction() as txn:
-        chunks_db = store.db["chunks"]
+    with store.read() as t:
 
         def present(cid: bytes) -> bool:
-            return txn.get(cid, db=chunks_db) is not None and cid not in v.bad_chunks
+            return t.chunks.has(cid) and cid not in v.bad_chunks
 
         for lid, raw in sorted(layers.items()):
             report.layers_checked += 1
@@ -94,20 +103,19 @@ def fsck(store: Store) -> FsckReport:
                     report.damaged.append(f"{name}: {path}: chunk lengths do not add up")
     for lid, problem in sorted(tree_problems(decoded)):  # a file under a symlink...
         report.damaged.append(f"layer {lid.hex()[:12]}: {problem}")
-    for tag, lid in store.items("tags"):
+    for tag, lid in tags:
         if lid not in layers:
-            report.damaged.append(f"tag {tag.decode(errors='replace')}: points at missing "
-                                  f"layer {lid.hex()[:12]}")
+            report.damaged.append(f"tag {tag}: points at missing layer {lid.hex()[:12]}")
     return report
 
 
 def disk_usage(store: Store) -> dict:
     logical = 0
     layers = 0
-    for _lid, raw in store.items("layers"):
-        rec = LayerRecord.decode(raw)
-        logical += rec.file_bytes
-        layers += 1
+    with store.read() as t:
+        for _lid, raw in t.layers.items():
+            logical += LayerRecord.decode(raw).file_bytes
+            layers += 1
     stored = store.disk_usage()
     return {
         "layers": layers,

@@ -4,6 +4,12 @@ A layer is a manifest (its own entries: what differs from its parent, with white
 stored as chunks in the chunk store, plus a record in the `layers` table. Its id is
 the BLAKE3 of the canonical manifest, which includes the parent id, so the same tree
 snapshotted twice onto the same parent gets the same id.
+
+This module owns the `layers` and `tags` tables' records (and writes the stat cache's
+and fingerprints' entries with the layer that needs them). A layer's child layers
+reference it in the store's `refs` table (owner `layer`), written with the child's
+record; other owners (snapshots) add their own references, so `remove` refuses a layer
+something still uses without reading anybody else's records, in one transaction.
 """
 
 from __future__ import annotations
@@ -19,10 +25,11 @@ from pathlib import Path
 import blake3
 
 from ..chunking import cut_points
-from ..errors import AlreadyExists, CorruptData, FailedPrecondition, InvalidArgument, NotFound
-from ..store.ingest import ChunkWriter
+from ..errors import CorruptData, FailedPrecondition, InvalidArgument, NotFound
+from ..store.ingest import CHUNK_REF, ChunkWriter
 from ..store.readahead import read_ahead
 from ..store.repository import Store
+from ..store.tables import Tables
 from . import fingerprint
 from .checkout import checkout_tree
 from .manifest import REG, Entry, decode_manifest, encode_manifest
@@ -30,6 +37,7 @@ from .scan import Scanner, ScanStats
 from .statcache import RACY_NS
 from .tree import apply_layer, diff_layer, validate_tree
 
+LAYER_REF = "layer"  # the `refs` owner name of a child layer referencing its parent
 TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._:/@+-]{0,127}$")
 REF_RE = re.compile(r"^(?P<base>[^~]+)(?:~(?P<n>\d*))?$")
 
@@ -78,12 +86,24 @@ class SnapshotResult:
     existed: bool
 
 
-def _mark_kept(txn, layers_db, layer_id: bytes, raw: bytes) -> None:
+def _mark_kept(t: Tables, layer_id: bytes, raw: bytes) -> None:
     """Set `kept` in the layer record `raw` of `layer_id`, if it is not set yet."""
     rec = LayerRecord.decode(raw)
     if not rec.kept:
         rec.kept = True
-        txn.put(layer_id, rec.encode(), db=layers_db)
+        t.layers.put(layer_id, rec.encode())
+
+
+def _first_unindexed(t: Tables, own: list[Entry]) -> tuple[Entry, bytes] | None:
+    """The first file of `own` naming a chunk the index lacks, and that chunk."""
+    has = t.chunks.has
+    for e in own:
+        if e.kind == REG:
+            c = e.chunks
+            for i in range(0, len(c), CHUNK_REF.size):
+                if not has(c[i : i + 32]):
+                    return e, c[i : i + 32]
+    return None
 
 
 def check_tag(name: str) -> None:
@@ -99,51 +119,71 @@ class Layers:
 
     # -- records and references --------------------------------------------------
     def record(self, layer_id: bytes) -> LayerRecord:
-        raw = self.store.get("layers", layer_id)
+        with self.store.read() as t:
+            return self.record_in(t, layer_id)
+
+    @staticmethod
+    def record_in(t: Tables, layer_id: bytes) -> LayerRecord:
+        """The layer's record, read in the transaction `t`."""
+        raw = t.layers.get(layer_id)
         if raw is None:
             raise NotFound(f"layer {layer_id.hex()} not found")
         return LayerRecord.decode(raw)
 
     def exists(self, layer_id: bytes) -> bool:
-        return self.store.get("layers", layer_id) is not None
+        with self.store.read() as t:
+            return t.layers.has(layer_id)
 
     def all_ids(self) -> list[bytes]:
-        return [k for k, _ in self.store.items("layers")]
+        with self.store.read() as t:
+            return list(t.layers.ids())
+
+    def records(self) -> list[tuple[bytes, LayerRecord]]:
+        """Every layer's id and record, in id order."""
+        with self.store.read() as t:
+            return [(lid, LayerRecord.decode(raw)) for lid, raw in t.layers.items()]
 
     def tags(self) -> dict[str, bytes]:
-        return {k.decode(): v for k, v in self.store.items("tags")}
+        with self.store.read() as t:
+            return dict(t.tags.items())
 
     def resolve(self, ref: str) -> bytes:
         """A full id, a unique prefix of >= 6 hex digits, a tag, each optionally ~N."""
+        with self.store.read() as t:
+            return self.resolve_in(t, ref)
+
+    def resolve_in(self, t: Tables, ref: str) -> bytes:
+        """`resolve`, in the transaction `t`."""
         m = REF_RE.match(ref)
         if not m:
             raise InvalidArgument(f"invalid reference {ref!r}")
         base, n = m.group("base"), m.group("n")
         steps = 0 if n is None else (int(n) if n else 1)
-        layer_id = self._resolve_base(base)
+        layer_id = self._resolve_base(t, base)
         for i in range(steps):
-            parent = self.record(layer_id).parent
+            parent = self.record_in(t, layer_id).parent
             if parent is None:
                 raise NotFound(f"{ref}: layer has only {i} ancestors")
             layer_id = parent
         return layer_id
 
-    def _resolve_base(self, base: str) -> bytes:
-        tagged = self.store.get("tags", base.encode())
+    @staticmethod
+    def _resolve_base(t: Tables, base: str) -> bytes:
+        tagged = t.tags.get(base)
         if tagged is not None:
             return tagged
         if re.fullmatch(r"[0-9a-fA-F]{64}", base):
             lid = bytes.fromhex(base)
-            if self.exists(lid):
+            if t.layers.has(lid):
                 return lid
             raise NotFound(f"layer {base} not found")
         if re.fullmatch(r"[0-9a-fA-F]{6,63}", base):
-            prefix = base.lower()
-            hits = [k for k in self.all_ids() if k.hex().startswith(prefix)]
+            hits = t.layers.with_hex_prefix(base.lower(), limit=2)
             if len(hits) == 1:
                 return hits[0]
             if len(hits) > 1:
-                raise InvalidArgument(f"layer id prefix {base} is ambiguous ({len(hits)} layers)")
+                raise InvalidArgument(f"layer id prefix {base} is ambiguous (several layers "
+                                      "start with it)")
         raise NotFound(f"no layer or tag named {base!r}")
 
     # -- reading -------------------------------------------------------------------
@@ -166,10 +206,11 @@ class Layers:
     def chain(self, layer_id: bytes) -> list[bytes]:
         """The layer and its ancestors, newest first."""
         out = [layer_id]
-        while (parent := self.record(out[-1]).parent) is not None:
-            if parent in out:
-                raise CorruptData(f"layer {layer_id.hex()} has a cycle in its parents")
-            out.append(parent)
+        with self.store.read() as t:
+            while (parent := self.record_in(t, out[-1]).parent) is not None:
+                if parent in out:
+                    raise CorruptData(f"layer {layer_id.hex()} has a cycle in its parents")
+                out.append(parent)
         return out
 
     def tree(self, layer_id: bytes) -> list[Entry]:
@@ -203,17 +244,21 @@ class Layers:
     def snapshot(self, directory: str | Path, parent: bytes | None = None,
                  tag: str | None = None, message: str = "",
                  progress: Callable[[int], None] | None = None,
-                 kept: bool = True, allow_changing: bool = False) -> SnapshotResult:
+                 kept: bool = True, allow_changing: bool = False,
+                 ephemeral: bool = False) -> SnapshotResult:
         """Store `directory` as a layer on `parent`. `kept`: a layer the user asked for
         (False for a snapshotter's commit, which its collection may remove). A file that
         keeps changing while read fails the snapshot with SourceChanged, unless
-        `allow_changing`: then its last read is stored and listed in `stats.changed`."""
+        `allow_changing`: then its last read is stored and listed in `stats.changed`.
+        `ephemeral`: the directory is deleted right after (the copy driver's snapshot
+        directories), so record no stat-cache entries and no tree fingerprint for it;
+        and do not walk it for a fingerprint that would be neither found nor kept."""
         if tag is not None:
             check_tag(tag)
         start_ns = time.time_ns()
         fp = fp_key = None
-        if os.path.isdir(directory):
-            fp_key = fingerprint.cache_key(directory)
+        if not ephemeral and os.path.isdir(directory):
+            fp_key = fingerprint.path_key(directory)
             try:
                 fp, max_ctime = fingerprint.tree_fingerprint(directory)
             except OSError:
@@ -239,23 +284,24 @@ class Layers:
                 return SnapshotResult(layer_id, stats, len(own), existed)
             base = self.tree(parent) if parent is not None else []
             scanner = Scanner(self.store, self.store.config.chunker, writer.put,
-                              progress=progress, allow_changing=allow_changing)
+                              progress=progress, allow_changing=allow_changing,
+                              known=writer.has)
             tree = scanner.scan(directory)
             own = diff_layer(base, tree) if parent is not None else tree
-            cache = list(scanner.statcache_updates)
+            cache = [] if ephemeral else list(scanner.statcache_updates)
             record_fp = fp is not None and max_ctime < start_ns - RACY_NS
             layer_id, existed = self._commit(writer, parent, own, tag, message, cache,
                                              (fp_key, fp) if record_fp else None, kept=kept)
         return SnapshotResult(layer_id, scanner.stats, len(own), existed)
 
     def _unchanged_since(self, fp: bytes | None, fp_key: bytes | None) -> bytes | None:
-        if fp is None:
+        if fp is None or fp_key is None:
             return None
-        known = self.store.get("statcache", fp_key)
-        if known is None or known[:32] != fp:
-            return None
-        layer_id = bytes(known[32:64])
-        return layer_id if self.exists(layer_id) else None
+        with self.store.read() as t:
+            known = t.fingerprints.get(fp_key)
+            if known is None or known[0] != fp:
+                return None
+            return known[1] if t.layers.has(known[1]) else None
 
     def _recommit(self, writer: ChunkWriter, layer_id: bytes, tag: str | None,
                   kept: bool) -> bool:
@@ -263,18 +309,17 @@ class Layers:
         again would; False if it was removed meanwhile."""
         if tag is not None:
             check_tag(tag)
-        db = self.store.db
         found = []
 
-        def extra(txn) -> None:
-            old = txn.get(layer_id, db=db["layers"])
+        def extra(t: Tables) -> None:
+            old = t.layers.get(layer_id)
             if old is None:
                 return
             found.append(True)
             if kept:
-                _mark_kept(txn, db["layers"], layer_id, old)
+                _mark_kept(t, layer_id, old)
             if tag is not None:
-                txn.put(tag.encode(), layer_id, db=db["tags"])
+                t.tags.put(tag, layer_id)
 
         writer.commit(extra)
         return bool(found)
@@ -306,62 +351,102 @@ class Layers:
         new_bytes = writer.new_bytes
         rec = LayerRecord(parent, manifest, time.time(), message, len(own),
                           sum(e.size for e in own if e.kind == REG), new_bytes, kept)
-        db = self.store.db
 
-        def extra(txn) -> None:
-            if parent is not None and txn.get(parent, db=db["layers"]) is None:
+        def extra(t: Tables) -> None:
+            if parent is not None and not t.layers.has(parent):
                 raise NotFound(f"parent layer {parent.hex()} was removed meanwhile")
-            old = txn.get(layer_id, db=db["layers"])
+            # "A layer record never names an unindexed chunk", even if a stat-cache
+            # entry lied about a file's chunks.
+            bad = _first_unindexed(t, own)
+            if bad is not None:
+                path = bad[0].path.decode(errors="backslashreplace")
+                raise CorruptData(f"/{path}: chunk {bad[1].hex()} is not in the store (a "
+                                  "damaged stat-cache entry?); nothing was committed")
+            old = t.layers.get(layer_id)
             if old is None:
-                txn.put(layer_id, rec.encode(), db=db["layers"])
+                t.layers.put(layer_id, rec.encode())
+                if parent is not None:
+                    t.refs.add(parent, LAYER_REF, layer_id)
             elif kept:  # a snapshot of a tree a build step committed too: the user's now
-                _mark_kept(txn, db["layers"], layer_id, old)
+                _mark_kept(t, layer_id, old)
             if tag is not None:
-                txn.put(tag.encode(), layer_id, db=db["tags"])
+                t.tags.put(tag, layer_id)
             for key, value in statcache:
-                txn.put(key, value, db=db["statcache"])
+                t.statcache.put(key, value)
             if tree_fp is not None:
-                txn.put(tree_fp[0], tree_fp[1] + layer_id, db=db["statcache"])
+                t.fingerprints.put(tree_fp[0], tree_fp[1], layer_id)
 
         writer.commit(extra)
         return layer_id, existed
 
     def set_tag(self, name: str, layer_id: bytes) -> None:
         check_tag(name)
-        self.record(layer_id)
-        self.store.put("tags", name.encode(), layer_id)
+        with self.store.write() as t:
+            if not t.layers.has(layer_id):
+                raise NotFound(f"layer {layer_id.hex()} not found")
+            t.tags.put(name, layer_id)
 
     def children(self) -> dict[bytes, list[bytes]]:
+        """Each layer that has children, and its children."""
         out: dict[bytes, list[bytes]] = {}
-        for lid, raw in self.store.items("layers"):
-            parent = LayerRecord.decode(raw).parent
-            if parent is not None:
-                out.setdefault(parent, []).append(lid)
+        with self.store.read() as t:
+            for lid, owner, key in t.refs.items():
+                if owner == LAYER_REF:
+                    out.setdefault(lid, []).append(key)
         return out
 
-    def remove(self, ref: str) -> tuple[str, bytes]:
-        """Remove a tag (if `ref` is one) or else an unreferenced layer."""
-        if self.store.get("tags", ref.encode()) is not None:
-            lid = self.store.get("tags", ref.encode())
-            self.store.delete("tags", ref.encode())
-            return "tag", lid
-        lid = self.resolve(ref)
-        kids = self.children().get(lid)
-        if kids:
-            raise FailedPrecondition(f"layer {lid.hex()[:12]} is the parent of "
-                                     f"{len(kids)} layer(s); remove them first")
-        for key, raw in self.store.items("snapshots"):
-            snap = json.loads(raw)
-            if lid.hex() in (snap.get("parent_layer"), snap.get("layer")):
-                raise FailedPrecondition(f"layer {lid.hex()[:12]} is used by snapshot "
-                                         f"{key.decode(errors='replace')!r}; remove it first")
-        tagged = [t for t, v in self.tags().items() if v == lid]
+    @staticmethod
+    def in_use_in(t: Tables, layer_id: bytes, owners: tuple[str, ...] = ()) -> str | None:
+        """Why the layer may not be removed, or None: it is tagged, or a record
+        references it (a child layer, a snapshot); references by `owners` aside."""
+        tagged = t.tags.naming(layer_id)
         if tagged:
-            raise FailedPrecondition(f"layer {lid.hex()[:12]} is tagged {', '.join(tagged)}; "
-                                     "remove the tag first")
-        if not self.store.delete("layers", lid):
-            raise NotFound(f"layer {lid.hex()} not found")
+            return f"is tagged {', '.join(tagged)}; remove the tag first"
+        refs = [(o, k) for o, k in t.refs.referrers(layer_id) if o not in owners]
+        kids = [k for o, k in refs if o == LAYER_REF]
+        if kids:
+            return f"is the parent of {len(kids)} layer(s); remove them first"
+        if refs:
+            owner, key = refs[0]
+            return (f"is used by {owner} {key.decode(errors='replace')!r}; "
+                    "remove it first")
+        return None
+
+    def remove(self, ref: str) -> tuple[str, bytes]:
+        """Remove a tag (if `ref` is one) or else a layer nothing uses: its checks and
+        its deletion are one transaction, so no child or snapshot can land on it
+        meanwhile."""
+        with self.store.write() as t:
+            lid = t.tags.get(ref)
+            if lid is not None:
+                t.tags.delete(ref)
+                return "tag", lid
+            lid = self.resolve_in(t, ref)
+            why = self.in_use_in(t, lid)
+            if why is not None:
+                raise FailedPrecondition(f"cannot remove layer {lid.hex()[:12]}: it {why}")
+            self._delete(t, lid)
+        self._trees.pop(lid, None)
         return "layer", lid
 
+    def remove_unused_in(self, t: Tables, layer_id: bytes) -> bool:
+        """In the transaction `t`, remove the layer if nothing uses it and no `snapshot`
+        made it (its record is not `kept`); whether it was removed. For collectors (the
+        snapshotter's), which drop their own references first."""
+        raw = t.layers.get(layer_id)
+        if raw is None or LayerRecord.decode(raw).kept:
+            return False
+        if self.in_use_in(t, layer_id) is not None:
+            return False
+        self._delete(t, layer_id)
+        self._trees.pop(layer_id, None)
+        return True
 
-__all__ = ["Layers", "LayerRecord", "SnapshotResult", "AlreadyExists", "Path"]
+    def _delete(self, t: Tables, layer_id: bytes) -> None:
+        rec = self.record_in(t, layer_id)
+        t.layers.delete(layer_id)
+        if rec.parent is not None:
+            t.refs.remove(rec.parent, LAYER_REF, layer_id)
+
+
+__all__ = ["Layers", "LayerRecord", "SnapshotResult", "check_tag"]

@@ -13,12 +13,14 @@ import os
 import stat
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 from ..chunking import ChunkerParams
 from ..errors import InvalidArgument, NotFound, SourceChanged, os_error_reason, short_path
-from ..store.ingest import ContentReader, IngestStats
+from ..store.ingest import CHUNK_REF, ContentReader, IngestStats
 from ..store.repository import Store
+from ..store.tables import StatCacheTable
 from .manifest import BLK, CHR, DIR, FIFO, HARDLINK, REG, SYMLINK, Entry
 from .statcache import RACY_NS, decode_statcache, encode_statcache, inode_key
 
@@ -64,12 +66,19 @@ def read_xattrs(path: bytes) -> tuple[tuple[bytes, bytes], ...]:
 
 
 class Scanner:
-    """Turns a directory into a tree (entries in component order)."""
+    """Turns a directory into a tree (entries in component order).
+
+    With a `store`, content ids come from its stat cache when a file is unchanged; with
+    `known` too (the chunk writer's `has`), a cache entry is trusted only if every chunk
+    it names is known, else the file is read again: a damaged cache entry must never
+    make a layer name a chunk the store lacks. Entries for files read are collected in
+    `statcache_updates` (the caller writes them with its layer, or not at all)."""
 
     def __init__(self, store: Store | None, params: ChunkerParams,
                  sink: Callable[[bytes, bytes], bool] | None,
                  use_statcache: bool = True, progress=None,
-                 allow_changing: bool = False) -> None:
+                 allow_changing: bool = False,
+                 known: Callable[[bytes], bool] | None = None) -> None:
         self.store = store
         self.stats = ScanStats()
         self.reader = ContentReader(params, sink, self.stats)
@@ -80,7 +89,8 @@ class Scanner:
         self.allow_changing = allow_changing
         self.statcache_updates: list[tuple[bytes, bytes]] = []
         self._links: dict[tuple[int, int], bytes] = {}
-        self._txn = None
+        self.known = known
+        self._statcache: StatCacheTable | None = None
         self._root = b""
         self._vanished_paths: list[bytes] = []
 
@@ -110,6 +120,7 @@ class Scanner:
         self.stats.warnings.extend(f"{os.fsdecode(t)}: vanished during scan" for t in tops)
 
     def scan(self, root: str | bytes) -> list[Entry]:
+        """The tree of the directory `root`."""
         root_b = os.fsencode(os.path.abspath(root))
         try:
             st = os.stat(root_b)
@@ -119,22 +130,45 @@ class Scanner:
             raise InvalidArgument(f"{short_path(root_b)}: {os_error_reason(e, root_b)}") from None
         if not stat.S_ISDIR(st.st_mode):
             raise InvalidArgument(f"{os.fsdecode(root_b)} is not a directory")
-        root_b = os.path.realpath(root_b)
-        self._root = root_b
-        self._start_ns = time.time_ns()
-        if self.store is not None and self.use_statcache:
-            self._txn = self.store.env.begin(db=self.store.db["statcache"])
+        return self._scan(os.path.realpath(root_b), st, walk=True)
+
+    def scan_path(self, path: str | bytes) -> list[Entry]:
+        """The entries of `path`, a directory (as `scan`) or any other file: then one
+        entry, with an empty path. A symlink given as `path` is followed (as COPY
+        does); symlinks below a directory are entries."""
+        real = os.path.realpath(os.fsencode(path))
         try:
-            entries: list[Entry] = []
-            self._entry(root_b, b"", st, entries)
-            self._walk(root_b, b"", entries)
-            self._report_vanished()
-            return entries
-        finally:
-            if self._txn is not None:
-                self._txn.abort()
-                self._txn = None
-            self.reader.close()
+            st = os.lstat(real)
+        except FileNotFoundError:
+            raise NotFound(f"{os.fsdecode(path)}: no such file or directory") from None
+        except OSError as e:
+            raise InvalidArgument(f"{os.fsdecode(path)}: {e.strerror}") from None
+        if stat.S_ISDIR(st.st_mode):
+            return self.scan(real)
+        entries = self._scan(real, st, walk=False)
+        if not entries:
+            raise NotFound(f"{os.fsdecode(path)}: vanished, or a socket")
+        return entries
+
+    def _scan(self, real: bytes, st: os.stat_result, walk: bool) -> list[Entry]:
+        self._start_ns = time.time_ns()
+        with ExitStack() as stack:
+            if self.use_statcache:
+                assert self.store is not None
+                # one read transaction for the whole scan: a consistent cache
+                self._statcache = stack.enter_context(self.store.read()).statcache
+            try:
+                entries: list[Entry] = []
+                if walk:
+                    self._root = real
+                self._entry(real, b"", st, entries)
+                if walk:
+                    self._walk(real, b"", entries)
+                self._report_vanished()
+                return entries
+            finally:
+                self._statcache = None
+                self.reader.close()
 
     def _walk(self, abs_dir: bytes, rel_dir: bytes, entries: list[Entry]) -> None:
         try:
@@ -203,16 +237,23 @@ class Scanner:
         entries.append(e)
         return True
 
+    def _all_known(self, chunks: bytes) -> bool:
+        known = self.known
+        if known is None:
+            return True
+        return all(known(chunks[i : i + 32]) for i in range(0, len(chunks), CHUNK_REF.size))
+
     def _file(self, path: bytes, st: os.stat_result, e: Entry) -> bool:
         self.stats.files += 1
         self.stats.bytes_total += st.st_size
         key = inode_key(st.st_dev, st.st_ino)
-        if self._txn is not None:
-            raw = self._txn.get(key)  # the key is the inode: dev and ino match
+        if self._statcache is not None:
+            raw = self._statcache.get(key)  # the key is the inode: dev and ino match
             cached = decode_statcache(raw) if raw is not None else None
             if cached is not None:
                 size, mtime, ctime, content, chunks = cached
-                if (size, mtime, ctime) == (st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+                if (size, mtime, ctime) == (st.st_size, st.st_mtime_ns, st.st_ctime_ns) \
+                        and self._all_known(chunks):
                     e.size, e.content, e.chunks = size, content, chunks
                     self.stats.cache_hits += 1
                     if self.progress is not None:

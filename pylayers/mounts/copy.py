@@ -30,7 +30,8 @@ class CopyDriver(Driver):
 
     def commit(self, sdir: Path, parent: bytes | None, message: str = "",
                tag: str | None = None) -> bytes:
-        return self.layers.snapshot(sdir / "fs", parent, tag, message, kept=False).layer_id
+        return self.layers.snapshot(sdir / "fs", parent, tag, message, kept=False,
+                                   ephemeral=True).layer_id
 
     def usage(self, sdir: Path, parent: bytes | None) -> Usage:
         return tree_usage(self.layers, sdir / "fs", parent)

@@ -5,11 +5,19 @@ snapshot is a layer: `commit(name, key)` stores the active snapshot's changes as
 layer on its parent and records `name` -> layer id. A parent may be given as the name
 of a committed snapshot or as any layer reference (id, prefix, tag).
 
+This module owns the `snapshots` table's records (`Info.encode`/`decode`). A record
+references the layers it stands on (its parent layer; a committed snapshot's layer) in
+the store's `refs` table, written and deleted with the record, so `Layers.remove`
+refuses them without reading these records. Every check and the write it guards are
+one transaction.
+
 Crash safety: an active snapshot is recorded before its directory is filled, so a crash
 in `prepare` leaves a snapshot that `remove` cleans up; `commit` writes the layer (one
 LMDB transaction, see docs/format.md) and then replaces the active record with the
 committed one, so a crash between leaves the active snapshot, which can be committed
-again (the layer id is the same) or removed.
+again (the layer id is the same) or removed. A crash after a record is replaced or
+deleted but before its directory is removed leaves an orphan directory: `cleanup`
+(which gc runs) removes those.
 """
 
 from __future__ import annotations
@@ -18,16 +26,17 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from ..layers.manifest import REG
 from ..layers.repo import Layers, check_tag
+from ..store.tables import Tables
 from .drivers import Driver
 from .registry import DRIVERS, DriverTable, get_driver
 from .types import Info, Kind, Mount, Usage
 
 GC_ROOT_LABEL = "pylayers.gc.root"
+SNAPSHOT_REF = "snapshot"  # the `refs` owner name of a snapshot record
 
 
 class Snapshotter:
@@ -51,7 +60,7 @@ class Snapshotter:
             size = len(key.encode())
         except UnicodeEncodeError:
             raise InvalidArgument("a snapshot key must be valid Unicode text") from None
-        limit = self.store.env.max_key_size()
+        limit = self.store.max_key_size()
         if size > limit:
             raise InvalidArgument(f"a snapshot key must be at most {limit} bytes")
 
@@ -60,11 +69,8 @@ class Snapshotter:
             self._check_key(key)
         except InvalidArgument:
             return None  # no such snapshot can exist
-        raw = self.store.get("snapshots", key.encode())
-        return Info.decode(raw) if raw is not None else None
-
-    def _put(self, info: Info) -> None:
-        self.store.put("snapshots", info.key.encode(), info.encode())
+        with self.store.read() as t:
+            return _get_in(t, key)
 
     def stat(self, key: str) -> Info:
         info = self._get(key)
@@ -76,8 +82,9 @@ class Snapshotter:
              labels: dict[str, str] | None = None) -> Iterator[Info]:
         """Every snapshot, optionally only those of a kind, on a parent, or carrying all
         the given labels (a value of "*" matches any value)."""
-        for _k, raw in self.store.items("snapshots"):
-            info = Info.decode(raw)
+        with self.store.read() as t:
+            infos = [Info.decode(raw) for _k, raw in t.snapshots.items()]
+        for info in infos:
             if kind is not None and info.kind != kind:
                 continue
             if parent is not None and info.parent != parent:
@@ -89,14 +96,18 @@ class Snapshotter:
 
     def update(self, key: str, labels: dict[str, str]) -> Info:
         """Set (or, with an empty value, delete) labels."""
-        info = self.stat(key)
-        for k, v in labels.items():
-            if v == "":
-                info.labels.pop(k, None)
-            else:
-                info.labels[k] = v
-        info.updated = time.time()
-        self._put(info)
+        self.stat(key)
+        with self.store.write() as t:
+            info = _get_in(t, key)
+            if info is None:
+                raise NotFound(f"snapshot {key!r} does not exist")
+            for k, v in labels.items():
+                if v == "":
+                    info.labels.pop(k, None)
+                else:
+                    info.labels[k] = v
+            info.updated = time.time()
+            t.snapshots.put(key, info.encode())  # the same layers: the same references
         return info
 
     # -- lifecycle -------------------------------------------------------------------
@@ -128,18 +139,20 @@ class Snapshotter:
                     created=now, updated=now)
         # First, so a crash below leaves something `remove` can clean. One transaction
         # checks and claims the key, and checks the parent again: of concurrent
-        # prepares of one key only one wins, and none builds on a parent just removed.
+        # prepares of one key only one wins, and none builds on a parent just removed
+        # (its reference to the parent layer keeps the layer from `rm` from then on).
         parent_is_snapshot = parent is not None and self._get(parent) is not None
-        with self.store.transaction(write=True) as txn:
-            db = self.store.db["snapshots"]
+        with self.store.write() as t:
             if parent_is_snapshot:
-                raw = txn.get(parent.encode(), db=db)
-                now_parent = Info.decode(raw) if raw is not None else None
+                now_parent = _get_in(t, parent)
                 if now_parent is None or now_parent.kind != Kind.COMMITTED \
                         or now_parent.layer != info.parent_layer:
                     raise FailedPrecondition(f"parent {parent!r} changed meanwhile")
-            if not txn.put(key.encode(), info.encode(), db=db, overwrite=False):
+            if parent_layer is not None and not t.layers.has(parent_layer):
+                raise NotFound(f"parent layer {parent_layer.hex()} was removed meanwhile")
+            if not t.snapshots.add(key, info.encode()):
                 raise AlreadyExists(f"cannot create snapshot {key!r}: it already exists")
+            _add_refs(t, info)
         sdir = self.root / info.dir_id
         try:
             drv.create(sdir, parent_layer, readonly=(kind == Kind.VIEW))
@@ -167,37 +180,49 @@ class Snapshotter:
         parent = bytes.fromhex(info.parent_layer) if info.parent_layer else None
         return drv.mounts(self.root / info.dir_id, parent, readonly=(info.kind == Kind.VIEW))
 
-    def commit(self, name: str, key: str, labels: dict[str, str] | None = None,
+    def commit(self, name: str | None, key: str, labels: dict[str, str] | None = None,
                message: str = "", tag: str | None = None) -> bytes:
-        """Store the active snapshot `key` as a layer named `name`; `key` is removed."""
+        """Store the active snapshot `key` as a layer, recorded as the committed snapshot
+        `name` (None: named by the layer's id, in hex; if a committed snapshot of that
+        layer already has that name, it is kept and gets `labels`); `key` is removed.
+        Returns the layer id."""
         info = self.stat(key)
         if info.kind != Kind.ACTIVE:
             raise FailedPrecondition(f"cannot commit snapshot {key!r}: it is a "
                                      f"{info.kind.value} snapshot, not an active one")
-        self._check_key(name)
+        if name is not None:
+            self._check_key(name)
         if tag is not None:
             check_tag(tag)  # before the work (Layers._commit checks it again)
-        existing = self._get(name)
-        if existing is not None and name != key:
+        if name is not None and name != key and self._get(name) is not None:
             raise AlreadyExists(f"cannot commit as {name!r}: a snapshot of that name "
                                 "already exists")
         drv = self._driver(info.driver)
         parent = bytes.fromhex(info.parent_layer) if info.parent_layer else None
         layer_id = drv.commit(self.root / info.dir_id, parent, message=message, tag=tag)
+        final = name if name is not None else layer_id.hex()
         now = time.time()
-        committed = Info(name, Kind.COMMITTED, info.parent, info.parent_layer,
+        committed = Info(final, Kind.COMMITTED, info.parent, info.parent_layer,
                          layer=layer_id.hex(), driver=info.driver,
                          labels={**info.labels, **(labels or {})}, created=now, updated=now)
-        with self.store.transaction(write=True) as txn:
-            db = self.store.db["snapshots"]
-            current = txn.get(key.encode(), db=db)
-            if current is None or Info.decode(current).dir_id != info.dir_id:
+        with self.store.write() as t:
+            current = _get_in(t, key)
+            if current is None or current.dir_id != info.dir_id:
                 raise NotFound(f"snapshot {key!r} was removed or committed meanwhile")
-            if name != key and txn.get(name.encode(), db=db) is not None:
-                raise AlreadyExists(f"cannot commit as {name!r}: a snapshot of that name "
-                                    "already exists")
-            txn.delete(key.encode(), db=db)
-            txn.put(name.encode(), committed.encode(), db=db)
+            if not t.layers.has(layer_id):
+                raise NotFound(f"layer {layer_id.hex()} was removed meanwhile")
+            existing = _get_in(t, final) if final != key else None
+            if existing is not None:
+                if name is not None or existing.kind != Kind.COMMITTED \
+                        or existing.layer != committed.layer:
+                    raise AlreadyExists(f"cannot commit as {final!r}: a snapshot of that name "
+                                        "already exists")
+                existing.labels.update(labels or {})
+                existing.updated = now
+                committed = existing
+            _delete_in(t, current)
+            t.snapshots.put(final, committed.encode())
+            _add_refs(t, committed)
         drv.remove(self.root / info.dir_id)
         return layer_id
 
@@ -207,22 +232,28 @@ class Snapshotter:
         if info.kind == Kind.COMMITTED:
             # committed snapshots have no directory: check and delete in one transaction,
             # so that no prepare on this parent slips in between
-            with self.store.transaction(write=True) as txn:
-                db = self.store.db["snapshots"]
-                for _k, raw in txn.cursor(db=db):
+            with self.store.write() as t:
+                for _k, raw in t.snapshots.items():
                     kid = Info.decode(raw)
                     if kid.parent == key:
                         raise FailedPrecondition(
                             f"cannot remove snapshot {key!r}: it is the parent of "
                             f"{kid.key!r}")
-                txn.delete(key.encode(), db=db)
+                current = _get_in(t, key)
+                if current is not None:
+                    _delete_in(t, current)
             return
         self._discard(info)
 
     def _discard(self, info: Info) -> None:
+        """Remove an active snapshot or view: its record, then its directory (a crash
+        between leaves an orphan directory, which `cleanup` removes)."""
+        with self.store.write() as t:
+            current = _get_in(t, info.key)
+            if current is not None and current.dir_id == info.dir_id:
+                _delete_in(t, current)
         if info.kind != Kind.COMMITTED and info.dir_id:
             self._driver(info.driver).remove(self.root / info.dir_id)
-        self.store.delete("snapshots", info.key.encode())
 
     def usage(self, key: str) -> Usage:
         info = self.stat(key)
@@ -238,43 +269,70 @@ class Snapshotter:
     def collect(self) -> list[str]:
         """containerd's gc rule for committed snapshots: remove those that nothing
         references: no `pylayers.gc.root` label, not the parent of another snapshot,
-        their layer neither tagged nor the parent of another layer. Their layers go too,
-        unless `snapshot` made the same layer (its record says `kept`).
-        Repeats until nothing changes (removing one may free its parent). Returns the
+        their layer neither tagged nor the parent of another layer or snapshot. Their
+        layers go too (asked of `Layers`), unless another snapshot stands on them or
+        `snapshot` made the same layer (its record says `kept`). Repeats until nothing
+        changes (removing one may free its parent), all in one transaction. Returns the
         removed keys."""
         removed: list[str] = []
-        while True:
-            infos = list(self.walk())
-            parents = {i.parent for i in infos if i.parent}
-            parent_layers = {i.parent_layer for i in infos if i.parent_layer}
-            tagged = {lid.hex() for lid in self.layers.tags().values()}
-            layer_kids = {p.hex() for p in self.layers.children()}
-            victims = [i for i in infos if i.kind == Kind.COMMITTED
-                       and GC_ROOT_LABEL not in i.labels and i.key not in parents
-                       and i.layer not in tagged and i.layer not in layer_kids
-                       and i.layer not in parent_layers]
-            if not victims:
-                return removed
-            for info in victims:
-                self.store.delete("snapshots", info.key.encode())
-                others = [i for i in self.walk() if i.layer == info.layer]
-                lid = bytes.fromhex(info.layer)
-                if not others and not self.layers.record(lid).kept:
-                    self.store.delete("layers", lid)
-                removed.append(info.key)
+        with self.store.write() as t:
+            while True:
+                infos = [Info.decode(raw) for _k, raw in t.snapshots.items()]
+                parents = {i.parent for i in infos if i.parent}
+                parent_layers = {i.parent_layer for i in infos if i.parent_layer}
+                victims = [i for i in infos if i.kind == Kind.COMMITTED
+                           and GC_ROOT_LABEL not in i.labels and i.key not in parents
+                           and i.layer not in parent_layers
+                           and self.layers.in_use_in(t, bytes.fromhex(i.layer),
+                                                     owners=(SNAPSHOT_REF,)) is None]
+                if not victims:
+                    return removed
+                for info in victims:
+                    _delete_in(t, info)
+                    self.layers.remove_unused_in(t, bytes.fromhex(info.layer))
+                    removed.append(info.key)
 
-    def protected_layers(self) -> set[bytes]:
-        """Layers gc and rm must keep: parents of active snapshots and views, and
-        committed snapshots (by their layer)."""
-        out = set()
-        for info in self.walk():
-            if info.parent_layer:
-                out.add(bytes.fromhex(info.parent_layer))
-            if info.layer:
-                out.add(bytes.fromhex(info.layer))
-        return out
+    def cleanup(self) -> list[str]:
+        """Remove the directories under STORE/snapshots/ that no snapshot record names
+        (containerd's `Cleanup`): a crash between a record's removal or replacement and
+        its directory's removal leaves one. The directories are listed before the
+        records are read: `prepare` records a snapshot before it makes its directory, so
+        a directory listed then is named by a record read after, or is an orphan.
+        Returns the names removed."""
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+        with self.store.read() as t:
+            named = {Info.decode(raw).dir_id for _k, raw in t.snapshots.items()}
+        removed = []
+        for name in sorted(set(names) - named):
+            path = self.root / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(name)
+        return removed
 
 
-def remove_tree(path: Path) -> None:
-    if path.exists():
-        shutil.rmtree(path)
+def _get_in(t: Tables, key: str) -> Info | None:
+    raw = t.snapshots.get(key)
+    return Info.decode(raw) if raw is not None else None
+
+
+def _layers_of(info: Info) -> set[bytes]:
+    """The layers a snapshot record stands on."""
+    return {bytes.fromhex(h) for h in (info.parent_layer, info.layer) if h}
+
+
+def _add_refs(t: Tables, info: Info) -> None:
+    for lid in _layers_of(info):
+        t.refs.add(lid, SNAPSHOT_REF, info.key.encode())
+
+
+def _delete_in(t: Tables, info: Info) -> None:
+    """Delete the record `info` (as stored) and its references."""
+    t.snapshots.delete(info.key)
+    for lid in _layers_of(info):
+        t.refs.remove(lid, SNAPSHOT_REF, info.key.encode())

@@ -12,7 +12,7 @@ from ..chunking import ChunkerParams
 from ..errors import StoreError
 
 FORMAT_NAME = "pylayers-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # docs/format.md, "Versions"
 CHUNKER_ALGORITHM = "fastcdc-gear64-v1"
 CONFIG_FILE = "config.json"
 
@@ -51,6 +51,12 @@ class StoreConfig:
             raise StoreError(
                 f"{where} has store format version {version}; this pylayers reads "
                 f"version {FORMAT_VERSION} (upgrade pylayers)"
+            )
+        if version < FORMAT_VERSION:
+            raise StoreError(
+                f"{where} has store format version {version}; this pylayers reads "
+                f"version {FORMAT_VERSION} (an earlier pylayers made it: make a new store "
+                "and snapshot again)"
             )
         try:
             ch = doc["chunker"]

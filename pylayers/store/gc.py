@@ -7,9 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import lmdb
-
-from .index import index_error
 from .packs import PackWriter, frame_raw_len, pack_path
 
 if TYPE_CHECKING:
@@ -28,12 +25,11 @@ def sweep(store: Store, live: set[bytes], repack_below: float = 0.5) -> SweepRes
     """Drop every chunk not in `live`, delete packs left empty and rewrite packs
     mostly dead. Call with the store opened exclusive."""
     res = SweepResult()
-    with store.env.begin(write=True, db=store.db["chunks"]) as txn:
-        dead = [bytes(cid) for cid in txn.cursor().iternext(values=False)
-                if bytes(cid) not in live]
+    with store.write() as t:
+        dead = [cid for cid in t.chunks.ids() if cid not in live]
         for cid in dead:
-            txn.delete(cid)
-        txn.drop(store.db["statcache"], delete=False)
+            t.chunks.delete(cid)
+        t.statcache.clear()  # its entries may name chunks just deleted
     res.chunks_removed = len(dead)
     # per pack, per live frame: (frame length, raw bytes of its live chunks)
     used: dict[str, dict[int, list[int]]] = {}
@@ -80,12 +76,9 @@ def _rewrite_pack(store: Store, pack: str) -> int:
         for cid, _ in moving:
             w.add(cid, store.read_chunk(cid))
         written = w.flush()
-        try:
-            with store.env.begin(write=True, db=store.db["chunks"]) as txn:
-                for cid, loc in written:
-                    txn.put(cid, loc.encode())
-        except lmdb.Error as e:
-            raise index_error(store.path, e) from None
+        with store.write() as t:
+            for cid, loc in written:
+                t.chunks.move(cid, loc)
         w.keep(written)
     finally:
         w.close()  # on failure, removes the new pack: the old one is still indexed

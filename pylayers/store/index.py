@@ -1,8 +1,12 @@
 """The index: the store's LMDB environment, its tables and their compaction.
 
 LMDB must not be opened twice by one process, so environments are shared per path in a
-process-wide registry, refcounted. `Index` is one user's handle on it: the tables by
-name, transactions, the page counts and the rewrite that drops free pages.
+process-wide registry, refcounted. `Index` is one user's handle on it: the tables
+(store/tables.py), transactions, the page counts and the rewrite that drops free pages.
+
+A user who may read the store but not write it cannot take a slot in LMDB's reader
+table (index/lock.mdb); the index is then opened read-only without it, and the store
+lock keeps writers from reusing pages under such a reader (docs/format.md, "Locking").
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ import lmdb
 
 from ..errors import StoreError
 from .fsutil import fsync_dir, fsync_file
+from .tables import TABLES, Tables
 
-DB_NAMES = ("meta", "chunks", "layers", "tags", "statcache", "snapshots", "cachekeys")
+DB_NAMES = TABLES
 MAP_SIZE = 1 << 40
 # LMDB never shrinks its file: every commit copies the pages it changes, and the old
 # copies stay in the file as free pages. A process closing the store rewrites the index
@@ -31,7 +36,7 @@ _envs: dict[str, tuple[lmdb.Environment, int]] = {}
 _envs_lock = threading.Lock()
 
 
-def _open_env(path: Path) -> lmdb.Environment:
+def _open_env(path: Path, readonly: bool = False) -> lmdb.Environment:
     # LMDB must not be opened twice by one process: share one Environment per path.
     key = os.path.realpath(path)
     with _envs_lock:
@@ -40,10 +45,17 @@ def _open_env(path: Path) -> lmdb.Environment:
             _envs[key] = (env, n + 1)
             return env
         try:
-            env = lmdb.open(key, map_size=MAP_SIZE, max_dbs=len(DB_NAMES) + 2,
-                            max_readers=1024, subdir=True, meminit=False)
+            if readonly:
+                env = lmdb.open(key, max_dbs=len(DB_NAMES) + 2, subdir=True,
+                                readonly=True, lock=False)
+            else:
+                env = lmdb.open(key, map_size=MAP_SIZE, max_dbs=len(DB_NAMES) + 2,
+                                max_readers=1024, subdir=True, meminit=False)
         except lmdb.Error as e:
             raise StoreError(f"cannot open index {path}: {e}") from None
+        if readonly:
+            _envs[key] = (env, 1)
+            return env
         # Free the reader slots of processes that died holding a read transaction (a
         # snapshot killed mid-way). LMDB resets the table only when no other process has
         # the index open; while such a slot lingers, pages freed after its snapshot are
@@ -94,26 +106,57 @@ def create_index(store_path: Path, format_version: int) -> None:
     env = _open_env(path)
     try:
         with env.begin(write=True) as txn:
-            meta = env.open_db(b"meta", txn=txn)
-            txn.put(b"format_version", str(format_version).encode(), db=meta,
-                    overwrite=False)
-            for name in DB_NAMES:
-                env.open_db(name.encode(), txn=txn)
+            dbs = {name: env.open_db(name.encode(), txn=txn) for name in DB_NAMES}
+            Tables(txn, dbs, True).meta.set_format_version(format_version)
     finally:
         _close_env(path)
 
 
 class Index:
-    """One handle on the index of the store at `store_path`; `close()` releases it."""
+    """One handle on the index of the store at `store_path`; `close()` releases it.
+    `open_tables()` after checking `format_version()`: an index of another version may
+    lack tables, and must not get them."""
 
-    def __init__(self, store_path: Path) -> None:
+    def __init__(self, store_path: Path, readonly: bool = False) -> None:
         self.store_path = store_path
         self.path = store_path / "index"
-        self.env = _open_env(self.path)
-        self.db = {name: self.env.open_db(name.encode()) for name in DB_NAMES}
+        self.readonly = readonly
+        self.env = _open_env(self.path, readonly)
+        self.db: dict = {}
+
+    def _open_dbs(self, names: tuple[str, ...]) -> dict:
+        """Handles on existing tables, opened in one transaction. py-lmdb keeps a handle
+        only when it is opened in a write transaction (or the environment is
+        read-only): one write transaction, which writes nothing, instead of one per
+        table."""
+        if self.readonly:
+            return {n: self.env.open_db(n.encode(), create=False) for n in names}
+        with self.env.begin(write=True) as txn:
+            return {n: self.env.open_db(n.encode(), txn=txn, create=False) for n in names}
+
+    def format_version(self) -> bytes | None:
+        try:
+            meta = self._open_dbs(("meta",))["meta"]
+        except lmdb.Error:
+            return None
+        with self.env.begin(db=meta) as txn:
+            return txn.get(b"format_version")
+
+    def open_tables(self) -> None:
+        try:
+            self.db = self._open_dbs(DB_NAMES)
+        except lmdb.Error as e:
+            raise StoreError(f"{self.store_path}: the index is missing a table ({e})") from None
 
     def close(self) -> None:
         _close_env(self.path)
+
+    def begin(self, write: bool = False) -> tuple[lmdb.Transaction, Tables]:
+        txn = self.env.begin(write=write)
+        return txn, Tables(txn, self.db, write)
+
+    def max_key_size(self) -> int:
+        return self.env.max_key_size()
 
     # -- compaction ------------------------------------------------------------------
     def pages(self) -> tuple[int, int, int]:
@@ -192,7 +235,7 @@ class Index:
                 fsync_dir(index)
             finally:
                 self.env = _open_env(index)
-                self.db = {n: self.env.open_db(n.encode()) for n in DB_NAMES}
+                self.open_tables()
         except lmdb.Error as e:
             raise index_error(self.store_path, e) from None
         finally:

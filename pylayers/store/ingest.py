@@ -17,15 +17,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import blake3
-import lmdb
 
 from ..chunking import Chunker, ChunkerParams, cut_points
 from ..errors import StoreError
-from .index import index_error
 from .packs import PackWriter
 
 if TYPE_CHECKING:
     from .repository import Store
+    from .tables import Tables
 
 BLOCK = 4 << 20  # bytes read from a file at a time
 CHUNK_REF = struct.Struct("<32sI")  # a packed chunk list's item: chunk id, length
@@ -175,8 +174,9 @@ class ChunkWriter:
     """Adds chunks to the store for one writing job (a snapshot, an import).
 
     `put` returns whether the chunk was new. Nothing is visible to other processes until
-    `commit`, which makes the data durable first and then indexes it in one LMDB
-    transaction, together with whatever `extra(txn)` writes (a layer record, a tag).
+    `commit`, which makes the data durable first and then indexes it in one write
+    transaction, together with whatever `extra(tables)` writes there (a layer record, a
+    tag) after checking what it needs to (a parent that must still exist).
     """
 
     def __init__(self, store: Store) -> None:
@@ -186,10 +186,13 @@ class ChunkWriter:
         self._uncommitted = 0
         self.new_chunks = 0
         self.new_bytes = 0
-        self._txn = store.env.begin(db=store.db["chunks"])
+        self._begin_read()
+
+    def _begin_read(self) -> None:
+        self._txn, self._tables = self.store._index.begin()
 
     def has(self, cid: bytes) -> bool:
-        return cid in self._pending or self._txn.get(cid) is not None
+        return cid in self._pending or self._tables.chunks.has(cid)
 
     def put(self, cid: bytes, data) -> bool:
         if self.has(cid):
@@ -203,25 +206,23 @@ class ChunkWriter:
             self.commit()
         return True
 
-    def commit(self, extra=None) -> None:
+    def commit(self, extra: Callable[[Tables], None] | None = None) -> None:
         written = self.pack.flush()
         self._txn.abort()
         try:
-            with self.store.env.begin(write=True) as txn:
-                chunks = self.store.db["chunks"]
+            with self.store.write() as t:
                 for cid, loc in written:
-                    txn.put(cid, loc.encode(), db=chunks, overwrite=False)
+                    t.chunks.add(cid, loc)
                 if extra is not None:
-                    extra(txn)
-        except lmdb.MapFullError:
-            raise StoreError("the store index is full") from None
-        except lmdb.Error as e:
-            raise index_error(self.store.path, e) from None
+                    extra(t)
+        except BaseException:
+            self._begin_read()
+            raise
         # The index points at these now; anything else this writer wrote is dead data
         # that close() removes.
         self.pack.keep(written)
         self._uncommitted = 0
-        self._txn = self.store.env.begin(db=self.store.db["chunks"])
+        self._begin_read()
         # Chunks committed by this writer are now in the index, seen by the new txn.
         self._pending.clear()
 

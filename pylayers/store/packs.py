@@ -66,21 +66,60 @@ class Location:
         return cls(pack.hex(), offset, frame_len, start, length)
 
 
+# One zstd compressor and one decompressor per thread (a context is reusable but not
+# thread-safe), as restic keeps one encoder and decoder per repository.
+_zstd = threading.local()
+
+
+def _compressor(level: int):
+    cctx = getattr(_zstd, "cctx", None)
+    if cctx is None or _zstd.level != level:
+        import zstandard  # here, not at the top: commands that store nothing new skip it
+
+        cctx = _zstd.cctx = zstandard.ZstdCompressor(level=level)
+        _zstd.level = level
+    return cctx
+
+
+def _decompressor():
+    dctx = getattr(_zstd, "dctx", None)
+    if dctx is None:
+        import zstandard
+
+        dctx = _zstd.dctx = zstandard.ZstdDecompressor()
+    return dctx
+
+
 def encode_frame(chunks: list[tuple[bytes, bytes]], level: int) -> bytes:
-    """One frame: header, table of (id, length), payload (zstd, or raw if that is smaller)."""
+    """One frame: header, table of (id, length), payload (zstd, or raw if that is
+    smaller); verified (`verify_frame`) before it is returned to be written."""
     raw = b"".join(data for _, data in chunks)
     codec, payload = CODEC_RAW, raw
     if level > 0 and raw:
-        import zstandard  # here, not at the top: commands that store nothing new skip it
-
-        packed = zstandard.ZstdCompressor(level=level).compress(raw)
+        packed = _compressor(level).compress(raw)
         if len(packed) < len(raw) * (1 - MIN_SAVING):
             codec, payload = CODEC_ZSTD, packed
     table = b"".join(TABLE_ENTRY.pack(cid, len(data)) for cid, data in chunks)
     head = FRAME_HEADER.pack(FRAME_MAGIC, codec, len(chunks), len(raw), len(payload), 0)
     crc = zlib.crc32(head[:-4] + table)
     head = head[:-4] + struct.pack("<I", crc)
-    return head + table + payload
+    frame = head + table + payload
+    verify_frame(frame, raw)
+    return frame
+
+
+def verify_frame(frame: bytes, raw: bytes) -> None:
+    """Parse and decompress a frame just encoded, and compare it with the bytes it must
+    hold (restic's verifyCiphertext): a compressor or memory fault must be caught while
+    the source is still at hand, not by a later read or fsck. StoreError if not."""
+    try:
+        got = decode_frame(frame, 0, "a frame just encoded").raw()
+    except CorruptData as e:
+        raise StoreError(f"a frame just encoded does not decode ({e}); "
+                         "nothing was stored") from None
+    if got != raw:
+        raise StoreError("a frame just encoded does not decompress to the data it was made "
+                         "of; nothing was stored")
 
 
 @dataclass
@@ -99,9 +138,7 @@ class Frame:
             import zstandard
 
             try:
-                raw = zstandard.ZstdDecompressor().decompress(
-                    self.payload, max_output_size=self.raw_len
-                )
+                raw = _decompressor().decompress(self.payload, max_output_size=self.raw_len)
             except zstandard.ZstdError as e:
                 raise CorruptData(
                     f"frame at offset {self.offset}: cannot decompress: {e}") from None

@@ -6,26 +6,39 @@ the chunks it needs. Concurrency: LMDB serialises writers; every process writes 
 own packs; `gc` holds the store lock exclusively while readers and writers hold it
 shared, so gc never deletes what a running snapshot is about to reference.
 
-The jobs on a store live beside it: `index` (LMDB), `ingest` (adding chunks), `gc`
-(sweep and repack), `check` (verifying chunks).
+The jobs on a store live beside it: `index` (LMDB), `tables` (one accessor per
+table), `ingest` (adding chunks), `gc` (sweep and repack), `check` (verifying chunks).
+Above `store/`, the index is reached only through `Store.read()` and `Store.write()`.
+
+Locking (docs/format.md, "Locking"): every process holds the store lock (`lock`,
+flock) shared, gc holds it exclusive. A user who can read the store but not write it
+opens the index without LMDB's reader table; around each of its read transactions it
+holds a read lock on byte 0 of `lock` (an open-file-description lock), and every write
+transaction of a writer holds a write lock on that byte, so no page is reused under it.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import struct
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import lmdb
 
-from ..errors import CorruptData, StoreError
+from ..errors import AlreadyExists, CorruptData, StoreError
 from .config import CONFIG_FILE, FORMAT_VERSION, StoreConfig
 from .fsutil import write_atomically
-from .index import Index, create_index
+from .index import Index, create_index, index_error
 from .ingest import ChunkWriter, chunk_id
 from .packs import Location, PackReader
+from .tables import Tables
+
+_READONLY_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def default_store_path() -> Path:
@@ -49,14 +62,88 @@ class Store:
         self._exclusive = exclusive
         self.packs_root = path / "packs"
         self.reader = PackReader(self.packs_root)
+        self._write_lock = threading.Lock()
+        self._readers = 0  # read transactions open (read-only mode: holding byte 0)
+        self._readers_lock = threading.Lock()
 
     @property
-    def env(self) -> lmdb.Environment:
-        return self._index.env
+    def exclusive(self) -> bool:
+        """Opened holding the store lock exclusively (gc)."""
+        return self._exclusive
 
     @property
-    def db(self) -> dict:
-        return self._index.db
+    def readonly(self) -> bool:
+        """Opened by a user who may read the store but not write it."""
+        return self._index.readonly
+
+    # -- transactions ------------------------------------------------------------
+    @contextmanager
+    def read(self) -> Iterator[Tables]:
+        """A read transaction: a consistent view of every table."""
+        self._reading(True)
+        try:
+            txn, tables = self._index.begin()
+            try:
+                yield tables
+            finally:
+                txn.abort()
+        finally:
+            self._reading(False)
+
+    @contextmanager
+    def write(self) -> Iterator[Tables]:
+        """A write transaction, committed when the block ends without an exception
+        (then aborted). LMDB runs one at a time; failures are one-line StoreErrors."""
+        self._check_writable()
+        with self._write_lock:
+            self._byte_lock(fcntl.F_WRLCK)
+            try:
+                try:
+                    txn, tables = self._index.begin(write=True)
+                except lmdb.Error as e:
+                    raise index_error(self.path, e) from None
+                try:
+                    yield tables
+                    txn.commit()
+                except lmdb.MapFullError:
+                    txn.abort()
+                    raise StoreError("the store index is full") from None
+                except lmdb.Error as e:
+                    txn.abort()
+                    raise index_error(self.path, e) from None
+                except BaseException:
+                    txn.abort()
+                    raise
+            finally:
+                self._byte_lock(fcntl.F_UNLCK)
+
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise StoreError(f"cannot write to the store at {self.path}: permission denied "
+                             "(this user may only read it)")
+
+    def _reading(self, start: bool) -> None:
+        if not self.readonly:
+            return
+        with self._readers_lock:
+            if start:
+                if self._readers == 0:
+                    self._byte_lock(fcntl.F_RDLCK)
+                self._readers += 1
+            else:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._byte_lock(fcntl.F_UNLCK)
+
+    def _byte_lock(self, kind: int) -> None:
+        """An open-file-description lock on byte 0 of the lock file (see the module's
+        docstring): independent of the flock on the whole file."""
+        arg = struct.pack("hhqqi4x", kind, os.SEEK_SET, 0, 1, 0)
+        fcntl.fcntl(self._lock_fd, fcntl.F_OFD_SETLKW, arg)
+
+    def max_key_size(self) -> int:
+        """The longest key any table can hold, in bytes."""
+        return self._index.max_key_size()
 
     # -- opening ---------------------------------------------------------------
     @classmethod
@@ -80,27 +167,48 @@ class Store:
             config = StoreConfig.decode(cfg_path.read_bytes(), path)
         except OSError as e:
             raise StoreError(f"cannot read {cfg_path}: {e.strerror}") from None
-        lock_fd = cls._lock(path, exclusive, on_wait)
+        lock_fd, readonly = cls._lock(path, exclusive, on_wait)
         try:
-            index = Index(path)
+            index = Index(path, readonly)
         except BaseException:
             os.close(lock_fd)
             raise
-        store = cls(path, config, index, lock_fd, exclusive)
-        with store.env.begin(db=store.db["meta"]) as txn:
-            raw = txn.get(b"format_version")
         try:
-            version = int(raw) if raw is not None else None
-        except ValueError:
-            version = None
-        if version is None or not 1 <= version <= FORMAT_VERSION:
-            store.close()
-            shown = version if version is not None else (raw or b"none").decode(errors="replace")
-            raise StoreError(f"{path}: index has format version {shown}; this pylayers "
-                             f"reads version {FORMAT_VERSION}"
-                             + (" (upgrade pylayers)" if version is not None and
-                                version > FORMAT_VERSION else ""))
-        return store
+            raw = index.format_version()
+            try:
+                version = int(raw) if raw is not None else None
+            except ValueError:
+                version = None
+            if version != FORMAT_VERSION:
+                shown = version if version is not None else \
+                    (raw or b"none").decode(errors="replace")
+                hint = ""
+                if version is not None and version > FORMAT_VERSION:
+                    hint = " (upgrade pylayers)"
+                elif version is not None and 1 <= version < FORMAT_VERSION:
+                    hint = " (an earlier pylayers made it: make a new store and snapshot again)"
+                raise StoreError(f"{path}: index has format version {shown}; this pylayers "
+                                 f"reads version {FORMAT_VERSION}{hint}")
+            index.open_tables()
+        except BaseException:
+            index.close()
+            os.close(lock_fd)
+            raise
+        return cls(path, config, index, lock_fd, exclusive)
+
+    @classmethod
+    def init(cls, path: str | os.PathLike | None = None,
+             config: StoreConfig | None = None) -> None:
+        """Create a store at `path`; AlreadyExists if there is one."""
+        path = Path(path) if path is not None else default_store_path()
+        if path.exists() and not path.is_dir():
+            raise StoreError(f"{path} is not a directory")
+        if (path / CONFIG_FILE).exists():
+            raise AlreadyExists(f"a store exists at {path}")
+        if path.is_dir() and not cls._empty_or_initialising(path):
+            raise StoreError(f"{path} is not a pylayers store (no {CONFIG_FILE})")
+        if not cls._init(path, config or StoreConfig()):
+            raise AlreadyExists(f"a store exists at {path}")
 
     @staticmethod
     def _empty_or_initialising(path: Path) -> bool:
@@ -125,10 +233,11 @@ class Store:
         return True
 
     @classmethod
-    def _init(cls, path: Path, config: StoreConfig) -> None:
-        """Create the store. Several processes may try at once (the first use of a store
-        path by concurrent commands): they serialise on the lock file, and whoever comes
-        second finds config.json written and keeps it."""
+    def _init(cls, path: Path, config: StoreConfig) -> bool:
+        """Create the store; False if another process did first. Several processes may
+        try at once (the first use of a store path by concurrent commands): they
+        serialise on the lock file, and whoever comes second finds config.json written
+        and keeps it."""
         try:
             path.mkdir(parents=True, exist_ok=True)
             fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -137,24 +246,39 @@ class Store:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             if (path / CONFIG_FILE).exists():
-                return
+                return False
             if not cls._empty_or_initialising(path):
                 raise StoreError(f"{path} is not a pylayers store (no {CONFIG_FILE})")
             (path / "packs").mkdir(exist_ok=True)
             create_index(path, FORMAT_VERSION)
             # config.json last: a store without it is not yet a store.
             write_atomically(path / CONFIG_FILE, config.encode())
+            return True
         except OSError as e:
             raise StoreError(f"cannot create store at {path}: {e.strerror or e}") from None
         finally:
             os.close(fd)
 
     @staticmethod
-    def _lock(path: Path, exclusive: bool, on_wait: Callable[[], None] | None) -> int:
+    def _lock(path: Path, exclusive: bool,
+              on_wait: Callable[[], None] | None) -> tuple[int, bool]:
+        """(the lock file's descriptor, holding the store lock; whether this user may
+        only read the store: it cannot write the lock file or LMDB's lock file)."""
+        lock = path / "lock"
+        readonly = False
         try:
-            fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as e:
-            raise StoreError(f"cannot open {path / 'lock'}: {e.strerror}") from None
+            if e.errno not in _READONLY_ERRNOS or exclusive:
+                raise StoreError(f"cannot open {lock}: {e.strerror}") from None
+            try:
+                fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e2:
+                raise StoreError(f"cannot open {lock}: {e2.strerror}") from None
+            readonly = True
+        if not readonly and not os.access(path / "index" / "lock.mdb", os.W_OK) \
+                and (path / "index" / "lock.mdb").exists():
+            readonly = True
         mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
         try:
             fcntl.flock(fd, mode | fcntl.LOCK_NB)
@@ -162,7 +286,7 @@ class Store:
             if on_wait is not None:
                 on_wait()
             fcntl.flock(fd, mode)
-        return fd
+        return fd, readonly
 
     def close(self) -> None:
         """Close the store; first rewrite the index if it is mostly free pages and no
@@ -171,7 +295,7 @@ class Store:
             return
         self.reader.close()
         try:
-            compact = self._index.compaction_due()
+            compact = not self.readonly and self._index.compaction_due()
             if compact and self._exclusive:
                 self.compact_index()
                 compact = False
@@ -196,6 +320,7 @@ class Store:
         except StoreError:
             return
         try:
+            index.open_tables()
             index.compact()
         except (OSError, lmdb.Error, StoreError):
             pass
@@ -210,13 +335,12 @@ class Store:
 
     # -- chunks ------------------------------------------------------------------
     def location(self, cid: bytes) -> Location | None:
-        with self.env.begin(db=self.db["chunks"]) as t:
-            raw = t.get(cid)
-        return Location.decode(raw) if raw is not None else None
+        with self.read() as t:
+            return t.chunks.get(cid)
 
     def has_chunk(self, cid: bytes) -> bool:
-        with self.env.begin(db=self.db["chunks"]) as txn:
-            return txn.get(cid) is not None
+        with self.read() as t:
+            return t.chunks.has(cid)
 
     def read_chunk(self, cid: bytes) -> bytes:
         """The chunk's bytes, verified against its id."""
@@ -230,38 +354,16 @@ class Store:
         return data
 
     def writer(self) -> ChunkWriter:
+        self._check_writable()
         return ChunkWriter(self)
 
     def chunk_count(self) -> int:
-        with self.env.begin() as txn:
-            return txn.stat(self.db["chunks"])["entries"]
+        with self.read() as t:
+            return t.chunks.count()
 
     def iter_chunk_locations(self) -> Iterator[tuple[bytes, Location]]:
-        with self.env.begin(db=self.db["chunks"]) as txn:
-            for cid, raw in txn.cursor():
-                yield bytes(cid), Location.decode(raw)
-
-    # -- small key/value tables ----------------------------------------------------
-    def get(self, table: str, key: bytes) -> bytes | None:
-        with self.env.begin(db=self.db[table]) as txn:
-            return txn.get(key)
-
-    def put(self, table: str, key: bytes, value: bytes) -> None:
-        with self.env.begin(write=True, db=self.db[table]) as txn:
-            txn.put(key, value)
-
-    def delete(self, table: str, key: bytes) -> bool:
-        with self.env.begin(write=True, db=self.db[table]) as txn:
-            return txn.delete(key)
-
-    def items(self, table: str) -> list[tuple[bytes, bytes]]:
-        with self.env.begin(db=self.db[table]) as txn:
-            return [(bytes(k), bytes(v)) for k, v in txn.cursor()]
-
-    @contextmanager
-    def transaction(self, write: bool = False) -> Iterator[lmdb.Transaction]:
-        with self.env.begin(write=write) as txn:
-            yield txn
+        with self.read() as t:
+            yield from t.chunks.items()
 
     # -- maintenance ---------------------------------------------------------------
     def pack_files(self) -> list[Path]:

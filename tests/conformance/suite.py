@@ -1405,10 +1405,17 @@ CRASH_SCRIPT = SCRIPT_PRELUDE + textwrap.dedent("""
     if phase == "commit":
         subprocess.run(["umount", target], check=True)
         # die after the layer is stored but before the snapshot records change
-        def die(*a, **k):
-            import os, signal
-            os.kill(os.getpid(), signal.SIGKILL)
-        s.transaction = die
+        real_driver = snaps._driver
+        def driver(name):
+            d = real_driver(name)
+            real_commit = d.commit
+            def commit(*a, **k):
+                import os, signal
+                real_commit(*a, **k)
+                os.kill(os.getpid(), signal.SIGKILL)
+            d.commit = commit
+            return d
+        snaps._driver = driver
         snaps.commit("never-recorded", key)
     print("ready", flush=True)
     time.sleep(60)
