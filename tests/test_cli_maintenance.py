@@ -91,7 +91,7 @@ def test_library_gc_and_cli_gc_do_the_same(tmp_path: Path) -> None:
     after_a, after_b = _state(a), _state(b)
     assert after_a == after_b
     assert len(after_a["chunks"]) < len(before["chunks"])
-    assert after_a["snapshots"] == [b"rooted"]
+    assert after_a["snapshots"] == ["rooted"]
     assert after_a["cachekeys"] == 0
     # what is left is whole
     for store in (a, b):
@@ -115,7 +115,7 @@ def test_library_gc_refuses_a_shared_store(tmp_path: Path) -> None:
     with Store.open(store) as st, pytest.raises(pylayers.FailedPrecondition,
                                                 match="exclusive"):
         pylayers.gc(st)
-    assert _state(store)["snapshots"] == [b"rooted", b"step"]
+    assert _state(store)["snapshots"] == ["rooted", "step"]
 
 
 def test_library_du_and_cli_du_agree(tmp_path: Path) -> None:
