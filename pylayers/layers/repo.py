@@ -386,6 +386,16 @@ class Layers:
                 raise NotFound(f"layer {layer_id.hex()} not found")
             t.tags.put(name, layer_id)
 
+    @staticmethod
+    def set_tag_in(t: Tables, name: str, layer_id: bytes | None) -> None:
+        """In the transaction `t`, point the tag `name` at `layer_id`, or delete it
+        (None); for undoing a tag a failed job wrote."""
+        if layer_id is None:
+            t.tags.delete(name)
+        else:
+            check_tag(name)
+            t.tags.put(name, layer_id)
+
     def children(self) -> dict[bytes, list[bytes]]:
         """Each layer that has children, and its children."""
         out: dict[bytes, list[bytes]] = {}

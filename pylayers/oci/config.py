@@ -2,11 +2,10 @@
 kept beside an image's top layer, and made or updated on export.
 
 Where it is kept (docs/format.md, "Image configs"): the config's exact bytes, in the
-index's `meta` table under `b"oci-config:" + top layer id`. They are small (a few KB)
+index's `image_configs` table under the top layer's id. They are small (a few KB)
 and inline, so gc (which keeps chunks only for layers' manifests and files) cannot
-take them away. This uses the store's public key/value calls until the store has a
-table of its own for such records; removing the layer leaves the record behind (a
-few KB) and the next import of the same top layer replaces it.
+take them away; removing the layer leaves the record behind (a few KB) and the next
+import of the same top layer replaces it.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import platform
 from ..errors import CorruptData
 from ..store import Store
 
-KEY = b"oci-config:"
 MAX_JSON = 4 << 20  # bytes of an index, manifest or config read into memory
 
 GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386",
@@ -25,15 +23,18 @@ GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386",
 
 
 def save(store: Store, layer_id: bytes, config: bytes) -> None:
-    store.put("meta", KEY + layer_id, config)
+    with store.write() as t:
+        t.image_configs.put(layer_id, config)
 
 
 def load(store: Store, layer_id: bytes) -> bytes | None:
-    return store.get("meta", KEY + layer_id)
+    with store.read() as t:
+        return t.image_configs.get(layer_id)
 
 
 def forget(store: Store, layer_id: bytes) -> None:
-    store.delete("meta", KEY + layer_id)
+    with store.write() as t:
+        t.image_configs.delete(layer_id)
 
 
 def parse(data: bytes, what: str = "image config") -> dict:

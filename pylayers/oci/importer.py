@@ -98,7 +98,7 @@ class _Importer:
                message: str, config: bytes | None) -> list[bytes]:
         store = self.layers.store
         made: list[bytes] = []
-        old_tag = store.get("tags", tag.encode()) if tag is not None else None
+        old_tag = self.layers.tags().get(tag) if tag is not None else None
         ids = []
         try:
             for i, r in enumerate(reads):
@@ -116,13 +116,11 @@ class _Importer:
             if config is not None:
                 image_config.save(store, ids[-1], config)
         except BaseException:
-            if tag is not None:
-                if old_tag is None:
-                    store.delete("tags", tag.encode())
-                else:
-                    store.put("tags", tag.encode(), old_tag)
-            for lid in reversed(made):
-                store.delete("layers", lid)
+            with store.write() as t:  # undo: the tag as it was, the layers made
+                if tag is not None:
+                    self.layers.set_tag_in(t, tag, old_tag)
+                for lid in reversed(made):
+                    self.layers.remove_unused_in(t, lid)
             raise
         return ids
 

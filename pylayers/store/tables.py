@@ -19,7 +19,7 @@ import lmdb
 from .packs import Location
 
 TABLES = ("meta", "chunks", "layers", "tags", "statcache", "fingerprints", "snapshots",
-          "cachekeys", "refs")
+          "cachekeys", "refs", "image_configs")
 ID_LEN = 32  # chunk ids, layer ids, build cache keys: BLAKE3-256 digests
 
 
@@ -278,12 +278,26 @@ class RefTable(_Table):
             yield k[:ID_LEN], owner.decode(errors="replace"), key
 
 
+class ImageConfigTable(_Table):
+    """`image_configs`: top layer id -> an imported image's config, its exact bytes
+    (encoded and read by oci/config.py)."""
+
+    def get(self, layer_id: bytes) -> bytes | None:
+        return self._get(layer_id)
+
+    def put(self, layer_id: bytes, config: bytes) -> None:
+        self._txn.put(layer_id, config, db=self._db)
+
+    def delete(self, layer_id: bytes) -> bool:
+        return self._txn.delete(layer_id, db=self._db)
+
+
 class Tables:
     """One LMDB transaction, and an accessor per table on it. Obtained only from
     `Store.read()` / `Store.write()`; valid inside that `with` block."""
 
     __slots__ = ("writable", "meta", "chunks", "layers", "tags", "statcache",
-                 "fingerprints", "snapshots", "cachekeys", "refs")
+                 "fingerprints", "snapshots", "cachekeys", "refs", "image_configs")
 
     def __init__(self, txn: lmdb.Transaction, dbs: dict, writable: bool) -> None:
         self.writable = writable
@@ -296,3 +310,4 @@ class Tables:
         self.snapshots = SnapshotTable(txn, dbs["snapshots"])
         self.cachekeys = CacheKeyTable(txn, dbs["cachekeys"])
         self.refs = RefTable(txn, dbs["refs"])
+        self.image_configs = ImageConfigTable(txn, dbs["image_configs"])
