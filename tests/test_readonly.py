@@ -167,3 +167,38 @@ def test_readers_beside_a_writer(root_store, world: Path) -> None:
             writer.kill()
     ok(run(store, "fsck", nobody=False))
     ok(run(store, "fsck"))
+
+
+def test_a_reader_opened_before_the_index_grew_past_its_first_map(root_store,
+                                                                  world: Path) -> None:
+    """The read-only open maps as much as writers do: a reader opened while the index
+    was small still reads after a writer grew it by tens of MB (LMDB would otherwise
+    refuse its next transaction with MDB_MAP_RESIZED)."""
+    store, _src = root_store
+    reader = subprocess.Popen([*AS_NOBODY, sys.executable, "-c", """
+import sys
+from pylayers import Store
+s = Store.open(sys.argv[1], create=False)
+assert s.readonly
+print("open", flush=True)
+sys.stdin.readline()
+with s.read() as t:
+    print(t.statcache.count(), flush=True)
+""", str(store)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, cwd=world)
+    try:
+        assert reader.stdout.readline() == "open\n", reader.stderr.read()
+        grow = subprocess.run([sys.executable, "-c", """
+import os, sys
+from pylayers import Store
+with Store.open(sys.argv[1], create=False) as s, s.write() as t:
+    for i in range(3000):
+        t.statcache.put(i.to_bytes(16, "little"), os.urandom(10000))
+""", str(store)], capture_output=True, text=True, cwd=world, timeout=120)
+        assert grow.returncode == 0, grow.stderr
+        assert (store / "index" / "data.mdb").stat().st_size > 20 << 20
+        out, err = reader.communicate("\n", timeout=60)
+        assert reader.returncode == 0 and int(out) >= 3000, err
+    finally:
+        if reader.poll() is None:
+            reader.kill()

@@ -31,6 +31,7 @@ from pylayers.mounts import Snapshotter
 from pylayers.mounts.snapshotter import Kind
 from pylayers.store import packs
 from pylayers.store.repository import Store
+from pylayers.store.tables import TABLES
 
 CLI = [sys.executable, "-m", "pylayers"]
 PACKAGE = Path(pylayers.__file__).parent
@@ -76,6 +77,13 @@ def test_nothing_above_the_store_touches_lmdb() -> None:
             if isinstance(node, ast.Attribute) and node.attr in (
                     "env", "db", "_index", "_txn", "transaction", "begin"):
                 offenders.append(f"{path.name}:{node.lineno}: .{node.attr}")
+            # a generic key/value call on a store naming a table: store.get("tags", ...)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                    and "store" in ast.unparse(node.func.value).lower() \
+                    and node.args and isinstance(node.args[0], ast.Constant) \
+                    and node.args[0].value in TABLES:
+                offenders.append(f"{path.name}:{node.lineno}: table {node.args[0].value!r} "
+                                 "named by string")
     assert offenders == []
 
 

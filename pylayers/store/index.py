@@ -46,8 +46,9 @@ def _open_env(path: Path, readonly: bool = False) -> lmdb.Environment:
             return env
         try:
             if readonly:
-                env = lmdb.open(key, max_dbs=len(DB_NAMES) + 2, subdir=True,
-                                readonly=True, lock=False)
+                # the writers' map size: the index may grow while this reader has it
+                env = lmdb.open(key, map_size=MAP_SIZE, max_dbs=len(DB_NAMES) + 2,
+                                subdir=True, readonly=True, lock=False)
             else:
                 env = lmdb.open(key, map_size=MAP_SIZE, max_dbs=len(DB_NAMES) + 2,
                                 max_readers=1024, subdir=True, meminit=False)
