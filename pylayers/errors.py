@@ -2,6 +2,24 @@
 
 Code elsewhere raises these and never prints; only the CLI's top level catches them.
 Tests check the kind, not the text.
+
+Exit codes of the `pylayers` command (README, "Exit codes"):
+
+    0    success
+    1    error: anything not below (PylayersError, an I/O error outside the store, an
+         internal error); also `fsck` found damage, `snapshot --allow-changing`
+         stored a changing file
+    2    usage: a malformed command line, option value, tag name or REF (UsageError)
+    3    not found: a layer, tag, path or snapshot (NotFound)
+    4    already exists (AlreadyExists)
+    5    the state forbids it: a layer with children, a mounted snapshot, a file
+         that kept changing (FailedPrecondition)
+    6    an argument names something that cannot be used: not a directory, an
+         unreadable file, an ambiguous or too short id prefix (InvalidArgument)
+    7    the store cannot be used: no store, a foreign directory, a newer format, a
+         full disk under the store (StoreError)
+    8    stored data is damaged or unsafe (CorruptData, UnsafePath)
+    130  interrupted
 """
 
 from __future__ import annotations
@@ -21,26 +39,35 @@ class PylayersError(Exception):
     exit_code = 1
 
 
-class UsageError(PylayersError):
-    """The command line or an argument is malformed."""
-
-    exit_code = 2
-
-
 class InvalidArgument(PylayersError):
     """An argument names something that cannot be used (not a directory, bad sizes...)."""
+
+    exit_code = 6
+
+
+class UsageError(InvalidArgument):
+    """The command line or an argument is malformed (a tag name, a REF's syntax): an
+    invalid argument that no state of the store could make valid."""
+
+    exit_code = 2
 
 
 class NotFound(PylayersError):
     """A layer, tag, path or snapshot does not exist."""
 
+    exit_code = 3
+
 
 class AlreadyExists(PylayersError):
     """The thing to create exists already."""
 
+    exit_code = 4
+
 
 class FailedPrecondition(PylayersError):
     """The request is well formed but the state forbids it (layer has children...)."""
+
+    exit_code = 5
 
 
 class SourceChanged(FailedPrecondition):
@@ -54,9 +81,13 @@ class SourceChanged(FailedPrecondition):
 class StoreError(PylayersError):
     """The store cannot be opened: foreign directory, unknown format version, locked."""
 
+    exit_code = 7
+
 
 class CorruptData(PylayersError):
     """Stored data does not match its id, or a structure fails to decode."""
+
+    exit_code = 8
 
 
 class UnsafePath(CorruptData):

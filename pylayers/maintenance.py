@@ -170,24 +170,30 @@ def fsck(store: Store, *, progress: StageProgress | None = None) -> FsckResult:
 class DiskUsage:
     """Where a store's bytes are.
 
-    `logical_bytes`: the file content all layers' own entries hold (what a tar of
-    each layer's diff would hold, uncompressed). `stored_bytes`: every byte the store
-    directory occupies on disk, of which `pack_bytes` are chunk data (compressed,
-    deduplicated), `index_bytes` the LMDB index (whose size is mostly fixed costs on a
-    small store), `cache_bytes` the drivers' caches (rebuilt on demand), and the rest
-    (snapshot directories, config, lock) `other_bytes`. `dedup_ratio` is logical over
-    pack bytes: what dedup and compression did to the data, without the index's fixed
-    overhead that would make a tiny store look worse than no store at all."""
+    `logical_bytes`: the file content all layers' own entries hold (what a tar of each
+    layer's diff would hold, uncompressed). `data_bytes`: the distinct file chunks that
+    content needs, uncompressed; `manifest_bytes`: the distinct manifest chunks
+    (metadata). `stored_bytes`: every byte the store directory occupies on disk, of
+    which `pack_bytes` are chunks (compressed), `index_bytes` the LMDB index (mostly
+    fixed costs on a small store), `cache_bytes` the drivers' caches (rebuilt on
+    demand), and `other_bytes` the rest (snapshot directories, config, lock).
+
+    `dedup_ratio` = logical / data bytes: what dedup did to file content alone, so a
+    tiny store, whose manifests and index outweigh its files, does not show a ratio
+    below 1. `compression_ratio` = (data + manifest bytes) / pack bytes."""
 
     layers: int
     chunks: int
     logical_bytes: int
+    data_bytes: int
+    manifest_bytes: int
     stored_bytes: int
     pack_bytes: int
     index_bytes: int
     cache_bytes: int
     other_bytes: int
     dedup_ratio: float
+    compression_ratio: float
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -216,14 +222,23 @@ def du(store: Store) -> DiskUsage:
         except FileNotFoundError:
             continue
         packs += min(st.st_size, st.st_blocks * 512)
+    layers = Layers(store)
+    manifests: dict[bytes, int] = {}
+    for lid in layers.all_ids():
+        manifests.update(layers.record(lid).manifest)
+    raw = sum(loc.length for _cid, loc in store.iter_chunk_locations())
+    manifest = sum(manifests.values())
+    data = max(0, raw - manifest)
     index = _bytes_under(store.path / "index")
-    cache = driver_cache_bytes(Layers(store))
+    cache = driver_cache_bytes(layers)
     logical = usage["logical_bytes"]
     return DiskUsage(
         layers=usage["layers"], chunks=usage["chunks"], logical_bytes=logical,
-        stored_bytes=stored, pack_bytes=packs, index_bytes=index, cache_bytes=cache,
+        data_bytes=data, manifest_bytes=manifest, stored_bytes=stored, pack_bytes=packs,
+        index_bytes=index, cache_bytes=cache,
         other_bytes=max(0, stored - packs - index - cache),
-        dedup_ratio=round(logical / packs, 3) if packs else 0.0)
+        dedup_ratio=round(logical / data, 3) if data else 0.0,
+        compression_ratio=round(raw / packs, 3) if packs else 0.0)
 
 
 __all__ = ["DiskUsage", "FsckResult", "GcResult", "StageProgress", "du", "fsck", "gc"]

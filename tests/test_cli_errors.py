@@ -39,7 +39,7 @@ from pylayers.layers.manifest import (  # noqa: E402
 NOBODY = 65534
 
 
-def fails(proc: subprocess.CompletedProcess, *needles: str, code: int = 1) -> str:
+def fails(proc: subprocess.CompletedProcess, *needles: str, code: int) -> str:
     """Assert the one-line failure; return the line."""
     err = proc.stderr.decode(errors="replace")
     assert proc.returncode == code, (proc.returncode, proc.stdout, err)
@@ -77,18 +77,19 @@ def tree(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("name", ["missing", "new\nline", "esc\x1b[31mred", "tab\tcr\r"])
 def test_snapshot_of_a_missing_directory(store: Path, tmp_path: Path, name: str) -> None:
     """Even a path holding control characters stays on one line, escaped."""
-    line = fails(run_cli(store, "snapshot", str(tmp_path / name)), "no such directory")
+    line = fails(run_cli(store, "snapshot", str(tmp_path / name)), "no such directory",
+                 code=3)
     assert "\x1b" not in line and "\r" not in line and "\t" not in line
     assert name.split("\n")[0].split("\x1b")[0].split("\t")[0] in line
 
 
 def test_snapshot_of_a_regular_file(store: Path, tree: Path) -> None:
-    fails(run_cli(store, "snapshot", str(tree / "d" / "f")), "not a directory")
+    fails(run_cli(store, "snapshot", str(tree / "d" / "f")), "not a directory", code=6)
 
 
 def test_snapshot_of_a_dangling_symlink(store: Path, tmp_path: Path) -> None:
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
-    fails(run_cli(store, "snapshot", str(tmp_path / "dangling")), "dangling")
+    fails(run_cli(store, "snapshot", str(tmp_path / "dangling")), "dangling", code=3)
 
 
 @pytest.fixture
@@ -131,7 +132,7 @@ def test_snapshot_of_an_unreadable_entry(world_dir: Path, what: str, secret: str
     if probe.returncode != 0:
         pytest.skip("uid 65534 cannot run this Python or import pylayers: "
                     + probe.stderr.decode(errors="replace").strip()[-200:])
-    fails(run_as_nobody(store, "snapshot", str(src)), "se", "cret", "permission denied")
+    fails(run_as_nobody(store, "snapshot", str(src)), "se", "cret", "permission denied", code=6)
     # nothing stored, no pack data left behind, and the store still works
     assert not list((store / "packs").rglob("*.pack"))
     assert ok(run_as_nobody(store, "tags")) == ""
@@ -157,7 +158,7 @@ def test_snapshot_of_a_tree_deeper_than_path_max(store: Path, tmp_path: Path) ->
         os.close(os.open(b"f", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd))
     finally:
         os.close(fd)
-    line = fails(run_cli(store, "snapshot", str(src)), "too long")
+    line = fails(run_cli(store, "snapshot", str(src)), "too long", code=6)
     assert "b'" not in line and 'b"' not in line, line[:200]
 
 
@@ -194,17 +195,17 @@ def test_checkout_into_a_non_empty_directory(store: Path, tree: Path, tmp_path: 
     dest = tmp_path / name
     dest.mkdir()
     (dest / "mine").write_bytes(b"keep me")
-    fails(run_cli(store, "checkout", lid, str(dest)), "not empty")
+    fails(run_cli(store, "checkout", lid, str(dest)), "not empty", code=6)
     assert os.listdir(dest) == ["mine"] and (dest / "mine").read_bytes() == b"keep me"
 
 
 def test_checkout_onto_a_file_or_a_symlink(store: Path, tree: Path, tmp_path: Path) -> None:
     lid = snapshot(store, tree)
     (tmp_path / "file").write_bytes(b"x")
-    fails(run_cli(store, "checkout", lid, str(tmp_path / "file")), "not a directory")
+    fails(run_cli(store, "checkout", lid, str(tmp_path / "file")), "not a directory", code=6)
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
-    fails(run_cli(store, "checkout", lid, str(tmp_path / "link")), "not a directory")
+    fails(run_cli(store, "checkout", lid, str(tmp_path / "link")), "not a directory", code=6)
     assert os.listdir(tmp_path / "elsewhere") == []
 
 
@@ -262,22 +263,30 @@ def test_ref_forms(ro_chain) -> None:
     assert [line.split()[0] for line in log] == [three, two, one]
 
 
-@pytest.mark.parametrize("ref, needles", [
-    ("nope", ["nope"]),
-    ("top~3", ["top~3", "ancestors"]),
-    ("top~99999999999999999999", ["ancestors"]),
-    ("TOP", ["TOP"]),
-    ("0" * 64, ["not found"]),
-    ("abcde", ["abcde"]),  # 5 hex digits: too short to be a prefix
-    ("~1", ["invalid reference"]),
-    ("top~x", ["invalid reference"]),
-    ("top~-1", ["invalid reference"]),
-    ("", ["invalid reference"]),
+@pytest.mark.parametrize("ref, needles, code", [
+    ("nope", ["nope"], 3),
+    ("top~3", ["top~3", "ancestors"], 3),
+    ("top^^^", ["top^^^", "ancestors"], 3),
+    ("top~99999999999999999999", ["ancestors"], 3),
+    ("TOP", ["TOP"], 3),
+    ("0" * 64, ["not found"], 3),
+    ("abcde", ["abcde", "too short", "6 hex digits"], 6),  # too short to be a prefix
+    ("~1", ["invalid reference"], 2),
+    ("^", ["invalid reference"], 2),
+    ("top~x", ["invalid reference"], 2),
+    ("top~-1", ["invalid reference"], 2),
+    ("top^x", ["invalid reference"], 2),
+    ("", ["invalid reference"], 2),
 ])
-def test_bad_refs(ro_chain, tmp_path: Path, ref: str, needles: list[str]) -> None:
+def test_bad_refs(ro_chain, tmp_path: Path, ref: str, needles: list[str], code: int) -> None:
+    """Not found: 3; an unusable prefix: 6; a malformed REF: a usage error (2) that
+    points at the verb's help."""
     store, src, _ids = ro_chain
-    for args in (["checkout", ref, str(tmp_path / "co")], ["snapshot", str(src), "--parent", ref]):
-        fails(run_cli(store, *args), *needles)
+    for verb, args in (("checkout", ["checkout", ref, str(tmp_path / "co")]),
+                       ("snapshot", ["snapshot", str(src), "--parent", ref])):
+        line = fails(run_cli(store, *args), *needles, code=code)
+        if code == 2:
+            assert f"pylayers {verb} --help" in line, line
     assert not (tmp_path / "co").exists()
 
 
@@ -285,11 +294,10 @@ def test_bad_ref_for_every_verb_that_takes_one(ro_chain, tmp_path: Path) -> None
     store, _src, _ids = ro_chain
     for args in (["show", "nope"], ["log", "nope"], ["ls", "nope"], ["cat", "nope", "/d/f"],
                  ["diff", "nope", "top"], ["tag", "t2", "nope"], ["rm", "nope"]):
-        fails(run_cli(store, *args), "nope")
-    fails(run_cli(store, "ls", "top", "/missing"), "missing")
-    fails(run_cli(store, "cat", "top", "/d"), "not a regular file")
-    fails(run_cli(store, "tag", "bad name!", "top"), "invalid tag name")
-    fails(run_cli(store, "tag", "abcdef", "top"), "invalid tag name")
+        fails(run_cli(store, *args), "nope", code=3)
+    fails(run_cli(store, "ls", "top", "/missing"), "missing", code=3)
+    fails(run_cli(store, "cat", "top", "/d"), "not a regular file", code=6)
+    fails(run_cli(store, "tag", "bad name!", "top"), "invalid tag name", code=2)
 
 
 def test_a_short_prefix_of_several_layers_is_ambiguous(store: Path, tree: Path,
@@ -313,8 +321,10 @@ def test_a_short_prefix_of_several_layers_is_ambiguous(store: Path, tree: Path,
                 ids.append(layers.commit_entries(None, [Entry(b"", DIR, 0o755, 0, 0, t)], w))
     a, b = (i.hex() for i in ids)
     assert a[:6] == b[:6] and a != b
-    fails(run_cli(store, "show", a[:6]), "ambiguous")
-    fails(run_cli(store, "checkout", a[:6], str(tmp_path / "co")), "ambiguous")
+    # the candidates are listed
+    line = fails(run_cli(store, "show", a[:6]), "ambiguous", a[:16], b[:16], code=6)
+    assert "2 layers" in line
+    fails(run_cli(store, "checkout", a[:6], str(tmp_path / "co")), "ambiguous", code=6)
     assert not (tmp_path / "co").exists()
     # a longer prefix that tells them apart works
     n = next(i for i in range(6, 64) if a[i] != b[i]) + 1
@@ -330,7 +340,7 @@ def test_store_of_a_newer_format(store: Path, tree: Path) -> None:
     cfg["version"] = 99
     (store / "config.json").write_text(json.dumps(cfg))
     for args in (["log", "x"], ["snapshot", str(tree)], ["tags"], ["gc"], ["fsck"]):
-        fails(run_cli(store, *args), "version 99", "upgrade")
+        fails(run_cli(store, *args), "version 99", "upgrade", code=7)
 
 
 def test_foreign_directory_as_store(tmp_path: Path, tree: Path) -> None:
@@ -338,19 +348,19 @@ def test_foreign_directory_as_store(tmp_path: Path, tree: Path) -> None:
     foreign.mkdir()
     (foreign / "notes.txt").write_bytes(b"mine")
     for args in (["snapshot", str(tree)], ["tags"], ["init"]):
-        fails(run_cli(foreign, *args), "not a pylayers store")
+        fails(run_cli(foreign, *args), "not a pylayers store", code=7)
     assert os.listdir(foreign) == ["notes.txt"]  # nothing created in it
 
 
 def test_missing_store_is_not_created_by_read_commands(tmp_path: Path) -> None:
     for args in (["log", "x"], ["tags"], ["checkout", "x", str(tmp_path / "co")]):
-        fails(run_cli(tmp_path / "nostore", *args), "no store")
+        fails(run_cli(tmp_path / "nostore", *args), "no store", code=7)
     assert not (tmp_path / "nostore").exists() and not (tmp_path / "co").exists()
 
 
 def test_store_path_is_a_file(tmp_path: Path, tree: Path) -> None:
     (tmp_path / "file").write_bytes(b"x")
-    fails(run_cli(tmp_path / "file", "snapshot", str(tree)), "not a directory")
+    fails(run_cli(tmp_path / "file", "snapshot", str(tree)), "not a directory", code=7)
 
 
 # -- usage ---------------------------------------------------------------------------------
@@ -380,16 +390,16 @@ def test_empty_store_path_is_a_usage_error(tmp_path: Path, tree: Path) -> None:
 
 def test_rm(store: Path, chain: list[str]) -> None:
     one, two, three = chain
-    fails(run_cli(store, "rm", two), "parent")  # has a child
-    fails(run_cli(store, "rm", "top~2"), "parent")
-    fails(run_cli(store, "rm", three), "tagged", "top")  # tagged
-    fails(run_cli(store, "rm", "nope"), "nope")
+    fails(run_cli(store, "rm", two), "parent", code=5)  # has a child
+    fails(run_cli(store, "rm", "top~2"), "parent", code=5)
+    fails(run_cli(store, "rm", three), "tagged", "top", code=5)  # tagged
+    fails(run_cli(store, "rm", "nope"), "nope", code=3)
     assert shown(store, two) == two and shown(store, three) == three
     assert ok(run_cli(store, "rm", "top")).strip() == "removed tag top"
     assert shown(store, three) == three  # the layer stays
-    fails(run_cli(store, "show", "top"), "top")
+    fails(run_cli(store, "show", "top"), "top", code=3)
     assert ok(run_cli(store, "rm", three[:10])).strip() == f"removed layer {three}"
-    fails(run_cli(store, "show", three), "not found")
+    fails(run_cli(store, "show", three), "not found", code=3)
     assert ok(run_cli(store, "rm", two)).strip() == f"removed layer {two}"
     assert shown(store, one) == one
 
@@ -443,7 +453,7 @@ def test_hostile_manifest_is_refused_and_writes_nothing(tmp_path: Path, name: st
     files = {e.path: b"evil bytes" for e in entries if e.kind == REG}
     lid = _store_layer(store, entries, files)
     dest = work / "sub" / "dest"
-    line = fails(run_cli(store, "checkout", lid, str(dest), cwd=work))
+    line = fails(run_cli(store, "checkout", lid, str(dest), cwd=work), code=8)
     assert "unsafe" in line or "not a directory" in line or "not a regular file" in line \
         or "root" in line, line
     # nothing anywhere: not in or beside DEST, not through the symlink, not the victim

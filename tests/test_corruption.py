@@ -30,7 +30,7 @@ def run_cli(store: Path, *args: str) -> subprocess.CompletedProcess:
 
 def assert_refused(proc: subprocess.CompletedProcess) -> str:
     err = proc.stderr.decode(errors="replace")
-    assert proc.returncode == 1, (proc.returncode, err)
+    assert proc.returncode == 8, (proc.returncode, err)  # CorruptData
     assert "Traceback" not in err and "internal error" not in err, err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err

@@ -240,7 +240,7 @@ def test_full_disk(tmp_path: Path, small_tmpfs: Path) -> None:
     for i in range(3):
         (big / f"r{i}.bin").write_bytes(os.urandom(10 << 20))  # 30 MB that cannot shrink
     proc = run_cli(store, "snapshot", str(big), "--tag", "big")
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 7, proc.stderr  # StoreError: the store cannot be written
     assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -279,7 +279,7 @@ def test_full_disk_small_room(tmp_path: Path, small_tmpfs: Path, room_kb: int) -
         os.close(fd)
     packs_before = pack_files(store)
     proc = run_cli(store, "snapshot", str(many))
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 7, proc.stderr  # StoreError: the store cannot be written
     assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "no space left on device" in proc.stderr.lower(), proc.stderr

@@ -15,7 +15,8 @@ anything of pylayers) and applies the documented rules (README, "Diff rules"):
   as the file and each other name as a link to that first name; "link" says a name
   became, stopped being, or changed which first name it is, a link. An inode's owner,
   mode, mtime and xattrs belong to all its names: a chown shows on each;
-- --json gives path ("/" + the path, undecodable bytes as surrogate escapes), change,
+- --json gives path ("/" + the path; when not UTF-8, with U+FFFD for the bad bytes and
+  path_b64, the exact bytes), change,
   attributes, and kind (file, dir, symlink, fifo, char, block, or "hardlink" for a
   name of a hardlinked inode other than its first);
 - order: by path *components*: the path is compared with "/" ordering before every
@@ -34,6 +35,7 @@ Trees are mutated by a seeded random generator for several rounds.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
@@ -241,6 +243,13 @@ def snap(store: Path, src: Path, *args: str) -> str:
     return cli_ok(store, "snapshot", str(src), *args).strip().splitlines()[-1]
 
 
+def json_path(g: dict) -> bytes:
+    """The exact bytes of a --json path (without the leading /)."""
+    if "path_b64" in g:
+        return base64.b64decode(g["path_b64"])[1:]
+    return g["path"][1:].encode("utf-8")
+
+
 def check_diff(store: Path, ref1: str, ref2: str, old: dict, new: dict,
                full: bool = True) -> dict:
     """Run diff REF1 REF2 plain and (if `full`) --json, --stat --json and --stat;
@@ -251,7 +260,7 @@ def check_diff(store: Path, ref1: str, ref2: str, old: dict, new: dict,
     if not full:
         return {}
     got = json.loads(cli_ok(store, "diff", ref1, ref2, "--json"))
-    assert [(os.fsencode(g["path"][1:]), g["change"], g["attributes"], g["kind"])
+    assert [(json_path(g), g["change"], g["attributes"], g["kind"])
             for g in got] == [(c.path, c.change, c.attributes, c.kind) for c in want]
     assert all(g["path"].startswith("/") for g in got)
     st = json.loads(cli_ok(store, "diff", ref1, ref2, "--stat", "--json"))
@@ -591,7 +600,9 @@ def test_json_paths_round_trip_bytes(tmp_path: Path) -> None:
     for n in names:
         (src / os.fsdecode(n)).write_bytes(b"")
     got = json.loads(cli_ok(store, "diff", base, str(src), "--json"))
-    assert sorted(os.fsencode(g["path"][1:]) for g in got) == sorted(names)
+    assert sorted(json_path(g) for g in got) == sorted(names)
+    # a name that is not UTF-8 carries its exact bytes; one that is carries none
+    assert [g["path"] for g in got if "path_b64" in g] == ["/\ufffd\ufffd"]
     assert {g["kind"] for g in got} == {"file"}
     plain = cli_ok(store, "diff", base, str(src)).splitlines()
     assert len(plain) == len(names)  # one line per path, newline or not

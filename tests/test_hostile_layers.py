@@ -37,8 +37,9 @@ def run_cli(store: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def refused(proc: subprocess.CompletedProcess) -> str:
-    """Exit status 1, one line on stderr and no traceback; returns the line."""
-    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    """Exit status 8 (CorruptData), one line on stderr and no traceback; returns the
+    line."""
+    assert proc.returncode == 8, (proc.returncode, proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("pylayers: "), proc.stderr
@@ -161,7 +162,7 @@ def test_commit_checks_the_tag_whoever_calls_it(tmp_path: Path) -> None:
         layers = pylayers.Layers(st)
         before = layers.all_ids()
         with st.writer() as w:
-            for bad in ("bad tag", "0123abcd", "-x", ""):
+            for bad in ("bad tag", "a//b", "-x", "", "f" * 64):
                 with pytest.raises(pylayers.InvalidArgument):
                     layers.commit_entries(None, [Entry(b"", DIR, 0o755)], w, tag=bad)
         assert layers.all_ids() == before and layers.tags() == {}

@@ -36,9 +36,10 @@ def ok(proc: subprocess.CompletedProcess) -> str:
     return proc.stdout
 
 
-def fails(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    """The one-line failure, exit status 1, nothing on stdout; returns the line."""
-    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+def fails(proc: subprocess.CompletedProcess, *needles: str, code: int) -> str:
+    """The one-line failure, exit status `code` (README, "Exit codes"), nothing on
+    stdout; returns the line."""
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("pylayers: "), proc.stderr
@@ -149,7 +150,7 @@ def test_mount_edit_umount_commit_diff(driver, tmp_path, base, mountpoints):
     listed = snapshots(tmp_path)
     assert listed[key][:2] == ["active", driver] and str(mnt) in listed[key]
 
-    fails(cli(tmp_path, "commit", key, "--tag", "not a tag"), "tag")
+    fails(cli(tmp_path, "commit", key, "--tag", "not a tag"), "tag", code=2)
     assert mounted(mnt)  # refused before anything was done
 
     with open(mnt / "etc" / "motd", "a") as f:
@@ -186,7 +187,7 @@ def test_read_only_mount_is_a_view_umount_removes(driver, tmp_path, base, mountp
     assert info.value.errno == errno.EROFS
     assert snapshots(tmp_path)[key][:2] == ["view", driver]
     # a view cannot be committed: refused, and left mounted
-    fails(cli(tmp_path, "commit", key), key)
+    fails(cli(tmp_path, "commit", key), key, code=5)
     assert mounted(mnt) and (mnt / "etc" / "motd").read_text() == "hello\n"
     assert ok(cli(tmp_path, "umount", str(mnt))) == ""
     assert not mounted(mnt)
@@ -202,19 +203,20 @@ def test_umount_discard(driver, tmp_path, base, mountpoints):
     assert not mounted(mnt)
     assert key not in snapshots(tmp_path)
     assert list((tmp_path / "store" / "snapshots").iterdir()) == []
-    fails(cli(tmp_path, "commit", key), key)
+    fails(cli(tmp_path, "commit", key), key, code=3)
 
 
 def test_errors_are_one_line(any_driver, tmp_path, base, mountpoints):
     driver = any_driver
     mnt = mountpoints("mnt")
-    fails(cli(tmp_path, "mount", "no-such-ref", str(mnt), "--driver", driver), "no-such-ref")
-    fails(cli(tmp_path, "mount", "", str(mnt), "--driver", driver))
-    fails(cli(tmp_path, "mount", "base", str(tmp_path / "absent"), "--driver", driver))
+    fails(cli(tmp_path, "mount", "no-such-ref", str(mnt), "--driver", driver), "no-such-ref",
+          code=3)
+    fails(cli(tmp_path, "mount", "", str(mnt), "--driver", driver), code=2)
+    fails(cli(tmp_path, "mount", "base", str(tmp_path / "absent"), "--driver", driver), code=3)
     assert not mounted(mnt) and snapshots(tmp_path) == {}
-    fails(cli(tmp_path, "umount", str(mnt)), str(mnt))  # nothing mounted there
-    fails(cli(tmp_path, "commit", "no-such-key"), "no-such-key")
-    fails(cli(tmp_path, "commit", "k" * 600))
+    fails(cli(tmp_path, "umount", str(mnt)), str(mnt), code=3)  # nothing mounted there
+    fails(cli(tmp_path, "commit", "no-such-key"), "no-such-key", code=3)
+    fails(cli(tmp_path, "commit", "k" * 600), code=3)
     snapdir = tmp_path / "store" / "snapshots"
     assert not snapdir.exists() or list(snapdir.iterdir()) == []
 
@@ -227,13 +229,14 @@ def test_commit_while_mounted_is_refused_until_umount(driver, tmp_path, base, mo
     key = ok(cli(tmp_path, "mount", "base", str(mnt), "--rw", "--driver", driver)).strip()
     (mnt / "new").write_text("new\n")
     line = fails(cli(tmp_path, "commit", key), key, f"is mounted at {mnt}",
-                 f"pylayers umount {mnt}")
+                 f"pylayers umount {mnt}", code=5)
     assert "Traceback" not in line
     assert mounted(mnt) and (mnt / "new").read_text() == "new\n"
     assert snapshots(tmp_path)[key][:2] == ["active", driver]
     assert ok(cli(tmp_path, "umount", str(mnt))).strip() == key
     # a second umount: nothing is mounted there any more, one clear line
-    fails(cli(tmp_path, "umount", str(mnt)), f"nothing of this store is mounted at {mnt}")
+    fails(cli(tmp_path, "umount", str(mnt)), f"nothing of this store is mounted at {mnt}",
+          code=3)
     layer = ok(cli(tmp_path, "commit", key)).strip().splitlines()[-1]
     assert ok(cli(tmp_path, "diff", "base", layer)).splitlines() == ["A /new"]
 
@@ -251,7 +254,7 @@ def test_mount_refuses_a_busy_mountpoint_unless_forced(driver, tmp_path, base, m
     full = mountpoints("full")
     (full / "precious").write_text("mine\n")
     fails(cli(tmp_path, "mount", "base", str(full), "--driver", driver), str(full),
-          "not empty", "--force")
+          "not empty", "--force", code=5)
     assert not mounted(full) and snapshots(tmp_path) == {}
     key = ok(cli(tmp_path, "mount", "base", str(full), "--driver", driver, "--force")).strip()
     assert mounted(full) and (full / "etc" / "motd").read_text() == "hello\n"
@@ -262,7 +265,7 @@ def test_mount_refuses_a_busy_mountpoint_unless_forced(driver, tmp_path, base, m
     mnt = mountpoints("mnt")
     first = ok(cli(tmp_path, "mount", "base", str(mnt), "--driver", driver)).strip()
     fails(cli(tmp_path, "mount", "base", str(mnt), "--driver", driver), str(mnt),
-          "already a mount point", "--force")
+          "already a mount point", "--force", code=5)
     assert list(snapshots(tmp_path)) == [first]
     ok(cli(tmp_path, "umount", str(mnt)))
     assert not mounted(mnt)

@@ -300,7 +300,7 @@ def test_cli_import_export(tmp_path):
     assert_same_tree(src, tmp_path / "out")
     assert len(lid) == 64
     proc = run_cli(tmp_path / "s2", "import", f"oci:{tmp_path / 'img'}:nope", text=True)
-    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert proc.returncode == 3 and proc.stderr.count("\n") == 1  # NotFound
     assert "no image named 'nope'" in proc.stderr
 
 

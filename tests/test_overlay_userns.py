@@ -146,9 +146,10 @@ def as_plain_user(work: Path, cmd: list[str]) -> subprocess.CompletedProcess:
     return _run([*SETPRIV, *cmd], cwd=work, env=env_for(work))
 
 
-def fails(res: subprocess.CompletedProcess, *needles: str) -> str:
-    """The CLI's one-line failure: exit status 1, no traceback; returns the line."""
-    assert res.returncode == 1, (res.returncode, res.stdout, res.stderr)
+def fails(res: subprocess.CompletedProcess, *needles: str, code: int = 1) -> str:
+    """The CLI's one-line failure: exit status `code` (README, "Exit codes"), no
+    traceback; returns the line."""
+    assert res.returncode == code, (res.returncode, res.stdout, res.stderr)
     assert "Traceback" not in res.stderr and "internal error" not in res.stderr, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("pylayers: "), res.stderr
@@ -475,7 +476,7 @@ def test_plain_non_root(ctx, work):
     pl = [PY, "-m", "pylayers", "--store", str(work / "store")]
     res = as_plain_user(work, [*pl, "mount", "base", str(work / "mnt"), "--rw",
                                "--driver", "overlay"])
-    fails(res, "driver overlay is not available", "unshare -Urm")
+    fails(res, "driver overlay is not available", "unshare -Urm", code=6)
     res = as_plain_user(work, [*pl, "mount", "base", str(work / "mnt"), "--rw"])
     fails(res, "cannot make uid 0, gid 0 the owner of /", "only root")
     assert ok(root_cli(work, "snapshots")) == ""
@@ -489,7 +490,7 @@ def test_snapshot_is_used_only_in_its_mode(ctx, work):
     script = 'mkdir "$HOME/mnt" && $PL mount base "$HOME/mnt" --rw && rm "$HOME/mnt/old" ' \
              '&& $PL umount "$HOME/mnt" >/dev/null'
     key = ok(in_userns(ctx, work, ["sh", "-c", script])).strip()
-    fails(root_cli(work, "commit", key), "userxattr mode", "user namespace")
+    fails(root_cli(work, "commit", key), "userxattr mode", "user namespace", code=5)
     assert ok(root_cli(work, "snapshots")).split()[:3] == [key, "active", "overlay"]
     layer = ok(in_userns(ctx, work, ["sh", "-c", f"$PL commit {key}"])).strip()
     assert ok(root_cli(work, "diff", "base", layer)).splitlines() == ["D /old"]
@@ -658,7 +659,7 @@ def test_copy_driver_without_mounting(ctx, work):
     with open(work / "mnt" / "etc" / "motd", "a") as f:
         f.write("edited\n")
     os.unlink(work / "mnt" / "lib" / "a")
-    fails(user("commit", key), f"is mounted at {work / 'mnt'}", "pylayers umount")
+    fails(user("commit", key), f"is mounted at {work / 'mnt'}", "pylayers umount", code=5)
     assert ok(user("umount", "mnt")).strip() == key
     assert (work / "mnt").is_dir() and not (work / "mnt").is_symlink()
     assert os.listdir(work / "mnt") == []

@@ -53,8 +53,10 @@ def run_cli(store: Path, *args: str, cwd: Path | None = None) -> subprocess.Comp
                           cwd=cwd or store.parent)
 
 
-def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str,
+                          code: int = 7) -> None:
+    """One line; exit status 7 (StoreError: the store cannot be used) unless `code`."""
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr, proc.stderr
@@ -329,9 +331,9 @@ def test_du_json_is_consistent(tmp_path: Path) -> None:
     assert pack_bytes <= du["stored_bytes"]
     # the shared 3 MiB (random: incompressible) is stored once, not three times
     assert len(shared) <= pack_bytes < 2 * len(shared)
-    # the ratio is of chunk data: the index's fixed overhead is shown apart
+    # the ratio is of file data: manifests and the index's fixed overhead are apart
     assert du["pack_bytes"] == pack_bytes
-    assert du["dedup_ratio"] == round(du["logical_bytes"] / du["pack_bytes"], 3)
+    assert du["dedup_ratio"] == round(du["logical_bytes"] / du["data_bytes"], 3)
     assert du["dedup_ratio"] > 1.5
     with Store.open(store, create=False) as s:
         assert du["chunks"] == s.chunk_count()
@@ -374,7 +376,7 @@ def test_newer_config_version_is_refused_by_every_command(base_store, tmp_path: 
     (store / CONFIG_FILE).write_text(json.dumps(cfg))
     _every_command_refuses(store, src, tmp_path, "version 99")
     proc = run_cli(store, "init")
-    assert_one_line_error(proc, "exists")
+    assert_one_line_error(proc, "exists", code=4)
     with pytest.raises(StoreError, match="version 99"):
         Store.open(store)
 
@@ -491,7 +493,7 @@ def test_init_twice_says_it_exists(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     cfg = (store / CONFIG_FILE).read_bytes()
     assert json.loads(cfg)["version"] == FORMAT_VERSION
-    assert_one_line_error(run_cli(store, "init"), "exists")
+    assert_one_line_error(run_cli(store, "init"), "exists", code=4)
     assert (store / CONFIG_FILE).read_bytes() == cfg
     # no temporary file is left beside config.json
     assert sorted(p.name for p in store.iterdir()) == ["config.json", "index", "lock", "packs"]

@@ -1,5 +1,6 @@
-"""The command line. Errors are caught only here: one line on stderr, exit 1 (2 for
-usage), never a traceback (set PYLAYERS_DEBUG=1 to get one)."""
+"""The command line. Errors are caught only here: one line on stderr and an exit code
+per kind of error (pylayers/errors.py, README "Exit codes"), never a traceback (set
+PYLAYERS_DEBUG=1 to get one)."""
 
 from __future__ import annotations
 
@@ -10,25 +11,40 @@ import sys
 import click
 
 from ..display import one_line
-from ..errors import PylayersError
-from .app import cli  # the verbs' modules are imported as they are used (app.VERBS)
+from ..errors import PylayersError, UsageError
+from .app import cli, current  # the verbs' modules are imported as they are used (VERBS)
+
+
+def _help_hint() -> str:
+    verb = current["verb"]
+    return f"see `pylayers {verb} --help`" if verb else "see `pylayers --help`"
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args:  # bare `pylayers`: what it can do
+        click.echo(cli.get_help(click.Context(cli, info_name="pylayers")))
+        return 0
+    current["verb"] = None
     try:
-        rv = cli.main(args=argv, prog_name="pylayers", standalone_mode=False)
+        rv = cli.main(args=args, prog_name="pylayers", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.UsageError as e:
         msg = e.format_message().splitlines()[0] if e.format_message() else "usage error"
-        print(f"pylayers: {one_line(msg)} (see pylayers --help)", file=sys.stderr)
+        print(f"pylayers: {one_line(msg)} ({_help_hint()})", file=sys.stderr)
         return 2
     except click.Abort:
         print("pylayers: aborted", file=sys.stderr)
         return 130
     except click.ClickException as e:
         print(f"pylayers: {one_line(e.format_message())}", file=sys.stderr)
+        return e.exit_code
+    except UsageError as e:
+        if os.environ.get("PYLAYERS_DEBUG"):
+            raise
+        print(f"pylayers: {one_line(str(e))} ({_help_hint()})", file=sys.stderr)
         return e.exit_code
     except PylayersError as e:
         if os.environ.get("PYLAYERS_DEBUG"):

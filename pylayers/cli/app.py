@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import importlib
+import json
 import sys
 import time
 import unicodedata
@@ -11,6 +13,8 @@ from contextlib import contextmanager
 import click
 
 from ..display import one_line
+from ..errors import UsageError
+from ..layers.refs import check_tag, parse_ref
 from ..layers.repo import Layers
 from ..store import Store
 
@@ -21,14 +25,21 @@ VERBS = {
     "log": "inspect", "show": "inspect", "ls": "inspect", "cat": "inspect", "tag": "refs",
     "tags": "refs", "rm": "refs", "du": "maintenance", "gc": "maintenance",
     "fsck": "maintenance", "mount": "mounts", "umount": "mounts", "commit": "mounts",
-    "snapshots": "mounts",
-    "import": "oci", "export": "oci",
+    "snapshots": "snapshots", "layers": "inspect", "import": "oci", "export": "oci",
 }
+
+# the verb being run, for pointing a usage error at its help
+current = {"verb": None}
 
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(VERBS)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        name, cmd, rest = super().resolve_command(ctx, args)
+        current["verb"] = name
+        return name, cmd, rest
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name not in self.commands and cmd_name in VERBS:
@@ -44,8 +55,67 @@ class LazyGroup(click.Group):
 def cli(ctx: click.Context, store_path: str | None) -> None:
     """pylayers: a content-addressed snapshot store for container-style layers."""
     if store_path == "":  # `--store "$UNSET"` must not make the current directory a store
+        current["verb"] = None  # the group's option: its help is the group's
         raise click.BadParameter("must not be empty", param_hint="'--store'")
     ctx.obj = {"store": store_path}
+
+
+# -- checks at the door: a bad value is a usage error (exit 2) before any work -----------
+def tag_param(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A click callback: `value` must be a valid tag name."""
+    if value is not None:
+        try:
+            check_tag(value)
+        except UsageError as e:
+            raise click.BadParameter(str(e)) from None
+    return value
+
+
+def ref_param(ctx: click.Context, param: click.Parameter, value):
+    """A click callback: `value` (or each of several) must be a well-formed REF."""
+    for v in (value if isinstance(value, tuple) else (value,)):
+        if v is not None:
+            try:
+                parse_ref(v)
+            except UsageError as e:
+                raise click.BadParameter(str(e)) from None
+    return value
+
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+class Size(click.ParamType):
+    """A byte count: digits, optionally followed by K, M or G (KiB, MiB, GiB)."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower().removesuffix("ib").removesuffix("b")
+        unit = text[-1:] if text[-1:] in _UNITS else ""
+        digits = text[: len(text) - len(unit)]
+        if not digits.isdigit():
+            self.fail(f"{value!r} is not a size (digits, optionally followed by K, M or G)",
+                      param, ctx)
+        return int(digits) * _UNITS[unit]
+
+
+# -- JSON output: one schema, documented in docs/cli.md ----------------------------------
+def path_json(raw: bytes, key: str = "path", root: bool = True) -> dict:
+    """A file name for JSON: {key: text}; when it is not UTF-8, the text has U+FFFD in
+    place of the bad bytes and {key + "_b64": the exact bytes in base64} is added."""
+    full = (b"/" + raw) if root else raw
+    try:
+        return {key: full.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {key: full.decode("utf-8", "replace"),
+                key + "_b64": base64.b64encode(full).decode("ascii")}
+
+
+def emit_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2))
 
 
 def _say_waiting() -> None:

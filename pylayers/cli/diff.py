@@ -2,36 +2,71 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import click
 
-from ..layers.diffstat import compare
+from ..errors import InvalidArgument, NotFound, UsageError
+from ..layers.diffstat import Side, compare
 from ..layers.manifest import KIND_NAMES
-from .app import cli, display_path, human, open_layers, warn
+from ..layers.repo import Layers
+from .app import cli, display_path, emit_json, human, open_layers, path_json, ref_param, warn
+
+
+def _directory(arg: str) -> Path:
+    if not os.path.isdir(arg):
+        what = "not a directory" if os.path.exists(arg) else "no such directory"
+        raise NotFound(f"{arg}: {what} (an argument holding '/' is a directory)")
+    return Path(arg)
+
+
+def _side(layers: Layers, arg: str) -> Side:
+    """The rule (README, "diff"): an argument holding '/' is a directory; any other is
+    a REF, and when a directory of that name exists too, it is an error naming both."""
+    if "/" in arg:
+        return _directory(arg)
+    try:
+        layer_id = layers.resolve(arg)
+    except (NotFound, InvalidArgument) as e:
+        if os.path.isdir(arg):
+            raise NotFound(f"{e}; for the directory {arg!r} write ./{arg} "
+                           "(an argument without '/' is a REF)") from None
+        raise
+    if os.path.isdir(arg):
+        raise UsageError(f"{arg!r} is both the layer {layer_id.hex()[:12]} and a "
+                         f"directory: write ./{arg} for the directory, or the layer id")
+    return layer_id
 
 
 @cli.command()
 @click.argument("ref1")
-@click.argument("ref2")
-@click.option("--json", "as_json", is_flag=True, help="A JSON list of changes.")
+@click.argument("ref2", required=False)
+@click.option("--dir", "directory", type=click.Path(),
+              help="Compare REF1 with this directory (in place of REF2).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/cli.md).")
 @click.option("--stat", "as_stat", is_flag=True, help="Sum up bytes added, removed and new.")
 @click.pass_context
-def diff(ctx: click.Context, ref1: str, ref2: str, as_json: bool, as_stat: bool) -> None:
-    """What changed from REF1 to REF2 (REF2 may be a directory, compared without
-    storing): `A`dded, `C`hanged or `D`eleted paths, sorted by path."""
+def diff(ctx: click.Context, ref1: str, ref2: str | None, directory: str | None,
+         as_json: bool, as_stat: bool) -> None:
+    """What changed from REF1 to REF2: `A`dded, `C`hanged or `D`eleted paths, sorted by
+    path. Either may be a directory, compared without storing anything: an argument
+    holding '/' (./rootfs, /srv/x) or given with --dir is a directory; any other is a
+    REF, and if a directory of that name exists too, diff refuses to guess."""
+    if (ref2 is None) == (directory is None):
+        raise click.UsageError("give REF2 or --dir DIRECTORY (one of them)")
+    for arg in (ref1, ref2):
+        if arg is not None and "/" not in arg:
+            ref_param(ctx, None, arg)
     with open_layers(ctx, create=False) as layers:
-        def side(arg: str):
-            return Path(arg) if os.path.isdir(arg) else layers.resolve(arg)
-
-        res = compare(layers, side(ref1), side(ref2))
+        old = _side(layers, ref1)
+        new = _directory(directory) if directory is not None else _side(layers, ref2)
+        res = compare(layers, old, new)
     warn(res.warnings)
     if as_stat:
         stat = res.stat
         if as_json:
-            click.echo(json.dumps(stat.to_json(), indent=2))
+            emit_json(stat.to_json())
         else:
             click.echo(f"{stat.added} added, {stat.changed} changed, {stat.deleted} deleted; "
                        f"+{human(stat.bytes_added)} -{human(stat.bytes_removed)}; "
@@ -41,9 +76,11 @@ def diff(ctx: click.Context, ref1: str, ref2: str, as_json: bool, as_stat: bool)
         out = []
         for c in res.changes:
             e = c.new or c.old
-            out.append({"path": "/" + os.fsdecode(c.path), "change": c.change,
-                        "kind": KIND_NAMES[e.kind], "attributes": c.attributes})
-        click.echo(json.dumps(out, indent=2))
+            d = path_json(c.path)
+            d.update({"change": c.change, "kind": KIND_NAMES[e.kind],
+                      "attributes": c.attributes})
+            out.append(d)
+        emit_json(out)
         return
     for c in res.changes:
         click.echo(f"{c.change} {display_path(c.path)}")

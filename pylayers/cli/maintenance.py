@@ -2,27 +2,35 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from ..chunking import DEFAULT_AVG, DEFAULT_MAX, DEFAULT_MIN, ChunkerParams
+from ..errors import InvalidArgument
 from ..store import Store, StoreConfig, default_store_path
-from .app import cli, human, open_layers
+from .app import Size, cli, emit_json, human, open_layers
+
+_LEVELS = click.IntRange(0, 22)  # zstd's levels; 0: stored uncompressed
 
 
 @cli.command()
-@click.option("--min-size", default=DEFAULT_MIN, show_default=True, help="Minimum chunk size.")
-@click.option("--avg-size", default=DEFAULT_AVG, show_default=True, help="Target chunk size.")
-@click.option("--max-size", default=DEFAULT_MAX, show_default=True, help="Maximum chunk size.")
-@click.option("--compression-level", default=2, show_default=True, help="zstd level (0: none).")
+@click.option("--min-size", default=DEFAULT_MIN, type=Size(), show_default=True,
+              help="Minimum chunk size (bytes, or with K, M, G).")
+@click.option("--avg-size", default=DEFAULT_AVG, type=Size(), show_default=True,
+              help="Target chunk size.")
+@click.option("--max-size", default=DEFAULT_MAX, type=Size(), show_default=True,
+              help="Maximum chunk size.")
+@click.option("--compression-level", default=2, type=_LEVELS, show_default=True,
+              help="zstd level, 0 to 22 (0: none).")
 @click.pass_context
 def init(ctx: click.Context, min_size: int, avg_size: int, max_size: int,
          compression_level: int) -> None:
     """Create a store. Chunk sizes are fixed for the store's life."""
     path = ctx.obj["store"] or default_store_path()
-    cfg = StoreConfig(ChunkerParams(min_size, avg_size, max_size).validate(), compression_level)
-    Store.init(path, cfg)  # AlreadyExists if there is a store
+    try:  # at the door: a bad size is a usage error, before anything is created
+        params = ChunkerParams(min_size, avg_size, max_size).validate()
+    except InvalidArgument as e:
+        raise click.UsageError(str(e)) from None
+    Store.init(path, StoreConfig(params, compression_level))  # AlreadyExists if there is one
     click.echo(f"initialised store at {path}")
 
 
@@ -39,20 +47,26 @@ def du(ctx: click.Context, as_json: bool) -> None:
     with open_layers(ctx, create=False) as layers:
         usage = _maintenance().du(layers.store)
     if as_json:
-        click.echo(json.dumps(usage.to_json(), indent=2))
+        emit_json(usage.to_json())
         return
     click.echo(f"layers          {usage.layers}")
     click.echo(f"chunks          {usage.chunks}")
     click.echo(f"logical bytes   {usage.logical_bytes} ({human(usage.logical_bytes)}; "
                "file content of every layer's own entries)")
+    click.echo(f"data bytes      {usage.data_bytes} ({human(usage.data_bytes)}; distinct "
+               "file chunks, uncompressed)")
+    click.echo(f"manifest bytes  {usage.manifest_bytes} ({human(usage.manifest_bytes)}; "
+               "metadata)")
     click.echo(f"stored bytes    {usage.stored_bytes} ({human(usage.stored_bytes)} on disk)")
-    click.echo(f"  packs         {usage.pack_bytes} ({human(usage.pack_bytes)}; chunk data)")
+    click.echo(f"  packs         {usage.pack_bytes} ({human(usage.pack_bytes)}; chunks, "
+               "compressed)")
     click.echo(f"  index         {usage.index_bytes} ({human(usage.index_bytes)}; "
                "mostly fixed overhead on a small store)")
     click.echo(f"  caches        {usage.cache_bytes} ({human(usage.cache_bytes)}; "
                "rebuilt on demand)")
     click.echo(f"  other         {usage.other_bytes} ({human(usage.other_bytes)})")
-    click.echo(f"dedup ratio     {usage.dedup_ratio} (logical bytes / pack bytes)")
+    click.echo(f"dedup ratio     {usage.dedup_ratio} (logical / data bytes)")
+    click.echo(f"compression     {usage.compression_ratio} (chunk bytes / pack bytes)")
 
 
 @cli.command()
@@ -64,7 +78,7 @@ def gc(ctx: click.Context, as_json: bool) -> None:
     with open_layers(ctx, create=False, exclusive=True) as layers:
         res = _maintenance().gc(layers.store)
     if as_json:
-        click.echo(json.dumps(res.to_json(), indent=2))
+        emit_json(res.to_json())
         return
     click.echo(f"removed {len(res.snapshots)} unreferenced snapshots, {len(res.layers)} "
                f"layers, {res.cache_keys} build cache keys, {res.cache_dirs} cached layer "
@@ -80,7 +94,7 @@ def fsck(ctx: click.Context, as_json: bool) -> None:
     with open_layers(ctx, create=False) as layers:
         report = _maintenance().fsck(layers.store)
     if as_json:
-        click.echo(json.dumps(report.to_json(), indent=2))
+        emit_json(report.to_json())
         if not report.ok:
             ctx.exit(1)
         return

@@ -1,4 +1,4 @@
-"""`pylayers mount`, `umount`, `commit` and `snapshots`."""
+"""`pylayers mount`, `umount` and `commit` (`snapshots` is in snapshots.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from ..layers.repo import check_tag
 from ..mounts import Kind, Snapshotter, attach, detach, driver_names, is_mounted
 from ..mounts.mounting import canonical_target, mount_count
 from ..mounts.snapshotter import GC_ROOT_LABEL
-from .app import cli, human, open_layers
+from .app import cli, open_layers
 
 MOUNTPOINT_LABEL = "pylayers.mountpoint"
 
@@ -124,7 +124,8 @@ def commit(ctx: click.Context, key: str, tag: str | None, message: str,
         info = snaps.stat(key)
         # before touching its mount: a refusal changes nothing
         if info.kind != Kind.ACTIVE:
-            raise FailedPrecondition(f"snapshot {key} is {info.kind.value}, not writable")
+            what = "a view" if info.kind == Kind.VIEW else info.kind.value
+            raise FailedPrecondition(f"snapshot {key} is {what}, not writable")
         if tag is not None:
             check_tag(tag)
         target = info.labels.get(MOUNTPOINT_LABEL)
@@ -138,21 +139,3 @@ def commit(ctx: click.Context, key: str, tag: str | None, message: str,
         layer_id = snaps.commit(name, key, message=message, tag=tag,
                                 labels={GC_ROOT_LABEL: "cli"})
         click.echo(layer_id.hex())
-
-
-@cli.command()
-@click.pass_context
-def snapshots(ctx: click.Context) -> None:
-    """List snapshots (active, view, committed) with their own sizes."""
-    with open_layers(ctx, create=False) as layers:
-        snaps = Snapshotter(layers)
-        for info in sorted(snaps.walk(), key=lambda i: (i.kind.value, i.key)):
-            try:
-                u = snaps.usage(info.key)
-                size = human(u.size)
-            except PylayersError:
-                size = "?"
-            parent = info.parent or "-"
-            where = info.labels.get(MOUNTPOINT_LABEL, "")
-            click.echo(f"{info.key:<24} {info.kind.value:<9} {info.driver:<7} {size:>10}  "
-                       f"parent={parent}  {where}".rstrip())

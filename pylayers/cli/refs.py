@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import click
 
-from .app import cli, open_layers
+from ..layers.refs import remove_refs
+from .app import cli, emit_json, open_layers, ref_param, tag_param
 
 
 @cli.command()
-@click.argument("name")
-@click.argument("ref")
+@click.argument("name", callback=tag_param)
+@click.argument("ref", callback=ref_param)
 @click.pass_context
 def tag(ctx: click.Context, name: str, ref: str) -> None:
     """Point tag NAME at layer REF."""
@@ -18,19 +19,25 @@ def tag(ctx: click.Context, name: str, ref: str) -> None:
 
 
 @cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/cli.md).")
 @click.pass_context
-def tags(ctx: click.Context) -> None:
+def tags(ctx: click.Context, as_json: bool) -> None:
     """List tags and the layers they name."""
     with open_layers(ctx, create=False) as layers:
-        for name, lid in sorted(layers.tags().items()):
-            click.echo(f"{name}\t{lid.hex()}")
+        rows = sorted(layers.tags().items())
+    if as_json:
+        emit_json([{"tag": name, "id": lid.hex()} for name, lid in rows])
+        return
+    for name, lid in rows:
+        click.echo(f"{name}\t{lid.hex()}")
 
 
 @cli.command()
-@click.argument("ref")
+@click.argument("refs", nargs=-1, required=True, callback=ref_param)
 @click.pass_context
-def rm(ctx: click.Context, ref: str) -> None:
-    """Remove a tag, or a layer that no tag or child layer references."""
+def rm(ctx: click.Context, refs: tuple[str, ...]) -> None:
+    """Remove tags, and layers that no tag, child layer or snapshot references. Every
+    REF is resolved before anything is removed; layers go children first."""
     with open_layers(ctx, create=False) as layers:
-        kind, lid = layers.remove(ref)
-        click.echo(f"removed {kind} {ref if kind == 'tag' else lid.hex()}")
+        for kind, ref, lid in remove_refs(layers, list(refs)):
+            click.echo(f"removed {kind} {ref if kind == 'tag' else lid.hex()}")

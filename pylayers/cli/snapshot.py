@@ -7,13 +7,14 @@ from pathlib import Path
 
 import click
 
-from .app import Progress, cli, human, open_layers, warn
+from .app import Progress, cli, human, open_layers, ref_param, tag_param, warn
 
 
 @cli.command()
 @click.argument("directory", type=click.Path())
-@click.option("--parent", "-p", help="Store only what differs from this layer.")
-@click.option("--tag", "-t", help="Tag the new layer.")
+@click.option("--parent", "-p", callback=ref_param,
+              help="Store only what differs from this layer.")
+@click.option("--tag", "-t", callback=tag_param, help="Tag the new layer.")
 @click.option("-m", "--message", default="", help="A message kept with the layer.")
 @click.option("--allow-changing", is_flag=True,
               help="Store a file that keeps changing while read as last read (a warning "
@@ -45,7 +46,7 @@ def snapshot(ctx: click.Context, directory: str, parent: str | None, tag: str | 
 
 
 @cli.command()
-@click.argument("ref")
+@click.argument("ref", callback=ref_param)
 @click.argument("dest", type=click.Path())
 @click.pass_context
 def checkout(ctx: click.Context, ref: str, dest: str) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,21 +24,20 @@ from pathlib import Path
 import blake3
 
 from ..chunking import cut_points
-from ..errors import CorruptData, FailedPrecondition, InvalidArgument, NotFound
+from ..errors import CorruptData, FailedPrecondition, NotFound
 from ..store.ingest import CHUNK_REF, ChunkWriter
 from ..store.readahead import read_ahead
 from ..store.repository import Store
 from ..store.tables import Tables
-from . import fingerprint
+from . import fingerprint, refs
 from .checkout import checkout_tree
 from .manifest import REG, Entry, decode_manifest, encode_manifest
+from .refs import check_tag
 from .scan import Scanner, ScanStats
 from .statcache import RACY_NS
 from .tree import apply_layer, diff_layer, validate_tree
 
 LAYER_REF = "layer"  # the `refs` owner name of a child layer referencing its parent
-TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._:/@+-]{0,127}$")
-REF_RE = re.compile(r"^(?P<base>[^~]+)(?:~(?P<n>\d*))?$")
 
 
 @dataclass
@@ -106,12 +104,6 @@ def _first_unindexed(t: Tables, own: list[Entry]) -> tuple[Entry, bytes] | None:
     return None
 
 
-def check_tag(name: str) -> None:
-    if not TAG_RE.match(name) or re.fullmatch(r"[0-9a-f]{6,64}", name):
-        raise InvalidArgument(f"invalid tag name {name!r} (letters, digits and ._:/@+- ; "
-                              "not a hex string that could be a layer id)")
-
-
 class Layers:
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -148,43 +140,13 @@ class Layers:
             return dict(t.tags.items())
 
     def resolve(self, ref: str) -> bytes:
-        """A full id, a unique prefix of >= 6 hex digits, a tag, each optionally ~N."""
+        """The layer a REF names (layers/refs.py: the forms and their order)."""
         with self.store.read() as t:
             return self.resolve_in(t, ref)
 
     def resolve_in(self, t: Tables, ref: str) -> bytes:
         """`resolve`, in the transaction `t`."""
-        m = REF_RE.match(ref)
-        if not m:
-            raise InvalidArgument(f"invalid reference {ref!r}")
-        base, n = m.group("base"), m.group("n")
-        steps = 0 if n is None else (int(n) if n else 1)
-        layer_id = self._resolve_base(t, base)
-        for i in range(steps):
-            parent = self.record_in(t, layer_id).parent
-            if parent is None:
-                raise NotFound(f"{ref}: layer has only {i} ancestors")
-            layer_id = parent
-        return layer_id
-
-    @staticmethod
-    def _resolve_base(t: Tables, base: str) -> bytes:
-        tagged = t.tags.get(base)
-        if tagged is not None:
-            return tagged
-        if re.fullmatch(r"[0-9a-fA-F]{64}", base):
-            lid = bytes.fromhex(base)
-            if t.layers.has(lid):
-                return lid
-            raise NotFound(f"layer {base} not found")
-        if re.fullmatch(r"[0-9a-fA-F]{6,63}", base):
-            hits = t.layers.with_hex_prefix(base.lower(), limit=2)
-            if len(hits) == 1:
-                return hits[0]
-            if len(hits) > 1:
-                raise InvalidArgument(f"layer id prefix {base} is ambiguous (several layers "
-                                      "start with it)")
-        raise NotFound(f"no layer or tag named {base!r}")
+        return refs.resolve_in(t, ref, lambda lid: self.record_in(t, lid).parent)
 
     # -- reading -------------------------------------------------------------------
     def manifest_bytes(self, layer_id: bytes) -> bytes:
