@@ -31,6 +31,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,9 +216,13 @@ def test_readme_block(block: Block, tmp_path: Path) -> None:
         said = re.findall(r'^(?:INSTALL|TEST)="(.*)"$', ci, re.M)
         for cmd in block.text.strip().splitlines():
             assert cmd in said, f".ci/run does not run the README's `{cmd}` ({said})"
+    elif block.marker == "containerd":  # needs root, containerd and runc
+        if block.lang == "toml":
+            tomllib.loads(block.text)
+        pytest.skip("run with containerd by tests/test_containerd_e2e.py")
     elif block.lang in ("sh", "bash", "shell"):
         make_rootfs(tmp_path)
-        session = [b for b in BLOCKS if b.n <= block.n
+        session = [b for b in BLOCKS if b.n <= block.n and b.marker != "containerd"
                    if b.lang in ("sh", "bash", "shell") and not is_setup(b)]
         if any("unshare" in b.text for b in session) and (why := userns_refused()):
             pytest.skip(f"a block up to this one needs a user namespace: {why}")
