@@ -367,7 +367,8 @@ def test_sigint_stops_too_and_stale_socket_is_replaced(tmp_path):
     srv = Server(store, sock)
     # a second server on the same live socket: refused, one line
     out = run(store, "containerd-snapshotter", "--address", str(sock), timeout=60)
-    assert out.returncode != 0
+    from pylayers.errors import AlreadyExists
+    assert out.returncode == AlreadyExists.exit_code
     assert "another server is listening" in out.stderr and "Traceback" not in out.stderr
     srv.proc.kill()  # no chance to clean up: the socket stays
     srv.proc.wait()
@@ -380,7 +381,8 @@ def test_sigint_stops_too_and_stale_socket_is_replaced(tmp_path):
     not_sock = tmp_path / "file"
     not_sock.write_text("x")
     out = run(store, "containerd-snapshotter", "--address", str(not_sock))
-    assert out.returncode == 1 and "is not a socket" in out.stderr
+    from pylayers.errors import FailedPrecondition
+    assert out.returncode == FailedPrecondition.exit_code and "is not a socket" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
 
 
