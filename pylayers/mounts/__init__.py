@@ -10,14 +10,16 @@ them and `unmount(target)` undoes them.
 
 Modules: `types` (the value types), `drivers` (the Driver interface), `copy` and
 `overlay` (the drivers), `registry` (drivers by name), `mounting` (performing mounts),
-`snapshotter` (the Snapshotter).
+`snapshotter` (the Snapshotter), `mountpoints` (snapshots mounted at a directory and
+remembered there: what `pylayers mount`, `umount` and `commit` call).
 """
 
 from .mounting import attach, detach, is_mounted, mount_all, unmount
+from .mountpoints import mount_ref, mounted_at, release, unmount_at
 from .registry import DRIVERS, default_driver, driver_names, get_driver
 from .snapshotter import Snapshotter
 from .types import Info, Kind, Mount, Usage
 
 __all__ = ["DRIVERS", "Info", "Kind", "Mount", "Snapshotter", "Usage", "attach",
            "default_driver", "detach", "driver_names", "get_driver", "is_mounted",
-           "mount_all", "unmount"]
+           "mount_all", "mount_ref", "mounted_at", "release", "unmount", "unmount_at"]
