@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pylayers.errors import FailedPrecondition
+from pylayers.errors import FailedPrecondition, NotFound
 from pylayers.mounts.overlay import OverlayDriver
 
 DRIVERS = ["overlay", "copy"]
@@ -311,3 +311,39 @@ def test_mount_table_reads_escaped_names(mount_support, tmp_path):
     assert not any(is_mounted(t) for t in targets)
     table = b"36 35 98:0 / /a\\040b rw - ext3 /dev/x rw\n37 35 98:0 / /c\\134d rw - x y z\n"
     assert mount_points(table) == [b"/a b", b"/c\\d"]
+
+
+def test_the_same_through_the_library(driver, tmp_path, base, mountpoints):
+    """`pylayers mount`, `umount` and `commit` are pylayers.mounts calls: mount_ref,
+    unmount_at, release; the same rules hold there."""
+    from pylayers import Layers, Store
+    from pylayers.mounts import (
+        Snapshotter,
+        is_mounted,
+        mount_ref,
+        mounted_at,
+        release,
+        unmount_at,
+    )
+
+    mnt = mountpoints("lib")
+    with Store.open(tmp_path / "store", create=False) as store:
+        snaps = Snapshotter(Layers(store))
+        key = mount_ref(snaps, "base", mnt, writable=True, driver=driver)
+        assert is_mounted(mnt) and mounted_at(snaps, mnt).key == key
+        (mnt / "lib-new").write_text("x\n")
+        with pytest.raises(FailedPrecondition, match="is mounted at"):
+            release(snaps, key)
+        with pytest.raises(FailedPrecondition, match="not empty|already a mount point"):
+            mount_ref(snaps, "base", mnt, driver=driver)
+        kept = unmount_at(snaps, mnt)
+        assert kept is not None and kept.key == key and not is_mounted(mnt)
+        release(snaps, key)
+        layer = snaps.commit("lib-commit", key)
+        tree = {e.path for e in Layers(store).tree(layer)}
+        assert b"lib-new" in tree
+        view = mount_ref(snaps, "lib-commit", mnt, driver=driver)
+        assert (mnt / "lib-new").read_text() == "x\n"
+        assert unmount_at(snaps, mnt) is None
+        with pytest.raises(NotFound):
+            snaps.stat(view)
