@@ -43,7 +43,9 @@ def env(tmp_path):
 
 
 def refused(env, source: bytes | str, *args: str, name: str = "layer.tar",
-            expect: str = "") -> str:
+            expect: str = "", code: int = 8) -> str:
+    """Refused with one line, exit status `code` (README "Exit codes": 8 damaged or
+    unsafe data, 6 an unusable argument, 3 not found), nothing left behind."""
     store, outside = env
     if isinstance(source, bytes):
         path = store.parent / name
@@ -51,7 +53,7 @@ def refused(env, source: bytes | str, *args: str, name: str = "layer.tar",
         source = str(path)
     before = layer_state(store)
     proc = run_cli(store, "import", source, "-t", "hostile", *args, text=True)
-    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert proc.returncode == code, (proc.stdout, proc.stderr)
     assert proc.stderr.startswith("pylayers: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
     assert expect in proc.stderr, proc.stderr
@@ -139,11 +141,11 @@ def test_decompression_bomb_refused(env):
     raw = make_tar([Reg("zeros", data=bytes(8 << 20))])
     blob = zstandard.ZstdCompressor(level=19).compress(raw)
     assert len(blob) < 2000
-    err = refused(env, blob, "--max-layer-size", "1M", expect="--max-layer-size")
+    err = refused(env, blob, "--max-layer-size", "1M", expect="--max-layer-size", code=6)
     assert "1048576 bytes" in err
     # trailing zeros after the tar's end count too
     refused(env, gzip.compress(make_tar([Reg("a", data=b"a")]) + bytes(4 << 20)),
-            "--max-layer-size", "2M", expect="--max-layer-size")
+            "--max-layer-size", "2M", expect="--max-layer-size", code=6)
 
 
 def image(tmp_path: Path, store: Path) -> Path:
@@ -176,7 +178,7 @@ def test_wrong_digests_refused(env, tmp_path):
     layer.write_bytes(good + b"\0")
     refused(env, f"oci:{img}", expect="larger than its descriptor")
     layer.unlink()
-    refused(env, f"oci:{img}", expect="missing")
+    refused(env, f"oci:{img}", expect="missing", code=3)
     layer.write_bytes(good)
     # a config whose diffID does not match the layer: change it and re-address it
     cpath = img / "blobs/sha256" / manifest["config"]["digest"][7:]
