@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import click
 
-from ..errors import FailedPrecondition, PylayersError
+from ..errors import FailedPrecondition
 from ..layers.repo import check_tag
 from ..mounts import Kind, Snapshotter, driver_names
-from ..mounts.mountpoints import MOUNTPOINT_LABEL, mount_ref, release, unmount_at
+from ..mounts.mountpoints import mount_ref, release, unmount_at
 from ..mounts.snapshotter import GC_ROOT_LABEL
 from .app import cli, open_layers
 

@@ -32,22 +32,35 @@ class DirectoryTree:
         return sum(self.new_chunks.values())
 
 
+class MissingChunks:
+    """A hash-only sink for a scan that stores nothing: it records the chunks the
+    store lacks (each once, id -> length). The one such sink: a directory's diff, the
+    copy driver's and the overlay driver's usage all count new bytes with it."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+        self.sizes: dict[bytes, int] = {}
+
+    def __call__(self, cid: bytes, data) -> bool:
+        if cid in self.sizes or self.store.has_chunk(cid):
+            return False
+        self.sizes[cid] = len(data)
+        return True
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes.values())
+
+
 def scan_directory(layers: Layers, directory: str | Path,
                    progress: Callable[[int], None] | None = None) -> DirectoryTree:
     """The tree of `directory` as a snapshot would record it; nothing is written to
     the store (not even the stat cache)."""
     store = layers.store
-    new_chunks: dict[bytes, int] = {}
-
-    def sink(cid: bytes, data) -> bool:
-        if cid in new_chunks or store.has_chunk(cid):
-            return False
-        new_chunks[cid] = len(data)
-        return True
-
-    scanner = Scanner(store, store.config.chunker, sink, progress=progress)
+    missing = MissingChunks(store)
+    scanner = Scanner(store, store.config.chunker, missing, progress=progress)
     entries = scanner.scan(directory)
-    return DirectoryTree(entries, new_chunks, list(scanner.stats.warnings))
+    return DirectoryTree(entries, missing.sizes, list(scanner.stats.warnings))
 
 
 @dataclass

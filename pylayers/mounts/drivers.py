@@ -12,30 +12,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from ..layers.diffstat import MissingChunks, scan_directory
 from ..layers.manifest import REG, Entry
 from ..layers.repo import Layers
-from ..layers.scan import Scanner
 from ..layers.tree import diff_layer
 from .types import Mount, Usage
-
-
-class MissingChunks:
-    """A hash-only sink for a scan that stores nothing: it records the chunks the
-    store lacks (each once) and their sizes."""
-
-    def __init__(self, store) -> None:
-        self.store = store
-        self.sizes: dict[bytes, int] = {}
-
-    def __call__(self, cid: bytes, data) -> bool:
-        if cid in self.sizes or self.store.has_chunk(cid):
-            return False
-        self.sizes[cid] = len(data)
-        return True
-
-    @property
-    def total(self) -> int:
-        return sum(self.sizes.values())
 
 
 def usage_of_entries(own: list[Entry], missing: MissingChunks) -> Usage:
@@ -46,11 +27,10 @@ def usage_of_entries(own: list[Entry], missing: MissingChunks) -> Usage:
 def tree_usage(layers: Layers, directory: Path, parent: bytes | None) -> Usage:
     """Own size of a plain directory against its parent layer, and how much of it the
     store lacks (hash-only scan: nothing is stored)."""
-    store = layers.store
-    missing = MissingChunks(store)
-    tree = Scanner(store, store.config.chunker, missing).scan(directory)
+    scanned = scan_directory(layers, directory)
     base = layers.tree(parent) if parent is not None else []
-    return usage_of_entries(diff_layer(base, tree), missing)
+    own = diff_layer(base, scanned.entries)
+    return Usage(sum(e.size for e in own if e.kind == REG), len(own), scanned.new_bytes)
 
 
 class Driver:

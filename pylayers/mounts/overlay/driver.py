@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ...layers.diffstat import MissingChunks
 from ...layers.manifest import DIR, WHITEOUT, Entry
 from ...layers.materialise import apply_metadata
 from ...layers.repo import Layers
-from ..drivers import Driver, MissingChunks, usage_of_entries
+from ..drivers import Driver, usage_of_entries
 from ..types import Mount, Usage
 from .cache import cache_bytes, cache_root, collect_caches
 from .lower import LowerDirs
