@@ -72,9 +72,11 @@ def is_mounted(target: str | os.PathLike[str]) -> bool:
 def can_mount() -> str | None:
     """None if this process may mount, else why not."""
     if userns.in_initial_userns():
-        if os.geteuid() == 0:
-            return None
-        return "mounting needs root (or root in a user namespace: unshare -Urm)"
+        if os.geteuid() != 0:
+            return "mounting needs root (or root in a user namespace: unshare -Urm)"
+        if not userns.has_cap(userns.CAP_SYS_ADMIN):
+            return "root without CAP_SYS_ADMIN (an unprivileged container?) cannot mount"
+        return None
     if not userns.has_cap(userns.CAP_SYS_ADMIN):
         return "not root in this user namespace (no CAP_SYS_ADMIN)"
     if not userns.owns_mount_namespace():
