@@ -347,3 +347,32 @@ def test_the_same_through_the_library(driver, tmp_path, base, mountpoints):
         assert unmount_at(snaps, mnt) is None
         with pytest.raises(NotFound):
             snaps.stat(view)
+
+
+def test_root_without_cap_sys_admin_links_the_copy_driver(tmp_path, base, mountpoints):
+    """Root without CAP_SYS_ADMIN (an unprivileged container) may not mount: the copy
+    driver's snapshot is linked at the mount point instead, and umount undoes it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    drop = ["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin"]
+    probe = subprocess.run([*drop, "grep", "CapEff", "/proc/self/status"],
+                           capture_output=True, text=True)
+    if probe.returncode:
+        pytest.skip(f"setpriv cannot drop CAP_SYS_ADMIN here: {probe.stderr.strip()}")
+    assert not int(probe.stdout.split()[1], 16) >> 21 & 1, probe.stdout
+    mnt = mountpoints("mnt")
+    pl = [*drop, sys.executable, "-m", "pylayers", "--store", str(tmp_path / "store")]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*pl, *args], capture_output=True, text=True, cwd=tmp_path)
+
+    key = ok(run("mount", "base", str(mnt), "--rw", "--driver", "copy")).strip()
+    assert mnt.is_symlink() and not mounted(mnt)
+    (mnt / "added").write_text("a\n")
+    fails(run("mount", "base", str(mnt), "--driver", "copy"), "not empty", code=5)
+    fails(run("mount", "base", str(mnt), "--driver", "overlay", "--force"),
+          "driver overlay is not available", code=6)
+    assert ok(run("umount", str(mnt))).strip() == key
+    assert mnt.is_dir() and not mnt.is_symlink() and os.listdir(mnt) == []
+    layer = ok(run("commit", key)).strip().splitlines()[-1]
+    assert ok(cli(tmp_path, "diff", "base", layer)).splitlines() == ["A /added"]

@@ -59,9 +59,12 @@ def overlay_mode() -> tuple[str | None, str | None]:
     hint = "run inside `unshare -Urm` (a user namespace: overlayfs with userxattr), " \
         "or use the copy driver"
     if userns.in_initial_userns():
-        if os.geteuid() == 0:
-            return ROOT, None
-        return None, f"mounting overlayfs needs root; without root, {hint}"
+        if os.geteuid() != 0:
+            return None, f"mounting overlayfs needs root; without root, {hint}"
+        if not userns.has_cap(userns.CAP_SYS_ADMIN):
+            return None, "root without CAP_SYS_ADMIN (an unprivileged container?) cannot " \
+                "mount; use the copy driver"
+        return ROOT, None
     if os.geteuid() != 0 or not userns.has_cap(userns.CAP_SYS_ADMIN):
         return None, f"not root in this user namespace (no CAP_SYS_ADMIN); {hint}"
     if not userns.owns_mount_namespace():
