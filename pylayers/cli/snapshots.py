@@ -7,8 +7,8 @@ import click
 from ..errors import PylayersError
 from ..layers.catalog import tags_by_layer
 from ..mounts import Snapshotter
+from ..mounts.mountpoints import MOUNTPOINT_LABEL
 from .app import cli, emit_json, human, open_layers
-from .mounts import MOUNTPOINT_LABEL
 
 
 @cli.command()
