@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 import blake3
 
-from ..chunking import Chunker, ChunkerParams
+from ..chunking import Chunker, ChunkerParams, cut_points
 from ..errors import CorruptData, UnsafePath
 from ..layers.manifest import BLK, CHR, DIR, FIFO, HARDLINK, REG, SYMLINK, Entry
 
@@ -59,6 +59,59 @@ class _Info(tarfile.TarInfo):
     def _proc_gnulong(self, tarfile):  # type: ignore[override]
         self._check_size()
         return super()._proc_gnulong(tarfile)
+
+
+class _Forward:
+    """A stream made seekable forward only, so tarfile reads it in its random-access
+    mode (tarfile's own stream mode copies its whole buffer on every small read): a
+    seek ahead reads and drops the bytes between, a seek back is an error."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw = raw
+        self.buf = b""
+        self.i = 0
+        self.end = 0  # bytes read from raw so far
+
+    def tell(self) -> int:
+        return self.end - (len(self.buf) - self.i)
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        out = []
+        if n < 0:
+            n = 1 << 62
+        while n > 0:
+            if self.i >= len(self.buf):
+                chunk = self.raw.read(max(n, READ) if n < 1 << 62 else READ)
+                if not chunk:
+                    break
+                self.buf, self.i = chunk, 0
+                self.end += len(chunk)
+            take = min(n, len(self.buf) - self.i)
+            out.append(self.buf[self.i:self.i + take] if take < len(self.buf) else self.buf)
+            self.i += take
+            n -= take
+        return b"".join(out)
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        cur = self.tell()
+        if whence == 1:
+            pos += cur
+        elif whence != 0:
+            raise CorruptData("layer tar: cannot seek from the end of a stream")
+        if pos < cur:
+            raise CorruptData("layer tar: a member points back into the archive")
+        while pos > cur:
+            got = len(self.read(min(pos - cur, READ)))
+            if not got:
+                break
+            cur += got
+        return cur
 
 
 def _raw(text: str) -> bytes:
@@ -121,15 +174,29 @@ def store_content(f: BinaryIO, params: ChunkerParams, sink: Sink,
                   progress: Callable[[int], None] | None = None) -> tuple[bytes, bytes, int]:
     """(content id, packed chunk list, size) of the stream `f`, its chunks sent to
     `sink` as they are cut; memory stays within a read block and a chunk."""
+    first = f.read(READ)
+    if len(first) < READ:  # the whole file: a one-chunk file's id is its chunk's
+        cuts = cut_points(first, min_size=params.min_size, avg_size=params.avg_size,
+                          max_size=params.max_size)
+        refs, ids, start = [], [], 0
+        for end in cuts:
+            piece = first[start:end]
+            cid = blake3.blake3(piece).digest()
+            sink(cid, piece)
+            ids.append(cid)
+            refs.append(cid + len(piece).to_bytes(4, "little"))
+            start = end
+        if progress is not None:
+            progress(len(first))
+        content = ids[0] if len(ids) == 1 else blake3.blake3(first).digest()
+        return content, b"".join(refs), len(first)
     chunker = Chunker.from_params(params)
     whole = blake3.blake3()
-    refs: list[bytes] = []
+    refs = []
     pending = bytearray()
     size = 0
-    while True:
-        block = f.read(READ)
-        if not block:
-            break
+    block = first
+    while block:
         size += len(block)
         whole.update(block)
         base = chunker.offset - len(pending)
@@ -146,6 +213,7 @@ def store_content(f: BinaryIO, params: ChunkerParams, sink: Sink,
         del pending[:start]
         if progress is not None:
             progress(len(block))
+        block = f.read(READ)
     if chunker.finish() is not None:
         piece = bytes(pending)
         cid = blake3.blake3(piece).digest()
@@ -169,9 +237,9 @@ def read_members(stream: BinaryIO, params: ChunkerParams, sink: Sink,
     """The members of the uncompressed layer tar `stream`, in archive order, file
     contents stored through `sink`."""
     try:
-        tf = tarfile.open(fileobj=stream, mode="r|", tarinfo=_Info, encoding="utf-8",
-                          errors="surrogateescape")
-    except tarfile.ReadError as e:
+        tf = tarfile.TarFile(fileobj=_Forward(stream), mode="r", tarinfo=_Info,  # type: ignore[arg-type]
+                             encoding="utf-8", errors="surrogateescape")
+    except tarfile.TarError as e:
         raise CorruptData(f"not a tar archive ({e})") from None
     try:
         while True:
