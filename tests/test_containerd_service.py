@@ -423,3 +423,23 @@ def test_client_gone_mid_call_and_concurrent_clients(server):
     assert ("bigc" in names) != ("big" in names), names
     assert c1.stat("bigc" if "bigc" in names else "big").kind in (pb.COMMITTED, pb.ACTIVE)
     assert c2.names() == [f"b{i}" for i in range(5)]
+
+
+def test_cleanup_removes_orphaned_directories_only(server):
+    """A directory under STORE/snapshots that no record names (a process killed between
+    its steps) goes at Cleanup; live snapshots' directories stay."""
+    c = Client(server.stub)
+    committed(c, "base", {"f": b"1"})
+    up = upper_dir(c.prepare("live", "base"))
+    (up / "mine").write_bytes(b"kept")
+    orphan = server.store / "snapshots" / "0123456789abcdef"
+    (orphan / "fs" / "sub").mkdir(parents=True)
+    (orphan / "fs" / "sub" / "file").write_bytes(b"left behind")
+    not_ours = server.store / "snapshots" / "README"
+    not_ours.mkdir()
+    c.cleanup()
+    assert not orphan.exists()
+    assert not_ours.exists()  # not a snapshot directory's name: left alone
+    assert (up / "mine").read_bytes() == b"kept"
+    assert c.names() == ["base", "live"]
+    assert "removed 1 orphaned snapshot directories" in server.log

@@ -28,6 +28,7 @@ import errno
 import logging
 import os
 import re
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -47,7 +48,7 @@ from ..errors import (
     UsageError,
 )
 from ..layers.repo import Layers
-from ..mounts import Info, Kind, Mount, Snapshotter
+from ..mounts import Info, Kind, Mount, Snapshotter, is_mounted
 from ..mounts.snapshotter import GC_ROOT_LABEL
 from ..store import Store
 from . import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
@@ -296,10 +297,37 @@ class SnapshotsService(snapshots_pb2_grpc.SnapshotsServicer):
         return snapshots_pb2.UsageResponse(size=usage.size, inodes=usage.inodes)
 
     def Cleanup(self, request, context):
-        # Nothing to do between calls: a snapshot's directory goes with its Remove, and
-        # the layer caches' space is reclaimed by `pylayers gc`.
-        self._call(context, "Cleanup", lambda ns, s: None, None)
+        """containerd's Cleanup (after its garbage collection): remove snapshot
+        directories no snapshot record names (left by a process killed between its
+        steps). The layer caches' space is `pylayers gc`'s to reclaim."""
+        self._call(context, "Cleanup", lambda ns, s: remove_orphan_dirs(s), None)
         return empty_pb2.Empty()
+
+
+_DIR_ID = re.compile(r"[0-9a-f]{16}")
+
+
+def remove_orphan_dirs(snaps: Snapshotter) -> list[str]:
+    """Remove the directories under STORE/snapshots that no snapshot names, unless
+    something is mounted in them; returns their names. A snapshot's record is written
+    before its directory is made, so the records are read after the directories: a
+    directory made meanwhile has its record in that read."""
+    try:
+        found = [e.name for e in os.scandir(snaps.root)
+                 if _DIR_ID.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return []
+    live = {i.dir_id for i in snaps.walk() if i.dir_id}
+    removed = []
+    for name in found:
+        path = snaps.root / name
+        if name in live or any(is_mounted(p) for p in (path, path / "fs")):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(name)
+    if removed:
+        log.info("Cleanup: removed %d orphaned snapshot directories", len(removed))
+    return removed
 
 
 def serve(address: str, store_path: str | os.PathLike[str] | None,
