@@ -6,7 +6,6 @@ import base64
 import importlib
 import json
 import sys
-import time
 import unicodedata
 from contextlib import contextmanager
 
@@ -186,31 +185,4 @@ def human(n: float) -> str:
     return str(n)
 
 
-class Progress:
-    """Bytes done and rate on stderr, only when stderr is a terminal and the work takes
-    more than a second."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.enabled = sys.stderr.isatty()
-        self.done = 0
-        self.start = time.monotonic()
-        self.last = self.start
-        self.shown = False
-
-    def __call__(self, n: int) -> None:
-        self.done += n
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if now - self.start > 1 and now - self.last > 0.2:
-            self.last = now
-            rate = self.done / (now - self.start)
-            sys.stderr.write(f"\r{self.label}: {human(self.done)} ({human(rate)}/s)   ")
-            sys.stderr.flush()
-            self.shown = True
-
-    def close(self) -> None:
-        if self.shown:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
+# the progress reporter, here for the verbs that import it from app

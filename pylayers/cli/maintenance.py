@@ -8,6 +8,7 @@ from ..chunking import DEFAULT_AVG, DEFAULT_MAX, DEFAULT_MIN, ChunkerParams
 from ..errors import InvalidArgument
 from ..store import Store, StoreConfig, default_store_path
 from .app import Size, cli, emit_json, human, open_layers
+from .progress import Progress, mode_of, progress_options
 
 _LEVELS = click.IntRange(0, 22)  # zstd's levels; 0: stored uncompressed
 
@@ -71,12 +72,17 @@ def du(ctx: click.Context, as_json: bool) -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@progress_options
 @click.pass_context
-def gc(ctx: click.Context, as_json: bool) -> None:
+def gc(ctx: click.Context, as_json: bool, progress_lines: bool, quiet: bool) -> None:
     """Delete what nothing needs: unreferenced committed snapshots, chunks no layer
     needs, stale build-cache keys and driver caches; waits for running snapshots."""
     with open_layers(ctx, create=False, exclusive=True) as layers:
-        res = _maintenance().gc(layers.store)
+        progress = Progress("gc", mode_of(progress_lines, quiet), unit="steps")
+        try:
+            res = _maintenance().gc(layers.store, progress=progress.stage)
+        finally:
+            progress.close()
     if as_json:
         emit_json(res.to_json())
         return
@@ -88,11 +94,16 @@ def gc(ctx: click.Context, as_json: bool) -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@progress_options
 @click.pass_context
-def fsck(ctx: click.Context, as_json: bool) -> None:
+def fsck(ctx: click.Context, as_json: bool, progress_lines: bool, quiet: bool) -> None:
     """Verify every chunk, manifest and reference; exit 1 listing what is damaged."""
     with open_layers(ctx, create=False) as layers:
-        report = _maintenance().fsck(layers.store)
+        progress = Progress("fsck", mode_of(progress_lines, quiet), unit="steps")
+        try:
+            report = _maintenance().fsck(layers.store, progress=progress.stage)
+        finally:
+            progress.close()
     if as_json:
         emit_json(report.to_json())
         if not report.ok:
@@ -102,8 +113,9 @@ def fsck(ctx: click.Context, as_json: bool) -> None:
         click.echo(f"note: {note}", err=True)
     for line in report.damaged:
         click.echo(f"damaged: {line}")
-    click.echo(f"checked {report.chunks_checked} chunks, {report.layers_checked} layers, "
-               f"{report.snapshots_checked} snapshots: "
-               + ("ok" if report.ok else f"{len(report.damaged)} problems"), err=True)
+    if not quiet:
+        click.echo(f"checked {report.chunks_checked} chunks, {report.layers_checked} layers, "
+                   f"{report.snapshots_checked} snapshots: "
+                   + ("ok" if report.ok else f"{len(report.damaged)} problems"), err=True)
     if not report.ok:
         ctx.exit(1)

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import click
 
-from .app import Progress, cli, human, open_layers, ref_param, tag_param, warn
+from ..layers.presize import directory_bytes, tree_bytes
+from .app import cli, human, open_layers, ref_param, tag_param, warn
+from .progress import Progress, mode_of, progress_options
 
 
 @cli.command()
@@ -19,13 +21,15 @@ from .app import Progress, cli, human, open_layers, ref_param, tag_param, warn
 @click.option("--allow-changing", is_flag=True,
               help="Store a file that keeps changing while read as last read (a warning "
                    "and exit status 1, as tar) instead of failing.")
+@progress_options
 @click.pass_context
 def snapshot(ctx: click.Context, directory: str, parent: str | None, tag: str | None,
-             message: str, allow_changing: bool) -> None:
+             message: str, allow_changing: bool, progress_lines: bool, quiet: bool) -> None:
     """Snapshot DIRECTORY into a new layer; prints its id as the last line."""
     with open_layers(ctx) as layers:
         parent_id = layers.resolve(parent) if parent is not None else None
-        progress = Progress("snapshot")
+        progress = Progress("snapshot", mode_of(progress_lines, quiet),
+                            total_fn=lambda: directory_bytes(directory))
         try:
             res = layers.snapshot(directory, parent_id, tag, message, progress,
                                   allow_changing=allow_changing)
@@ -33,12 +37,14 @@ def snapshot(ctx: click.Context, directory: str, parent: str | None, tag: str | 
             progress.close()
         warn(res.stats.warnings)
         s = res.stats
-        if s.unchanged_since is not None:
+        if quiet:
+            pass
+        elif s.unchanged_since is not None:
             print(f"{res.entries} entries; directory unchanged since layer "
                   f"{s.unchanged_since.hex()[:12]} (nothing read)", file=sys.stderr)
         else:
             print(f"{res.entries} entries, {s.files} files, {human(s.bytes_total)}; "
-                  f"read {human(s.bytes_read)}, new in store {human(s.new_bytes)}"
+                  f"read {human(s.bytes_read)}, new bytes {human(s.new_bytes)}"
                   + (" (layer existed)" if res.existed else ""), file=sys.stderr)
         click.echo(res.layer_id.hex())
         if s.changed:  # stored, but not as any one version of those files
@@ -48,12 +54,17 @@ def snapshot(ctx: click.Context, directory: str, parent: str | None, tag: str | 
 @cli.command()
 @click.argument("ref", callback=ref_param)
 @click.argument("dest", type=click.Path())
+@progress_options
 @click.pass_context
-def checkout(ctx: click.Context, ref: str, dest: str) -> None:
+def checkout(ctx: click.Context, ref: str, dest: str, progress_lines: bool,
+             quiet: bool) -> None:
     """Write the full tree of REF into DEST (which must not exist, or be empty)."""
     with open_layers(ctx, create=False) as layers:
-        progress = Progress("checkout")
+        layer_id = layers.resolve(ref)
+        progress = Progress("checkout", mode_of(progress_lines, quiet))
+        if progress.wanted:
+            progress.total = tree_bytes(layers.tree(layer_id))  # the checkout reuses it
         try:
-            layers.checkout(layers.resolve(ref), Path(dest), progress)
+            layers.checkout(layer_id, Path(dest), progress)
         finally:
             progress.close()
