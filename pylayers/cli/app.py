@@ -184,5 +184,3 @@ def human(n: float) -> str:
         n /= 1024
     return str(n)
 
-
-# the progress reporter, here for the verbs that import it from app

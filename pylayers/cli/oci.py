@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from ..oci import DEFAULT_MAX_LAYER_SIZE, export_image, import_source
-from .app import Progress, cli, open_layers
+from .app import cli, open_layers
+from .progress import Progress
 
 
 def _size(text: str) -> int:
