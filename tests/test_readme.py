@@ -18,7 +18,9 @@ run by kind:
 - `json` blocks must parse; the bare "Layout" block must name paths that exist;
   `text` (`output`, `console`) blocks show output and are not run.
 
-A block that needs user namespaces (`unshare`) skips where the kernel refuses them. A
+A block that needs user namespaces (`unshare`) skips where the kernel refuses them. Blocks
+after `<!-- containerd -->` need root, containerd and runc: tests/test_containerd_e2e.py
+runs them (a toml one is parsed here), and they are left out of the shell session. A
 block of any other kind fails, so a new one gets a way to run here.
 """
 
