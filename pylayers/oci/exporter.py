@@ -37,15 +37,41 @@ class ExportResult:
 
 
 class _Hashing:
-    def __init__(self, f) -> None:
+    """Counts, and hashes unless `hashing` is off, what it writes to `f`."""
+
+    def __init__(self, f, hashing: bool = True) -> None:
         self.f = f
-        self.hash = hashlib.sha256()
+        self.hash = hashlib.sha256() if hashing else None
         self.size = 0
 
     def write(self, data) -> None:
-        self.hash.update(data)
+        if self.hash is not None:
+            self.hash.update(data)
         self.size += len(data)
         self.f.write(data)
+
+
+class _Batched:
+    """Gathers the many small writes of a tar (headers, padding, small files) into
+    1 MiB writes."""
+
+    def __init__(self, write) -> None:
+        self._write = write
+        self.buf = bytearray()
+
+    def __call__(self, data) -> None:
+        if len(data) >= 1 << 20:
+            self.flush()
+            self._write(data)
+            return
+        self.buf += data
+        if len(self.buf) >= 1 << 20:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buf:
+            self._write(bytes(self.buf))
+            self.buf.clear()
 
 
 def parse_dest(dest: str) -> tuple[str, Path, str | None]:
@@ -105,7 +131,8 @@ def _export_layout(layers: Layers, top: bytes, out: LayoutWriter, ref: str | Non
         after = {e.path: e for e in tree}
         tmp = out.temp()
         try:
-            blob = _Hashing(tmp)
+            # uncompressed, the blob is the tar itself: one hash for both digests
+            blob = _Hashing(tmp, hashing=compression != "none")
             comp = Compressor(blob, compression)
             diff = hashlib.sha256()
 
@@ -113,12 +140,14 @@ def _export_layout(layers: Layers, top: bytes, out: LayoutWriter, ref: str | Non
                 diff.update(data)
                 comp.write(data)
 
-            write_layer(write, own, after, lambda cids: read_ahead(store, cids), sde)
+            batched = _Batched(write)
+            write_layer(batched, own, after, lambda cids: read_ahead(store, cids), sde)
+            batched.flush()
             comp.close()
             tmp.flush()
             os.fsync(tmp.fileno())
             tmp.close()
-            digest = "sha256:" + blob.hash.hexdigest()
+            digest = "sha256:" + (blob.hash or diff).hexdigest()
             out.add_file(tmp.name, digest)
         except BaseException:
             tmp.close()
