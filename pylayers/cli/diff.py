@@ -9,6 +9,7 @@ import click
 
 from ..errors import InvalidArgument, NotFound, UsageError
 from ..layers.diffstat import Side, compare
+from ..layers.ignore import Exclusions
 from ..layers.manifest import KIND_NAMES
 from ..layers.repo import Layers
 from .app import cli, display_path, emit_json, human, open_layers, path_json, ref_param, warn
@@ -46,9 +47,12 @@ def _side(layers: Layers, arg: str) -> Side:
               help="Compare REF1 with this directory (in place of REF2).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/cli.md).")
 @click.option("--stat", "as_stat", is_flag=True, help="Sum up bytes added, removed and new.")
+@click.option("--exclude", "-x", "patterns", multiple=True, metavar="PATTERN",
+              help="Leave out of a directory's scan what snapshot --exclude would "
+                   "(its .pylayersignore applies too).")
 @click.pass_context
 def diff(ctx: click.Context, ref1: str, ref2: str | None, directory: str | None,
-         as_json: bool, as_stat: bool) -> None:
+         as_json: bool, as_stat: bool, patterns: tuple[str, ...]) -> None:
     """What changed from REF1 to REF2: `A`dded, `C`hanged or `D`eleted paths, sorted by
     path. Either may be a directory, compared without storing anything: an argument
     holding '/' (./rootfs, /srv/x) or given with --dir is a directory; any other is a
@@ -61,7 +65,8 @@ def diff(ctx: click.Context, ref1: str, ref2: str | None, directory: str | None,
     with open_layers(ctx, create=False) as layers:
         old = _side(layers, ref1)
         new = _directory(directory) if directory is not None else _side(layers, ref2)
-        res = compare(layers, old, new)
+        res = compare(layers, old, new,
+                      exclusions=lambda d: Exclusions.for_directory(d, patterns))
     warn(res.warnings)
     if as_stat:
         stat = res.stat

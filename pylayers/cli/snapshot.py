@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..layers.ignore import Exclusions
 from ..layers.presize import directory_bytes, tree_bytes
 from .app import cli, human, open_layers, ref_param, tag_param, warn
 from .progress import Progress, mode_of, progress_options
@@ -21,18 +22,25 @@ from .progress import Progress, mode_of, progress_options
 @click.option("--allow-changing", is_flag=True,
               help="Store a file that keeps changing while read as last read (a warning "
                    "and exit status 1, as tar) instead of failing.")
+@click.option("--exclude", "-x", "patterns", multiple=True, metavar="PATTERN",
+              help="Leave out paths matching PATTERN (as in .dockerignore; repeatable), "
+                   "after DIRECTORY/.pylayersignore's patterns.")
 @progress_options
 @click.pass_context
 def snapshot(ctx: click.Context, directory: str, parent: str | None, tag: str | None,
-             message: str, allow_changing: bool, progress_lines: bool, quiet: bool) -> None:
-    """Snapshot DIRECTORY into a new layer; prints its id as the last line."""
+             message: str, allow_changing: bool, patterns: tuple[str, ...],
+             progress_lines: bool, quiet: bool) -> None:
+    """Snapshot DIRECTORY into a new layer; prints its id as the last line. Paths
+    matching DIRECTORY/.pylayersignore or --exclude are left out, and so is the store
+    when it lies inside DIRECTORY."""
+    exclude = Exclusions.for_directory(directory, patterns)  # a bad pattern: usage error
     with open_layers(ctx) as layers:
         parent_id = layers.resolve(parent) if parent is not None else None
         progress = Progress("snapshot", mode_of(progress_lines, quiet),
                             total_fn=lambda: directory_bytes(directory))
         try:
             res = layers.snapshot(directory, parent_id, tag, message, progress,
-                                  allow_changing=allow_changing)
+                                  allow_changing=allow_changing, exclude=exclude)
         finally:
             progress.close()
         warn(res.stats.warnings)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .ignore import Exclusions
 from .manifest import REG, Entry
 from .repo import Layers
 from .scan import Scanner
@@ -53,12 +54,15 @@ class MissingChunks:
 
 
 def scan_directory(layers: Layers, directory: str | Path,
-                   progress: Callable[[int], None] | None = None) -> DirectoryTree:
-    """The tree of `directory` as a snapshot would record it; nothing is written to
-    the store (not even the stat cache)."""
+                   progress: Callable[[int], None] | None = None,
+                   exclude: Exclusions | None = None) -> DirectoryTree:
+    """The tree of `directory` as a snapshot would record it (leaving out what
+    `exclude` says, and the store itself); nothing is written to the store (not even
+    the stat cache)."""
     store = layers.store
     missing = MissingChunks(store)
-    scanner = Scanner(store, store.config.chunker, missing, progress=progress)
+    scanner = Scanner(store, store.config.chunker, missing, progress=progress,
+                      exclude=exclude.excluded if exclude else None)
     entries = scanner.scan(directory)
     return DirectoryTree(entries, missing.sizes, list(scanner.stats.warnings))
 
@@ -136,16 +140,19 @@ Side = bytes | Path  # a layer id, or a directory on disk
 
 
 def compare(layers: Layers, old: Side, new: Side,
-            progress: Callable[[int], None] | None = None) -> Comparison:
+            progress: Callable[[int], None] | None = None,
+            exclusions: Callable[[Path], Exclusions] | None = None) -> Comparison:
     """Compare two trees, each a layer (its id) or a directory (a Path, scanned without
-    storing)."""
+    storing; `exclusions(directory)` says what its scan leaves out, as a snapshot of it
+    would)."""
     warnings: list[str] = []
     new_chunks = None
 
     def tree_of(side: Side, collect: bool) -> list[Entry]:
         nonlocal new_chunks
         if isinstance(side, Path):
-            scanned = scan_directory(layers, side, progress)
+            scanned = scan_directory(layers, side, progress,
+                                     exclusions(side) if exclusions else None)
             warnings.extend(scanned.warnings)
             if collect:
                 new_chunks = scanned.new_chunks

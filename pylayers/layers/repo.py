@@ -31,6 +31,7 @@ from ..store.repository import Store
 from ..store.tables import Tables
 from . import fingerprint, refs
 from .checkout import checkout_tree
+from .ignore import Exclusions
 from .manifest import REG, Entry, decode_manifest, encode_manifest
 from .refs import check_tag
 from .scan import Scanner, ScanStats
@@ -102,6 +103,12 @@ def _first_unindexed(t: Tables, own: list[Entry]) -> tuple[Entry, bytes] | None:
                 if not has(c[i : i + 32]):
                     return e, c[i : i + 32]
     return None
+
+
+def _holds(directory: str | Path, inner: Path) -> bool:
+    """Whether `inner` lies inside (or is) `directory`."""
+    outer = os.path.realpath(directory)
+    return os.path.commonpath([outer, os.path.realpath(inner)]) == outer
 
 
 class Layers:
@@ -207,19 +214,24 @@ class Layers:
                  tag: str | None = None, message: str = "",
                  progress: Callable[[int], None] | None = None,
                  kept: bool = True, allow_changing: bool = False,
-                 ephemeral: bool = False) -> SnapshotResult:
+                 ephemeral: bool = False,
+                 exclude: Exclusions | None = None) -> SnapshotResult:
         """Store `directory` as a layer on `parent`. `kept`: a layer the user asked for
         (False for a snapshotter's commit, which its collection may remove). A file that
         keeps changing while read fails the snapshot with SourceChanged, unless
         `allow_changing`: then its last read is stored and listed in `stats.changed`.
         `ephemeral`: the directory is deleted right after (the copy driver's snapshot
         directories), so record no stat-cache entries and no tree fingerprint for it;
-        and do not walk it for a fingerprint that would be neither found nor kept."""
+        and do not walk it for a fingerprint that would be neither found nor kept.
+        `exclude`: paths to leave out (ignore.py); the store's own directory is left out
+        too. A tree with paths left out takes no fingerprint fast path: the fingerprint
+        covers every path, and the same tree with other patterns is another layer."""
         if tag is not None:
             check_tag(tag)
         start_ns = time.time_ns()
         fp = fp_key = None
-        if not ephemeral and os.path.isdir(directory):
+        if not ephemeral and not exclude and os.path.isdir(directory) \
+                and not _holds(directory, self.store.path):
             fp_key = fingerprint.path_key(directory)
             try:
                 fp, max_ctime = fingerprint.tree_fingerprint(directory)
@@ -247,7 +259,8 @@ class Layers:
             base = self.tree(parent) if parent is not None else []
             scanner = Scanner(self.store, self.store.config.chunker, writer.put,
                               progress=progress, allow_changing=allow_changing,
-                              known=writer.has)
+                              known=writer.has,
+                              exclude=exclude.excluded if exclude else None)
             tree = scanner.scan(directory)
             own = diff_layer(base, tree) if parent is not None else tree
             cache = [] if ephemeral else list(scanner.statcache_updates)

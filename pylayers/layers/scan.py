@@ -45,6 +45,14 @@ def _changed(before: os.stat_result, after: os.stat_result) -> bool:
         before.st_size, before.st_mtime_ns, before.st_ctime_ns)
 
 
+def _dir_id(path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def read_xattrs(path: bytes) -> tuple[tuple[bytes, bytes], ...]:
     try:
         names = os.listxattr(path, follow_symlinks=False)
@@ -78,8 +86,13 @@ class Scanner:
                  sink: Callable[[bytes, bytes], bool] | None,
                  use_statcache: bool = True, progress=None,
                  allow_changing: bool = False,
-                 known: Callable[[bytes], bool] | None = None) -> None:
+                 known: Callable[[bytes], bool] | None = None,
+                 exclude: Callable[[bytes], bool] | None = None) -> None:
+        """`exclude(rel_path)`: leave that path out, and all under it (ignore.py). The
+        store's own directory, if the tree holds it, is always left out."""
         self.store = store
+        self.exclude = exclude
+        self._store_dir = _dir_id(store.path) if store is not None else None
         self.stats = ScanStats()
         self.reader = ContentReader(params, sink, self.stats)
         self.use_statcache = use_statcache and store is not None
@@ -191,8 +204,16 @@ class Scanner:
             except OSError as e:  # ENAMETOOLONG past PATH_MAX, EIO...
                 raise InvalidArgument(f"cannot stat {short_path(d.path)}: "
                                       f"{os_error_reason(e, d.path)}") from None
+            if self._left_out(d.path, rel, st):
+                continue
             if self._entry(d.path, rel, st, entries) and stat.S_ISDIR(st.st_mode):
                 self._walk(d.path, rel, entries)
+
+    def _left_out(self, path: bytes, rel: bytes, st: os.stat_result) -> bool:
+        if stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) == self._store_dir:
+            self.stats.warnings.append(f"{os.fsdecode(path)}: the store itself, left out")
+            return True
+        return self.exclude is not None and self.exclude(rel)
 
     def _entry(self, path: bytes, rel: bytes, st: os.stat_result, entries: list[Entry]) -> bool:
         mode = st.st_mode
