@@ -41,7 +41,10 @@ def run(store: Path, *args: str, timeout: float = 120) -> subprocess.CompletedPr
 
 class Server:
     """A `pylayers containerd-snapshotter` process; `stop()` sends SIGTERM and returns
-    its exit status; `log` is what it wrote to stderr."""
+    its exit status; `log` is what it wrote to stderr. Every one started is killed at
+    the end of its test if it still runs (a failed assert must not leave it behind)."""
+
+    started: list[Server] = []
 
     def __init__(self, store: Path, sock: Path, *extra: str) -> None:
         self.store, self.sock = store, sock
@@ -50,6 +53,7 @@ class Server:
         self.proc = subprocess.Popen(
             pylayers_cmd(store, "containerd-snapshotter", "--address", str(sock), *extra),
             stdout=self.log_file, stderr=self.log_file, cwd=store.parent)
+        Server.started.append(self)
         deadline = time.monotonic() + 30
         while not self.answers():
             if self.proc.poll() is not None:
@@ -86,6 +90,16 @@ class Server:
                 raise AssertionError("the server did not stop on a signal") from None
         self.log_file.close()
         return self.proc.returncode
+
+
+@pytest.fixture(autouse=True)
+def no_server_left_behind():
+    yield
+    while Server.started:
+        srv = Server.started.pop()
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+            srv.proc.wait()
 
 
 @pytest.fixture
