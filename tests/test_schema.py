@@ -162,6 +162,21 @@ def test_commit_refuses_a_layer_naming_an_unindexed_chunk(tmp_path: Path) -> Non
         assert layers.all_ids() == [] and layers.tags() == {}
 
 
+def test_fsck_reports_a_child_the_index_does_not_know(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    src = files(tmp_path / "src", {"a": b"1"})
+    base = ok(run_cli(store, "snapshot", str(src))).split()[-1]
+    (src / "b").write_bytes(b"2")
+    child = ok(run_cli(store, "snapshot", "--parent", base, str(src))).split()[-1]
+    ok(run_cli(store, "fsck"))
+    with Store.open(store) as s, s.write() as t:
+        assert t.refs.referrers(bytes.fromhex(base)) == [("layer", bytes.fromhex(child))]
+        t.refs.remove(bytes.fromhex(base), "layer", bytes.fromhex(child))
+    proc = run_cli(store, "fsck")
+    assert proc.returncode == 1
+    assert f"layer {child[:12]}: the index does not record it as a child" in proc.stdout
+
+
 # -- ephemeral trees ---------------------------------------------------------------------
 
 

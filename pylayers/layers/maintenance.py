@@ -13,7 +13,7 @@ from ..store.check import verify_chunks
 from ..store.repository import Store
 from . import fingerprint
 from .manifest import REG, decode_manifest
-from .repo import LayerRecord
+from .repo import LAYER_REF, LayerRecord
 from .tree import tree_problems
 
 
@@ -52,12 +52,14 @@ class FsckReport:
 
 def fsck(store: Store) -> FsckReport:
     """Verify every chunk against its id, every manifest against its layer id, and every
-    reference (chunks of files, parents, tags)."""
+    reference (chunks of files, parents, tags, and the index's record of each parent's
+    children, which `rm` relies on)."""
     v = verify_chunks(store)
     report = FsckReport(v.chunks_checked, 0, list(v.damaged), list(v.notes))
     with store.read() as t:
         layers = dict(t.layers.items())
         tags = list(t.tags.items())
+        child_refs = {(lid, key) for lid, owner, key in t.refs.items() if owner == LAYER_REF}
     decoded: dict[bytes, tuple[bytes | None, list]] = {}
     with store.read() as t:
 
@@ -74,6 +76,9 @@ def fsck(store: Store) -> FsckReport:
                 continue
             if rec.parent is not None and rec.parent not in layers:
                 report.damaged.append(f"{name}: parent {rec.parent.hex()[:12]} is missing")
+            elif rec.parent is not None and (rec.parent, lid) not in child_refs:
+                report.damaged.append(f"{name}: the index does not record it as a child of "
+                                      f"{rec.parent.hex()[:12]} (rm could remove that)")
             missing = [cid for cid, _ in rec.manifest if not present(cid)]
             if missing:
                 report.damaged.append(f"{name}: manifest chunk {missing[0].hex()} is "
@@ -103,6 +108,11 @@ def fsck(store: Store) -> FsckReport:
                     report.damaged.append(f"{name}: {path}: chunk lengths do not add up")
     for lid, problem in sorted(tree_problems(decoded)):  # a file under a symlink...
         report.damaged.append(f"layer {lid.hex()[:12]}: {problem}")
+    for parent, child in sorted(child_refs):
+        if child not in layers:
+            report.notes.append(f"layer {parent.hex()[:12]}: the index records a child "
+                                f"{child.hex()[:12]} that is gone (it only keeps `rm` from "
+                                "removing the layer)")
     for tag, lid in tags:
         if lid not in layers:
             report.damaged.append(f"tag {tag}: points at missing layer {lid.hex()[:12]}")

@@ -10,20 +10,15 @@ The jobs on a store live beside it: `index` (LMDB), `tables` (one accessor per
 table), `ingest` (adding chunks), `gc` (sweep and repack), `check` (verifying chunks).
 Above `store/`, the index is reached only through `Store.read()` and `Store.write()`.
 
-Locking (docs/format.md, "Locking"): every process holds the store lock (`lock`,
-flock) shared, gc holds it exclusive. A user who can read the store but not write it
-opens the index without LMDB's reader table; around each of its read transactions it
-holds a read lock on byte 0 of `lock` (an open-file-description lock), and every write
-transaction of a writer holds a write lock on that byte, so no page is reused under it.
+Locking (store/lock.py, docs/format.md "Locking"): every process holds the store lock
+shared, gc holds it exclusive; a user who may only read the store reads without LMDB's
+reader table, guarded by byte-range locks every write transaction respects.
 """
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
-import struct
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,10 +30,9 @@ from .config import CONFIG_FILE, FORMAT_VERSION, StoreConfig
 from .fsutil import write_atomically
 from .index import Index, create_index, index_error
 from .ingest import ChunkWriter, chunk_id
+from .lock import StoreLock
 from .packs import Location, PackReader
 from .tables import Tables
-
-_READONLY_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def default_store_path() -> Path:
@@ -54,22 +48,18 @@ class Store:
     manager or call `close()`."""
 
     def __init__(self, path: Path, config: StoreConfig, index: Index,
-                 lock_fd: int, exclusive: bool = False) -> None:
+                 lock: StoreLock) -> None:
         self.path = path
         self.config = config
         self._index = index
-        self._lock_fd = lock_fd
-        self._exclusive = exclusive
+        self._lock = lock
         self.packs_root = path / "packs"
         self.reader = PackReader(self.packs_root)
-        self._write_lock = threading.Lock()
-        self._readers = 0  # read transactions open (read-only mode: holding byte 0)
-        self._readers_lock = threading.Lock()
 
     @property
     def exclusive(self) -> bool:
         """Opened holding the store lock exclusively (gc)."""
-        return self._exclusive
+        return self._lock.exclusive
 
     @property
     def readonly(self) -> bool:
@@ -80,66 +70,40 @@ class Store:
     @contextmanager
     def read(self) -> Iterator[Tables]:
         """A read transaction: a consistent view of every table."""
-        self._reading(True)
-        try:
+        with self._lock.reading():
             txn, tables = self._index.begin()
             try:
                 yield tables
             finally:
                 txn.abort()
-        finally:
-            self._reading(False)
 
     @contextmanager
     def write(self) -> Iterator[Tables]:
         """A write transaction, committed when the block ends without an exception
         (then aborted). LMDB runs one at a time; failures are one-line StoreErrors."""
         self._check_writable()
-        with self._write_lock:
-            self._byte_lock(fcntl.F_WRLCK)
+        with self._lock.writing():
             try:
-                try:
-                    txn, tables = self._index.begin(write=True)
-                except lmdb.Error as e:
-                    raise index_error(self.path, e) from None
-                try:
-                    yield tables
-                    txn.commit()
-                except lmdb.MapFullError:
-                    txn.abort()
-                    raise StoreError("the store index is full") from None
-                except lmdb.Error as e:
-                    txn.abort()
-                    raise index_error(self.path, e) from None
-                except BaseException:
-                    txn.abort()
-                    raise
-            finally:
-                self._byte_lock(fcntl.F_UNLCK)
+                txn, tables = self._index.begin(write=True)
+            except lmdb.Error as e:
+                raise index_error(self.path, e) from None
+            try:
+                yield tables
+                txn.commit()
+            except lmdb.MapFullError:
+                txn.abort()
+                raise StoreError("the store index is full") from None
+            except lmdb.Error as e:
+                txn.abort()
+                raise index_error(self.path, e) from None
+            except BaseException:
+                txn.abort()
+                raise
 
     def _check_writable(self) -> None:
         if self.readonly:
             raise StoreError(f"cannot write to the store at {self.path}: permission denied "
                              "(this user may only read it)")
-
-    def _reading(self, start: bool) -> None:
-        if not self.readonly:
-            return
-        with self._readers_lock:
-            if start:
-                if self._readers == 0:
-                    self._byte_lock(fcntl.F_RDLCK)
-                self._readers += 1
-            else:
-                self._readers -= 1
-                if self._readers == 0:
-                    self._byte_lock(fcntl.F_UNLCK)
-
-    def _byte_lock(self, kind: int) -> None:
-        """An open-file-description lock on byte 0 of the lock file (see the module's
-        docstring): independent of the flock on the whole file."""
-        arg = struct.pack("hhqqi4x", kind, os.SEEK_SET, 0, 1, 0)
-        fcntl.fcntl(self._lock_fd, fcntl.F_OFD_SETLKW, arg)
 
     def max_key_size(self) -> int:
         """The longest key any table can hold, in bytes."""
@@ -167,11 +131,11 @@ class Store:
             config = StoreConfig.decode(cfg_path.read_bytes(), path)
         except OSError as e:
             raise StoreError(f"cannot read {cfg_path}: {e.strerror}") from None
-        lock_fd, readonly = cls._lock(path, exclusive, on_wait)
+        lock = StoreLock(path, exclusive, on_wait)
         try:
-            index = Index(path, readonly)
+            index = Index(path, lock.readonly)
         except BaseException:
-            os.close(lock_fd)
+            lock.close()
             raise
         try:
             raw = index.format_version()
@@ -192,9 +156,9 @@ class Store:
             index.open_tables()
         except BaseException:
             index.close()
-            os.close(lock_fd)
+            lock.close()
             raise
-        return cls(path, config, index, lock_fd, exclusive)
+        return cls(path, config, index, lock)
 
     @classmethod
     def init(cls, path: str | os.PathLike | None = None,
@@ -259,44 +223,15 @@ class Store:
         finally:
             os.close(fd)
 
-    @staticmethod
-    def _lock(path: Path, exclusive: bool,
-              on_wait: Callable[[], None] | None) -> tuple[int, bool]:
-        """(the lock file's descriptor, holding the store lock; whether this user may
-        only read the store: it cannot write the lock file or LMDB's lock file)."""
-        lock = path / "lock"
-        readonly = False
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            if e.errno not in _READONLY_ERRNOS or exclusive:
-                raise StoreError(f"cannot open {lock}: {e.strerror}") from None
-            try:
-                fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as e2:
-                raise StoreError(f"cannot open {lock}: {e2.strerror}") from None
-            readonly = True
-        if not readonly and not os.access(path / "index" / "lock.mdb", os.W_OK) \
-                and (path / "index" / "lock.mdb").exists():
-            readonly = True
-        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-        try:
-            fcntl.flock(fd, mode | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if on_wait is not None:
-                on_wait()
-            fcntl.flock(fd, mode)
-        return fd, readonly
-
     def close(self) -> None:
         """Close the store; first rewrite the index if it is mostly free pages and no
         other process uses the store (see `compact_index`)."""
-        if self._lock_fd < 0:
+        if self._lock.closed:
             return
         self.reader.close()
         try:
             compact = not self.readonly and self._index.compaction_due()
-            if compact and self._exclusive:
+            if compact and self.exclusive:
                 self.compact_index()
                 compact = False
         except (OSError, lmdb.Error, StoreError):
@@ -304,17 +239,14 @@ class Store:
         self._index.close()
         if compact:
             self._compact_if_alone()
-        os.close(self._lock_fd)
-        self._lock_fd = -1
+        self._lock.close()
 
     def _compact_if_alone(self) -> None:
         """With this store's index closed: take the store lock exclusively if nobody else
         holds it (never waiting), reopen the index and compact it. The index must not be
         open while the lock is not held: gc could replace its file meanwhile."""
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return  # another process uses the store (our shared lock may be gone too)
+        if not self._lock.try_exclusive():
+            return
         try:
             index = Index(self.path)
         except StoreError:
