@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from ..errors import CorruptData, UnsafePath
 from ..layers.manifest import DIR, HARDLINK, OPAQUE, REG, SYMLINK, WHITEOUT, Entry
-from ..layers.tree import apply_layer
+from ..layers.tree import relink_survivors
 from .tarread import Member
 
 MAX_ENTRIES = 10_000_000  # entries of one layer (each costs a few hundred bytes here)
@@ -194,34 +194,3 @@ class Changeset:
         elif not out or out[0].path != b"":
             out.insert(0, _implied(b""))
         return out
-
-
-def relink_survivors(tree: list[Entry], base: dict[bytes, Entry],
-                     own: list[Entry]) -> list[Entry]:
-    """The parent's hardlink groups whose file `own` removes or replaces keep their old
-    inode: their surviving names become a group of their own (the first a file with the
-    old content and metadata). The same rule as the overlay driver's commit
-    (mounts/overlay/upper.py), which an upper directory needs for the same reason."""
-    groups: dict[bytes, list[Entry]] = {}
-    for e in tree:
-        if e.kind == HARDLINK:
-            groups.setdefault(e.target, []).append(e)
-    if not groups:
-        return own
-    after = {e.path: e for e in apply_layer(tree, own)}
-    extra: list[Entry] = []
-    for target, names in groups.items():
-        old = base.get(target)
-        if old is None or after.get(target) is old:
-            continue
-        survivors = [e for e in names if after.get(e.path) is e]
-        if not survivors:
-            continue
-        first = survivors[0].path
-        extra.append(Entry(first, REG, old.mode, old.uid, old.gid, old.mtime_ns, old.size,
-                           old.content, old.chunks, xattrs=old.xattrs))
-        extra.extend(Entry(e.path, HARDLINK, old.mode, old.uid, old.gid, old.mtime_ns,
-                           target=first, xattrs=old.xattrs) for e in survivors[1:])
-    if not extra:
-        return own
-    return sorted(own + extra, key=lambda e: e.key)

@@ -7,9 +7,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from ...layers.manifest import CHR, DIR, HARDLINK, OPAQUE, REG, WHITEOUT, Entry
+from ...layers.manifest import CHR, DIR, OPAQUE, WHITEOUT, Entry
 from ...layers.scan import Scanner
-from ...layers.tree import apply_layer
+from ...layers.tree import relink_survivors
 from .mode import Flavour
 
 
@@ -22,40 +22,6 @@ def _unchanged(old: Entry, new: Entry) -> bool:
     if old.kind == DIR and new.kind == DIR and old.opaque and not new.opaque:
         return old.same_metadata(new)
     return False
-
-
-def relink_survivors(tree: list[Entry], base: dict[bytes, Entry],
-                     own: list[Entry]) -> list[Entry]:
-    """Keep the parent's hardlinks valid. A hardlink entry names the path of its
-    group's first file; when this layer removes, replaces or changes that path,
-    overlayfs (index=off) has copied up only the name used, and the group's other
-    names still show the old inode. Those names, left alone in the upper directory,
-    must not follow the path to something else (or to nothing): they become a group of
-    their own, the first a file with the old content and metadata, the rest hardlinks
-    to it. `own` is in component order, and so is the result."""
-    groups: dict[bytes, list[Entry]] = {}
-    for e in tree:
-        if e.kind == HARDLINK:
-            groups.setdefault(e.target, []).append(e)
-    if not groups:
-        return own
-    after = {e.path: e for e in apply_layer(tree, own)}
-    extra: list[Entry] = []
-    for target, names in groups.items():
-        old = base.get(target)
-        if old is None or after.get(target) is old:
-            continue  # the group's file is the parent's still
-        survivors = [e for e in names if after.get(e.path) is e]
-        if not survivors:
-            continue
-        first = survivors[0].path
-        extra.append(Entry(first, REG, old.mode, old.uid, old.gid, old.mtime_ns, old.size,
-                           old.content, old.chunks, xattrs=old.xattrs))
-        extra.extend(Entry(e.path, HARDLINK, old.mode, old.uid, old.gid, old.mtime_ns,
-                           target=first, xattrs=old.xattrs) for e in survivors[1:])
-    if not extra:
-        return own
-    return sorted(own + extra, key=lambda e: e.key)
 
 
 def upper_entries(store, flavour: Flavour, upper: Path, parent_tree: list[Entry] | None,
