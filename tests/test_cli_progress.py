@@ -124,3 +124,32 @@ def test_library_reports_through_callbacks_and_prints_nothing(tmp_path: Path, tr
     assert {"snapshots", "chunks", "caches"} <= set(stages)
     out, err = capfd.readouterr()
     assert out == "" and err == ""
+
+
+@pytest.mark.parametrize("driver", ["copy", "overlay"])
+def test_commit_reports_progress_of_what_it_reads(tmp_path: Path, tree: Path,
+                                                  driver: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a snapshot needs root here")
+    store = tmp_path / "store"
+    base = cli(store, "snapshot", str(tree), "-t", "base")
+    assert base.returncode == 0, base.stderr
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    got = cli(store, "mount", "base", str(mnt), "--rw", "--driver", driver)
+    if got.returncode != 0 and driver == "overlay" and "overlay" in got.stderr:
+        pytest.skip(f"overlayfs is not available here: {got.stderr.strip()}")
+    assert got.returncode == 0, got.stderr
+    key = got.stdout.split()[-1]
+    (mnt / "new").write_bytes(os.urandom(1 << 20))
+    assert cli(store, "umount", str(mnt)).returncode == 0
+    res = cli(store, "commit", key, "--progress")
+    assert res.returncode == 0, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("commit: ")]
+    # the overlay driver reads its upper directory (the 1 MiB file); the copy driver
+    # its whole tree (the base's 2.3 MiB too): the total is what the commit reads
+    total = r"1\.0 MiB" if driver == "overlay" else r"3\.3 MiB"
+    assert lines and re.fullmatch(rf"commit: 100% \({total} of {total}\) in [0-9.]+ s",
+                                  lines[-1]), res.stderr
+    quiet = cli(store, "log", res.stdout.split()[-1])
+    assert quiet.returncode == 0 and "commit:" not in quiet.stderr

@@ -5,11 +5,13 @@ from __future__ import annotations
 import click
 
 from ..errors import FailedPrecondition
+from ..layers.presize import directory_bytes
 from ..layers.repo import check_tag
 from ..mounts import Kind, Snapshotter, driver_names
 from ..mounts.mountpoints import mount_ref, release, unmount_at
 from ..mounts.snapshotter import GC_ROOT_LABEL
 from .app import cli, open_layers
+from .progress import Progress, mode_of, progress_options
 
 
 @cli.command()
@@ -50,9 +52,10 @@ def umount(ctx: click.Context, mountpoint: str, discard: bool) -> None:
 @click.option("--tag", "-t", help="Tag the new layer.")
 @click.option("-m", "--message", default="", help="A message kept with the layer.")
 @click.option("--name", help="Name of the committed snapshot (default: the layer id).")
+@progress_options
 @click.pass_context
 def commit(ctx: click.Context, key: str, tag: str | None, message: str,
-           name: str | None) -> None:
+           name: str | None, progress_lines: bool, quiet: bool) -> None:
     """Commit the writable snapshot KEY as a new layer; prints the layer id."""
     with open_layers(ctx, create=False) as layers:
         snaps = Snapshotter(layers)
@@ -66,6 +69,12 @@ def commit(ctx: click.Context, key: str, tag: str | None, message: str,
         release(snaps, key)  # one lifecycle: mount, work, umount, then commit
         # made by a person at the command line: keep it until they remove it; named
         # after its layer unless --name says otherwise
-        layer_id = snaps.commit(name, key, message=message, tag=tag,
-                                labels={GC_ROOT_LABEL: "cli"})
+        content = snaps.content_dir(key)
+        progress = Progress("commit", mode_of(progress_lines, quiet),
+                            total_fn=lambda: directory_bytes(content))
+        try:
+            layer_id = snaps.commit(name, key, message=message, tag=tag,
+                                    labels={GC_ROOT_LABEL: "cli"}, progress=progress)
+        finally:
+            progress.close()
         click.echo(layer_id.hex())

@@ -6,6 +6,7 @@ process that may not mount uses as it is (`mounting.attach` links to it)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from ..layers.checkout import prepare_destination
@@ -29,9 +30,10 @@ class CopyDriver(Driver):
         return [Mount("bind", str(sdir / "fs"), ["rbind", "ro" if readonly else "rw"])]
 
     def commit(self, sdir: Path, parent: bytes | None, message: str = "",
-               tag: str | None = None) -> bytes:
-        return self.layers.snapshot(sdir / "fs", parent, tag, message, kept=False,
-                                   ephemeral=True).layer_id
+               tag: str | None = None,
+               progress: Callable[[int], None] | None = None) -> bytes:
+        return self.layers.snapshot(sdir / "fs", parent, tag, message, progress,
+                                    kept=False, ephemeral=True).layer_id
 
     def usage(self, sdir: Path, parent: bytes | None) -> Usage:
         return tree_usage(self.layers, sdir / "fs", parent)

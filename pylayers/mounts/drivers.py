@@ -10,6 +10,7 @@ it keeps beside the store. Each driver is its own module (`copy`) or package
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from ..layers.diffstat import MissingChunks, scan_directory
@@ -55,7 +56,8 @@ class Driver:
         raise NotImplementedError
 
     def commit(self, sdir: Path, parent: bytes | None, message: str = "",
-               tag: str | None = None) -> bytes:
+               tag: str | None = None,
+               progress: Callable[[int], None] | None = None) -> bytes:
         raise NotImplementedError
 
     def usage(self, sdir: Path, parent: bytes | None) -> Usage:

@@ -25,7 +25,8 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from ..layers.manifest import REG
@@ -180,12 +181,18 @@ class Snapshotter:
         parent = bytes.fromhex(info.parent_layer) if info.parent_layer else None
         return drv.mounts(self.root / info.dir_id, parent, readonly=(info.kind == Kind.VIEW))
 
+    def content_dir(self, key: str) -> Path:
+        """The directory holding snapshot `key`'s own content (the overlay driver's
+        upper directory, the copy driver's whole tree): what a commit reads."""
+        return self.root / self.stat(key).dir_id / "fs"
+
     def commit(self, name: str | None, key: str, labels: dict[str, str] | None = None,
-               message: str = "", tag: str | None = None) -> bytes:
+               message: str = "", tag: str | None = None,
+               progress: Callable[[int], None] | None = None) -> bytes:
         """Store the active snapshot `key` as a layer, recorded as the committed snapshot
         `name` (None: named by the layer's id, in hex; if a committed snapshot of that
         layer already has that name, it is kept and gets `labels`); `key` is removed.
-        Returns the layer id."""
+        Returns the layer id; `progress` is called with the bytes read as it goes."""
         info = self.stat(key)
         if info.kind != Kind.ACTIVE:
             raise FailedPrecondition(f"cannot commit snapshot {key!r}: it is a "
@@ -199,7 +206,8 @@ class Snapshotter:
                                 "already exists")
         drv = self._driver(info.driver)
         parent = bytes.fromhex(info.parent_layer) if info.parent_layer else None
-        layer_id = drv.commit(self.root / info.dir_id, parent, message=message, tag=tag)
+        layer_id = drv.commit(self.root / info.dir_id, parent, message=message, tag=tag,
+                              progress=progress)
         final = name if name is not None else layer_id.hex()
         now = time.time()
         committed = Info(final, Kind.COMMITTED, info.parent, info.parent_layer,

@@ -8,6 +8,7 @@ An active snapshot is `upperdir` + `workdir` over its parent's lower directories
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from ...layers.diffstat import MissingChunks
@@ -122,17 +123,19 @@ class OverlayDriver(Driver):
             "lowerdir=" + ":".join(lowers), f"upperdir={sdir / 'fs'}",
             f"workdir={sdir / 'work'}", *options, *self.flavour.rw_options])]
 
-    def upper_entries(self, sdir: Path, parent: bytes | None, sink) -> list[Entry]:
+    def upper_entries(self, sdir: Path, parent: bytes | None, sink,
+                      progress: Callable[[int], None] | None = None) -> list[Entry]:
         """The upper directory as a layer's own entries (see `upper.upper_entries`)."""
         host_ids = self._lowers_of(sdir).host_ids
         tree = self.layers.tree(parent) if parent is not None else None
         return upper_entries(self.store, self.flavour, sdir / "fs", tree, sink,
-                             host_ids.outside if host_ids is not None else None)
+                             host_ids.outside if host_ids is not None else None, progress)
 
     def commit(self, sdir: Path, parent: bytes | None, message: str = "",
-               tag: str | None = None) -> bytes:
+               tag: str | None = None,
+               progress: Callable[[int], None] | None = None) -> bytes:
         with self.store.writer() as writer:
-            own = self.upper_entries(sdir, parent, writer.put)
+            own = self.upper_entries(sdir, parent, writer.put, progress)
             return self.layers.commit_entries(parent, own, writer, tag, message)
 
     def usage(self, sdir: Path, parent: bytes | None) -> Usage:

@@ -25,14 +25,14 @@ def _unchanged(old: Entry, new: Entry) -> bool:
 
 
 def upper_entries(store, flavour: Flavour, upper: Path, parent_tree: list[Entry] | None,
-                  sink, owner: Callable[[int, int], tuple[int, int]] | None = None
-                  ) -> list[Entry]:
+                  sink, owner: Callable[[int, int], tuple[int, int]] | None = None,
+                  progress: Callable[[int], None] | None = None) -> list[Entry]:
     """The upper directory `upper` over the parent's tree (None: no parent) as a
     layer's own entries; chunks go to `sink` (the store's writer, or a hash-only
     sink). `owner` maps the (uid, gid) the upper directory shows to the one stored
     (the host's, for a snapshot whose lower directories read owners as host ids)."""
     private, opaque = flavour.private_prefix, flavour.opaque_xattr
-    scanner = Scanner(store, store.config.chunker, sink)
+    scanner = Scanner(store, store.config.chunker, sink, progress=progress)
     scanned = scanner.scan(upper)
     base = {e.path: e for e in parent_tree} if parent_tree is not None else {}
     own = []
