@@ -17,6 +17,8 @@ DEFAULT_MIN = 16 * 1024
 DEFAULT_AVG = 64 * 1024
 DEFAULT_MAX = 256 * 1024
 
+_ZERO = array("Q", [0])
+
 
 @dataclass(frozen=True)
 class ChunkerParams:
@@ -82,13 +84,15 @@ class Chunker:
         n = len(src)
         # Every cut but the first in a buffer is at least min_size after the one before.
         cap = n // self._min + 2
-        out = array("Q", bytes(8 * cap))
+        out = array("Q", _ZERO) * cap  # zeros, without a bytes object to copy them from
         consumed = ffi.new("size_t *")
         ncuts = lib.plc_scan(
             self._params, self._state, ffi.cast("const uint8_t *", src), n,
             ffi.cast("uint64_t *", ffi.from_buffer(out)), cap, consumed,
         )
-        assert consumed[0] == n
+        if consumed[0] != n:  # cap is enough for every cut (fastcdc.h); never under -O
+            raise RuntimeError(f"plc_scan consumed {consumed[0]} of {n} bytes with room "
+                               f"for {cap} cuts: the C core broke its contract")
         del out[ncuts:]
         base = self._offset
         if base:
