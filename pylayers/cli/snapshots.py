@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..errors import PylayersError
-from ..layers.catalog import tags_by_layer
-from ..mounts import Snapshotter
-from ..mounts.mountpoints import MOUNTPOINT_LABEL
+from ..mounts.listing import list_snapshots
 from .app import cli, emit_json, human, open_layers
 
 
@@ -17,24 +14,8 @@ from .app import cli, emit_json, human, open_layers
 def snapshots(ctx: click.Context, as_json: bool) -> None:
     """List snapshots (active, view, committed) with their own sizes, their parent
     layer by id and the tags it has now, and where they are mounted."""
-    rows = []
     with open_layers(ctx, create=False) as layers:
-        snaps = Snapshotter(layers)
-        tags = tags_by_layer(layers)
-        for info in sorted(snaps.walk(), key=lambda i: (i.kind.value, i.key)):
-            try:
-                size: int | None = snaps.usage(info.key).size
-            except PylayersError:
-                size = None
-            parent = info.parent_layer
-            rows.append({
-                "key": info.key, "kind": info.kind.value, "driver": info.driver,
-                "size": size, "parent": parent,
-                "parent_tags": tags.get(bytes.fromhex(parent), []) if parent else [],
-                "layer": info.layer,
-                "layer_tags": tags.get(bytes.fromhex(info.layer), []) if info.layer else [],
-                "mountpoint": info.labels.get(MOUNTPOINT_LABEL) or None,
-                "created": info.created, "labels": info.labels})
+        rows = list_snapshots(layers)
     if as_json:
         emit_json(rows)
         return
