@@ -118,6 +118,10 @@ class Containerd:
             f'[ttrpc]\n  address = "{self.sock}.ttrpc"\n'
             f'[debug]\n  address = ""\n'
             "[metrics]\n  address = \"\"\n"
+            # containerd removes a deleted container's snapshot from the snapshotter by
+            # its garbage collector, which by default runs only after 100 mutations:
+            # here after every deletion, so the tests need not wait on chance
+            '[plugins."io.containerd.gc.v1.scheduler"]\n  deletion_threshold = 1\n'
             "[proxy_plugins]\n" + readme_config(snap_sock))
         self.log_path = root / "containerd.log"
         self.log = open(self.log_path, "ab")
