@@ -29,6 +29,7 @@ from .layers.repo import Layers
 from .mounts import Snapshotter
 from .mounts.overlay.cache import cache_sets
 from .mounts.registry import collect_driver_caches, driver_cache_bytes
+from .oci.config import prune as prune_image_configs
 from .store import Store
 from .store.gc import sweep
 
@@ -71,6 +72,7 @@ class GcResult:
     orphan_dirs: int = 0  # snapshot directories no record named
     layers: list[str] = field(default_factory=list)  # hex ids of layers removed with them
     cache_keys: int = 0  # build cache keys whose layer is gone
+    image_configs: int = 0  # imported images' configs whose top layer is gone
     chunks: int = 0  # chunks no layer needs
     packs_removed: int = 0
     packs_rewritten: int = 0
@@ -112,6 +114,7 @@ def gc(store: Store, *, progress: StageProgress | None = None) -> GcResult:
     res.layers = sorted(lid.hex() for lid in before - live_layers)
     _report(progress, "build cache", 0, 0)
     res.cache_keys = prune_cache_keys(store)
+    res.image_configs = prune_image_configs(store)
     lm.prune_fingerprints(store)
     _report(progress, "layers", 0, len(live_layers))
     live = lm.live_chunks(store)

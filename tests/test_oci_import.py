@@ -315,3 +315,35 @@ def test_refusals_are_typed(tmp_path, layers):
         import_source(layers, f"oci:{tmp_path}", parent=b"\0" * 32)
     assert layers.all_ids() == [] and layers.tags() == {}
     _ = (io, Sym)
+
+
+def test_gc_removes_the_configs_of_removed_images_only(tmp_path):
+    """An image's config goes with its top layer at gc; another image's stays."""
+    from pylayers.oci import config as image_config
+
+    store = tmp_path / "store"
+    src = tmp_path / "src"
+    build(src, [File("a", b"a"), Dir("d"), File("d/b", b"b")])
+    assert run_cli(store, "snapshot", src, "--tag", "base").returncode == 0
+    assert run_cli(store, "export", "base", f"oci:{tmp_path / 'img'}:one").returncode == 0
+    build(src, [File("c", b"c")])
+    assert run_cli(store, "snapshot", src, "--tag", "two").returncode == 0
+    assert run_cli(store, "export", "two", f"oci:{tmp_path / 'img'}:two").returncode == 0
+    s2 = tmp_path / "s2"
+    tops = {}
+    for name in ("one", "two"):
+        proc = run_cli(s2, "import", f"oci:{tmp_path / 'img'}:{name}", "-t", name, text=True)
+        assert proc.returncode == 0, proc.stderr
+        tops[name] = bytes.fromhex(proc.stdout.split()[-1])
+    with pylayers.Store.open(s2) as st:
+        assert all(image_config.load(st, t) is not None for t in tops.values())
+    assert run_cli(s2, "rm", "one").returncode == 0  # the tag
+    assert run_cli(s2, "rm", tops["one"].hex()).returncode == 0  # the layer
+    proc = run_cli(s2, "gc", "--json", text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["image_configs"] == 1
+    with pylayers.Store.open(s2) as st:
+        assert image_config.load(st, tops["one"]) is None
+        assert image_config.load(st, tops["two"]) is not None
+    proc = run_cli(s2, "gc", "--json", text=True)
+    assert json.loads(proc.stdout)["image_configs"] == 0

@@ -87,7 +87,8 @@ def gc(ctx: click.Context, as_json: bool, progress_lines: bool, quiet: bool) -> 
         emit_json(res.to_json())
         return
     click.echo(f"removed {len(res.snapshots)} unreferenced snapshots, {len(res.layers)} "
-               f"layers, {res.cache_keys} build cache keys, {res.cache_dirs} cached layer "
+               f"layers, {res.cache_keys} build cache keys, {res.image_configs} image "
+               f"configs, {res.cache_dirs} cached layer "
                f"directories, {res.chunks} chunks, {res.packs_removed} packs; "
                f"rewrote {res.packs_rewritten} packs; freed {human(res.bytes_freed)}")
 

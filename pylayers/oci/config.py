@@ -4,8 +4,7 @@ kept beside an image's top layer, and made or updated on export.
 Where it is kept (docs/format.md, "Image configs"): the config's exact bytes, in the
 index's `image_configs` table under the top layer's id. They are small (a few KB)
 and inline, so gc (which keeps chunks only for layers' manifests and files) cannot
-take them away; removing the layer leaves the record behind (a few KB) and the next
-import of the same top layer replaces it.
+take them away; gc removes the configs of layers that are gone (`prune`).
 """
 
 from __future__ import annotations
@@ -35,6 +34,16 @@ def load(store: Store, layer_id: bytes) -> bytes | None:
 def forget(store: Store, layer_id: bytes) -> None:
     with store.write() as t:
         t.image_configs.delete(layer_id)
+
+
+def prune(store: Store) -> int:
+    """Remove the configs whose layer is gone (gc); how many. One write transaction, so
+    a layer imported meanwhile keeps its config."""
+    with store.write() as t:
+        gone = [lid for lid in t.image_configs.ids() if not t.layers.has(lid)]
+        for lid in gone:
+            t.image_configs.delete(lid)
+    return len(gone)
 
 
 def parse(data: bytes, what: str = "image config") -> dict:

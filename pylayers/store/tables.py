@@ -291,6 +291,11 @@ class ImageConfigTable(_Table):
     def delete(self, layer_id: bytes) -> bool:
         return self._txn.delete(layer_id, db=self._db)
 
+    def ids(self) -> Iterator[bytes]:
+        """Top layer ids that have a config."""
+        for k, _v in self._items():
+            yield k
+
 
 class Tables:
     """One LMDB transaction, and an accessor per table on it. Obtained only from
