@@ -17,7 +17,6 @@ prints. The results are plain data the CLI prints (or dumps as JSON).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from .mounts.overlay.cache import cache_sets
 from .mounts.registry import collect_driver_caches, driver_cache_bytes
 from .oci.config import prune as prune_image_configs
 from .store import Store
+from .store.fsutil import bytes_on_disk
 from .store.gc import sweep
 
 # progress(stage, done, total): `stage` names the step ("snapshots", "chunks",
@@ -202,18 +202,6 @@ class DiskUsage:
         return asdict(self)
 
 
-def _bytes_under(path: Path) -> int:
-    total = 0
-    for dirpath, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                st = os.lstat(os.path.join(dirpath, name))
-            except FileNotFoundError:
-                continue
-            total += min(st.st_size, st.st_blocks * 512)
-    return total
-
-
 def du(store: Store) -> DiskUsage:
     """Logical bytes held against bytes on disk, broken down by what holds them."""
     usage = lm.disk_usage(store)
@@ -232,7 +220,7 @@ def du(store: Store) -> DiskUsage:
     raw = sum(loc.length for _cid, loc in store.iter_chunk_locations())
     manifest = sum(manifests.values())
     data = max(0, raw - manifest)
-    index = _bytes_under(store.path / "index")
+    index = bytes_on_disk(store.path / "index")
     cache = driver_cache_bytes(layers)
     logical = usage["logical_bytes"]
     return DiskUsage(

@@ -41,3 +41,17 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def bytes_on_disk(root: str | os.PathLike) -> int:
+    """Bytes the files under `root` occupy (a sparse file counts its allocated blocks,
+    never more than its size); files vanishing meanwhile are skipped."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except FileNotFoundError:
+                continue
+            total += min(st.st_size, st.st_blocks * 512)
+    return total

@@ -27,7 +27,7 @@ import lmdb
 
 from ..errors import AlreadyExists, CorruptData, StoreError
 from .config import CONFIG_FILE, FORMAT_VERSION, StoreConfig
-from .fsutil import write_atomically
+from .fsutil import bytes_on_disk, write_atomically
 from .index import Index, create_index, index_error
 from .ingest import ChunkWriter, chunk_id
 from .lock import StoreLock
@@ -312,12 +312,5 @@ class Store:
         return self._index.compact(min_free)
 
     def disk_usage(self) -> int:
-        total = 0
-        for dirpath, _dirs, files in os.walk(self.path):
-            for name in files:
-                try:
-                    st = os.lstat(os.path.join(dirpath, name))
-                except FileNotFoundError:
-                    continue
-                total += min(st.st_size, st.st_blocks * 512)
-        return total
+        """Bytes the whole store directory occupies on disk."""
+        return bytes_on_disk(self.path)
