@@ -6,7 +6,9 @@ Layering: ranks beside `mounts`, above `layers`; imports `layers` and `store`, n
 size limits), `tarread` (a layer tar into entries), `changeset` (OCI whiteouts and
 opaque markers onto a parent tree), `tarwrite` (entries into a reproducible changeset
 tar), `layout` and `dockerarchive` (the two image containers), `config` (the image
-config kept beside the top layer), `importer` and `exporter` (the two commands).
+config kept beside the top layer), `importer` and `exporter` (the two commands);
+chunk-level transfer: `chunkartifact` (the artifact's blobs), `chunkremote` (where they
+go), `chunkpush` and `chunkpull`.
 """
 
 from .exporter import ExportResult, export_image
