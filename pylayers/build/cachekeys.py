@@ -31,7 +31,7 @@ import json
 import os
 import struct
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,15 +112,32 @@ def _normalise_inputs(inputs) -> list[tuple[bytes, str]]:
     return out
 
 
-def checksum_inputs(inputs: Iterable, *, store: Store | None = None) -> InputsChecksum:
+IGNORABLE = frozenset({"mode", "owner"})
+
+
+def checksum_inputs(inputs: Iterable, *, store: Store | None = None,
+                    exclude: Callable[[bytes], bool] | None = None,
+                    ignore: Iterable[str] = ()) -> InputsChecksum:
     """Scan `inputs` (paths, or (path, destination) pairs) without storing anything. An
     input is named by its destination, else by the path as given (never made absolute),
-    so keys do not depend on where the build context lives."""
+    so keys do not depend on where the build context lives. `exclude(path)`: leave out
+    that path below an input (its full path as joined to the input's), and what lies
+    under it. `ignore`: attributes left out of the records, as a step that sets them
+    itself does not depend on them: "mode" (COPY --chmod), "owner" (COPY, which gives
+    its files to root or to --chown)."""
     params = store.config.chunker if store is not None else ChunkerParams()
+    ignore = frozenset(ignore)
+    if ignore - IGNORABLE:
+        raise InvalidArgument(f"cannot ignore {sorted(ignore - IGNORABLE)} (only "
+                              f"{sorted(IGNORABLE)})")
     result = InputsChecksum([])
     for src, name in _normalise_inputs(inputs):
         # one scanner per input: hardlinks are resolved within one input
-        scanner = Scanner(store, params, None)
+        skip = None
+        if exclude is not None:
+            def skip(rel: bytes, src: bytes = src) -> bool:
+                return exclude(os.path.join(src, rel))
+        scanner = Scanner(store, params, None, exclude=skip)
         try:
             entries = scanner.scan_path(src)
         except SourceChanged as e:  # the bytes hashed may not be any one version of it
@@ -130,6 +147,10 @@ def checksum_inputs(inputs: Iterable, *, store: Store | None = None) -> InputsCh
         for e in entries:
             if e.kind == HARDLINK and e.target in first:
                 e.size, e.content = first[e.target].size, first[e.target].content
+            if "mode" in ignore:
+                e.mode = 0
+            if "owner" in ignore:
+                e.uid = e.gid = 0
         result.inputs.append((name, entries))
         result.files += scanner.stats.files
         result.bytes_read += scanner.stats.bytes_read
@@ -215,7 +236,9 @@ def _parent_ref(parent) -> tuple[int, bytes]:
 
 
 def cache_key(parent, instruction: str, inputs: Iterable | None = None,
-              options: Mapping | None = None, *, store: Store | None = None) -> CacheKey:
+              options: Mapping | None = None, *, store: Store | None = None,
+              exclude: Callable[[bytes], bool] | None = None,
+              ignore: Iterable[str] = ()) -> CacheKey:
     """The key of one build step.
 
     `parent`: the previous step's CacheKey, a base layer id (32 bytes), or None (a build
@@ -223,11 +246,12 @@ def cache_key(parent, instruction: str, inputs: Iterable | None = None,
     reads, as paths or (path, destination) pairs; directories are checksummed recursively.
     `options`: the instruction's options (e.g. {"chown": "1000:1000"}). With `store`, the
     stat cache spares reading files known unchanged; the key is the same either way.
+    `exclude` and `ignore`: as `checksum_inputs` has them.
     """
     kind, pid = _parent_ref(parent)
     text = _utf8(instruction, "instruction")
     opts_json, opts = canonical_options(options)
-    scanned = checksum_inputs(inputs or (), store=store)
+    scanned = checksum_inputs(inputs or (), store=store, exclude=exclude, ignore=ignore)
     h = blake3.blake3(KEY_DOMAIN)
     h.update(bytes([kind]) + pid)
     h.update(_lp(text))

@@ -25,7 +25,7 @@ VERBS = {
     "tags": "refs", "rm": "refs", "du": "maintenance", "gc": "maintenance",
     "fsck": "maintenance", "mount": "mounts", "umount": "mounts", "commit": "mounts",
     "snapshots": "snapshots", "layers": "inspect", "import": "oci", "export": "oci",
-    "containerd-snapshotter": "containerd",
+    "containerd-snapshotter": "containerd", "build": "build", "history": "build",
 }
 
 # the verb being run, for pointing a usage error at its help

@@ -1,0 +1,157 @@
+"""Running a build step's command inside a mounted root file system.
+
+The command runs chrooted into `root`, in a new mount and PID namespace (util-linux
+`unshare`; and a user namespace mapping the caller to root when the caller is not root),
+with `/proc` (of its own PID namespace) and a minimal `/dev` (a tmpfs holding `null`,
+`zero`, `full`, `random`, `urandom` and `tty` bind-mounted from the host, and the
+`fd`, `stdin`, `stdout`, `stderr` links) mounted over the root's `/proc` and `/dev`.
+Those mounts live in the step's mount namespace only: they vanish with it and never
+reach the layer. The root must hold `/proc` and `/dev` directories (`Sandbox` callers
+make them, and remove them after if they made them).
+
+A small Python program (`_CHILD`, standard library only) does the mounts, the chroot,
+the working directory, the user and group, and execs the command with exactly the
+environment given; it runs as PID 1 of the new PID namespace, so the command is PID 1,
+as in `docker run` without `--init`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..errors import PylayersError
+
+_CHILD = r"""
+import ctypes, json, os, sys
+spec = json.loads(sys.argv[1])
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                       ctypes.c_char_p]
+def fail(msg, code=126):
+    sys.stderr.write("pylayers build: " + msg + "\n")
+    sys.stderr.flush()
+    os._exit(code)
+def mount(src, tgt, fstype, flags, data=None):
+    if libc.mount(src.encode(), tgt.encode(), fstype.encode() if fstype else None, flags,
+                  data.encode() if data else None) != 0:
+        e = ctypes.get_errno()
+        fail(f"cannot mount {fstype or src} on {tgt}: {os.strerror(e)}")
+NOSUID, NODEV, NOEXEC, BIND, REC, PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
+root = spec["root"]
+mount("none", "/", None, REC | PRIVATE)
+mount("proc", root + "/proc", "proc", NOSUID | NODEV | NOEXEC)
+mount("tmpfs", root + "/dev", "tmpfs", NOSUID | NOEXEC, "mode=755,size=65536k")
+for d in ("null", "zero", "full", "random", "urandom", "tty"):
+    p = root + "/dev/" + d
+    if os.path.exists("/dev/" + d):
+        open(p, "w").close()
+        mount("/dev/" + d, p, None, BIND)
+for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                     ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+    os.symlink(target, root + "/dev/" + name)
+os.mkdir(root + "/dev/shm", 0o1777)
+os.chroot(root)
+try:
+    os.chdir(spec["cwd"])
+except OSError as e:
+    fail(f"cannot enter the working directory {spec['cwd']}: {e.strerror}")
+try:
+    os.setgroups(spec["groups"])
+    os.setgid(spec["gid"])
+    os.setuid(spec["uid"])
+except OSError as e:
+    fail(f"cannot become {spec['uid']}:{spec['gid']}: {e.strerror}")
+argv, env = spec["argv"], spec["env"]
+try:
+    if "/" in argv[0]:
+        os.execve(argv[0], argv, env)
+    os.execvpe(argv[0], argv, env)
+except OSError as e:
+    fail(f"cannot run {argv[0]!r}: {e.strerror}", 127 if e.errno == 2 else 126)
+"""
+
+TAIL_BYTES = 8192  # of a failed step's output, kept for its error
+
+
+class SandboxUnavailable(PylayersError):
+    """The machine cannot run build steps (no unshare, no namespaces)."""
+
+
+@dataclass
+class RunSpec:
+    root: str
+    argv: list[str]
+    environ: dict[str, str]
+    cwd: str = "/"
+    uid: int = 0
+    gid: int = 0
+    groups: tuple[int, ...] = ()
+
+
+@dataclass
+class RunResult:
+    exit_code: int  # negative: killed by that signal
+    tail: str  # the output's last TAIL_BYTES, decoded
+
+
+def unavailable() -> str | None:
+    """None if steps can run here, else why not."""
+    if shutil.which("unshare") is None:
+        return "unshare (util-linux) is not installed"
+    return None
+
+
+def command(spec: RunSpec) -> list[str]:
+    """The command line that runs `spec` (unshare, then the child program)."""
+    cmd = ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--propagation",
+           "private"]
+    if os.geteuid() != 0:
+        cmd += ["--user", "--map-root-user"]
+    payload = json.dumps({"root": spec.root, "argv": spec.argv, "env": spec.environ,
+                          "cwd": spec.cwd, "uid": spec.uid, "gid": spec.gid,
+                          "groups": list(spec.groups)})
+    return cmd + ["--", sys.executable, "-I", "-S", "-c", _CHILD, payload]
+
+
+def run(spec: RunSpec, output: Callable[[bytes], None] | None = None) -> RunResult:
+    """Run `spec`; every chunk of its output (stdout and stderr, merged) goes to
+    `output` as it comes. Interrupting this kills the step's processes."""
+    why = unavailable()
+    if why is not None:
+        raise SandboxUnavailable(f"cannot run a build step: {why}")
+    if not spec.argv:
+        raise PylayersError("cannot run an empty command")
+    tail = bytearray()
+    proc = subprocess.Popen(command(spec), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True, env={})
+    try:
+        assert proc.stdout is not None
+        while True:
+            data = proc.stdout.read1(65536)
+            if not data:
+                break
+            tail += data
+            del tail[:-TAIL_BYTES]
+            if output is not None:
+                output(data)
+        code = proc.wait()
+    except BaseException:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        raise
+    finally:
+        if proc.stdout is not None:
+            proc.stdout.close()
+    if code > 128 and code - 128 in signal.valid_signals():
+        pass  # unshare reports a child killed by signal N as 128 + N
+    return RunResult(code, tail.decode("utf-8", "replace"))
