@@ -17,6 +17,7 @@ from pylayers.store.packs import (
     CODEC_RAW,
     CODEC_ZSTD,
     FRAME_HEADER,
+    FRAME_TARGET,
     TABLE_ENTRY,
     pack_path,
 )
@@ -49,10 +50,11 @@ def text(n: int, seed: int) -> bytes:
 @pytest.fixture
 def damaged_store(tmp_path: Path):
     """A store with two layers; both hold `random.bin` (raw frames) and `text.txt`
-    (zstd frames); `keep.txt` differs per layer. Files are big enough (> 1 MiB) that
-    some frames hold the chunks of one file only."""
+    (zstd frames); `keep.txt` differs per layer. Files are big enough (3 frame
+    targets) that some frames hold the chunks of one file only."""
     store = tmp_path / "store"
-    rnd, txt = os.urandom(3 << 20), text(3 << 20, 1)
+    size = 3 * FRAME_TARGET
+    rnd, txt = os.urandom(size), text(size, 1)
     srcs = []
     for i in range(2):
         src = tmp_path / f"src{i}"

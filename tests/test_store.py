@@ -147,7 +147,8 @@ def write_pack(root: Path, chunk_data: list[bytes], level: int = 3):
 
 
 def test_pack_writer_frames_and_iter_frames(tmp_path: Path) -> None:
-    data = [os.urandom(300_000) for _ in range(8)]  # 2.4 MB: at least two frames
+    piece = packs.FRAME_TARGET // 8 + 1000
+    data = [os.urandom(piece) for _ in range(16)]  # two frame targets: at least two frames
     locs = write_pack(tmp_path, data)
     assert set(locs) == {cid(d) for d in data}
     packs_found = list(tmp_path.glob("*/*.pack"))
@@ -216,7 +217,8 @@ def _flip(path: Path, offset: int) -> None:
 
 
 def test_pack_reader_caches_decoded_frames(tmp_path: Path) -> None:
-    data = [os.urandom(600_000) for _ in range(6)]  # one chunk per 1 MiB frame, or two
+    piece = packs.FRAME_TARGET * 3 // 5
+    data = [os.urandom(piece) for _ in range(6)]  # one or two chunks per frame
     locs = write_pack(tmp_path, data)
     offsets = sorted({loc.offset for loc in locs.values()})
     assert len(offsets) >= 3

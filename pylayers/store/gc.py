@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .packs import PackWriter, frame_raw_len, pack_path
+from .packs import REPACK_LEVEL, PackWriter, frame_raw_len, pack_path
 
 if TYPE_CHECKING:
     from .repository import Store
@@ -71,7 +71,8 @@ def _rewrite_pack(store: Store, pack: str) -> int:
     """Copy the live chunks of `pack` into a new pack, index them there, delete `pack`;
     returns the new pack's size."""
     moving = [(cid, loc) for cid, loc in store.iter_chunk_locations() if loc.pack == pack]
-    w = PackWriter(store.packs_root, store.config.compression_level)
+    # what survives a repack is cold: worth a slower, denser level
+    w = PackWriter(store.packs_root, max(store.config.compression_level, REPACK_LEVEL))
     try:
         for cid, _ in moving:
             w.add(cid, store.read_chunk(cid))
