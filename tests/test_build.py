@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -233,3 +234,39 @@ def test_cli_bad_dockerfile_is_exit_6_naming_the_line(tmp_path):
     res = cli(tmp_path / "store", "build", str(ctx))
     assert res.returncode == 6
     assert res.stderr.strip() == "pylayers: Dockerfile:3: unknown instruction 'FROBNICATE'"
+
+
+def test_killed_build_leaves_nothing_running_and_the_next_build_cleans_up(tmp_path):
+    ctx = context(tmp_path, "FROM scratch\nCOPY busybox /bin/busybox\n"
+                            'RUN ["/bin/busybox", "sh", "-c", "echo started; exec sleep 60"]\n')
+    store = tmp_path / "store"
+    proc = subprocess.Popen([sys.executable, "-m", "pylayers", "--store", str(store), "build",
+                             str(ctx)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=tmp_path)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.strip() == "started":
+            break
+    proc.kill()
+    proc.wait()
+    with Store.open(store) as st:
+        left = [i for i in Snapshotter(Layers(st)).walk() if i.kind != Kind.COMMITTED]
+    assert len(left) == 1  # the killed step's snapshot, still mounted
+    target = left[0].labels["pylayers.build.target"]
+    mounted = Path("/proc/self/mountinfo").read_text()
+    assert target in mounted
+    # the step's processes died with the build
+    for _ in range(50):
+        busy = subprocess.run(["pgrep", "-f", "exec sleep 60"], capture_output=True)
+        if busy.returncode:
+            break
+        time.sleep(0.1)
+    assert busy.returncode == 1, busy.stdout
+
+    (ctx / "Dockerfile").write_text("FROM scratch\nCOPY busybox /bin/busybox\n")
+    res = cli(store, "build", str(ctx))
+    assert res.returncode == 0, res.stderr
+    with Store.open(store) as st:
+        assert [i for i in Snapshotter(Layers(st)).walk() if i.kind != Kind.COMMITTED] == []
+    assert target not in Path("/proc/self/mountinfo").read_text()
+    assert not os.path.exists(target)

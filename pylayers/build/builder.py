@@ -34,8 +34,9 @@ from pathlib import Path
 
 from ..errors import InvalidArgument, NotFound, PylayersError
 from ..layers.manifest import DIR, SYMLINK
+from ..layers.refs import check_tag
 from ..layers.repo import Layers
-from ..mounts import Snapshotter, mount_all, unmount
+from ..mounts import Kind, Snapshotter, is_mounted, mount_all, unmount
 from ..oci import config as image_config
 from . import fsops, sandbox
 from .cachekeys import BuildCache, CacheKey, cache_key
@@ -54,7 +55,9 @@ from .dockerfile import (
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_SHELL = ["/bin/sh", "-c"]
-BUILD_LABEL = "pylayers.build"
+BUILD_LABEL = "pylayers.build"  # a build's snapshot: "step" or "view"
+OWNER_LABEL = "pylayers.build.owner"  # pid:start time of the build's process
+TARGET_LABEL = "pylayers.build.target"  # where it is mounted
 GOARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 
 
@@ -151,9 +154,9 @@ class Builder:
         CONTEXT/Dockerfile) with the build context `context`; tag the result with
         `tags`. Returns the final layer and what each step did."""
         for t in tags:
-            from ..layers.refs import check_tag
             check_tag(t)
         ctx = Context(context)
+        remove_stale_snapshots(self.snapshots)
         if dockerfile_text is None:
             dockerfile_text, name = ctx.read_dockerfile(dockerfile)
         else:
@@ -243,7 +246,7 @@ class Builder:
 
     # -- a stage -------------------------------------------------------------------------
     def _run_stage(self, stage: Stage, states: dict[int, _State]) -> _State:
-        label = stage.name or str(stage.index)
+        label = stage.name or f"stage-{stage.index}"
         total = len(stage.instructions) + 1
         base = self._base_ref(stage)
         start = time.monotonic()
@@ -555,9 +558,13 @@ class Builder:
 
     def _view(self, layer: bytes) -> tuple[tuple[str, str], Path]:
         key = f"build-view-{os.urandom(8).hex()}"
-        mounts = self.snapshots.view(key, layer.hex(), labels={BUILD_LABEL: "view"},
-                                     driver=self.driver)
         target = tempfile.mkdtemp(prefix="pylayers-build-from-")
+        try:
+            mounts = self.snapshots.view(key, layer.hex(), labels=_labels("view", target),
+                                         driver=self.driver)
+        except BaseException:
+            os.rmdir(target)
+            raise
         try:
             mount_all(mounts, target)
         except BaseException:
@@ -603,10 +610,15 @@ class Builder:
     def _commit_step(self, parent: bytes | None, inst: Instruction,
                      action: Callable[[str], None]) -> bytes:
         key = f"build-{os.urandom(8).hex()}"
-        mounts = self.snapshots.prepare(key, parent.hex() if parent else None,
-                                        labels={BUILD_LABEL: "step"}, driver=self.driver)
         target = tempfile.mkdtemp(prefix="pylayers-build-")
         committed = False
+        try:
+            mounts = self.snapshots.prepare(key, parent.hex() if parent else None,
+                                            labels=_labels("step", target),
+                                            driver=self.driver)
+        except BaseException:
+            os.rmdir(target)
+            raise
         try:
             mount_all(mounts, target)
             try:
@@ -642,15 +654,45 @@ class Builder:
         return doc
 
 
-def remove_build_snapshots(snapshots: Snapshotter) -> list[str]:
-    """Remove active snapshots and views a killed build left behind (label
-    pylayers.build); the keys removed."""
+def _start_time(pid: int) -> str | None:
+    """The start time of process `pid` (clock ticks since boot), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rindex(b")") + 2:].split()[19].decode()
+
+
+def _labels(kind: str, target: str) -> dict[str, str]:
+    """A build snapshot's labels: what it is, the process that made it (pid and start
+    time, so a reused pid is not taken for it) and where it is mounted."""
+    pid = os.getpid()
+    return {BUILD_LABEL: kind, OWNER_LABEL: f"{pid}:{_start_time(pid)}",
+            TARGET_LABEL: target}
+
+
+def remove_stale_snapshots(snapshots: Snapshotter) -> list[str]:
+    """Remove the active snapshots and views of builds whose process is gone (killed
+    mid-step), unmounting them first; the keys removed. A running build's are kept."""
     gone = []
     for info in list(snapshots.walk(labels={BUILD_LABEL: "*"})):
-        if info.kind.value != "committed":
-            snapshots.remove(info.key)
-            gone.append(info.key)
+        if info.kind == Kind.COMMITTED:
+            continue
+        pid, _, started = info.labels.get(OWNER_LABEL, "").partition(":")
+        if pid.isdigit() and _start_time(int(pid)) == started:
+            continue
+        target = info.labels.get(TARGET_LABEL)
+        if target and os.path.isdir(target):
+            while is_mounted(target):
+                unmount(target)
+            try:
+                os.rmdir(target)
+            except OSError:
+                pass
+        snapshots.remove(info.key)
+        gone.append(info.key)
     return gone
 
 
-__all__ = ["BuildResult", "Builder", "StepEvent", "StepFailed", "remove_build_snapshots"]
+__all__ = ["BuildResult", "Builder", "StepEvent", "StepFailed", "remove_stale_snapshots"]

@@ -452,8 +452,9 @@ class BuildCache:
 
     def explain_miss(self, key) -> str:
         """Why `key` (a CacheKey, or the record it carries) missed: what differs from the
-        closest earlier key — same parent and instruction first, else same parent — or
-        that the parent step missed."""
+        closest earlier key — same parent and instruction first; for a build's first
+        step, the same instruction on another base next; else same parent — or that the
+        parent step missed."""
         if isinstance(key, Mapping):
             digest, record = None, dict(key)
         else:
@@ -479,6 +480,23 @@ class BuildCache:
                 best, _, diffs = self._closest(same, record)
                 return (f"{label}: missed; the closest earlier key {best.hex()[:12]} (same "
                         f"parent and instruction) differs: {_listing(diffs)}")
+            parent = record["parent"]
+            if parent["kind"] != "key":
+                # a first step: the same instruction on another base explains it better
+                # than another instruction on this base (a build's other stages)
+                others = [s for p in (PARENT_NONE, PARENT_LAYER)
+                          for s in self._children(t.cachekeys, bytes([p]))
+                          if s[1].get("instruction") == record["instruction"]
+                          and s[0] != digest]
+                base = (f"base layer {_short(parent['id'])}" if parent["kind"] == "layer"
+                        else "no base layer")
+                if others:
+                    best, old, diffs = self._closest(others, record)
+                    was = (f"base layer {_short(old['parent']['id'])}"
+                           if old["parent"]["kind"] == "layer" else "no base layer")
+                    return (f"{label}: missed; the closest earlier key {best.hex()[:12]} "
+                            f"(same instruction) differs: {was} -> {base}"
+                            + (f"; {_listing(diffs)}" if diffs else ""))
             if siblings:
                 def similar(s):
                     return difflib.SequenceMatcher(
@@ -488,24 +506,12 @@ class BuildCache:
                     [s for s in siblings if similar(s) == top], record)
                 return (f"{label}: missed; the closest earlier key {best.hex()[:12]} (same "
                         f"parent) differs: {_listing(diffs)}")
-            parent = record["parent"]
             if parent["kind"] == "key":
                 return (f"{label}: missed because the parent step missed: nothing is cached "
                         f"after parent key {_short(parent['id'])}, so every later step "
                         "misses too")
-            # a first step: the same instruction on another base?
-            others = [s for p in (PARENT_NONE, PARENT_LAYER)
-                      for s in self._children(t.cachekeys, bytes([p]))
-                      if s[1].get("instruction") == record["instruction"] and s[0] != digest]
             base = (f"base layer {_short(parent['id'])}" if parent["kind"] == "layer"
                     else "no base layer")
-            if others:
-                best, old, diffs = self._closest(others, record)
-                was = (f"base layer {_short(old['parent']['id'])}"
-                       if old["parent"]["kind"] == "layer" else "no base layer")
-                return (f"{label}: missed; the closest earlier key {best.hex()[:12]} (same "
-                        f"instruction) differs: {was} -> {base}"
-                        + (f"; {_listing(diffs)}" if diffs else ""))
             return f"{label}: missed; nothing was cached on {base} yet"
 
     @staticmethod

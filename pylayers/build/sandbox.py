@@ -69,12 +69,20 @@ try:
 except OSError as e:
     fail(f"cannot become {spec['uid']}:{spec['gid']}: {e.strerror}")
 argv, env = spec["argv"], spec["env"]
-try:
-    if "/" in argv[0]:
-        os.execve(argv[0], argv, env)
-    os.execvpe(argv[0], argv, env)
-except OSError as e:
-    fail(f"cannot run {argv[0]!r}: {e.strerror}", 127 if e.errno == 2 else 126)
+# the PATH search by hand: os.execvpe imports modules, and the image has no Python
+if "/" in argv[0]:
+    paths = [argv[0]]
+else:
+    paths = [os.path.join(d or ".", argv[0]) for d in env.get("PATH", "").split(":")]
+err = None
+for path in paths:
+    try:
+        os.execve(path, argv, env)
+    except OSError as e:
+        if err is None or e.errno != 2:
+            err = e
+fail(f"cannot run {argv[0]!r}: {err.strerror if err else 'no PATH'}",
+     127 if err is None or err.errno == 2 else 126)
 """
 
 TAIL_BYTES = 8192  # of a failed step's output, kept for its error
@@ -99,6 +107,17 @@ class RunSpec:
 class RunResult:
     exit_code: int  # negative: killed by that signal
     tail: str  # the output's last TAIL_BYTES, decoded
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the forked child, before exec: SIGKILL when the builder dies, so a killed
+    build leaves no step running (unshare --kill-child passes it on to the step)."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def unavailable() -> str | None:
@@ -130,7 +149,8 @@ def run(spec: RunSpec, output: Callable[[bytes], None] | None = None) -> RunResu
         raise PylayersError("cannot run an empty command")
     tail = bytearray()
     proc = subprocess.Popen(command(spec), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True, env={})
+                            stderr=subprocess.STDOUT, start_new_session=True, env={},
+                            preexec_fn=_die_with_parent)
     try:
         assert proc.stdout is not None
         while True:
@@ -152,6 +172,4 @@ def run(spec: RunSpec, output: Callable[[bytes], None] | None = None) -> RunResu
     finally:
         if proc.stdout is not None:
             proc.stdout.close()
-    if code > 128 and code - 128 in signal.valid_signals():
-        pass  # unshare reports a child killed by signal N as 128 + N
     return RunResult(code, tail.decode("utf-8", "replace"))
