@@ -79,11 +79,12 @@ def text_bytes(n: int, seed: int = 0) -> bytes:
 @pytest.mark.parametrize("loc", [
     Location("00" * 16, 0, 0, 0, 0),
     Location("0123456789abcdef" * 2, 16, 1 << 20, 4096, 65536),
-    Location("ff" * 16, (1 << 64) - 1, (1 << 32) - 1, (1 << 32) - 1, (1 << 32) - 1),
+    Location("ff" * 16, (1 << 64) - 1, (1 << 32) - 1, (1 << 32) - 1, (1 << 32) - 1, True),
 ])
 def test_location_round_trip(loc: Location) -> None:
     raw = loc.encode()
-    assert len(raw) == 16 + 8 + 4 + 4 + 4
+    assert len(raw) == 16 + 8 + 4 + 4 + 4 + 1
+    assert raw[-1] == (1 if loc.delta else 0)
     assert Location.decode(raw) == loc
     # the pack id is stored as 16 raw bytes, first in the value (docs/format.md)
     assert raw[:16] == bytes.fromhex(loc.pack)
@@ -204,7 +205,7 @@ def test_pack_writer_removes_what_was_never_indexed(tmp_path: Path) -> None:
 def _payload_offset(pack: Path, frame_offset: int) -> int:
     with open(pack, "rb") as f:
         f.seek(frame_offset)
-        n = FRAME_HEADER.unpack(f.read(FRAME_HEADER.size))[2]
+        n = FRAME_HEADER.unpack(f.read(FRAME_HEADER.size))[3]
     return frame_offset + FRAME_HEADER.size + n * packs.TABLE_ENTRY.size
 
 
@@ -414,7 +415,8 @@ def test_a_version_1_store_is_refused_by_every_command(base_store, tmp_path: Pat
     store, src = base_store
     make_version_1(store)
     _every_command_refuses(store, src, tmp_path, "version 1", "earlier pylayers")
-    with pytest.raises(StoreError, match="version 1; this pylayers reads version 2"):
+    want = f"version 1; this pylayers reads version {FORMAT_VERSION}"
+    with pytest.raises(StoreError, match=want):
         Store.open(store)
     # config.json edited to say 2: the index still says 1, and nothing is created in it
     cfg = json.loads((store / CONFIG_FILE).read_text())
@@ -427,6 +429,29 @@ def test_a_version_1_store_is_refused_by_every_command(base_store, tmp_path: Pat
         names = {bytes(k) for k in txn.cursor().iternext(values=False)}
     env.close()
     assert b"fingerprints" not in names and b"refs" not in names
+
+
+def test_a_version_2_store_is_refused_by_every_command(base_store, tmp_path: Path) -> None:
+    """Version 2 had no delta frames, `flags` byte or `paths` table: such a store (config
+    and index both saying 2) is refused with one line by every command, unchanged."""
+    store, src = base_store
+    cfg = json.loads((store / CONFIG_FILE).read_text())
+    cfg["version"] = 2
+    (store / CONFIG_FILE).write_text(json.dumps(cfg))
+    env = lmdb.open(str(store / "index"), max_dbs=16)
+    with env.begin(write=True) as txn:
+        txn.drop(env.open_db(b"paths", txn=txn), delete=True)
+        txn.put(b"format_version", b"2", db=env.open_db(b"meta", txn=txn))
+    env.close()
+    _every_command_refuses(store, src, tmp_path, "version 2", "earlier pylayers")
+    want = f"version 2; this pylayers reads version {FORMAT_VERSION}"
+    with pytest.raises(StoreError, match=want):
+        Store.open(store)
+    env = lmdb.open(str(store / "index"), max_dbs=16, readonly=True)
+    with env.begin() as txn:
+        names = {bytes(k) for k in txn.cursor().iternext(values=False)}
+    env.close()
+    assert b"paths" not in names  # nothing was created in it
 
 
 @pytest.mark.parametrize("value", [b"abc", b"0", b""])
@@ -601,9 +626,10 @@ def test_pack_bytes_match_the_format_doc(tmp_path: Path) -> None:
         rules.setdefault(name, []).append(re.split(r"\s{3,}", rule)[0])
     assert rules["pack"] == ["header frame*"]
     assert rules["header"] == ['"PLYRPACK" u32 version(=1) u32 reserved(=0)']
-    head, table_rule, payload_rule = rules["frame"]
+    head, table_rule, base_rule, payload_rule = rules["frame"]
     entry = re.fullmatch(r"\((.*)\)\{nchunks\}", table_rule)
     assert entry and payload_rule == "payload[stored_len]", rules["frame"]
+    assert base_rule == "(base_id[32]){nbase}", rules["frame"]
 
     data = [b"hello", b"world!", b"x" * 1000]  # compresses: codec 1, stored < raw
     locs = write_pack(tmp_path, data, level=3)
@@ -612,11 +638,11 @@ def test_pack_bytes_match_the_format_doc(tmp_path: Path) -> None:
     raw = b"".join(data)
     table = b"".join(doc_layout(entry[1], {"id": cid(d), "length": len(d)}) for d in data)
     header = doc_layout(rules["header"][0], {})
-    fields = {"codec": 0, "nchunks": 0, "raw_len": 0, "stored_len": 0, "crc": 0}
+    fields = {"codec": 0, "nbase": 0, "nchunks": 0, "raw_len": 0, "stored_len": 0, "crc": 0}
     payload = got[len(header) + len(doc_layout(head, fields)) + len(table):]
     assert zstandard.ZstdDecompressor().decompress(payload) == raw
     assert len(payload) < len(raw)
-    fields = {"codec": 1, "nchunks": len(data), "raw_len": len(raw),
+    fields = {"codec": 1, "nbase": 0, "nchunks": len(data), "raw_len": len(raw),
               "stored_len": len(payload), "crc": 0}
     before_crc = doc_layout(head, fields)[:-4]
     fields["crc"] = zlib.crc32(before_crc + table)
@@ -632,7 +658,7 @@ def test_pack_bytes_match_the_format_doc(tmp_path: Path) -> None:
         want = doc_layout(value_rule, {"pack_id": bytes.fromhex(pack.stem),
                                        "frame_offset": len(header),
                                        "frame_len": len(frame), "start": start,
-                                       "length": len(d)})
+                                       "length": len(d), "flags": 0})
         assert loc.encode() == want
         assert raw[start:start + len(d)] == d
 

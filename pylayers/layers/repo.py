@@ -261,6 +261,7 @@ class Layers:
                               progress=progress, allow_changing=allow_changing,
                               known=writer.has,
                               exclude=exclude.excluded if exclude else None)
+            scanner.reader.on_file = writer.file_hint  # deltas against a path's last version
             tree = scanner.scan(directory)
             own = diff_layer(base, tree) if parent is not None else tree
             cache = [] if ephemeral else list(scanner.statcache_updates)

@@ -340,7 +340,8 @@ class Scanner:
         try:
             fst = os.fstat(fd)
             try:
-                e.content, e.chunks, e.size = self.reader.read(fd, st.st_size, self.progress)
+                e.content, e.chunks, e.size = self.reader.read(fd, st.st_size, self.progress,
+                                                               e.path)
             except OSError as err:
                 raise InvalidArgument(
                     f"cannot read {short_path(path)}: {os_error_reason(err, path)}") from None

@@ -27,7 +27,8 @@ def verify_chunks(store: Store) -> VerifyResult:
     by_frame: dict[tuple[str, int], list[tuple[bytes, Location]]] = {}
     for cid, loc in store.iter_chunk_locations():
         by_frame.setdefault((loc.pack, loc.offset), []).append((cid, loc))
-    reader = PackReader(store.packs_root, cache_frames=1)
+    # a delta frame reads its base through the store (each base chunk verified)
+    reader = PackReader(store.packs_root, cache_frames=1, base_reader=store.read_base)
     try:
         for (pack, offset), items in sorted(by_frame.items()):
             try:

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .packs import REPACK_LEVEL, PackWriter, frame_raw_len, pack_path
+from ..errors import CorruptData
+from .packs import REPACK_LEVEL, PackWriter, frame_base, frame_raw_len, pack_path
 
 if TYPE_CHECKING:
     from .repository import Store
@@ -21,15 +22,41 @@ class SweepResult:
     bytes_freed: int = 0
 
 
+def delta_bases(store: Store, live: set[bytes]) -> set[bytes]:
+    """The base chunks of the delta frames holding live chunks: live too, though no
+    layer names them (a base is never a delta, so this is one level)."""
+    frames: set[tuple[str, int]] = set()
+    for cid, loc in store.iter_chunk_locations():
+        if loc.delta and cid in live:
+            frames.add((loc.pack, loc.offset))
+    bases: set[bytes] = set()
+    for pack, offset in sorted(frames):
+        try:
+            with open(pack_path(store.packs_root, pack), "rb") as f:
+                ids = frame_base(f, offset)
+        except OSError:
+            ids = None
+        if ids is None:
+            # unreadable header: its chunks are damaged (fsck says so); nothing to keep
+            continue
+        bases.update(ids)
+    return bases
+
+
 def sweep(store: Store, live: set[bytes], repack_below: float = 0.5) -> SweepResult:
-    """Drop every chunk not in `live`, delete packs left empty and rewrite packs
-    mostly dead. Call with the store opened exclusive."""
+    """Drop every chunk not in `live` (nor the base of a live delta), delete packs
+    left empty and rewrite packs mostly dead. Call with the store opened exclusive."""
     res = SweepResult()
+    live = live | delta_bases(store, live)
     with store.write() as t:
         dead = [cid for cid in t.chunks.ids() if cid not in live]
         for cid in dead:
             t.chunks.delete(cid)
         t.statcache.clear()  # its entries may name chunks just deleted
+        gone = [key for key, ids in t.paths.items()
+                if any(ids[i : i + 32] not in live for i in range(0, len(ids), 32))]
+        for key in gone:  # a base must be whole, or it is no base
+            t.paths.delete(key)
     res.chunks_removed = len(dead)
     # per pack, per live frame: (frame length, raw bytes of its live chunks)
     used: dict[str, dict[int, list[int]]] = {}
@@ -71,11 +98,27 @@ def _rewrite_pack(store: Store, pack: str) -> int:
     """Copy the live chunks of `pack` into a new pack, index them there, delete `pack`;
     returns the new pack's size."""
     moving = [(cid, loc) for cid, loc in store.iter_chunk_locations() if loc.pack == pack]
+    moving.sort(key=lambda item: (item[1].offset, item[1].start))
     # what survives a repack is cold: worth a slower, denser level
     w = PackWriter(store.packs_root, max(store.config.compression_level, REPACK_LEVEL))
     try:
-        for cid, _ in moving:
-            w.add(cid, store.read_chunk(cid))
+        deltas: dict[int, list[bytes]] = {}  # a delta frame's live chunks, by frame
+        for cid, loc in moving:
+            if loc.delta:
+                deltas.setdefault(loc.offset, []).append(cid)
+            else:
+                w.add(cid, store.read_chunk(cid))
+        if deltas:
+            with open(pack_path(store.packs_root, pack), "rb") as f:
+                bases = {offset: frame_base(f, offset) for offset in deltas}
+        for offset, cids in deltas.items():
+            chunks = [(cid, store.read_chunk(cid)) for cid in cids]
+            ids = bases[offset]
+            if ids is None:
+                raise CorruptData(f"pack {pack}: the delta frame at offset {offset} has "
+                                  "no readable base list")
+            # still a delta against the same base (which gc keeps alive)
+            w.add_delta(chunks, ids, store.read_base(ids), force=True)
         written = w.flush()
         with store.write() as t:
             for cid, loc in written:

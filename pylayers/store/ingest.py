@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 import blake3
 
 from ..chunking import Chunker, ChunkerParams, cut_points
-from ..errors import StoreError
-from .packs import PackWriter
+from ..errors import CorruptData, StoreError
+from .packs import DELTA_MAX, DELTA_MIN, PackWriter
 
 if TYPE_CHECKING:
     from .repository import Store
@@ -33,6 +33,11 @@ COMMIT_EVERY = 256 << 20  # bytes of new chunk data between index commits
 
 def chunk_id(data) -> bytes:
     return blake3.blake3(data).digest()
+
+
+def path_key(path: bytes) -> bytes:
+    """The `paths` table's key for a file's path (relative to its tree's root)."""
+    return blake3.blake3(path).digest()[:16]
 
 
 @dataclass
@@ -53,6 +58,9 @@ class ContentReader:
         self.sink = sink
         self.stats = stats
         self._pool: ThreadPoolExecutor | None = None
+        # told the path and size of each file `read` is given a path for, before its
+        # chunks reach the sink, and None after (ChunkWriter.file_hint: deltas)
+        self.on_file: Callable[[bytes | None, int], None] | None = None
 
     def close(self) -> None:
         if self._pool is not None:
@@ -71,13 +79,22 @@ class ContentReader:
                 self.stats.new_bytes += len(piece)
             out.append(CHUNK_REF.pack(cid, len(piece)))
 
-    def read(self, fd: int, size: int, progress=None) -> tuple[bytes, bytes, int]:
+    def read(self, fd: int, size: int, progress=None,
+             path: bytes | None = None) -> tuple[bytes, bytes, int]:
         """(content id, packed chunk list, bytes read) of the open file `fd`, reading at
         most `size` bytes (the size `lstat` saw): a file that grows while it is read is
-        not read past it. Fewer bytes read than `size` means the file shrank."""
-        if size < BLOCK:  # the whole file in one read: no threads needed
-            return self._read_small(_read_upto(fd, size), progress)
-        return self._read_large(fd, size, progress)
+        not read past it. Fewer bytes read than `size` means the file shrank. `path`:
+        the file's path in its tree, for `on_file`."""
+        hint = self.on_file if path is not None else None
+        if hint is not None:
+            hint(path, size)
+        try:
+            if size < BLOCK:  # the whole file in one read: no threads needed
+                return self._read_small(_read_upto(fd, size), progress)
+            return self._read_large(fd, size, progress)
+        finally:
+            if hint is not None:
+                hint(None, 0)
 
     def _read_small(self, data: bytes, progress) -> tuple[bytes, bytes, int]:
         p = self.params
@@ -170,6 +187,21 @@ def _hash_pieces(pieces: list) -> list[bytes]:
     return [blake3.blake3(piece).digest() for piece in pieces]
 
 
+class _File:
+    """The file whose chunks `ChunkWriter.put` is receiving (see `file_hint`)."""
+
+    __slots__ = ("key", "ids", "group", "group_bytes", "base", "new", "partial")
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.ids: list[bytes] = []  # every chunk of the file, in order
+        self.group: list[tuple[bytes, bytes]] = []  # new chunks held for a delta
+        self.group_bytes = 0
+        self.base: tuple[list[bytes], bytes] | None | bool = None  # None: not looked up
+        self.new = False  # a chunk of it was new
+        self.partial = False  # a commit came in the middle of it
+
+
 class ChunkWriter:
     """Adds chunks to the store for one writing job (a snapshot, an import).
 
@@ -177,6 +209,13 @@ class ChunkWriter:
     `commit`, which makes the data durable first and then indexes it in one write
     transaction, together with whatever `extra(tables)` writes there (a layer record, a
     tag) after checking what it needs to (a parent that must still exist).
+
+    Deltas (docs/format.md, "Delta frames"): between `file_hint(path, size)` and
+    `file_hint(None)`, the chunks put are one file's. If its new chunks have a base —
+    the last version of a file at the same path stored without deltas, from the
+    `paths` table — they are compressed together as one delta frame against it, kept
+    when that is worth it (`packs.encode_delta_frame`). A file stored without deltas
+    becomes its path's base at `commit`.
     """
 
     def __init__(self, store: Store) -> None:
@@ -186,6 +225,8 @@ class ChunkWriter:
         self._uncommitted = 0
         self.new_chunks = 0
         self.new_bytes = 0
+        self._file: _File | None = None
+        self._path_candidates: list[tuple[bytes, list[bytes]]] = []
         self._begin_read()
 
     def _begin_read(self) -> None:
@@ -194,10 +235,55 @@ class ChunkWriter:
     def has(self, cid: bytes) -> bool:
         return cid in self._pending or self._tables.chunks.has(cid)
 
+    def file_hint(self, path: bytes | None, size: int = 0) -> None:
+        """The chunks `put` from now until the next call are the content of the file
+        at `path` (relative to its tree's root), `size` bytes; None: no file now."""
+        self._end_file()
+        if path is not None and DELTA_MIN <= size <= DELTA_MAX:
+            self._file = _File(path_key(path))
+
+    def _end_file(self) -> None:
+        f, self._file = self._file, None
+        if f is None:
+            return
+        self._flush_group(f)
+        if f.new and not f.partial:
+            self._path_candidates.append((f.key, f.ids))
+
+    def _flush_group(self, f: _File) -> None:
+        if f.group:
+            ids, base = f.base
+            group, f.group, f.group_bytes = f.group, [], 0
+            self.pack.add_delta(group, ids, base)
+
+    def _base_of(self, f: _File) -> bool:
+        """Look up (once per file) the base for the file's new chunks."""
+        if f.base is None:
+            f.base = False
+            ids = self._tables.paths.get(f.key)
+            if ids:
+                locs = [self._tables.chunks.get(cid) for cid in ids]
+                if all(loc is not None and not loc.delta for loc in locs) and \
+                        sum(loc.length for loc in locs) <= DELTA_MAX:
+                    try:
+                        f.base = (ids, self.store.read_base(ids))
+                    except CorruptData:
+                        pass  # a damaged base: store the file without a delta
+        return f.base is not False
+
     def put(self, cid: bytes, data) -> bool:
+        f = self._file
+        if f is not None:
+            f.ids.append(cid)
         if self.has(cid):
             return False
-        self.pack.add(cid, data)
+        if f is not None:
+            f.new = True
+        if f is not None and f.group_bytes + len(data) <= DELTA_MAX and self._base_of(f):
+            f.group.append((cid, bytes(data)))
+            f.group_bytes += len(data)
+        else:
+            self.pack.add(cid, data)
         self._pending.add(cid)
         self.new_chunks += 1
         self.new_bytes += len(data)
@@ -207,12 +293,17 @@ class ChunkWriter:
         return True
 
     def commit(self, extra: Callable[[Tables], None] | None = None) -> None:
+        if self._file is not None:  # in the middle of a file: what it has so far
+            self._flush_group(self._file)
+            self._file.partial = True
         written = self.pack.flush()
+        candidates, self._path_candidates = self._path_candidates, []
         self._txn.abort()
         try:
             with self.store.write() as t:
                 for cid, loc in written:
                     t.chunks.add(cid, loc)
+                _update_paths(t, candidates)
                 if extra is not None:
                     extra(t)
         except BaseException:
@@ -227,6 +318,7 @@ class ChunkWriter:
         self._pending.clear()
 
     def close(self) -> None:
+        self._file = None
         self._txn.abort()
         self.pack.close()
 
@@ -235,3 +327,18 @@ class ChunkWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _update_paths(t: Tables, candidates: list[tuple[bytes, list[bytes]]]) -> None:
+    """Each candidate file (its path key, its chunk ids) stored without deltas becomes
+    the base for its path's next version."""
+    for key, ids in candidates:
+        total = 0
+        for cid in ids:
+            loc = t.chunks.get(cid)
+            if loc is None or loc.delta:
+                break
+            total += loc.length
+        else:
+            if total <= DELTA_MAX and t.paths.get(key) != ids:
+                t.paths.put(key, ids)

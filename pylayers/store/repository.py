@@ -54,7 +54,7 @@ class Store:
         self._index = index
         self._lock = lock
         self.packs_root = path / "packs"
-        self.reader = PackReader(self.packs_root)
+        self.reader = PackReader(self.packs_root, base_reader=self.read_base)
 
     @property
     def exclusive(self) -> bool:
@@ -284,6 +284,29 @@ class Store:
             raise CorruptData(f"chunk {cid.hex()} is damaged (pack {loc.pack}, "
                               f"offset {loc.offset}): its bytes do not match its id")
         return data
+
+    def read_base(self, ids: list[bytes]) -> bytes:
+        """The bytes of a delta frame's base: the chunks `ids`, each verified against
+        its id, concatenated. A base is never itself a delta (docs/format.md, "Delta
+        frames"); a missing, damaged or delta base is a CorruptData naming it."""
+        with self.read() as t:
+            locs = [(cid, t.chunks.get(cid)) for cid in ids]
+        parts = []
+        for cid, loc in locs:
+            if loc is None:
+                raise CorruptData(f"chunk {cid.hex()}, the base of a delta, is missing "
+                                  "from the store")
+            try:
+                data = self.reader.read(loc, delta_ok=False)
+            except CorruptData as e:
+                raise CorruptData(f"chunk {cid.hex()}, the base of a delta, cannot be "
+                                  f"read: {e}") from None
+            if chunk_id(data) != cid:
+                raise CorruptData(f"chunk {cid.hex()}, the base of a delta, is damaged "
+                                  f"(pack {loc.pack}, offset {loc.offset}): its bytes do "
+                                  "not match its id")
+            parts.append(data)
+        return b"".join(parts)
 
     def writer(self) -> ChunkWriter:
         self._check_writable()

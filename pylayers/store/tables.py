@@ -19,7 +19,7 @@ import lmdb
 from .packs import Location
 
 TABLES = ("meta", "chunks", "layers", "tags", "statcache", "fingerprints", "snapshots",
-          "cachekeys", "refs", "image_configs")
+          "cachekeys", "refs", "image_configs", "paths")
 ID_LEN = 32  # chunk ids, layer ids, build cache keys: BLAKE3-256 digests
 
 
@@ -297,12 +297,36 @@ class ImageConfigTable(_Table):
             yield k
 
 
+class PathTable(_Table):
+    """`paths`: the first 16 bytes of BLAKE3(path) -> the chunk ids of the last version
+    of a file at that path stored without deltas: the base a new version's delta is
+    tried against (store/ingest.py; docs/format.md, "Delta frames")."""
+
+    KEY_LEN = 16
+
+    def get(self, key: bytes) -> list[bytes] | None:
+        raw = self._get(key)
+        if raw is None or not raw or len(raw) % ID_LEN:
+            return None  # not an entry: the next version of the file replaces it
+        return [raw[i : i + ID_LEN] for i in range(0, len(raw), ID_LEN)]
+
+    def put(self, key: bytes, ids: list[bytes]) -> None:
+        self._txn.put(key, b"".join(ids), db=self._db)
+
+    def delete(self, key: bytes) -> bool:
+        return self._txn.delete(key, db=self._db)
+
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        return self._items()
+
+
 class Tables:
     """One LMDB transaction, and an accessor per table on it. Obtained only from
     `Store.read()` / `Store.write()`; valid inside that `with` block."""
 
     __slots__ = ("writable", "meta", "chunks", "layers", "tags", "statcache",
-                 "fingerprints", "snapshots", "cachekeys", "refs", "image_configs")
+                 "fingerprints", "snapshots", "cachekeys", "refs", "image_configs",
+                 "paths")
 
     def __init__(self, txn: lmdb.Transaction, dbs: dict, writable: bool) -> None:
         self.writable = writable
@@ -316,3 +340,4 @@ class Tables:
         self.cachekeys = CacheKeyTable(txn, dbs["cachekeys"])
         self.refs = RefTable(txn, dbs["refs"])
         self.image_configs = ImageConfigTable(txn, dbs["image_configs"])
+        self.paths = PathTable(txn, dbs["paths"])

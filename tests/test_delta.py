@@ -1,0 +1,416 @@
+"""Delta frames (docs/format.md, "Delta frames"): a changed file's new chunks stored as a
+zstd delta against the last version stored at its path. Round trips through deltas,
+the base never a delta, gc keeping bases alive (and repacking deltas as deltas), fsck
+through deltas, a damaged base named in one line, a killed writer, the size limit."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pylayers.layers.repo import Layers
+from pylayers.store import Store
+from pylayers.store import ingest as ingest_mod
+from pylayers.store.ingest import path_key
+from pylayers.store.packs import CODEC_DELTA, FRAME_HEADER, TABLE_ENTRY, iter_frames
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from treeutil import (  # noqa: E402
+    assert_checks_out,
+    du,
+    run_cli,
+    snapshot,
+    start_cli,
+    tree_state,
+)
+
+
+def module_source(n: int, seed: int) -> bytes:
+    """Text like a Python module: compresses, and a few edits keep most of it."""
+    rnd = random.Random(seed)
+    words = ["def", "return", "self", "import", "class", "value", "None", "for", "in",
+             "if", "else", "lambda", "yield", "with", "as", "data", "result", "index"]
+    out = bytearray()
+    while len(out) < n:
+        out += (" ".join(rnd.choice(words) for _ in range(rnd.randint(3, 12)))
+                + f"  # {rnd.getrandbits(40):x}\n").encode()
+    return bytes(out[:n])
+
+
+def pyc(body: bytes, stamp: int) -> bytes:
+    """A .pyc-like file: a 16-byte header holding the stamp, then the body."""
+    return b"\x6f\x0d\x0d\x0a" + bytes(4) + stamp.to_bytes(4, "little") + \
+        len(body).to_bytes(4, "little") + body
+
+
+def write_version(root: Path, stamp: int, edits: int = 0, seed: int = 1) -> dict[str, bytes]:
+    """A tree of modules and their .pyc files; `stamp` changes every .pyc header, and
+    `edits` small edits change some modules."""
+    rnd = random.Random(seed)
+    sizes = [rnd.randint(3000, 60000) for _ in range(12)]
+    files: dict[str, bytes] = {}
+    for i in range(12):
+        body = module_source(sizes[i], 100 + i)
+        if i < edits:
+            pos = random.Random(stamp * 100 + i).randrange(len(body))
+            body = body[:pos] + b"# edited %d\n" % stamp + body[pos:]
+        files[f"pkg/mod{i}.py"] = body
+        files[f"pkg/__pycache__/mod{i}.cpython-311.pyc"] = pyc(body[::-1], stamp)
+    files["data/blob.bin"] = random.Random(7).randbytes(300_000)  # incompressible
+    for rel, data in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    return files
+
+
+def frames(store: Path):
+    for pack in sorted(store.glob("packs/*/*.pack")):
+        for fr in iter_frames(pack):
+            yield pack, fr
+
+
+def delta_frames(store: Path) -> list:
+    return [(pack, fr) for pack, fr in frames(store) if fr.codec == CODEC_DELTA]
+
+
+def assert_fsck_ok(store: Path) -> None:
+    proc = run_cli(store, "fsck")
+    assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
+
+
+def test_round_trip_through_deltas(tmp_path: Path) -> None:
+    """v1, then v2 with every .pyc header changed and a few modules edited: the new
+    chunks go into delta frames, the store grows by a small fraction of what they
+    compress to alone, and both versions check out as they were."""
+    store = tmp_path / "store"
+    src = tmp_path / "src"
+    write_version(src, stamp=1)
+    v1 = snapshot(store, src, "--tag", "v1")
+    keep = tmp_path / "v1copy"
+    subprocess.run(["cp", "-a", src, keep], check=True)
+    before = du(store)["stored_bytes"]
+    assert not delta_frames(store)
+    write_version(src, stamp=2, edits=3)
+    v2 = snapshot(store, src, "--parent", v1, "--tag", "v2")
+    grown = du(store)["stored_bytes"] - before
+    found = delta_frames(store)
+    assert len(found) >= 12  # every .pyc, and the edited modules
+    # alone, the changed files compress to ~100 KB (the .pyc bodies alone are 12 x
+    # 3-60 KB of text); as deltas they cost a few hundred bytes each, plus the manifest
+    assert grown < 40_000, grown
+    assert_checks_out(store, v2, src, tmp_path / "out2")
+    assert_checks_out(store, v1, keep, tmp_path / "out1")
+    assert_fsck_ok(store)
+    proc = run_cli(store, "cat", "v2", "/pkg/__pycache__/mod3.cpython-311.pyc")
+    assert proc.returncode == 0
+    assert proc.stdout == (src / "pkg/__pycache__/mod3.cpython-311.pyc").read_bytes()
+
+
+def test_the_base_is_never_a_delta(tmp_path: Path) -> None:
+    """Versions 1..4, each rewriting every .pyc: every delta frame's base is chunks in
+    ordinary frames (depth 1), here the version 1 files."""
+    store = tmp_path / "store"
+    src = tmp_path / "src"
+    parent = None
+    for v in range(1, 5):
+        write_version(src, stamp=v, edits=v - 1)
+        parent = snapshot(store, src, *(["--parent", parent] if parent else []))
+    in_delta = set()
+    bases = set()
+    for _pack, fr in delta_frames(store):
+        in_delta.update(cid for cid, _ in fr.table)
+        bases.update(fr.base)
+    assert in_delta and bases
+    assert not bases & in_delta
+    with Store.open(store, create=False) as s:
+        for cid in bases:
+            loc = s.location(cid)
+            assert loc is not None and not loc.delta
+        for cid in in_delta:
+            assert s.location(cid).delta
+    assert_checks_out(store, parent, src, tmp_path / "out")
+
+
+def test_a_rebuild_on_a_new_base_layer_finds_the_previous_build(tmp_path: Path) -> None:
+    """A cache-bust rebuild: the parent is a new layer without these files, yet the
+    re-created files delta against the previous build's (the `paths` table)."""
+    store = tmp_path / "store"
+    base1, base2 = tmp_path / "base1", tmp_path / "base2"
+    for b, text in ((base1, b"one"), (base2, b"two")):
+        b.mkdir()
+        (b / "etc").mkdir()
+        (b / "etc/os-release").write_bytes(text * 100)
+    l1 = snapshot(store, base1)
+    l2 = snapshot(store, base2)
+    write_version(base1, stamp=1)
+    snapshot(store, base1, "--parent", l1)
+    assert not delta_frames(store)
+    write_version(base2, stamp=2)
+    top = snapshot(store, base2, "--parent", l2)
+    assert len(delta_frames(store)) >= 12
+    assert_checks_out(store, top, base2, tmp_path / "out")
+
+
+def test_gc_keeps_the_bases_a_delta_needs(tmp_path: Path) -> None:
+    """The layer holding the base is removed: gc keeps its base chunks (no layer names
+    them now) as long as a delta needs them, and frees them once none does."""
+    store = tmp_path / "store"
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_version(a, stamp=1)
+    la = snapshot(store, a)
+    write_version(b, stamp=2, edits=2)
+    lb = snapshot(store, b)  # a base layer of its own: deltas against a's
+    assert delta_frames(store)
+    assert run_cli(store, "rm", la).returncode == 0
+    proc = run_cli(store, "gc")
+    assert proc.returncode == 0, proc.stderr
+    assert delta_frames(store)
+    assert_fsck_ok(store)
+    assert_checks_out(store, lb, b, tmp_path / "out")
+    bases = {cid for _, fr in delta_frames(store) for cid in fr.base}
+    with Store.open(store, create=False) as s:
+        layers = Layers(s)
+        named = {cid for e in layers.tree(layers.resolve(lb)) if e.chunks
+                 for cid, _ in e.chunk_list()}
+        assert all(s.location(cid) is not None for cid in bases)
+    assert bases - named  # kept though no layer names them
+    assert run_cli(store, "ls", la).returncode != 0  # layer a is gone
+    assert run_cli(store, "rm", lb).returncode == 0
+    assert run_cli(store, "gc").returncode == 0
+    with Store.open(store, create=False) as s:
+        assert s.chunk_count() == 0
+        with s.read() as t:
+            assert not list(t.paths.items())  # entries naming deleted chunks are gone
+    assert not list(frames(store))
+
+
+def test_gc_repacks_delta_frames_as_deltas(tmp_path: Path) -> None:
+    """A pack mostly dead but holding live delta frames is rewritten: the deltas stay
+    deltas against the same bases, and read back."""
+    store = tmp_path / "store"
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    write_version(a, stamp=1)
+    snapshot(store, a, "--tag", "a")
+    write_version(b, stamp=2, edits=2)
+    (b / "junk.bin").write_bytes(os.urandom(6 << 20))  # most of b's pack
+    lb = snapshot(store, b)
+    subprocess.run(["cp", "-a", b, c], check=True)
+    (c / "junk.bin").unlink()
+    lc = snapshot(store, c)  # b's files but the junk: dedup, no new pack data
+    before = {(p.name, fr.offset) for p, fr in delta_frames(store)}
+    assert before
+    assert run_cli(store, "rm", lb).returncode == 0
+    proc = run_cli(store, "gc")
+    assert proc.returncode == 0, proc.stderr
+    assert "rewrote" in proc.stdout.decode() and "rewrote 0" not in proc.stdout.decode()
+    after = {(p.name, fr.offset) for p, fr in delta_frames(store)}
+    assert after and after != before  # moved, and still deltas
+    assert_fsck_ok(store)
+    assert_checks_out(store, lc, c, tmp_path / "out")
+
+
+def _payload_offset(fr) -> int:
+    return fr.offset + FRAME_HEADER.size + len(fr.table) * TABLE_ENTRY.size + 32 * len(fr.base)
+
+
+def test_fsck_and_reads_name_a_damaged_base(tmp_path: Path) -> None:
+    """A flipped byte in a base chunk: fsck reports the base chunk and the delta chunks
+    that depend on it; reading the file stored as a delta fails with one line naming
+    the base, never wrong bytes or a traceback."""
+    store = tmp_path / "store"
+    src = tmp_path / "src"
+    src.mkdir()
+    lib = random.Random(5).randbytes(200_000)  # incompressible: a raw frame
+    (src / "lib.so").write_bytes(lib)
+    v1 = snapshot(store, src)
+    (src / "lib.so").write_bytes(b"\x7fELF-version-2!" + lib[16:])
+    snapshot(store, src, "--parent", v1, "--tag", "v2")
+    ((_pack, fr),) = delta_frames(store)
+    with Store.open(store, create=False) as s:
+        loc = s.location(fr.base[0])
+    assert not loc.delta
+    (bframe,) = [f for p, f in frames(store) if p.stem == loc.pack and f.offset == loc.offset]
+    assert bframe.codec == 0  # raw: the flipped byte lands in the base chunk
+    path = next(store.glob(f"packs/*/{loc.pack}.pack"))
+    with open(path, "r+b") as f:
+        where = _payload_offset(bframe) + loc.start + 1000
+        f.seek(where)
+        byte = f.read(1)
+        f.seek(where)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    proc = run_cli(store, "fsck")
+    out = proc.stdout.decode() + proc.stderr.decode()
+    assert proc.returncode != 0
+    assert "base of a delta" in out and fr.base[0].hex() in out, out
+    proc = run_cli(store, "cat", "v2", "/lib.so")
+    err = proc.stderr.decode().strip()
+    assert proc.returncode != 0 and len(err.splitlines()) == 1, err
+    assert "Traceback" not in err and "base of a delta" in err, err
+    proc = run_cli(store, "checkout", "v2", str(tmp_path / "out"))
+    assert proc.returncode != 0 and "base of a delta" in proc.stderr.decode()
+
+
+def test_a_damaged_base_does_not_fail_the_next_snapshot(tmp_path: Path) -> None:
+    """The writer reads a base to delta against it; a damaged one means no delta for
+    that file, not a failed snapshot."""
+    store = tmp_path / "store"
+    src = tmp_path / "src"
+    write_version(src, stamp=1)
+    snapshot(store, src)
+    with Store.open(store, create=False) as s:
+        with s.read() as t:
+            ids = t.paths.get(path_key(b"pkg/__pycache__/mod0.cpython-311.pyc"))
+        loc = s.location(ids[0])
+    (bframe,) = [f for p, f in frames(store) if p.stem == loc.pack and f.offset == loc.offset]
+    path = next(store.glob(f"packs/*/{loc.pack}.pack"))
+    with open(path, "r+b") as f:
+        f.seek(_payload_offset(bframe) + 100)
+        byte = f.read(1)
+        f.seek(_payload_offset(bframe) + 100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    files = write_version(src, stamp=2)
+    top = snapshot(store, src)  # the damaged frame holds every base: no delta at all
+    for rel, data in list(files.items())[1:6:2]:  # .pyc files: new chunks, stored whole
+        assert rel.endswith(".pyc")
+        proc = run_cli(store, "cat", top, "/" + rel)
+        assert proc.returncode == 0 and proc.stdout == data, proc.stderr
+
+
+def test_not_worth_it_is_stored_whole_and_becomes_the_base(tmp_path: Path) -> None:
+    """A file replaced by unrelated bytes at the same path: no delta frame (the decision
+    is measured), and the new version is its path's base from then on."""
+    store = tmp_path / "store"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f.txt").write_bytes(module_source(50_000, 1))
+    snapshot(store, src)
+    new = module_source(50_000, 2)
+    (src / "f.txt").write_bytes(new)
+    top = snapshot(store, src)
+    assert not delta_frames(store)
+    with Store.open(store, create=False) as s:
+        with s.read() as t:
+            ids = t.paths.get(path_key(b"f.txt"))
+        assert b"".join(s.read_chunk(c) for c in ids) == new
+    assert_checks_out(store, top, src, tmp_path / "out")
+
+
+def test_files_over_the_limit_are_never_deltas(tmp_path: Path, monkeypatch) -> None:
+    """Memory stays bounded: a file larger than DELTA_MAX is stored without a delta
+    (content-defined chunking dedups what it keeps), a smaller one as a delta."""
+    monkeypatch.setattr(ingest_mod, "DELTA_MAX", 100_000)
+    src = tmp_path / "src"
+    src.mkdir()
+    small, big = module_source(60_000, 3), module_source(150_000, 4)
+    (src / "small.txt").write_bytes(small)
+    (src / "big.txt").write_bytes(big)
+    with Store.open(tmp_path / "store") as s:
+        layers = Layers(s)
+        r1 = layers.snapshot(src)
+        with s.read() as t:
+            assert t.paths.get(path_key(b"small.txt"))
+            assert t.paths.get(path_key(b"big.txt")) is None
+        (src / "small.txt").write_bytes(b"#" + small[1:])
+        (src / "big.txt").write_bytes(b"#" + big[1:])
+        r2 = layers.snapshot(src, parent=r1.layer_id)
+        found = delta_frames(tmp_path / "store")
+        in_delta = {cid for _, fr in found for cid, _ in fr.table}
+        tree = {e.path: e for e in layers.tree(r2.layer_id)}
+        assert {c for c, _ in tree[b"small.txt"].chunk_list()} & in_delta
+        assert not {c for c, _ in tree[b"big.txt"].chunk_list()} & in_delta
+        layers.checkout(r2.layer_id, tmp_path / "out")
+    assert tree_state(tmp_path / "out") == tree_state(src)
+
+
+def test_a_killed_snapshot_leaves_the_store_consistent(tmp_path: Path) -> None:
+    """SIGKILL at several moments of a snapshot that writes delta frames: fsck finds no
+    damage, and the next snapshot stores the tree and checks out equal."""
+    store = tmp_path / "store"
+    src = tmp_path / "src"
+    write_version(src, stamp=1)
+    for i in range(40):  # more files, so a kill lands mid-write
+        (src / f"more/m{i}.py").parent.mkdir(exist_ok=True)
+        (src / f"more/m{i}.py").write_bytes(module_source(40_000, 500 + i))
+    v1 = snapshot(store, src)
+    for n, delay in enumerate((0.05, 0.2, 0.4, 0.8)):
+        write_version(src, stamp=10 + n, edits=n)
+        for i in range(40):
+            p = src / f"more/m{i}.py"
+            p.write_bytes(b"# %d\n" % n + p.read_bytes())
+        proc = start_cli(store, "snapshot", str(src), "--parent", v1)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        fsck = run_cli(store, "fsck")
+        assert fsck.returncode == 0, fsck.stdout.decode() + fsck.stderr.decode()
+    top = snapshot(store, src, "--parent", v1)
+    assert_checks_out(store, top, src, tmp_path / "out")
+    assert_fsck_ok(store)
+
+
+EDIT = st.tuples(st.sampled_from(["insert", "delete", "replace"]),
+                 st.floats(0, 1), st.binary(min_size=0, max_size=64))
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**16), size=st.integers(64, 200_000),
+       edits=st.lists(EDIT, min_size=1, max_size=6))
+def test_property_any_edit_round_trips(tmp_path_factory, seed: int, size: int,
+                                       edits: list) -> None:
+    """Whatever the edits, a version stored through a delta reads back exactly, and so
+    does its base."""
+    tmp = tmp_path_factory.mktemp("prop")
+    old = module_source(size, seed)
+    new = bytearray(old)
+    for kind, where, data in edits:
+        pos = int(where * len(new))
+        if kind == "insert":
+            new[pos:pos] = data
+        elif kind == "delete":
+            del new[pos:pos + len(data)]
+        else:
+            new[pos:pos + len(data)] = data
+    src = tmp / "src"
+    src.mkdir()
+    (src / "f").write_bytes(old)
+    with Store.open(tmp / "store") as s:
+        layers = Layers(s)
+        r1 = layers.snapshot(src)
+        (src / "f").write_bytes(bytes(new))
+        r2 = layers.snapshot(src, parent=r1.layer_id)
+        for rid, want in ((r1.layer_id, old), (r2.layer_id, bytes(new))):
+            (e,) = [e for e in layers.tree(rid) if e.path == b"f"]
+            assert layers.read_file(e) == want
+
+
+@pytest.mark.parametrize("flip", ["delta payload", "base list"])
+def test_a_damaged_delta_frame_is_reported(tmp_path: Path, flip: str) -> None:
+    store = tmp_path / "store"
+    src = tmp_path / "src"
+    write_version(src, stamp=1)
+    v1 = snapshot(store, src)
+    write_version(src, stamp=2)
+    snapshot(store, src, "--parent", v1, "--tag", "v2")
+    pack, fr = delta_frames(store)[0]
+    where = (_payload_offset(fr) + len(fr.payload) // 2 if flip == "delta payload"
+             else _payload_offset(fr) - 5)
+    with open(pack, "r+b") as f:
+        f.seek(where)
+        byte = f.read(1)
+        f.seek(where)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    proc = run_cli(store, "fsck")
+    assert proc.returncode != 0
+    assert pack.stem in proc.stdout.decode() + proc.stderr.decode()
