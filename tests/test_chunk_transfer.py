@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import struct
 import sys
 from pathlib import Path
@@ -155,6 +156,25 @@ def test_push_is_deterministic_and_resends_nothing(tmp_path, versions, pusher):
     a2 = decode_artifact(remote.get_manifest(artifact_tag(d2))[1], d2)
     assert a1.layers[0] == a2.layers[0]
     assert set(a1.blobs) & set(a2.blobs)
+
+
+def test_pack_cache_gives_the_same_artifact(tmp_path, versions, pusher):
+    """A re-push takes packs from STORE/registry/chunk-packs (nothing read or
+    compressed); with the cache deleted, or an entry damaged, the artifact is the
+    same."""
+    remote, [_v1, (d2, top2, _)] = versions
+    cache = pusher.store.path / "registry" / "chunk-packs"
+    entries = sorted(cache.glob("*/*"))
+    assert entries
+    size = (remote.root / "blobs/sha256" / d2[7:]).stat().st_size
+    image = descriptor(MANIFEST_TYPE, d2, size)
+    first = push_chunk_artifact(pusher, top2, remote, image).digest
+    entries[0].write_bytes(entries[0].read_bytes()[:-1])
+    assert push_chunk_artifact(pusher, top2, remote, image).digest == first
+    shutil.rmtree(cache)
+    res = push_chunk_artifact(pusher, top2, remote, image)
+    assert res.digest == first and res.blobs_sent == 0
+    assert sorted(cache.glob("*/*"))
 
 
 def test_packs_cut_by_content_survive_an_edit():

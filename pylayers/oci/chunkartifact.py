@@ -232,28 +232,61 @@ def pack_boundary(cid: bytes, raw: int) -> bool:
                                int.from_bytes(cid[:4], "little") % PACK_DIVISOR == 0)
 
 
+def plan_packs(manifest: list[tuple[bytes, int]],
+               files: list[tuple[bytes, int]]) -> list[list[tuple[bytes, int]]]:
+    """The chunks (id, length) of each pack of a layer whose manifest chunks are
+    `manifest` and whose file chunks are `files` (in order, each id once): the
+    manifest's chunks in packs of their own (at most PACK_MAX bytes each), then the
+    file chunks cut by `pack_boundary`. Lengths and ids alone decide, so which packs a
+    layer has is known before any chunk is read or compressed."""
+    out: list[list[tuple[bytes, int]]] = []
+    for seq, by_id in ((manifest, False), (files, True)):
+        cur: list[tuple[bytes, int]] = []
+        raw = 0
+        for cid, n in seq:
+            cur.append((cid, n))
+            raw += n
+            if raw >= PACK_MAX or (by_id and pack_boundary(cid, raw)):
+                out.append(cur)
+                cur, raw = [], 0
+        if cur:
+            out.append(cur)
+    return out
+
+
+class PackEncoder:
+    """Compresses packs' frames on `threads` threads (the output does not depend on
+    how many). Close it, or use it as a context manager."""
+
+    def __init__(self, level: int = DEFAULT_LEVEL, threads: int = 2) -> None:
+        self.level = level
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pylayers-pack")
+
+    def encode(self, chunks: Iterable[tuple[bytes, bytes]]) -> PackBlob:
+        """The pack blob holding `chunks` ((id, bytes), in order)."""
+        return _pack([(cid, len(data), self._pool.submit(_compress, self.level, data))
+                      for cid, data in chunks])
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> PackEncoder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def build_packs(manifest: Iterable[tuple[bytes, bytes]], files: Iterable[tuple[bytes, bytes]],
                 level: int = DEFAULT_LEVEL, threads: int = 2) -> Iterator[PackBlob]:
-    """The pack blobs of a layer whose manifest chunks are `manifest` and whose file
-    chunks are `files` (both (id, bytes), in order, each id once): the manifest's chunks
-    in packs of their own, then the file chunks cut by `pack_boundary`. Frames are
-    compressed on `threads` threads; the output does not depend on how many."""
-    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pylayers-pack")
-    try:
-        for source, cut in ((manifest, lambda cid, raw: raw >= PACK_MAX),
-                            (files, pack_boundary)):
-            pending: list = []
-            raw = 0
-            for cid, data in source:
-                pending.append((cid, len(data), pool.submit(_compress, level, data)))
-                raw += len(data)
-                if cut(cid, raw):
-                    yield _pack(pending)
-                    pending, raw = [], 0
-            if pending:
-                yield _pack(pending)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    """The pack blobs of a layer (`plan_packs`) from its chunks' bytes ((id, bytes), in
+    order, each id once)."""
+    mdata, fdata = list(manifest), list(files)
+    data = dict(mdata + fdata)
+    plan = plan_packs([(c, len(d)) for c, d in mdata], [(c, len(d)) for c, d in fdata])
+    with PackEncoder(level, threads) as enc:
+        for group in plan:
+            yield enc.encode((cid, data[cid]) for cid, _n in group)
 
 
 def _pack(pending: list) -> PackBlob:

@@ -2,12 +2,23 @@
 layer of the chain, oldest first, its pack blobs and its index blob, each sent only if
 the remote lacks it (the same layer gives the same blobs, so a re-push sends none of
 them, and a changed layer only the packs around its changes); then the artifact
-manifest, tagged `sha256-<image digest hex>.pylayers`, whose subject is the image."""
+manifest, tagged `sha256-<image digest hex>.pylayers`, whose subject is the image.
+
+Which chunks make each pack is known from the layer's manifest alone (`plan_packs`),
+so a pack this store built before is not built again: `PackCache` (STORE/registry/
+chunk-packs/, a cache: deleting it costs time only) remembers each pack's digest and
+frames by its chunk list and zstd level, and when the remote has that blob nothing is
+read or compressed."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import os
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
 
 from ..layers.manifest import REG
 from ..layers.repo import Layers
@@ -16,15 +27,17 @@ from .chunkartifact import (
     DEFAULT_LEVEL,
     EMPTY,
     EMPTY_DIGEST,
+    HEADER,
     INDEX_TYPE,
     MANIFEST_TYPE,
     PACK_TYPE,
     FrameRef,
     LayerIndex,
+    PackEncoder,
     artifact_tag,
-    build_packs,
     descriptor,
     encode_artifact,
+    plan_packs,
     sha256_digest,
 )
 from .chunkremote import ChunkRemote
@@ -39,23 +52,78 @@ class ChunkPushResult:
     bytes_sent: int = 0  # blob and manifest bytes sent
 
 
-def _with_data(layers: Layers, cids: list[bytes]) -> Iterator[tuple[bytes, bytes]]:
-    return zip(cids, read_ahead(layers.store, cids), strict=True)
+_CACHE_MAGIC = b"PLYRXPC1"
+_CACHE_HEAD = struct.Struct("<8s32sQI")  # magic, sha256 of the pack, its size, frames
+_CACHE_FRAME = struct.Struct("<QIBI32s")  # offset, stored_len, codec, raw_len, chunk id
 
 
-def layer_chunks(layers: Layers, layer_id: bytes) -> tuple[list[tuple[bytes, int]], list[bytes]]:
-    """(the layer's manifest chunks, the ids of its files' chunks not among them, in
-    manifest order, each once)."""
+class PackCache:
+    """Packs this store built, by chunk list and level: (digest, size, frames). A
+    damaged or foreign entry is a miss; entries are written whole (renamed into
+    place)."""
+
+    def __init__(self, root: Path, level: int) -> None:
+        self.root = root
+        self.level = level
+
+    def _path(self, group: list[tuple[bytes, int]]) -> Path:
+        h = blake3.blake3(b"pylayers chunk pack v1\0%d\0" % self.level)
+        for cid, n in group:
+            h.update(cid + n.to_bytes(4, "little"))
+        key = h.hexdigest()
+        return self.root / key[:2] / key
+
+    def get(self, group: list[tuple[bytes, int]]
+            ) -> tuple[str, int, list[tuple[int, int, int, int, bytes]]] | None:
+        try:
+            data = self._path(group).read_bytes()
+        except OSError:
+            return None
+        if len(data) != _CACHE_HEAD.size + len(group) * _CACHE_FRAME.size:
+            return None
+        magic, digest, size, n = _CACHE_HEAD.unpack_from(data)
+        if magic != _CACHE_MAGIC or n != len(group):
+            return None
+        frames = [_CACHE_FRAME.unpack_from(data, _CACHE_HEAD.size + i * _CACHE_FRAME.size)
+                  for i in range(n)]
+        offset = HEADER.size
+        for (off, stored, _codec, raw, cid), (gcid, glen) in zip(frames, group, strict=True):
+            if off != offset or cid != gcid or raw != glen:
+                return None
+            offset += stored
+        if offset != size:
+            return None
+        return "sha256:" + digest.hex(), size, frames
+
+    def put(self, group: list[tuple[bytes, int]], digest: str, size: int,
+            frames: list[tuple[int, int, int, int, bytes]]) -> None:
+        path = self._path(group)
+        data = _CACHE_HEAD.pack(_CACHE_MAGIC, bytes.fromhex(digest[7:]), size, len(frames))
+        data += b"".join(_CACHE_FRAME.pack(*f) for f in frames)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError:  # a cache: a push that cannot write it is no worse off
+            tmp.unlink(missing_ok=True)
+
+
+def layer_chunks(layers: Layers, layer_id: bytes
+                 ) -> tuple[list[tuple[bytes, int]], list[tuple[bytes, int]]]:
+    """(the layer's manifest chunks, its files' chunks not among them), (id, length)
+    in manifest order, each id once."""
     rec = layers.record(layer_id)
-    seen = {cid for cid, _ in rec.manifest}
-    files: list[bytes] = []
+    manifest = list(dict.fromkeys(rec.manifest))
+    seen = {cid for cid, _ in manifest}
+    files: list[tuple[bytes, int]] = []
     for e in layers.entries(layer_id):
         if e.kind == REG:
-            for cid, _n in e.chunk_list():
+            for cid, n in e.chunk_list():
                 if cid not in seen:
                     seen.add(cid)
-                    files.append(cid)
-    return rec.manifest, files
+                    files.append((cid, n))
+    return manifest, files
 
 
 def push_chunk_artifact(layers: Layers, top: bytes, remote: ChunkRemote, image: dict,
@@ -75,24 +143,33 @@ def push_chunk_artifact(layers: Layers, top: bytes, remote: ChunkRemote, image: 
     if not remote.has_blob(EMPTY_DIGEST):  # the config, not one of the artifact's blobs
         remote.put_blob(EMPTY_DIGEST, EMPTY)
     listed = []
-    for lid in reversed(layers.chain(top)):
-        manifest, files = layer_chunks(layers, lid)
-        # each id once: a manifest chunk equal to a file chunk is stored with the manifest
-        mcids = list(dict.fromkeys(cid for cid, _ in manifest))
-        index = LayerIndex(lid, layers.record(lid).parent, manifest)
-        packs = []
-        for pack in build_packs(_with_data(layers, mcids), _with_data(layers, files), level):
-            n = len(index.packs)
-            index.packs.append((pack.digest, len(pack.data)))
-            index.frames += [FrameRef(n, *f) for f in pack.frames]
-            send(pack.digest, pack.data)
-            packs.append(descriptor(PACK_TYPE, pack.digest, len(pack.data)))
-            if progress is not None:
-                progress(sum(f[3] for f in pack.frames))
-        data = index.encode()
-        digest = sha256_digest(data)
-        send(digest, data)
-        listed.append((lid, descriptor(INDEX_TYPE, digest, len(data)), packs))
+    cache = PackCache(layers.store.path / "registry" / "chunk-packs", level)
+    with PackEncoder(level) as enc:
+        for lid in reversed(layers.chain(top)):
+            manifest, files = layer_chunks(layers, lid)
+            index = LayerIndex(lid, layers.record(lid).parent, layers.record(lid).manifest)
+            packs = []
+            for group in plan_packs(manifest, files):
+                known = cache.get(group)
+                if known is not None and remote.has_blob(known[0]):
+                    digest, size, frames = known
+                    res.blobs += 1
+                else:
+                    cids = [cid for cid, _ in group]
+                    pack = enc.encode(zip(cids, read_ahead(layers.store, cids), strict=True))
+                    digest, size, frames = pack.digest, len(pack.data), pack.frames
+                    send(digest, pack.data)
+                    cache.put(group, digest, size, frames)
+                n = len(index.packs)
+                index.packs.append((digest, size))
+                index.frames += [FrameRef(n, *f) for f in frames]
+                packs.append(descriptor(PACK_TYPE, digest, size))
+                if progress is not None:
+                    progress(sum(length for _, length in group))
+            data = index.encode()
+            digest = sha256_digest(data)
+            send(digest, data)
+            listed.append((lid, descriptor(INDEX_TYPE, digest, len(data)), packs))
     doc = encode_artifact(image, listed)
     res.digest = remote.put_manifest(res.tag, doc, MANIFEST_TYPE)
     res.bytes_sent = remote.bytes_sent - sent0
