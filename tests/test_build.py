@@ -270,3 +270,35 @@ def test_killed_build_leaves_nothing_running_and_the_next_build_cleans_up(tmp_pa
         assert [i for i in Snapshotter(Layers(st)).walk() if i.kind != Kind.COMMITTED] == []
     assert target not in Path("/proc/self/mountinfo").read_text()
     assert not os.path.exists(target)
+
+
+def test_target_builds_only_up_to_that_stage(run, tmp_path):
+    ctx = context(tmp_path)
+    res = run.build(ctx, target="build")
+    assert {s.stage for s in res.steps} == {"base", "build"}
+    files = {e.path for e in run.layers.tree(res.layer_id)}
+    assert b"src/stamp" in files and b"app/out.txt" not in files
+    from pylayers.errors import NotFound
+    with pytest.raises(NotFound, match="--target 'nope'"):
+        run.build(ctx, target="nope")
+
+
+def test_cli_refusals_are_one_line_with_their_exit_codes(tmp_path):
+    ctx = context(tmp_path)
+    store = tmp_path / "store"
+    cases = [
+        (["build", str(tmp_path / "missing")], 6, "is not a directory"),
+        (["build", "-f", str(tmp_path / "none"), str(ctx)], 3, "no such Dockerfile"),
+        (["build", "--build-arg", "=x", str(ctx)], 2, "NAME=VALUE"),
+        (["build", "-t", "bad tag!", str(ctx)], 2, "tag"),
+        (["build", "--target", "nope", str(ctx)], 3, "nope"),
+        (["history", "nothing-here"], 3, "nothing-here"),
+    ]
+    (ctx / "latin1").write_bytes(b"FROM scratch\nLABEL x=\xe9\n")
+    cases.append((["build", "-f", str(ctx / "latin1"), str(ctx)], 6, "not UTF-8"))
+    cli(store, "build", str(ctx), "--target", "base")  # the store exists for `history`
+    for args, code, says in cases:
+        res = cli(store, *args)
+        assert res.returncode == code, (args, res.stderr)
+        assert says in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1, (args, res.stderr)

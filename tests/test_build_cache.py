@@ -289,3 +289,20 @@ def test_two_hundred_instructions_build_and_mount_with_overlay(run, tmp_path):
     finally:
         unmount(target)
         snaps.remove("deep-view")
+
+
+def test_a_stage_without_files_of_its_own_never_replaces_its_base_config(run, tmp_path):
+    from pylayers.oci import config as image_config
+    ctx = make_context(tmp_path / "ctx", DOCKERFILE, {"site/index.html": "<p>"})
+    web = run.build(ctx, tags=("web",)).layer_id
+    before = image_config.load(run.store, web)
+    (ctx / "Dockerfile").write_text('FROM web\nCMD ["other"]\n')
+    res = run.build(ctx, tags=("other",))
+    assert image_config.load(run.store, web) == before
+    assert res.layer_id != web and run.layers.record(res.layer_id).parent == web
+    assert run.layers.entries(res.layer_id) == []
+    cfg = json.loads(image_config.load(run.store, res.layer_id))
+    assert cfg["config"]["Cmd"] == ["other"]
+    assert sum(1 for h in cfg["history"] if not h.get("empty_layer")) == \
+        len(run.layers.chain(res.layer_id))
+    assert run.build(ctx).layer_id == res.layer_id  # cached, the same id

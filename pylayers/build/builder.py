@@ -58,6 +58,7 @@ DEFAULT_SHELL = ["/bin/sh", "-c"]
 BUILD_LABEL = "pylayers.build"  # a build's snapshot: "step" or "view"
 OWNER_LABEL = "pylayers.build.owner"  # pid:start time of the build's process
 TARGET_LABEL = "pylayers.build.target"  # where it is mounted
+CONFIG_STEP = "(an empty layer for the image config: the stage added no files)"
 GOARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 
 
@@ -114,6 +115,7 @@ class _State:
     environ: dict[str, str]  # ENV, in order
     args: dict[str, str | None]  # ARGs declared in this stage
     cmd_set: bool = False
+    own_layers: int = 0  # layers this stage made (not inherited from its base)
 
 
 def _iso(epoch: int) -> str:
@@ -181,6 +183,18 @@ class Builder:
         if state.layer is None:
             raise InvalidArgument(f"stage {state.name!r} has no layers (FROM scratch and no "
                                   "instruction that adds files): nothing to store")
+        if state.own_layers == 0:
+            # The image's top layer is its base's: storing this image's config there
+            # would replace the base's. An empty layer of its own carries it (as
+            # `docker commit` of an unchanged container makes one).
+            inst = final.from_instruction
+            assert inst is not None
+            ev = StepEvent(state.name, len(final.instructions) + 1,
+                           len(final.instructions) + 1, CONFIG_STEP, done=True)
+            self._fs_step(state, inst, ev, CONFIG_STEP, {}, None, lambda root: None)
+            self._history(state, inst, CONFIG_STEP, False)
+            self.result_steps.append(ev)
+            self.on_event(ev)
         config = self._image_config(state)
         data = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
         image_config.save(self.store, state.layer, data)
@@ -598,7 +612,7 @@ class Builder:
             if self.explain and not self.no_cache:
                 ev.explanation = self.cache.explain_miss(key)
             started = time.time()
-            layer = self._commit_step(state.layer, inst, action)
+            layer = self._commit_step(state.layer, text, action)
             self.cache.put(key, layer)
             ev.layer = layer
             rec = self.layers.record(layer)
@@ -606,8 +620,9 @@ class Builder:
             # nothing: its record keeps what its first commit added
             ev.new_bytes = rec.new_bytes if rec.created >= started else 0
         state.layer, state.key = layer, key
+        state.own_layers += 1
 
-    def _commit_step(self, parent: bytes | None, inst: Instruction,
+    def _commit_step(self, parent: bytes | None, message: str,
                      action: Callable[[str], None]) -> bytes:
         key = f"build-{os.urandom(8).hex()}"
         target = tempfile.mkdtemp(prefix="pylayers-build-")
@@ -629,7 +644,7 @@ class Builder:
             if parent is not None:
                 before = {e.path: e.mtime_ns for e in self.layers.tree(parent)}
             fsops.clamp_mtimes(str(self.snapshots.content_dir(key)), before, self.epoch_ns)
-            layer = self.snapshots.commit(None, key, message=inst.original)
+            layer = self.snapshots.commit(None, key, message=message)
             committed = True
             return layer
         finally:
