@@ -7,7 +7,6 @@ run), and the error kinds.
 
 from typing import TYPE_CHECKING, Any
 
-from .chunking import Chunker, ChunkerParams, cut_points
 from .errors import (
                      AlreadyExists,
                      CorruptData,
@@ -19,21 +18,28 @@ from .errors import (
                      UnsafePath,
                      UsageError,
 )
-from .layers.repo import Layers
-from .store import Store, StoreConfig
 
 if TYPE_CHECKING:
+    from .chunking import Chunker, ChunkerParams, cut_points
+    from .layers.repo import Layers
     from .maintenance import du, fsck, gc
+    from .store import Store, StoreConfig
 
-# gc, fsck and du load the snapshotter and the build cache: imported on first use, so
-# that `import pylayers` (and every CLI command) does not pay for them.
-_LAZY = {"gc", "fsck", "du"}
+# Imported on first use, so that `import pylayers` (and every CLI command, which
+# imports the package first) pays only for what it uses: `pylayers --version` needs
+# none of these; gc, fsck and du load the snapshotter and the build cache.
+_LAZY = {"gc": "maintenance", "fsck": "maintenance", "du": "maintenance",
+         "Chunker": "chunking", "ChunkerParams": "chunking", "cut_points": "chunking",
+         "Layers": "layers.repo", "Store": "store", "StoreConfig": "store"}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        from . import maintenance
-        return getattr(maintenance, name)
+    module = _LAZY.get(name)
+    if module is not None:
+        import importlib
+        value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'pylayers' has no attribute {name!r}")
 
 

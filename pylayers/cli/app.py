@@ -7,15 +7,18 @@ import importlib
 import json
 import sys
 import unicodedata
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import click
 
 from ..display import one_line
 from ..errors import UsageError
 from ..layers.refs import check_tag, parse_ref
-from ..layers.repo import Layers
-from ..store import Store
+
+if TYPE_CHECKING:
+    from ..layers.repo import Layers
 
 # Each verb's module is imported only when the verb runs (or help lists it): a command
 # pays for its own imports only (mount's, gc's and the build cache's are not small).
@@ -123,7 +126,11 @@ def _say_waiting() -> None:
 
 
 @contextmanager
-def open_layers(ctx: click.Context, *, create: bool = True, exclusive: bool = False):
+def open_layers(ctx: click.Context, *, create: bool = True,
+                exclusive: bool = False) -> Iterator[Layers]:
+    # imported here: `--version`, `--help` and usage errors never open a store
+    from ..layers.repo import Layers
+    from ..store import Store
     store = Store.open(ctx.obj["store"], create=create, exclusive=exclusive,
                        on_wait=_say_waiting)
     try:

@@ -26,11 +26,9 @@ import blake3
 from ..chunking import cut_points
 from ..errors import CorruptData, FailedPrecondition, NotFound
 from ..store.ingest import CHUNK_REF, ChunkWriter
-from ..store.readahead import read_ahead
 from ..store.repository import Store
 from ..store.tables import Tables
 from . import fingerprint, refs
-from .checkout import checkout_tree
 from .ignore import Exclusions
 from .manifest import REG, Entry, decode_manifest, encode_manifest
 from .refs import check_tag
@@ -206,6 +204,9 @@ class Layers:
         return b"".join(self.store.read_chunk(cid) for cid, _ in e.chunk_list())
 
     def checkout(self, layer_id: bytes, dest: Path, progress=None) -> None:
+        # imported here: a snapshot (above all an unchanged one) never writes files
+        from ..store.readahead import read_ahead
+        from .checkout import checkout_tree
         checkout_tree(self.tree(layer_id), dest, lambda cids: read_ahead(self.store, cids),
                       progress)
 
@@ -248,13 +249,15 @@ class Layers:
                     # snapshot derives from the tree and the parent alone): nothing to
                     # decode, diff or store.
                     return SnapshotResult(same_as, stats, rec.entries, True)
-                if parent == same_as:
+                if parent is not None and self._same_tree(parent, same_as):
                     own: list[Entry] = []
                 else:
                     tree = self.tree(same_as)
                     own = diff_layer(self.tree(parent), tree) if parent is not None else tree
+                # the fingerprint now names the new layer (the same tree): the next
+                # snapshot onto it finds it, and takes the `_recommit` path above
                 layer_id, existed = self._commit(writer, parent, own, tag, message, [],
-                                                 kept=kept)
+                                                 (fp_key, fp), kept=kept)
                 return SnapshotResult(layer_id, stats, len(own), existed)
             base = self.tree(parent) if parent is not None else []
             scanner = Scanner(self.store, self.store.config.chunker, writer.put,
@@ -269,6 +272,22 @@ class Layers:
             layer_id, existed = self._commit(writer, parent, own, tag, message, cache,
                                              (fp_key, fp) if record_fp else None, kept=kept)
         return SnapshotResult(layer_id, scanner.stats, len(own), existed)
+
+    def _same_tree(self, layer_id: bytes, other: bytes, limit: int = 64) -> bool:
+        """Whether the two layers are known to hold the same tree without decoding it:
+        one is the other, or descends from it through layers of no entries of their
+        own (an unchanged directory snapshotted again onto its last layer). Each such
+        layer's (small) manifest is read to confirm it is empty: its record's entry
+        count is covered by no id. False when not known (then the caller diffs)."""
+        for a, b in ((layer_id, other), (other, layer_id)):
+            lid: bytes | None = a
+            for _ in range(limit):
+                if lid == b:
+                    return True
+                if lid is None or self.record(lid).entries != 0 or self.entries(lid):
+                    break
+                lid = self.record(lid).parent
+        return False
 
     def _unchanged_since(self, fp: bytes | None, fp_key: bytes | None) -> bytes | None:
         if fp is None or fp_key is None:

@@ -1,0 +1,213 @@
+"""The everyday paths against a baseline run side by side in the same script:
+
+- unchanged: re-snapshot of a tree nothing touched (the bench's own way: `--parent`
+  the last layer, a new tag), against `git status --porcelain --untracked-files=all`
+  with a fresh index; and `pylayers --version`, the start-up floor;
+- smallfiles: a tree of many small files (32 B - 4 KiB), 1% of them appended to
+  before each run, re-snapshotted onto the previous layer, against `git add -A` of
+  the same change (each tool sees its own fresh 1%: the same count, other files);
+  with the peak RSS of each;
+- checkout: a tree restored onto tmpfs, against `zstd -dc image.tar.zst | tar -x`
+  of a full image of the same tree (zstd -3), and `pylayers checkout --link`.
+
+Each measured command is its own process, the tools alternate, medians are reported
+with their ratio to the baseline (peak RSS by GNU time when installed).
+
+    python -m bench.bench_paths [--files 100000] [--tree DIR] [--repeat 5] [--out FILE]
+        [--only unchanged,smallfiles,checkout] [--work DIR]
+
+--tree: a real directory to use for `unchanged` and `checkout` (default: a generated
+tree of --files files of 1-8 KiB). The work directory defaults to /dev/shm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .proc import PY, Cmd, Run, run
+
+RACY_S = 1.1  # the stat cache and the tree fingerprint trust ctimes older than 1 s
+
+
+def pylayers(store: Path, *args: str) -> Cmd:
+    return Cmd([PY, "-m", "pylayers", "--store", os.fspath(store), *args])
+
+
+def make_tree(root: Path, files: int, lo: int, hi: int, seed: int = 3,
+              per_dir: int = 100) -> None:
+    """`files` files of lo..hi random-ish bytes, `per_dir` a directory, 10 directories
+    a parent: a node_modules-like shape."""
+    rnd = random.Random(seed)
+    words = [bytes(rnd.choices(b"abcdefghijklmnopqrstuvwxyz_./(){};=", k=rnd.randint(2, 10)))
+             for _ in range(2000)]
+    for i in range(files):
+        d = root / f"d{i // (per_dir * 10):04}" / f"s{(i // per_dir) % 10}"
+        if i % per_dir == 0:
+            d.mkdir(parents=True, exist_ok=True)
+        n = rnd.randint(lo, hi)
+        data = b" ".join(rnd.choices(words, k=n // 5 + 1))[:n]
+        (d / f"f{i % per_dir:03}.js").write_bytes(data)
+
+
+def list_files(root: Path) -> list[str]:
+    out = []
+    for dirpath, _dirs, names in os.walk(root):
+        out += [os.path.join(dirpath, n) for n in names]
+    out.sort()
+    return out
+
+
+def touch_some(files: list[str], fraction: float, rnd: random.Random) -> None:
+    for f in rnd.sample(files, max(1, int(len(files) * fraction))):
+        with open(f, "ab") as fh:
+            fh.write(b"// changed\n")
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _git(gitdir: Path, tree: Path, *args: str) -> list[str]:
+    return ["git", f"--git-dir={gitdir}", f"--work-tree={tree}",
+            "-c", "core.looseCompression=0", *args]
+
+
+def _checked(cmd: Cmd) -> Run:
+    return run(cmd)
+
+
+def unchanged(work: Path, tree: Path, repeat: int) -> dict:
+    store = work / "store-unchanged"
+    _checked(pylayers(store, "snapshot", os.fspath(tree), "--tag", "v1"))
+    time.sleep(RACY_S)
+    _checked(pylayers(store, "snapshot", os.fspath(tree), "--tag", "v2", "--parent", "v1"))
+    gitdir = work / "git-unchanged"
+    _checked(Cmd(["git", "init", "-q", "--bare", os.fspath(gitdir)]))
+    _checked(Cmd(_git(gitdir, tree, "add", "-A")))
+    _checked(Cmd(_git(gitdir, tree, "update-index", "--refresh")))
+    pl, git, start = [], [], []
+    for r in range(repeat):
+        cmds = [("pl", pylayers(store, "snapshot", os.fspath(tree), "--parent", "v2",
+                                "--tag", f"again{r}")),
+                ("git", Cmd(_git(gitdir, tree, "status", "--porcelain",
+                                 "--untracked-files=all"))),
+                ("start", Cmd([PY, "-m", "pylayers", "--version"]))]
+        for key, cmd in (cmds if r % 2 == 0 else cmds[::-1]):
+            {"pl": pl, "git": git, "start": start}[key].append(_checked(cmd).seconds)
+    return {"entries": sum(1 for _ in tree.rglob("*")) + 1,
+            "pylayers_s": med(pl), "git_status_s": med(git), "startup_s": med(start),
+            "ratio_vs_git_status": med(pl) / med(git), "runs": {"pylayers": pl, "git": git}}
+
+
+def smallfiles(work: Path, files: int, repeat: int) -> dict:
+    tree = work / "small"
+    make_tree(tree, files, 32, 4096)
+    names = list_files(tree)
+    store = work / "store-small"
+    time.sleep(RACY_S)
+    first = _checked(pylayers(store, "snapshot", os.fspath(tree), "--tag", "s0"))
+    gitdir = work / "git-small"
+    _checked(Cmd(["git", "init", "-q", "--bare", os.fspath(gitdir)]))
+    _checked(Cmd(_git(gitdir, tree, "add", "-A")))
+    rnd = random.Random(7)
+    pl, git, rss = [], [], []
+    parent = "s0"
+    for r in range(repeat):
+        order = ["pl", "git"] if r % 2 == 0 else ["git", "pl"]
+        for key in order:
+            touch_some(names, 0.01, rnd)
+            time.sleep(RACY_S)
+            if key == "pl":
+                res = _checked(pylayers(store, "snapshot", os.fspath(tree), "--parent",
+                                        parent, "--tag", f"s{r + 1}"))
+                parent = f"s{r + 1}"
+                pl.append(res.seconds)
+                rss.append(res.rss_kib or 0)
+            else:
+                git.append(_checked(Cmd(_git(gitdir, tree, "add", "-A"))).seconds)
+    return {"files": files, "first_s": first.seconds, "first_rss_mib": (first.rss_kib or 0) / 1024,
+            "pylayers_s": med(pl), "git_add_s": med(git),
+            "ratio_vs_git_add": med(pl) / med(git),
+            "per_100k_files_s": med(pl) * 100_000 / files,
+            "peak_rss_mib": max(rss) / 1024, "runs": {"pylayers": pl, "git": git}}
+
+
+def checkout(work: Path, tree: Path, repeat: int) -> dict:
+    store = work / "store-checkout"
+    _checked(pylayers(store, "snapshot", os.fspath(tree), "--tag", "img"))
+    image = work / "image.tar.zst"
+    _checked(Cmd(f"tar --xattrs -cf - -C '{tree}' . | zstd -3 -q -c > '{image}'"))
+    dest_root = Path(tempfile.mkdtemp(prefix="co-", dir="/dev/shm"))
+    pl, tar, link = [], [], []
+    try:
+        for r in range(repeat):
+            cmds = [
+                ("pl", pylayers(store, "checkout", "img", os.fspath(dest_root / f"pl{r}"))),
+                ("tar", Cmd(f"mkdir -p '{dest_root}/tar{r}' && zstd -dcq '{image}' | tar "
+                            f"--xattrs --xattrs-include='*' --numeric-owner -xf - -C "
+                            f"'{dest_root}/tar{r}'")),
+                ("link", pylayers(store, "checkout", "--link", "img",
+                                  os.fspath(dest_root / f"link{r}"))),
+            ]
+            for key, cmd in (cmds if r % 2 == 0 else cmds[::-1]):
+                res = _checked(cmd)
+                {"pl": pl, "tar": tar, "link": link}[key].append(res.seconds)
+            for d in dest_root.iterdir():
+                shutil.rmtree(d)
+    finally:
+        shutil.rmtree(dest_root, ignore_errors=True)
+    return {"pylayers_s": med(pl), "tar_zstd_s": med(tar), "link_s": med(link),
+            "ratio_vs_tar": med(pl) / med(tar), "link_ratio_vs_tar": med(link) / med(tar),
+            "image_bytes": image.stat().st_size,
+            "runs": {"pylayers": pl, "tar": tar, "link": link}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.bench_paths",
+                                 description=__doc__.splitlines()[0])
+    ap.add_argument("--files", type=int, default=100_000)
+    ap.add_argument("--tree", type=Path, help="a real tree for unchanged and checkout")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--only", default="unchanged,smallfiles,checkout")
+    ap.add_argument("--work", type=Path)
+    ap.add_argument("--out", type=Path, default=Path("bench/out/paths.json"))
+    args = ap.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="pylayers-paths-", dir="/dev/shm"))
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict = {"command": " ".join(["python -m bench.bench_paths", *sys.argv[1:]])}
+    only = set(args.only.split(","))
+    try:
+        tree = args.tree
+        if tree is None and only & {"unchanged", "checkout"}:
+            tree = work / "tree"
+            make_tree(tree, args.files, 1024, 8192, seed=11)
+            time.sleep(RACY_S)
+        if "unchanged" in only:
+            results["unchanged"] = unchanged(work, tree, args.repeat)
+            print(json.dumps(results["unchanged"]), file=sys.stderr)
+        if "smallfiles" in only:
+            results["smallfiles"] = smallfiles(work, args.files, args.repeat)
+            print(json.dumps(results["smallfiles"]), file=sys.stderr)
+        if "checkout" in only:
+            results["checkout"] = checkout(work, tree, args.repeat)
+            print(json.dumps(results["checkout"]), file=sys.stderr)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "runs"}
+                      if isinstance(v, dict) else v for k, v in results.items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
