@@ -24,6 +24,7 @@ from pathlib import Path
 from .build.cachekeys import prune as prune_cache_keys
 from .errors import FailedPrecondition
 from .layers import maintenance as lm
+from .layers.checkout import LinkCache, link_cache_root
 from .layers.repo import Layers
 from .mounts import Snapshotter
 from .mounts.overlay.cache import cache_sets
@@ -126,6 +127,8 @@ def gc(store: Store, *, progress: StageProgress | None = None) -> GcResult:
     res.index_bytes_freed = store.compact_index()
     _report(progress, "caches", 0, 0)
     res.cache_dirs, res.cache_bytes_freed = _collect_driver_caches(layers, live_layers)
+    # linked checkouts' file cache: the files no checkout links to any more
+    res.cache_bytes_freed += LinkCache(link_cache_root(store.path.absolute())).collect()[1]
     return res
 
 

@@ -31,6 +31,7 @@ from treeutil import (  # noqa: E402
     File,
     Hardlink,
     Meta,
+    Node,
     Remove,
     Sparse,
     Symlink,
@@ -217,6 +218,33 @@ def test_checkout_inherits_nothing_from_the_destination(rich, tmp_path: Path) ->
     subprocess.run(["setfacl", "-d", "-m", "u:4321:rwx", str(parent)], check=True)
     checkout(store, lid, parent / "new")
     assert_same_tree(desc, parent / "new")
+
+
+def test_linked_checkout_equals_the_source_but_for_link_counts(rich, tmp_path: Path) -> None:
+    """`checkout --link`: every field but the link count (and so the inode groups of
+    files that were single) as a plain checkout; hardlink groups stay groups; a second
+    linked checkout shares each file's inode with the first (the file cache)."""
+    store, _src, lid, desc = rich
+    one, two = tmp_path / "one", tmp_path / "two"
+    for dest in (one, two):
+        proc = run_cli(store, "checkout", "--link", lid, dest)
+        assert proc.returncode == 0, proc.stderr
+    for dest in (one, two):
+        got = describe_tree(dest)
+        fields = tuple(f for f in Node._fields if f not in ("nlink", "links"))
+        diffs = tree_differences(desc, got, fields)
+        assert not diffs, "\n".join(diffs[:40])
+        for path, node in desc.items():
+            if node.kind == "file":
+                # a group of hardlinks stays that group; a single file links only the
+                # cache (and the other checkout), no other path of this tree
+                assert got[path].links == (node.links or (path,)), path
+                assert got[path].nlink >= 2, path
+    for name in ("small", "big", "hl/a", "xattrs", "sparse", "zero"):
+        assert os.stat(one / name).st_ino == os.stat(two / name).st_ino, name
+    assert os.stat(one / "hl/b").st_ino == os.stat(two / "other/c").st_ino
+    # directories, symlinks and devices are made, not linked
+    assert os.stat(one / "ro").st_ino != os.stat(two / "ro").st_ino
 
 
 def test_ls_shows_every_entry_on_one_line(rich) -> None:

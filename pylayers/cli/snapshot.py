@@ -62,9 +62,14 @@ def snapshot(ctx: click.Context, directory: str, parent: str | None, tag: str | 
 @cli.command()
 @click.argument("ref", callback=ref_param)
 @click.argument("dest", type=click.Path())
+@click.option("--link", is_flag=True,
+              help="Regular files as hardlinks into the store's checkout cache (written "
+                   "there once): much faster again, for READ-ONLY use (editing a file in "
+                   "place changes every linked copy). DEST must be on the store's file "
+                   "system.")
 @progress_options
 @click.pass_context
-def checkout(ctx: click.Context, ref: str, dest: str, progress_lines: bool,
+def checkout(ctx: click.Context, ref: str, dest: str, link: bool, progress_lines: bool,
              quiet: bool) -> None:
     """Write the full tree of REF into DEST (which must not exist, or be empty)."""
     with open_layers(ctx, create=False) as layers:
@@ -73,6 +78,6 @@ def checkout(ctx: click.Context, ref: str, dest: str, progress_lines: bool,
         if progress.wanted:
             progress.total = tree_bytes(layers.tree(layer_id))  # the checkout reuses it
         try:
-            layers.checkout(layer_id, Path(dest), progress)
+            layers.checkout(layer_id, Path(dest), progress, link=link)
         finally:
             progress.close()

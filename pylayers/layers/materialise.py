@@ -21,13 +21,18 @@ from ..userns import unmapped_owner
 from .manifest import BLK, CHR, FIFO, SYMLINK, Entry
 
 
-def set_xattrs(path: bytes, e: Entry) -> None:
+def set_xattrs(path: bytes | int, e: Entry) -> None:
+    """Set the entry's xattrs on `path` (not followed if a symlink), or the open fd."""
     for name, value in e.xattrs:
         try:
-            os.setxattr(path, name, value, follow_symlinks=False)
+            if isinstance(path, int):
+                os.setxattr(path, name, value)
+            else:
+                os.setxattr(path, name, value, follow_symlinks=False)
         except OSError as err:
+            where = short_path(path) if not isinstance(path, int) else f"/{short_path(e.path)}"
             raise PylayersError(f"cannot set xattr {name.decode(errors='replace')} on "
-                                f"{short_path(path)}: {err.strerror}") from None
+                                f"{where}: {err.strerror}") from None
 
 
 def drop_xattrs(path: bytes) -> None:
@@ -52,14 +57,15 @@ def drop_xattrs(path: bytes) -> None:
                                 f"{err.strerror}") from None
 
 
-def _chown(path: bytes, e: Entry, fd: int | None = None) -> None:
-    """Give `path` the entry's owner; a clear error where this process cannot: not
-    root, or in a user namespace that does not map the id (as rootless podman says)."""
+def _chown(path: bytes, e: Entry, fd: int | None = None, dir_fd: int | None = None) -> None:
+    """Give `path` (relative to `dir_fd` if given, or the open `fd` of it) the entry's
+    owner; a clear error where this process cannot: not root, or in a user namespace
+    that does not map the id (as rootless podman says)."""
     try:
         if fd is not None:
             os.fchown(fd, e.uid, e.gid)
         else:
-            os.chown(path, e.uid, e.gid, follow_symlinks=False)
+            os.chown(path, e.uid, e.gid, dir_fd=dir_fd, follow_symlinks=False)
     except OSError as err:
         where = f"/{short_path(e.path)}"
         if err.errno == errno.EINVAL:
@@ -86,7 +92,7 @@ def apply_metadata(path: bytes, e: Entry, fd: int | None = None) -> None:
         os.fchmod(fd, e.mode)
     else:
         os.chmod(path, e.mode, follow_symlinks=False)
-    set_xattrs(path, e)
+    set_xattrs(fd if fd is not None else path, e)
     if fd is not None:
         os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
     else:
@@ -168,26 +174,46 @@ def write_file(path: bytes, e: Entry, read_chunk: Callable[[bytes], bytes]) -> N
     write_file_from(path, e, (read_chunk(cid) for cid, _length in e.chunk_list()))
 
 
-def write_file_from(path: bytes, e: Entry, chunks: Iterable[bytes]) -> None:
-    """Create the regular file `path` from the bytes of its chunks, then its metadata."""
+def write_file_from(path: bytes, e: Entry, chunks: Iterable[bytes],
+                    dir_fd: int | None = None) -> None:
+    """Create the regular file `path` (relative to the directory open at `dir_fd`, if
+    given) from the bytes of its chunks, then its metadata."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
+                 e.mode & 0o777, dir_fd=dir_fd)
     try:
-        block = max(os.fstat(fd).st_blksize, 512)
+        # made with the entry's permission bits (less the umask, or a default ACL's):
+        # its owner and mode are set only where they differ, which, for a tree owned
+        # by whoever checks it out, is nowhere (two system calls a file fewer)
+        st = os.fstat(fd)
+        block = max(st.st_blksize, 512)
         if e.chunk_count() == 1:  # most files: one chunk, and often nothing to skip
             (data,) = chunks
             if _dense(data, block):
                 _write_all(fd, memoryview(data))
-                apply_metadata(path, e, fd)
+                _fd_metadata(path, e, fd, st)
                 return
             chunks = (data,)
         out = _SparseWriter(fd, block)
         for data in chunks:
             out.write(data)
         out.finish()
-        apply_metadata(path, e, fd)
+        _fd_metadata(path, e, fd, st)
     finally:
         os.close(fd)
+
+
+def _fd_metadata(path: bytes, e: Entry, fd: int, st: os.stat_result) -> None:
+    """`apply_metadata` for a file this process just made (whose fstat `st` is): the
+    same order (owner, mode, xattrs, mtime), each step skipped where it would change
+    nothing. It was made without setuid, setgid or sticky bits, so a chown clears none
+    and an equal mode needs no chmod."""
+    if st.st_uid != e.uid or st.st_gid != e.gid:
+        _chown(path, e, fd)
+    if stat.S_IMODE(st.st_mode) != e.mode:
+        os.fchmod(fd, e.mode)
+    if e.xattrs:
+        set_xattrs(fd, e)  # type: ignore[arg-type]  # os.setxattr takes an fd
+    os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
 
 
 _ZERO_BLOCKS: dict[int, bytes] = {}
@@ -203,7 +229,9 @@ def _zero_block(block: int) -> bytes:
 def _dense(data: bytes, block: int) -> bool:
     """Whether `data`, as a whole file, has no block (the partial last one included)
     that is all zeros: then _SparseWriter would write it all, as is."""
-    if _zero_block(block) in data:
+    if len(data) >= block and 0 in data[::block] and _zero_block(block) in data:
+        # (an all-zero block starts with a zero: the first bytes of the blocks, one
+        # byte in `block`, rule most files out without a search through all of them)
         return False
     tail = len(data) % block
     return not tail or data.count(0, len(data) - tail) != tail
@@ -227,5 +255,7 @@ def make_node(path: bytes, e: Entry) -> None:
     apply_metadata(path, e)
 
 
-__all__ = ["apply_metadata", "drop_xattrs", "make_node", "set_xattrs", "write_file",
+chown_entry = _chown
+
+__all__ = ["apply_metadata", "chown_entry", "drop_xattrs", "make_node", "set_xattrs", "write_file",
            "write_file_from"]

@@ -203,12 +203,16 @@ class Layers:
     def read_file(self, e: Entry) -> bytes:
         return b"".join(self.store.read_chunk(cid) for cid, _ in e.chunk_list())
 
-    def checkout(self, layer_id: bytes, dest: Path, progress=None) -> None:
+    def checkout(self, layer_id: bytes, dest: Path, progress=None, link: bool = False) -> None:
+        """Write the layer's tree into `dest` (empty or absent). `link`: regular files
+        as hardlinks into the store's checkout cache (checkout.py, LinkCache), for
+        read-only use; DEST on the store's file system."""
         # imported here: a snapshot (above all an unchanged one) never writes files
         from ..store.readahead import read_ahead
-        from .checkout import checkout_tree
+        from .checkout import LinkCache, checkout_tree, link_cache_root
+        cache = LinkCache(link_cache_root(self.store.path.absolute())) if link else None
         checkout_tree(self.tree(layer_id), dest, lambda cids: read_ahead(self.store, cids),
-                      progress)
+                      progress, cache)
 
     # -- writing -------------------------------------------------------------------
     def snapshot(self, directory: str | Path, parent: bytes | None = None,
