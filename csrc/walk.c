@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 #include "walk.h"
 
@@ -151,6 +152,44 @@ int pl_walk(const char *root, uint8_t **out, size_t *len, int64_t *max_ctime)
     *len = w.len;
     *max_ctime = w.max_ctime;
     return 0;
+}
+
+int64_t pl_xattr_marks(const char *root, const uint8_t *buf, size_t len, uint8_t *marks,
+                       size_t cap)
+{
+    size_t rootlen = strlen(root);
+    if (rootlen > PATH_CAP)
+        return -ENAMETOOLONG;
+    char *path = malloc(PATH_CAP + 2);
+    if (!path)
+        return -ENOMEM;
+    memcpy(path, root, rootlen);
+    size_t pos = 0, n = 0;
+    int64_t rc = 0;
+    while (pos < len) {
+        if (len - pos < 2) { rc = -EINVAL; break; }
+        size_t plen = (size_t)buf[pos] | ((size_t)buf[pos + 1] << 8);
+        if (len - pos - 2 < plen + RECORD_FIXED - 2 || n >= cap) { rc = -EINVAL; break; }
+        size_t full = rootlen;
+        if (plen) {
+            if (rootlen + 1 + plen > PATH_CAP + 1) { rc = -ENAMETOOLONG; break; }
+            path[full++] = '/';
+            memcpy(path + full, buf + pos + 2, plen);
+            full += plen;
+        }
+        path[full] = 0;
+        ssize_t got = llistxattr(path, NULL, 0);
+        if (got > 0)
+            marks[n] = 1;
+        else if (got == 0 || errno == ENOTSUP || errno == ENODATA || errno == EPERM)
+            marks[n] = 0;
+        else
+            marks[n] = 1; /* vanished, or an error: the caller looks, and reports it */
+        n++;
+        pos += plen + RECORD_FIXED;
+    }
+    free(path);
+    return rc < 0 ? rc : (int64_t)n;
 }
 
 void pl_free(void *p)

@@ -19,7 +19,11 @@ except ImportError as e:  # pragma: no cover - only on a broken install
         f"({e})"
     ) from e
 
-__all__ = ["ffi", "lib", "new_params", "new_state", "gear", "walk", "walk_records"]
+__all__ = ["ffi", "lib", "new_params", "new_state", "gear", "walk", "walk_records",
+           "xattr_marks"]
+
+# the fixed part of a walk record (csrc/walk.h): u16 path length + 4 u32 + 7 u64
+WALK_RECORD_FIXED = 2 + 4 * 4 + 8 * 7
 
 
 def new_params(min_size: int, avg_size: int, max_size: int):
@@ -66,3 +70,16 @@ def walk_records(root: str | bytes) -> tuple[bytes, int]:
     """`walk`'s records copied out as bytes (for tests and tools; `walk` avoids it)."""
     with walk(root) as (view, max_ctime):
         return bytes(view), max_ctime
+
+
+def xattr_marks(root: str | bytes, records: memoryview | bytes) -> bytes:
+    """One byte per record of `walk(root)`'s `records`: 1 where the entry may have
+    xattrs (look), 0 where it has none (csrc/walk.h, pl_xattr_marks). Raises OSError as
+    the probe's errno says."""
+    path = os.fsencode(root)
+    cap = len(records) // WALK_RECORD_FIXED + 1
+    marks = ffi.new("uint8_t[]", cap)
+    n = lib.pl_xattr_marks(path, ffi.from_buffer(records), len(records), marks, cap)
+    if n < 0:
+        raise OSError(-n, os.strerror(-n), os.fsdecode(path))
+    return bytes(ffi.buffer(marks, n))

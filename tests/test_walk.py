@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pylayers import Layers, Store
-from pylayers._native import walk_records
+from pylayers._native import walk_records, xattr_marks
 from pylayers.layers.fingerprint import tree_fingerprint
 
 REC = struct.Struct("<IIIIQQqqQQQ")
@@ -53,6 +53,7 @@ def make_tree(root: Path) -> None:
     (root / os.fsdecode(b"caf\xe9")).write_bytes(b"latin-1 name")
     (root / "n\nl").write_text("newline")
     os.link(root / "a" / "f", root / "hard")
+    os.setxattr(root / "a" / "f", "user.pylayers-test", b"v")
     for i in range(300):
         (root / "a" / "b" / "c" / f"{i:04}").write_bytes(b"")
 
@@ -190,4 +191,60 @@ def test_walk_under_address_sanitizer(tmp_path: Path) -> None:
     res = subprocess.run([str(exe), str(tree)], capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr
     records, _ = walk_records(str(tree))
-    assert res.stdout.split() == [str(len(records)), str(_checksum(records))]
+    marked = sum(xattr_marks(str(tree), records))
+    assert marked >= 1  # make_tree's xattr
+    assert res.stdout.split() == [str(len(records)), str(_checksum(records)), str(marked)]
+
+
+def test_xattr_marks_say_which_entries_have_xattrs(tmp_path: Path) -> None:
+    make_tree(tmp_path)
+    os.setxattr(tmp_path / "a", "user.dir", b"")  # an empty value is still an xattr
+    records, _ = walk_records(str(tmp_path))
+    marks = xattr_marks(str(tmp_path), records)
+    paths = []
+    pos = 0
+    while pos < len(records):
+        (n,) = struct.unpack_from("<H", records, pos)
+        paths.append(records[pos + 2 : pos + 2 + n])
+        pos += 2 + n + REC.size
+    assert len(marks) == len(paths)
+    for path, mark in zip(paths, marks, strict=True):
+        full = os.fsencode(tmp_path) + (b"/" + path if path else b"")
+        has = bool(os.listxattr(full, follow_symlinks=False))
+        assert mark == has, (path, mark)
+    assert sum(marks) == 3  # a, a/f and its hardlink `hard`
+    with pytest.raises(OSError) as err:
+        xattr_marks(str(tmp_path), records[:-1])  # a truncated buffer
+    assert err.value.errno == 22
+
+
+def test_scan_from_the_walk_equals_the_scan_of_its_own(tmp_path: Path) -> None:
+    """The scan a snapshot runs over the native walk's records gives exactly the
+    entries of the Python walk (kinds, metadata, xattrs, hardlinks, order), with an
+    excluded directory and the store inside the tree left out by both."""
+    from pylayers._native import walk
+    from pylayers.layers.ignore import Exclusions
+    from pylayers.layers.scan import Scanner
+    src = tmp_path / "src"
+    src.mkdir()
+    make_tree(src)
+    (src / "skip").mkdir()
+    (src / "skip" / "x").write_bytes(b"left out")
+    (src / "kept").write_bytes(b"kept")
+    os.setxattr(src / "kept", "user.k", b"1")
+    excl = Exclusions.for_directory(str(src), ("skip",))
+    with Store.open(src / "store") as s:
+        def scan(records=None):
+            with s.writer() as w:
+                sc = Scanner(s, s.config.chunker, w.put, known=w.has,
+                             exclude=excl.excluded)
+                return sc.scan(src, records), sc.stats.warnings
+        plain, warn_plain = scan()
+        with walk(str(src)) as (records, _newest):
+            fast, warn_fast = scan(records)
+    assert [e.path for e in fast] == [e.path for e in plain]
+    assert fast == plain
+    assert b"skip/x" not in [e.path for e in fast] and b"store" not in [e.path for e in fast]
+    assert [e.xattrs for e in fast if e.path in (b"kept", b"a/f")] == \
+        [((b"user.pylayers-test", b"v"),), ((b"user.k", b"1"),)]
+    assert warn_fast == warn_plain and any("the store itself" in w for w in warn_fast)

@@ -26,9 +26,14 @@ DOMAIN = b"pylayers tree fingerprint v1\x00"
 def tree_fingerprint(root: str | os.PathLike) -> tuple[bytes, int]:
     """(fingerprint, newest ctime in ns) of the tree under `root`."""
     with walk(os.fspath(root)) as (records, max_ctime):
-        h = blake3.blake3(DOMAIN)
-        h.update(records)
-        return h.digest(), max_ctime
+        return of_records(records), max_ctime
+
+
+def of_records(records: memoryview | bytes) -> bytes:
+    """The fingerprint of a native walk's records (`_native.walk`)."""
+    h = blake3.blake3(DOMAIN)
+    h.update(records)
+    return h.digest()
 
 
 def path_key(root: str | os.PathLike) -> bytes:

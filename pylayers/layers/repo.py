@@ -18,11 +18,13 @@ import json
 import os
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import blake3
 
+from .._native import walk
 from ..chunking import cut_points
 from ..errors import CorruptData, FailedPrecondition, NotFound
 from ..store.ingest import CHUNK_REF, ChunkWriter
@@ -32,7 +34,7 @@ from . import fingerprint, refs
 from .ignore import Exclusions
 from .manifest import REG, Entry, decode_manifest, encode_manifest
 from .refs import check_tag
-from .scan import Scanner, ScanStats
+from .scan import Scanner, ScanStats, XattrProbe
 from .statcache import RACY_NS
 from .tree import apply_layer, diff_layer, validate_tree
 
@@ -226,22 +228,38 @@ class Layers:
         keeps changing while read fails the snapshot with SourceChanged, unless
         `allow_changing`: then its last read is stored and listed in `stats.changed`.
         `ephemeral`: the directory is deleted right after (the copy driver's snapshot
-        directories), so record no stat-cache entries and no tree fingerprint for it;
-        and do not walk it for a fingerprint that would be neither found nor kept.
+        directories), so record no stat-cache entries and no tree fingerprint for it.
         `exclude`: paths to leave out (ignore.py); the store's own directory is left out
         too. A tree with paths left out takes no fingerprint fast path: the fingerprint
         covers every path, and the same tree with other patterns is another layer."""
         if tag is not None:
             check_tag(tag)
         start_ns = time.time_ns()
-        fp = fp_key = None
-        if not ephemeral and not exclude and os.path.isdir(directory) \
-                and not _holds(directory, self.store.path):
-            fp_key = fingerprint.path_key(directory)
-            try:
-                fp, max_ctime = fingerprint.tree_fingerprint(directory)
-            except OSError:
-                fp = None  # the full scan reports the problem properly
+        with ExitStack() as stack:
+            # One native walk (lstat records, no Python object per file) serves the
+            # fingerprint and, when that shows a change, the scan. None if the walk
+            # failed: the scan's own walk then reports the problem properly.
+            records: memoryview | None = None
+            max_ctime = 0
+            if os.path.isdir(directory):
+                try:
+                    records, max_ctime = stack.enter_context(walk(os.fspath(directory)))
+                except OSError:
+                    records = None
+            fp = fp_key = None
+            if records is not None and not ephemeral and not exclude \
+                    and not _holds(directory, self.store.path):
+                fp_key = fingerprint.path_key(directory)
+                fp = fingerprint.of_records(records)
+            return self._snapshot(directory, parent, tag, message, progress, kept,
+                                  allow_changing, ephemeral, exclude, records,
+                                  fp, fp_key, fp is not None and max_ctime < start_ns - RACY_NS)
+
+    def _snapshot(self, directory: str | Path, parent: bytes | None, tag: str | None,
+                  message: str, progress: Callable[[int], None] | None, kept: bool,
+                  allow_changing: bool, ephemeral: bool, exclude: Exclusions | None,
+                  records: memoryview | None, fp: bytes | None, fp_key: bytes | None,
+                  fp_settled: bool) -> SnapshotResult:
         with self.store.writer() as writer:
             same_as = self._unchanged_since(fp, fp_key)
             if same_as is not None:
@@ -260,21 +278,32 @@ class Layers:
                     own = diff_layer(self.tree(parent), tree) if parent is not None else tree
                 # the fingerprint now names the new layer (the same tree): the next
                 # snapshot onto it finds it, and takes the `_recommit` path above
+                assert fp is not None and fp_key is not None
                 layer_id, existed = self._commit(writer, parent, own, tag, message, [],
                                                  (fp_key, fp), kept=kept)
                 return SnapshotResult(layer_id, stats, len(own), existed)
-            base = self.tree(parent) if parent is not None else []
+            # which entries have xattrs: found in C on another core while the parent's
+            # tree is decoded here
+            probe = XattrProbe(directory, records) if records is not None else None
+            try:
+                base = self.tree(parent) if parent is not None else []
+            finally:
+                if probe is not None:
+                    probe.marks()  # joined before anything can free the walk's buffer
             scanner = Scanner(self.store, self.store.config.chunker, writer.put,
                               progress=progress, allow_changing=allow_changing,
                               known=writer.has,
-                              exclude=exclude.excluded if exclude else None)
+                              exclude=exclude.excluded if exclude else None,
+                              trusted={e.chunks for e in base if e.kind == REG})
             scanner.reader.on_file = writer.file_hint  # deltas against a path's last version
-            tree = scanner.scan(directory)
-            own = diff_layer(base, tree) if parent is not None else tree
+            # the scan goes straight into the diff: only what differs is kept
+            scanned = scanner.iter_scan(directory, records, probe)
+            own = diff_layer(base, scanned) if parent is not None else list(scanned)
             cache = [] if ephemeral else list(scanner.statcache_updates)
-            record_fp = fp is not None and max_ctime < start_ns - RACY_NS
+            record_fp = fp is not None and fp_key is not None and fp_settled
             layer_id, existed = self._commit(writer, parent, own, tag, message, cache,
-                                             (fp_key, fp) if record_fp else None, kept=kept)
+                                             (fp_key, fp) if record_fp else None,  # type: ignore[arg-type]
+                                             kept=kept)
         return SnapshotResult(layer_id, scanner.stats, len(own), existed)
 
     def _same_tree(self, layer_id: bytes, other: bytes, limit: int = 64) -> bool:

@@ -11,18 +11,21 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import struct
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
+from .._native import WALK_RECORD_FIXED, xattr_marks
 from ..chunking import ChunkerParams
 from ..errors import InvalidArgument, NotFound, SourceChanged, os_error_reason, short_path
 from ..store.ingest import CHUNK_REF, ContentReader, IngestStats
 from ..store.repository import Store
 from ..store.tables import StatCacheTable
 from .manifest import BLK, CHR, DIR, FIFO, HARDLINK, REG, SYMLINK, Entry
-from .statcache import RACY_NS, decode_statcache, encode_statcache, inode_key
+from .statcache import INODE, RACY_NS, STATCACHE, decode_statcache, encode_statcache, inode_key
 
 
 @dataclass
@@ -38,6 +41,48 @@ class ScanStats(IngestStats):
 
 # A file that changes while it is read is read again, up to this many times in all.
 READ_ATTEMPTS = 3
+
+# One record of the native walk (csrc/walk.h) after its u16 path length and the path:
+# mode, uid, gid, reserved, nlink, size, mtime_ns, ctime_ns, ino, dev, rdev.
+_RECORD = struct.Struct("<IIIIQQqqQQQ")
+_U16 = struct.Struct("<H")
+
+
+class XattrProbe:
+    """Which entries of a native walk have xattrs (`_native.xattr_marks`), found on a
+    thread of its own: the C loop runs without the GIL, so it overlaps what the caller
+    does meanwhile (decoding the parent layer's tree)."""
+
+    def __init__(self, root: str | bytes, records: memoryview) -> None:
+        self.root = os.path.realpath(os.fsencode(os.path.abspath(root)))
+        self._marks: bytes | None = None
+        self._thread = threading.Thread(target=self._run, args=(records,),
+                                        name="pylayers-xattr-probe", daemon=True)
+        self._thread.start()
+
+    def _run(self, records: memoryview) -> None:
+        try:
+            self._marks = xattr_marks(self.root, records)
+        except OSError:
+            self._marks = None  # the scan looks at every entry itself
+
+    def marks(self) -> bytes | None:
+        self._thread.join()
+        return self._marks
+
+
+class WalkStat:
+    """The fields of an lstat the scan uses, from a native walk record (no
+    os.stat_result to build: a tree of 100k files has 100k of these)."""
+
+    __slots__ = ("st_mode", "st_uid", "st_gid", "st_nlink", "st_size", "st_mtime_ns",
+                 "st_ctime_ns", "st_ino", "st_dev", "st_rdev")
+
+    def __init__(self, mode: int, uid: int, gid: int, nlink: int, size: int, mtime_ns: int,
+                 ctime_ns: int, ino: int, dev: int, rdev: int) -> None:
+        self.st_mode, self.st_uid, self.st_gid, self.st_nlink = mode, uid, gid, nlink
+        self.st_size, self.st_mtime_ns, self.st_ctime_ns = size, mtime_ns, ctime_ns
+        self.st_ino, self.st_dev, self.st_rdev = ino, dev, rdev
 
 
 def _changed(before: os.stat_result, after: os.stat_result) -> bool:
@@ -87,9 +132,12 @@ class Scanner:
                  use_statcache: bool = True, progress=None,
                  allow_changing: bool = False,
                  known: Callable[[bytes], bool] | None = None,
-                 exclude: Callable[[bytes], bool] | None = None) -> None:
+                 exclude: Callable[[bytes], bool] | None = None,
+                 trusted: frozenset[bytes] | set[bytes] = frozenset()) -> None:
         """`exclude(rel_path)`: leave that path out, and all under it (ignore.py). The
-        store's own directory, if the tree holds it, is always left out."""
+        store's own directory, if the tree holds it, is always left out. `trusted`:
+        packed chunk lists known to be in the store without asking `known` (those of
+        the parent layer's files: a committed layer names only indexed chunks)."""
         self.store = store
         self.exclude = exclude
         self._store_dir = _dir_id(store.path) if store is not None else None
@@ -103,9 +151,11 @@ class Scanner:
         self.statcache_updates: list[tuple[bytes, bytes]] = []
         self._links: dict[tuple[int, int], bytes] = {}
         self.known = known
+        self.trusted = trusted
         self._statcache: StatCacheTable | None = None
         self._root = b""
         self._vanished_paths: list[bytes] = []
+        self._probe: XattrProbe | None = None
 
     def _vanished(self, path: bytes) -> bytes:
         """Note that `path` vanished while the walk was at it; returns the highest
@@ -132,8 +182,20 @@ class Scanner:
         self._vanished_paths.clear()
         self.stats.warnings.extend(f"{os.fsdecode(t)}: vanished during scan" for t in tops)
 
-    def scan(self, root: str | bytes) -> list[Entry]:
-        """The tree of the directory `root`."""
+    def scan(self, root: str | bytes, records: memoryview | None = None,
+             probe: XattrProbe | None = None) -> list[Entry]:
+        """The tree of the directory `root`. `records`: the native walk's records of
+        it (`_native.walk`), taken a moment ago, to scan without listing and lstat-ing
+        it again (what changed since is caught as it is read, as always); `probe`: an
+        XattrProbe of them already started."""
+        return list(self.iter_scan(root, records, probe))
+
+    def iter_scan(self, root: str | bytes, records: memoryview | None = None,
+                  probe: XattrProbe | None = None) -> Iterator[Entry]:
+        """`scan`, entry by entry as the walk goes (with `records`), so a caller that
+        keeps only some of them (a diff against the parent) never holds the whole tree.
+        Errors about `root` itself are raised at the first `next`."""
+        self._probe = probe
         root_b = os.fsencode(os.path.abspath(root))
         try:
             st = os.stat(root_b)
@@ -143,7 +205,7 @@ class Scanner:
             raise InvalidArgument(f"{short_path(root_b)}: {os_error_reason(e, root_b)}") from None
         if not stat.S_ISDIR(st.st_mode):
             raise InvalidArgument(f"{os.fsdecode(root_b)} is not a directory")
-        return self._scan(os.path.realpath(root_b), st, walk=True)
+        yield from self._scan(os.path.realpath(root_b), st, walk=True, records=records)
 
     def scan_path(self, path: str | bytes) -> list[Entry]:
         """The entries of `path`, a directory (as `scan`) or any other file: then one
@@ -158,12 +220,13 @@ class Scanner:
             raise InvalidArgument(f"{os.fsdecode(path)}: {e.strerror}") from None
         if stat.S_ISDIR(st.st_mode):
             return self.scan(real)
-        entries = self._scan(real, st, walk=False)
+        entries = list(self._scan(real, st, walk=False))
         if not entries:
             raise NotFound(f"{os.fsdecode(path)}: vanished, or a socket")
         return entries
 
-    def _scan(self, real: bytes, st: os.stat_result, walk: bool) -> list[Entry]:
+    def _scan(self, real: bytes, st: os.stat_result, walk: bool,
+              records: memoryview | None = None) -> Iterator[Entry]:
         self._start_ns = time.time_ns()
         with ExitStack() as stack:
             if self.use_statcache:
@@ -174,11 +237,14 @@ class Scanner:
                 entries: list[Entry] = []
                 if walk:
                     self._root = real
-                self._entry(real, b"", st, entries)
-                if walk:
-                    self._walk(real, b"", entries)
+                if records is not None:
+                    yield from self._walk_records(real, records, entries)
+                else:
+                    self._entry(real, b"", st, entries)
+                    if walk:
+                        self._walk(real, b"", entries)
+                    yield from entries
                 self._report_vanished()
-                return entries
             finally:
                 self._statcache = None
                 self.reader.close()
@@ -209,16 +275,91 @@ class Scanner:
             if self._entry(d.path, rel, st, entries) and stat.S_ISDIR(st.st_mode):
                 self._walk(d.path, rel, entries)
 
+    def _walk_records(self, root: bytes, buf: memoryview,
+                      entries: list[Entry]) -> Iterator[Entry]:
+        """`_entry` for each record of a native walk of `root` (root first, component
+        order), skipping the subtrees of directories left out or gone. The common case,
+        a file without xattrs or other links that the stat cache knows unchanged, is
+        handled inline: no stat object, no call but the cache lookup."""
+        unpack, u16, rec_size = _RECORD.unpack_from, _U16.unpack_from, _RECORD.size
+        isdir, isreg = stat.S_ISDIR, stat.S_ISREG
+        entry, left_out = self._entry, self._left_out
+        exclude = self.exclude
+        cache = self._statcache
+        cache_get = cache.get if cache is not None else None
+        inode = INODE.pack
+        head, head_size, ref = STATCACHE.unpack_from, STATCACHE.size, CHUNK_REF
+        trusted, all_known = self.trusted, self._all_known
+        progress, stats = self.progress, self.stats
+        files = hits = total = 0
+        prefix = root + b"/"
+        skip: bytes | None = None  # rel + b"/" of a subtree left out
+        probe = self._probe if self._probe is not None and self._probe.root == root \
+            else XattrProbe(root, buf)
+        marks = probe.marks()  # which entries have xattrs: one C loop
+        if marks is None:
+            marks = b"\x01" * (len(buf) // WALK_RECORD_FIXED + 1)  # look at each
+        i = -1
+        pos, end = 0, len(buf)
+        while pos < end:
+            i += 1
+            (plen,) = u16(buf, pos)
+            rel = bytes(buf[pos + 2 : pos + 2 + plen])
+            pos += 2 + plen
+            mode, uid, gid, _r, nlink, size, mtime, ctime, ino, dev, rdev = unpack(buf, pos)
+            pos += rec_size
+            if skip is not None:
+                if rel.startswith(skip):
+                    continue
+                skip = None
+            if (cache_get is not None and nlink == 1 and not marks[i] and isreg(mode)
+                    and (exclude is None or not exclude(rel))):
+                raw = cache_get(inode(dev, ino))  # the key is the inode: dev and ino match
+                if raw is not None and len(raw) >= head_size \
+                        and not (len(raw) - head_size) % ref.size:
+                    csize, cmtime, cctime, content = head(raw)
+                    if csize == size and cmtime == mtime and cctime == ctime:
+                        chunks = bytes(raw[head_size:])
+                        if not chunks and size:
+                            chunks = ref.pack(content, size)
+                        if chunks in trusted or all_known(chunks):
+                            files += 1
+                            hits += 1
+                            total += size
+                            if progress is not None:
+                                progress(size)
+                            yield Entry(rel, REG, mode & 0o7777, uid, gid, mtime, size,
+                                        content, chunks)
+                            continue
+            st = WalkStat(mode, uid, gid, nlink, size, mtime, ctime, ino, dev, rdev)
+            if not rel:
+                entry(root, rel, st, entries, marks[i])  # type: ignore[arg-type]
+            else:
+                path = prefix + rel
+                if left_out(path, rel, st) or not entry(path, rel, st, entries,  # type: ignore[arg-type]
+                                                         marks[i]):
+                    if isdir(mode):
+                        skip = rel + b"/"
+            if entries:
+                yield from entries
+                entries.clear()
+        stats.files += files
+        stats.cache_hits += hits
+        stats.bytes_total += total
+
     def _left_out(self, path: bytes, rel: bytes, st: os.stat_result) -> bool:
         if stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) == self._store_dir:
             self.stats.warnings.append(f"{os.fsdecode(path)}: the store itself, left out")
             return True
         return self.exclude is not None and self.exclude(rel)
 
-    def _entry(self, path: bytes, rel: bytes, st: os.stat_result, entries: list[Entry]) -> bool:
+    def _entry(self, path: bytes, rel: bytes, st: os.stat_result, entries: list[Entry],
+               look_xattrs: bool = True) -> bool:
+        """Add the entry of `path` to `entries`; False if it is left out (vanished, a
+        socket). `look_xattrs` False: known to have none (the walk's probe said so)."""
         mode = st.st_mode
         try:
-            xattrs = read_xattrs(path)
+            xattrs = read_xattrs(path) if look_xattrs else ()
         except FileNotFoundError:
             self._vanished(path)
             return False
@@ -260,7 +401,7 @@ class Scanner:
 
     def _all_known(self, chunks: bytes) -> bool:
         known = self.known
-        if known is None:
+        if known is None or chunks in self.trusted:
             return True
         return all(known(chunks[i : i + 32]) for i in range(0, len(chunks), CHUNK_REF.size))
 

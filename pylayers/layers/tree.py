@@ -92,21 +92,27 @@ def tree_problems(layers: dict[bytes, tuple[bytes | None, list[Entry]]]
         stack.extend((child, tree) for child in children.get(lid, ()))
 
 
-def diff_layer(parent: list[Entry], tree: list[Entry]) -> list[Entry]:
+def diff_layer(parent: list[Entry], tree: Iterable[Entry]) -> list[Entry]:
     """The entries to store so that apply_layer(parent, result) == tree: changed and new
-    entries, and a whiteout for each deleted path whose parent survives."""
+    entries, and a whiteout for each deleted path whose parent survives. `tree` may be
+    an iterator (a scan as it goes): only the entries that differ are kept."""
     out: list[Entry] = []
-    i, j, n, m = 0, 0, len(parent), len(tree)
-    while i < n or j < m:
-        if j >= m or (i < n and parent[i].key < tree[j].key):
+    i, n = 0, len(parent)
+
+    def deleted_before(key: bytes | None) -> None:
+        """Whiteouts for the parent's entries before `key` (all, if None)."""
+        nonlocal i
+        while i < n and (key is None or parent[i].key < key):
             gone = parent[i]
             out.append(Entry(gone.path, WHITEOUT))
             i += 1
             prefix = gone.key + b"\x00"
             while i < n and parent[i].key.startswith(prefix):
                 i += 1
-            continue
-        new = tree[j]
+
+    for new in tree:
+        if i < n and parent[i].key < new.key:
+            deleted_before(new.key)
         if i < n and parent[i].key == new.key:
             old = parent[i]
             i += 1
@@ -119,7 +125,7 @@ def diff_layer(parent: list[Entry], tree: list[Entry]) -> list[Entry]:
                     i += 1
         else:
             out.append(new)
-        j += 1
+    deleted_before(None)
     return out
 
 
