@@ -82,7 +82,16 @@ def _git(gitdir: Path, tree: Path, *args: str) -> list[str]:
 
 
 def _checked(cmd: Cmd) -> Run:
-    return run(cmd)
+    """Run `cmd`; its wall time, peak RSS and (in .cpu) user + system CPU seconds of it
+    and its children: on a shared machine the CPU time is the steadier comparison (a
+    Python process's threads hand the GIL over through the scheduler, which a loaded
+    machine makes slow; a pipeline of two processes does not)."""
+    before = os.times()
+    r = run(cmd)
+    after = os.times()
+    r.cpu = (after.children_user - before.children_user  # type: ignore[attr-defined]
+             + after.children_system - before.children_system)
+    return r
 
 
 def unchanged(work: Path, tree: Path, repeat: int) -> dict:
@@ -95,6 +104,7 @@ def unchanged(work: Path, tree: Path, repeat: int) -> dict:
     _checked(Cmd(_git(gitdir, tree, "add", "-A")))
     _checked(Cmd(_git(gitdir, tree, "update-index", "--refresh")))
     pl, git, start = [], [], []
+    cpu: dict[str, list[float]] = {"pl": [], "git": [], "start": []}
     for r in range(repeat):
         cmds = [("pl", pylayers(store, "snapshot", os.fspath(tree), "--parent", "v2",
                                 "--tag", f"again{r}")),
@@ -102,10 +112,15 @@ def unchanged(work: Path, tree: Path, repeat: int) -> dict:
                                  "--untracked-files=all"))),
                 ("start", Cmd([PY, "-m", "pylayers", "--version"]))]
         for key, cmd in (cmds if r % 2 == 0 else cmds[::-1]):
-            {"pl": pl, "git": git, "start": start}[key].append(_checked(cmd).seconds)
+            res = _checked(cmd)
+            {"pl": pl, "git": git, "start": start}[key].append(res.seconds)
+            cpu[key].append(res.cpu)  # type: ignore[attr-defined]
     return {"entries": sum(1 for _ in tree.rglob("*")) + 1,
             "pylayers_s": med(pl), "git_status_s": med(git), "startup_s": med(start),
-            "ratio_vs_git_status": med(pl) / med(git), "runs": {"pylayers": pl, "git": git}}
+            "ratio_vs_git_status": med(pl) / med(git),
+            "cpu_s": {k: med(v) for k, v in cpu.items()},
+            "cpu_ratio_vs_git_status": med(cpu["pl"]) / med(cpu["git"]),
+            "runs": {"pylayers": pl, "git": git}}
 
 
 def smallfiles(work: Path, files: int, repeat: int) -> dict:
@@ -120,6 +135,7 @@ def smallfiles(work: Path, files: int, repeat: int) -> dict:
     _checked(Cmd(_git(gitdir, tree, "add", "-A")))
     rnd = random.Random(7)
     pl, git, rss = [], [], []
+    cpu: dict[str, list[float]] = {"pl": [], "git": []}
     parent = "s0"
     for r in range(repeat):
         order = ["pl", "git"] if r % 2 == 0 else ["git", "pl"]
@@ -133,11 +149,15 @@ def smallfiles(work: Path, files: int, repeat: int) -> dict:
                 pl.append(res.seconds)
                 rss.append(res.rss_kib or 0)
             else:
-                git.append(_checked(Cmd(_git(gitdir, tree, "add", "-A"))).seconds)
+                res = _checked(Cmd(_git(gitdir, tree, "add", "-A")))
+                git.append(res.seconds)
+            cpu[key].append(res.cpu)  # type: ignore[attr-defined]
     return {"files": files, "first_s": first.seconds, "first_rss_mib": (first.rss_kib or 0) / 1024,
             "pylayers_s": med(pl), "git_add_s": med(git),
             "ratio_vs_git_add": med(pl) / med(git),
             "per_100k_files_s": med(pl) * 100_000 / files,
+            "cpu_s": {k: med(v) for k, v in cpu.items()},
+            "cpu_ratio_vs_git_add": med(cpu["pl"]) / med(cpu["git"]),
             "peak_rss_mib": max(rss) / 1024, "runs": {"pylayers": pl, "git": git}}
 
 
@@ -148,6 +168,7 @@ def checkout(work: Path, tree: Path, repeat: int) -> dict:
     _checked(Cmd(f"tar --xattrs -cf - -C '{tree}' . | zstd -3 -q -c > '{image}'"))
     dest_root = Path(tempfile.mkdtemp(prefix="co-", dir="/dev/shm"))
     pl, tar, link = [], [], []
+    cpu: dict[str, list[float]] = {"pl": [], "tar": [], "link": []}
     has_link = "--link" in _checked(pylayers(store, "checkout", "--help")).stdout
     try:
         for r in range(repeat):
@@ -162,6 +183,7 @@ def checkout(work: Path, tree: Path, repeat: int) -> dict:
             for key, cmd in (cmds if r % 2 == 0 else cmds[::-1]):
                 res = _checked(cmd)
                 {"pl": pl, "tar": tar, "link": link}[key].append(res.seconds)
+                cpu[key].append(res.cpu)  # type: ignore[attr-defined]
             for d in dest_root.iterdir():
                 shutil.rmtree(d)
     finally:
@@ -169,6 +191,8 @@ def checkout(work: Path, tree: Path, repeat: int) -> dict:
     return {"pylayers_s": med(pl), "tar_zstd_s": med(tar), "link_s": med(link),
             "ratio_vs_tar": med(pl) / med(tar), "link_ratio_vs_tar": med(link) / med(tar),
             "image_bytes": image.stat().st_size,
+            "cpu_s": {k: med(v) for k, v in cpu.items()},
+            "cpu_ratio_vs_tar": med(cpu["pl"]) / med(cpu["tar"]),
             "runs": {"pylayers": pl, "tar": tar, "link": link}}
 
 

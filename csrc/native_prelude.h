@@ -1,2 +1,3 @@
 #include "fastcdc.h"
 #include "walk.h"
+#include "writefile.h"

@@ -20,7 +20,7 @@ except ImportError as e:  # pragma: no cover - only on a broken install
     ) from e
 
 __all__ = ["ffi", "lib", "new_params", "new_state", "gear", "walk", "walk_records",
-           "xattr_marks"]
+           "write_file", "xattr_marks", "WRITE_OWNER"]
 
 # the fixed part of a walk record (csrc/walk.h): u16 path length + 4 u32 + 7 u64
 WALK_RECORD_FIXED = 2 + 4 * 4 + 8 * 7
@@ -83,3 +83,17 @@ def xattr_marks(root: str | bytes, records: memoryview | bytes) -> bytes:
     if n < 0:
         raise OSError(-n, os.strerror(-n), os.fsdecode(path))
     return bytes(ffi.buffer(marks, n))
+
+
+WRITE_OWNER = 3  # pl_write_file's step number for the owner (csrc/writefile.h)
+
+
+def write_file(dir_fd: int, name: bytes, mode: int, uid: int, gid: int, mtime_ns: int,
+               data: bytes) -> tuple[int, int]:
+    """Create the file `name` in the directory open at `dir_fd` from `data` with its
+    metadata, holes for all-zero blocks (csrc/writefile.h): (0 or -errno, the step that
+    failed). No exception: the caller words the error (it knows the entry)."""
+    step = ffi.new("int *")
+    rc = lib.pl_write_file(dir_fd, name, mode, uid, gid, mtime_ns, ffi.from_buffer(data),
+                           len(data), step)
+    return rc, step[0]

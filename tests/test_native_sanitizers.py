@@ -135,3 +135,40 @@ def test_asan_driver_selftest_under_valgrind(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.startswith("ok "), res.stdout
+
+
+def _expected_files() -> dict[str, bytes]:
+    """What tests/native/writefile_asan_driver.c writes, byte for byte."""
+    big = 5 * 65536 + 123
+    dense = bytes((i * 7 + 1) & 0xFF for i in range(big))
+    holey = dense[:65536] + bytes(3 * 65536) + dense[4 * 65536:]
+    return {"dense": dense, "empty": b"", "one": dense[:1], "holey": holey,
+            "zeros": bytes(big), "zero-tail": b"\xab" * 4096 + bytes(big - 4096)}
+
+
+def test_write_file_under_asan_and_ubsan(tmp_path: Path) -> None:
+    """pl_write_file (csrc/writefile.c), which a checkout makes most files with: under
+    ASan/UBSan, every shape of file comes out byte for byte, all-zero blocks as holes,
+    with its mtime (a negative one too), and an existing name is -EEXIST at step 1."""
+    exe = tmp_path / "writefile_driver"
+    subprocess.run(["gcc", "-O1", "-g", "-fsanitize=address,undefined",
+                    "-fno-omit-frame-pointer", "-fno-sanitize-recover=all",
+                    "-I", str(REPO / "csrc"), str(REPO / "csrc" / "writefile.c"),
+                    str(REPO / "tests" / "native" / "writefile_asan_driver.c"),
+                    "-o", str(exe)], check=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=1",
+               UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
+    res = subprocess.run([str(exe), str(out)], capture_output=True, text=True, env=env)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", (res.returncode, res.stderr)
+    for name, data in _expected_files().items():
+        assert (out / name).read_bytes() == data, name
+        assert os.stat(out / name).st_mode & 0o7777 == 0o640, name
+    block = os.stat(out).st_blksize
+    if block <= 65536:  # holes of whole blocks: 3 of the 64 KiB blocks at least
+        assert os.stat(out / "holey").st_blocks * 512 <= len(_expected_files()["holey"]) \
+            - 3 * 65536 + block
+        assert os.stat(out / "zeros").st_blocks * 512 <= block
+    assert os.stat(out / "dense").st_mtime_ns == 1600000000123456789
+    assert os.stat(out / "one").st_mtime_ns == -1000000000123

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import blake3
 
+from .._native import WRITE_OWNER, write_file
 from ..errors import InvalidArgument, PylayersError, os_error_reason, short_path
 from .manifest import BLK, CHR, DIR, FIFO, HARDLINK, REG, SYMLINK, Entry
 from .materialise import apply_metadata, chown_entry, drop_xattrs, make_node, write_file_from
@@ -35,6 +36,7 @@ from .tree import validate_tree
 # out of descriptors).
 MAX_OPEN_DIRS = 128
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_ONE_CHUNK = 36  # bytes of one (chunk id, length) record in Entry.chunks
 
 
 def prepare_destination(dest: Path) -> None:
@@ -220,6 +222,14 @@ class _Writer:
         if kind == REG:
             if self.cache is not None:
                 self._linked(e, dir_fd, name)
+            elif len(e.chunks) <= _ONE_CHUNK and not e.xattrs:
+                # most files: one chunk (or none), no xattrs: one C call makes it
+                data = next(self.stream) if e.chunks else b""
+                rc, step = write_file(dir_fd, name, e.mode, e.uid, e.gid, e.mtime_ns, data)
+                if rc:
+                    if step == WRITE_OWNER:
+                        chown_entry(name, e, dir_fd=dir_fd)  # raises its clear error
+                    raise OSError(-rc, os.strerror(-rc))
             else:
                 stream = self.stream
                 write_file_from(name, e, (next(stream) for _ in range(e.chunk_count())),
