@@ -154,9 +154,11 @@ class _SparseWriter:
             self._emit(memoryview(bytes(self.carry)))
             self.carry.clear()
         whole = len(view) - len(view) % self.block
-        # no run of a block's length of zeros anywhere: no all-zero block to look for
-        # (one fast substring search instead of a Python loop over the blocks)
-        dense = not all_zero and self.zero_block not in data
+        # no block starting with a zero (one byte in `block` looked at), or else no run
+        # of a block's length of zeros anywhere (one substring search): no all-zero
+        # block to look for, instead of a Python loop over the blocks
+        dense = not all_zero and (0 not in view[:whole:self.block].tobytes()
+                                  or self.zero_block not in data)
         self._emit(view[:whole], all_zero, dense)
         self.carry += view[whole:]
 
