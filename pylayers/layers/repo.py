@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -299,7 +299,7 @@ class Layers:
             # the scan goes straight into the diff: only what differs is kept
             scanned = scanner.iter_scan(directory, records, probe)
             own = diff_layer(base, scanned) if parent is not None else list(scanned)
-            cache = [] if ephemeral else list(scanner.statcache_updates)
+            cache = [] if ephemeral else scanner.statcache_updates
             record_fp = fp is not None and fp_key is not None and fp_settled
             layer_id, existed = self._commit(writer, parent, own, tag, message, cache,
                                              (fp_key, fp) if record_fp else None,  # type: ignore[arg-type]
@@ -358,7 +358,7 @@ class Layers:
         return self._commit(writer, parent, own, tag, message, [])[0]
 
     def _commit(self, writer: ChunkWriter, parent: bytes | None, own: list[Entry],
-                tag: str | None, message: str, statcache: list[tuple[bytes, bytes]],
+                tag: str | None, message: str, statcache: Iterable[tuple[bytes, bytes]],
                 tree_fp: tuple[bytes, bytes] | None = None,
                 kept: bool = False) -> tuple[bytes, bool]:
         if tag is not None:

@@ -25,7 +25,15 @@ from ..store.ingest import CHUNK_REF, ContentReader, IngestStats
 from ..store.repository import Store
 from ..store.tables import StatCacheTable
 from .manifest import BLK, CHR, DIR, FIFO, HARDLINK, REG, SYMLINK, Entry
-from .statcache import INODE, RACY_NS, STATCACHE, decode_statcache, encode_statcache, inode_key
+from .statcache import (
+    INODE,
+    RACY_NS,
+    STATCACHE,
+    StatCacheUpdates,
+    decode_statcache,
+    encode_statcache,
+    inode_key,
+)
 
 
 @dataclass
@@ -148,7 +156,7 @@ class Scanner:
         # a file still changing after READ_ATTEMPTS reads: store the last read (and
         # list it in stats.changed) instead of failing with SourceChanged
         self.allow_changing = allow_changing
-        self.statcache_updates: list[tuple[bytes, bytes]] = []
+        self.statcache_updates = StatCacheUpdates()
         self._links: dict[tuple[int, int], bytes] = {}
         self.known = known
         self.trusted = trusted

@@ -9,6 +9,7 @@ ctime, and the ctime cannot be set back.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 
 from ..store.ingest import CHUNK_REF
 
@@ -43,3 +44,36 @@ def decode_statcache(value: bytes) -> tuple[int, int, int, bytes, bytes] | None:
     if not chunks and size:
         chunks = CHUNK_REF.pack(content, size)
     return size, mtime, ctime, content, chunks
+
+
+_VALUE_LEN = struct.Struct("<I")
+
+
+class StatCacheUpdates:
+    """Stat-cache entries to write, (key, value) pairs packed in one bytearray: a
+    snapshot of a million new files has a million of them, which as a list of tuples of
+    two bytes objects cost about 220 bytes each; packed, about 75."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._n = 0
+
+    def append(self, pair: tuple[bytes, bytes]) -> None:
+        key, value = pair
+        assert len(key) == INODE.size
+        self._buf += key
+        self._buf += _VALUE_LEN.pack(len(value))
+        self._buf += value
+        self._n += 1
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+        buf, pos, klen = self._buf, 0, INODE.size
+        while pos < len(buf):
+            key = bytes(buf[pos : pos + klen])
+            (n,) = _VALUE_LEN.unpack_from(buf, pos + klen)
+            pos += klen + _VALUE_LEN.size
+            yield key, bytes(buf[pos : pos + n])
+            pos += n

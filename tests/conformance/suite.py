@@ -1494,6 +1494,7 @@ PREPARE_CRASH_SCRIPT = SCRIPT_PRELUDE + textwrap.dedent("""
 
     lower.write_file = dying(materialise.write_file)  # lower dirs
     checkout.write_file_from = dying(checkout.write_file_from)  # a copy's checkout
+    checkout.write_file = dying(checkout.write_file)  # its one-call path for small files
     snapshotter(Layers(Store.open(store)), driver).prepare(key, parent)
 """)
 
