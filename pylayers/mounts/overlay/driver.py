@@ -124,18 +124,21 @@ class OverlayDriver(Driver):
             f"workdir={sdir / 'work'}", *options, *self.flavour.rw_options])]
 
     def upper_entries(self, sdir: Path, parent: bytes | None, sink,
-                      progress: Callable[[int], None] | None = None) -> list[Entry]:
+                      progress: Callable[[int], None] | None = None,
+                      on_file: Callable[[bytes | None, int], None] | None = None
+                      ) -> list[Entry]:
         """The upper directory as a layer's own entries (see `upper.upper_entries`)."""
         host_ids = self._lowers_of(sdir).host_ids
         tree = self.layers.tree(parent) if parent is not None else None
         return upper_entries(self.store, self.flavour, sdir / "fs", tree, sink,
-                             host_ids.outside if host_ids is not None else None, progress)
+                             host_ids.outside if host_ids is not None else None, progress,
+                             on_file)
 
     def commit(self, sdir: Path, parent: bytes | None, message: str = "",
                tag: str | None = None,
                progress: Callable[[int], None] | None = None) -> bytes:
         with self.store.writer() as writer:
-            own = self.upper_entries(sdir, parent, writer.put, progress)
+            own = self.upper_entries(sdir, parent, writer.put, progress, writer.file_hint)
             return self.layers.commit_entries(parent, own, writer, tag, message)
 
     def usage(self, sdir: Path, parent: bytes | None) -> Usage:

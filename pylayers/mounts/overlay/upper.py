@@ -26,13 +26,17 @@ def _unchanged(old: Entry, new: Entry) -> bool:
 
 def upper_entries(store, flavour: Flavour, upper: Path, parent_tree: list[Entry] | None,
                   sink, owner: Callable[[int, int], tuple[int, int]] | None = None,
-                  progress: Callable[[int], None] | None = None) -> list[Entry]:
+                  progress: Callable[[int], None] | None = None,
+                  on_file: Callable[[bytes | None, int], None] | None = None
+                  ) -> list[Entry]:
     """The upper directory `upper` over the parent's tree (None: no parent) as a
     layer's own entries; chunks go to `sink` (the store's writer, or a hash-only
     sink). `owner` maps the (uid, gid) the upper directory shows to the one stored
-    (the host's, for a snapshot whose lower directories read owners as host ids)."""
+    (the host's, for a snapshot whose lower directories read owners as host ids).
+    `on_file`: the writer's `file_hint` (deltas against a path's last version)."""
     private, opaque = flavour.private_prefix, flavour.opaque_xattr
     scanner = Scanner(store, store.config.chunker, sink, progress=progress)
+    scanner.reader.on_file = on_file
     scanned = scanner.scan(upper)
     base = {e.path: e for e in parent_tree} if parent_tree is not None else {}
     own = []
