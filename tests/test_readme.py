@@ -20,8 +20,10 @@ run by kind:
 
 A block that needs user namespaces (`unshare`) skips where the kernel refuses them. Blocks
 after `<!-- containerd -->` need root, containerd and runc: tests/test_containerd_e2e.py
-runs them (a toml one is parsed here), and they are left out of the shell session. A
-block of any other kind fails, so a new one gets a way to run here.
+runs them (a toml one is parsed here), and they are left out of the shell session. Blocks
+after `<!-- registry -->` need a registry on localhost:5000: tests/test_registry_readme.py
+runs them with one, and they are left out here likewise. A block of any other kind
+fails, so a new one gets a way to run here.
 """
 
 from __future__ import annotations
@@ -222,9 +224,12 @@ def test_readme_block(block: Block, tmp_path: Path) -> None:
         if block.lang == "toml":
             tomllib.loads(block.text)
         pytest.skip("run with containerd by tests/test_containerd_e2e.py")
+    elif block.marker == "registry":  # needs a registry
+        pytest.skip("run with a registry by tests/test_registry_readme.py")
     elif block.lang in ("sh", "bash", "shell"):
         make_rootfs(tmp_path)
-        session = [b for b in BLOCKS if b.n <= block.n and b.marker != "containerd"
+        session = [b for b in BLOCKS if b.n <= block.n
+                   and b.marker not in ("containerd", "registry")
                    if b.lang in ("sh", "bash", "shell") and not is_setup(b)]
         if any("unshare" in b.text for b in session) and (why := userns_refused()):
             pytest.skip(f"a block up to this one needs a user namespace: {why}")

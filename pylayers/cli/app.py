@@ -28,6 +28,7 @@ VERBS = {
     "tags": "refs", "rm": "refs", "du": "maintenance", "gc": "maintenance",
     "fsck": "maintenance", "mount": "mounts", "umount": "mounts", "commit": "mounts",
     "snapshots": "snapshots", "layers": "inspect", "import": "oci", "export": "oci",
+    "push": "registry", "pull": "registry",
     "containerd-snapshotter": "containerd", "build": "build", "history": "build",
 }
 

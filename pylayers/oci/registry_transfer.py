@@ -1,0 +1,433 @@
+"""`push` and `pull`: an image between the store and a registry, layer by layer.
+
+Push exports the image with the exporter (the same bytes as `export oci:`, so a push
+is reproducible) into a work directory inside the store, then sends what the
+repository lacks: each blob is checked (HEAD) and skipped when there; else mounted
+from another repository of the same registry where this store saw it
+(STORE/registry/blobs.json, hints only); else uploaded (one PUT, or chunks). The
+manifest goes last, and not at all when the tag already names it. A re-push, or a push
+of the same image to another repository of the registry, sends no blob data.
+
+Pull reads the manifest (an index: this machine's platform, or `platform`), checks it
+and the config against their digests, and imports the layers as they arrive
+(`registry_downloads.py`): each blob streams through its digest and size check and the
+importer's diffID check into the store's writer, and the layers are committed only
+when every one has passed, so a damaged or wrong blob leaves no layer and no tag.
+Layers the store has already (an earlier pull or import recorded the same chain of
+diffIDs with its config) are not fetched at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform as _platform
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import CorruptData, InvalidArgument, UsageError
+from ..layers.repo import Layers, check_tag
+from ..store import Store
+from . import config as image_config
+from .auth import Credentials
+from .config import GOARCH, MAX_JSON
+from .exporter import export_image
+from .importer import DEFAULT_MAX_LAYER_SIZE, LAYER_SUFFIXES, _Importer
+from .layout import DOCKER_LIST, DOCKER_MANIFEST, INDEX, MANIFEST, Descriptor
+from .reference import Reference, parse_reference
+from .registry import DEFAULT_CHUNK, RegistryClient
+from .registry_downloads import DownloadArea
+from .streams import Verifying
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+_HINTS_PER_REGISTRY = 100_000
+_REPOS_PER_BLOB = 8
+
+
+@dataclass
+class PushResult:
+    reference: str
+    manifest_digest: str
+    config_digest: str
+    layers: list[str] = field(default_factory=list)  # blob digests, oldest first
+    uploaded: int = 0  # blobs sent
+    mounted: int = 0  # blobs mounted from another repository
+    present: int = 0  # blobs the repository had
+    manifest_pushed: bool = False
+    counters: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"reference": self.reference, "digest": self.manifest_digest,
+                "config": self.config_digest, "layers": self.layers,
+                "blobs_uploaded": self.uploaded, "blobs_mounted": self.mounted,
+                "blobs_present": self.present, "manifest_pushed": self.manifest_pushed,
+                **self.counters}
+
+
+@dataclass
+class PullResult:
+    reference: str
+    manifest_digest: str
+    config_digest: str
+    top: bytes
+    layers: list[bytes] = field(default_factory=list)  # layer ids, oldest first
+    fetched: int = 0  # layer blobs imported (from the network or the download area)
+    reused: int = 0  # layers the store had
+    resumed: int = 0  # blobs continued from an earlier, interrupted pull
+    counters: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"reference": self.reference, "digest": self.manifest_digest,
+                "config": self.config_digest, "id": self.top.hex(),
+                "layers": [lid.hex() for lid in self.layers],
+                "layers_fetched": self.fetched, "layers_reused": self.reused,
+                "blobs_resumed": self.resumed, **self.counters}
+
+
+# -- where blobs were seen: hints for cross-repository mounts ------------------------------
+class BlobHints:
+    """STORE/registry/blobs.json: {registry: {digest: [repositories]}}, the repositories
+    this store pushed a blob to or pulled it from. Only hints: a mount the registry
+    refuses is an upload."""
+
+    def __init__(self, store_path: Path) -> None:
+        self.path = store_path / "registry" / "blobs.json"
+
+    def _load(self) -> dict:
+        try:
+            doc = json.loads(self.path.read_bytes()[:64 << 20])
+            return doc if isinstance(doc, dict) else {}
+        except (OSError, ValueError, UnicodeDecodeError):
+            return {}
+
+    def repositories(self, registry: str, digest: str) -> list[str]:
+        repos = self._load().get(registry, {}).get(digest, [])
+        return [r for r in repos if isinstance(r, str)] if isinstance(repos, list) else []
+
+    def add(self, registry: str, repository: str, digests: list[str]) -> None:
+        doc = self._load()
+        reg = doc.setdefault(registry, {})
+        if not isinstance(reg, dict):
+            reg = doc[registry] = {}
+        for d in digests:
+            repos = [r for r in reg.pop(d, []) if r != repository]
+            reg[d] = ([repository] + repos)[:_REPOS_PER_BLOB]  # most recent first
+        while len(reg) > _HINTS_PER_REGISTRY:
+            del reg[next(iter(reg))]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(doc, separators=(",", ":")))
+        os.replace(tmp, self.path)
+
+
+def _client(ref: Reference, insecure: bool, credentials: Credentials | None,
+            ca_file: str | None, push: bool) -> RegistryClient:
+    return RegistryClient(ref, insecure=insecure, credentials=credentials, ca_file=ca_file,
+                          push=push)
+
+
+# -- push ----------------------------------------------------------------------------------
+def push_image(layers: Layers, layer_id: bytes, dest: str | Reference, *,
+               insecure: bool = False, credentials: Credentials | None = None,
+               ca_file: str | None = None, compression: str = "gzip",
+               source_date_epoch: int | None = None, chunk_size: int = DEFAULT_CHUNK,
+               progress: Progress | None = None) -> PushResult:
+    ref = parse_reference(dest) if isinstance(dest, str) else dest
+    if ref.digest is not None:
+        raise UsageError(f"{ref}: push to a tag, not a digest")
+    assert ref.tag is not None
+    store = layers.store
+    area = store.path / "registry"
+    area.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="push-", dir=area))
+    try:
+        if progress:
+            progress("export", 0, 0)
+        exported = export_image(layers, layer_id, f"oci:{work}", compression,
+                                source_date_epoch)
+        blobs = work / "blobs" / "sha256"
+        manifest = (blobs / exported.manifest_digest[7:]).read_bytes()
+        res = PushResult(str(ref), exported.manifest_digest, exported.config_digest,
+                         list(exported.layers))
+        with _client(ref, insecure, credentials, ca_file, push=True) as client:
+            _push_blobs(client, ref, store, blobs, [exported.config_digest, *exported.layers],
+                        res, chunk_size, progress)
+            if client.head_manifest(ref.tag) != exported.manifest_digest:
+                client.put_manifest(ref.tag, MANIFEST, manifest)
+                res.manifest_pushed = True
+            res.counters = client.counters()
+        BlobHints(store.path).add(ref.registry, ref.repository,
+                                  [exported.config_digest, *exported.layers])
+        return res
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _push_blobs(client: RegistryClient, ref: Reference, store: Store, blobs: Path,
+                digests: list[str], res: PushResult, chunk_size: int,
+                progress: Progress | None) -> None:
+    hints = BlobHints(store.path)
+    todo = []
+    for d in dict.fromkeys(digests):  # an image may hold the same layer twice
+        if client.has_blob(d):
+            res.present += 1
+            continue
+        mounted = False
+        for repo in hints.repositories(ref.registry, d):
+            if repo != ref.repository and client.mount_blob(d, repo):
+                mounted = True
+                break
+        if mounted:
+            res.mounted += 1
+        else:
+            todo.append(d)
+    total = sum((blobs / d[7:]).stat().st_size for d in todo)
+    done = 0
+
+    def report(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress("upload", done, total)
+
+    for d in todo:
+        path = blobs / d[7:]
+        with open(path, "rb") as f:
+            client.push_blob(d, f, os.fstat(f.fileno()).st_size, chunk_size=chunk_size,
+                             progress=report)
+        res.uploaded += 1
+
+
+# -- pull ----------------------------------------------------------------------------------
+def parse_platform(text: str | None) -> tuple[str, str, str | None]:
+    """(os, architecture, variant) of `os/arch[/variant]`; this machine's by default."""
+    if text is None:
+        return "linux", GOARCH.get(_platform.machine(), _platform.machine()), None
+    parts = text.split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise UsageError(f"--platform {text!r}: say OS/ARCH[/VARIANT] (linux/amd64)")
+    return parts[0], parts[1], parts[2] if len(parts) == 3 else None
+
+
+def _pick(index: dict, want: tuple[str, str, str | None], what: str) -> Descriptor:
+    items = index.get("manifests")
+    if not isinstance(items, list):
+        raise CorruptData(f"{what}: an index without a manifests list")
+    descs = [Descriptor.parse(d, what) for d in items]
+    os_, arch, variant = want
+    found = [d for d in descs if d.platform.get("os") == os_
+             and d.platform.get("architecture") == arch
+             and (variant is None or d.platform.get("variant") == variant)]
+    if not found:
+        have = sorted({"/".join(str(d.platform.get(k)) for k in ("os", "architecture"))
+                       for d in descs if d.platform})
+        raise InvalidArgument(f"{what} has no image for {os_}/{arch}"
+                              f"{'/' + variant if variant else ''} (it has "
+                              f"{', '.join(have) or 'none'}; choose with --platform)")
+    return found[0]
+
+
+def _json(data: bytes, what: str) -> dict:
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CorruptData(f"{what} is not JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise CorruptData(f"{what} is not a JSON object")
+    return doc
+
+
+def _image_manifest(client: RegistryClient, ref: Reference,
+                    want: tuple[str, str, str | None]) -> tuple[str, dict]:
+    """(digest, document) of the image manifest `ref` names, through an index."""
+    what = f"manifest {ref}"
+    mt, data, digest = client.get_manifest(ref.ref)
+    for _depth in range(3):
+        doc = _json(data, what)
+        if doc.get("schemaVersion") == 1 or "fsLayers" in doc:
+            raise InvalidArgument(f"{what} is a docker schema 1 manifest, which pylayers "
+                                  "does not read")
+        if mt in (INDEX, DOCKER_LIST) or (isinstance(doc.get("manifests"), list)
+                                          and "layers" not in doc):
+            desc = _pick(doc, want, what)
+            what = f"manifest {desc.digest} (from {ref})"
+            mt, data, digest = client.get_manifest(desc.digest)
+            if len(data) != desc.size:
+                raise CorruptData(f"{what} has {len(data)} bytes, its index says {desc.size}")
+            continue
+        if mt not in (MANIFEST, DOCKER_MANIFEST, "") and "layers" not in doc:
+            raise InvalidArgument(f"{what} has media type {mt!r}, not an image manifest")
+        if doc.get("schemaVersion") != 2 or not isinstance(doc.get("layers"), list):
+            raise CorruptData(f"{what} is not an image manifest")
+        return digest, doc
+    raise CorruptData(f"{what}: image indexes nest too deeply")
+
+
+def _fetch_small(client: RegistryClient, desc: Descriptor, what: str) -> bytes:
+    if desc.size > MAX_JSON:
+        raise CorruptData(f"{what} {desc.digest} is too large ({desc.size} bytes)")
+    with client.open_blob(desc.digest) as s:
+        v = Verifying(s, desc.digest, desc.size, f"{what} {desc.digest}")
+        data = v.read(desc.size + 1)
+        v.check()
+    return data
+
+
+def chain_ids(diff_ids: list[str]) -> list[str]:
+    """The OCI ChainIDs of a list of diffIDs (image-spec config.md)."""
+    out: list[str] = []
+    for d in diff_ids:
+        out.append(d if not out else
+                   "sha256:" + hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest())
+    return out
+
+
+def stored_configs(layers: Layers) -> list[tuple[bytes, bytes]]:
+    """(top layer id, config) of every image config the store keeps."""
+    with layers.store.read() as t:
+        return [(lid, cfg) for lid in t.image_configs.ids()
+                if (cfg := t.image_configs.get(lid)) is not None]
+
+
+def known_chains(layers: Layers, configs: list[tuple[bytes, bytes]]) -> dict[str, bytes]:
+    """ChainID -> layer id, for every layer of an image whose config the store keeps
+    (import and pull keep the config beside the top layer; its diffIDs were checked
+    against the layers' data then)."""
+    out: dict[str, bytes] = {}
+    for top, cfg in configs:
+        if not layers.exists(top):
+            continue
+        try:
+            ids = image_config.diff_ids(image_config.parse(cfg))
+        except CorruptData:
+            continue
+        chain = list(reversed(layers.chain(top)))
+        if len(chain) != len(ids):
+            continue
+        for cid, lid in zip(chain_ids(ids), chain, strict=True):
+            out.setdefault(cid, lid)
+    return out
+
+
+def pull_image(layers: Layers, source: str | Reference, *, tag: str | None = None,
+               platform: str | None = None, insecure: bool = False,
+               credentials: Credentials | None = None, ca_file: str | None = None,
+               max_layer_size: int = DEFAULT_MAX_LAYER_SIZE,
+               progress: Progress | None = None) -> PullResult:
+    if tag is not None:
+        check_tag(tag)
+    if max_layer_size <= 0:
+        raise InvalidArgument("--max-layer-size must be positive")
+    ref = parse_reference(source) if isinstance(source, str) else source
+    want = parse_platform(platform)
+    store = layers.store
+    area = DownloadArea(store.path)
+    area.prune_stale()
+    with _client(ref, insecure, credentials, ca_file, push=False) as client:
+        mdigest, manifest = _image_manifest(client, ref, want)
+        cdesc = Descriptor.parse(manifest.get("config"), "manifest config")
+        configs = stored_configs(layers)
+        have = {"sha256:" + hashlib.sha256(c).hexdigest(): c for _, c in configs}
+        config = have.get(cdesc.digest) if cdesc.digest.startswith("sha256:") else None
+        if config is None or len(config) != cdesc.size:
+            config = _fetch_small(client, cdesc, "config")
+        diff_ids = image_config.diff_ids(image_config.parse(config))
+        descs = [Descriptor.parse(d, "manifest layers") for d in manifest["layers"]]
+        if len(descs) != len(diff_ids):
+            raise CorruptData(f"{ref}: the config lists {len(diff_ids)} diffIDs for "
+                              f"{len(descs)} layers")
+        for i, d in enumerate(descs):
+            if not d.media_type.endswith(LAYER_SUFFIXES):
+                raise InvalidArgument(f"layer {i + 1} ({d.digest}) has media type "
+                                      f"{d.media_type!r}, not a tar layer pylayers can read")
+        known = known_chains(layers, configs)
+        chain = chain_ids(diff_ids)
+        skip = 0
+        for k in range(len(chain), 0, -1):
+            if chain[k - 1] in known:
+                skip = k
+                break
+        parent = known[chain[skip - 1]] if skip else None
+        res = PullResult(str(ref), mdigest, cdesc.digest, b"", reused=skip)
+        message = f"pull {ref}"
+        if skip == len(descs):
+            _tag_known(layers, parent, tag, config)
+            res.top = parent
+            res.layers = list(reversed(layers.chain(parent)))
+        else:
+            _import(layers, client, area, descs, diff_ids, skip, parent, tag, message,
+                    config, max_layer_size, progress, res)
+        res.counters = client.counters()
+    for d in descs:
+        area.remove(d.digest)
+    BlobHints(store.path).add(ref.registry, ref.repository,
+                              [cdesc.digest, *(d.digest for d in descs)])
+    return res
+
+
+def _tag_known(layers: Layers, top: bytes, tag: str | None, config: bytes) -> None:
+    with layers.store.write() as t:
+        if tag is not None:
+            layers.set_tag_in(t, tag, top)
+        t.image_configs.put(top, config)
+
+
+def _import(layers: Layers, client: RegistryClient, area: DownloadArea,
+            descs: list[Descriptor], diff_ids: list[str], skip: int, parent: bytes | None,
+            tag: str | None, message: str, config: bytes, max_layer_size: int,
+            progress: Progress | None, res: PullResult) -> None:
+    total = sum(d.size for d in descs[skip:])
+    done = 0
+
+    def report(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress("download", done, total)
+
+    with layers.store.writer() as writer:
+        imp = _Importer(layers, writer, max_layer_size, None)
+        tree = layers.tree(parent) if parent is not None else []
+        reads = []
+        for i in range(skip, len(descs)):
+            d = descs[i]
+            what = f"layer {i + 1} ({d.digest})"
+            dl = area.open(client, d.digest, d.size, report)
+            try:
+                if dl.resumed_from or dl.from_disk:
+                    res.resumed += 1
+                blob = Verifying(dl, d.digest, d.size, f"{what} blob")
+                try:
+                    read, tree = imp.read_layer(blob, tree, diff_ids[i], what)
+                    blob.check()
+                except CorruptData:
+                    # the blob's own digest, when it is wrong, says more than what its
+                    # wrong bytes made the decompressor or the tar reader say
+                    _check_whole(blob)
+                    raise
+                dl.verified()
+            except CorruptData:
+                dl.discard()
+                raise
+            finally:
+                dl.close()
+            res.fetched += 1
+            reads.append(read)
+        ids = imp.commit(parent, reads, tag, message, config)
+    res.top = ids[-1]
+    res.layers = list(reversed(layers.chain(res.top)))
+
+
+def _check_whole(blob: Verifying) -> None:
+    """Read the rest of a blob whose content was refused and check its digest: raises
+    the digest's error if that is wrong, returns if the blob is what it claims."""
+    try:
+        blob.check()
+    except CorruptData:
+        raise
+    except Exception:  # the network failing now hides nothing: report the first error
+        return
