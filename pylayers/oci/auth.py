@@ -232,13 +232,11 @@ class Authenticator:
         if u.scheme == "http" and not self.allow_http:
             raise AuthError(f"{self.host}: the token realm {realm} is plain http "
                             "(allowed with --insecure)")
-        wanted = set(scopes)
-        if params.get("scope"):
-            wanted.update(params["scope"].split(" "))
+        wanted = merge_scopes([*scopes, *params.get("scope", "").split(" ")])
         query: list[tuple[str, str]] = []
         if params.get("service"):
             query.append(("service", params["service"]))
-        query += [("scope", s) for s in sorted(wanted)]
+        query += [("scope", s) for s in wanted]
         url = realm + ("&" if u.query else "?") + urlencode(query)
         headers = {}
         if self.credentials is not None:
@@ -263,6 +261,21 @@ class Authenticator:
             self._bearer = params
             # a little before it expires, so that no request goes out with a stale one
             self._tokens[key] = (token, time.monotonic() + max(expires - 10, 5))
+
+
+def merge_scopes(scopes: list[str]) -> list[str]:
+    """`type:name:actions` scopes with the actions of the same resource joined, sorted
+    (`repository:a:pull` and `repository:a:pull,push` make `repository:a:pull,push`)."""
+    merged: dict[str, set[str]] = {}
+    for s in scopes:
+        if not s:
+            continue
+        resource, sep, actions = s.rpartition(":")
+        if not sep or ":" not in resource:
+            merged.setdefault(s, set())
+            continue
+        merged.setdefault(resource, set()).update(a for a in actions.split(",") if a)
+    return sorted(f"{r}:{','.join(sorted(a))}" if a else r for r, a in merged.items())
 
 
 def _key(scopes: tuple[str, ...]) -> tuple[str, ...]:
