@@ -148,3 +148,93 @@ def registry(tmp_path: Path) -> Iterator[Registry]:
         yield reg
     finally:
         reg.stop()
+
+
+class Proxy:
+    """A TCP proxy on 127.0.0.1 in front of a registry, for network faults: `cut_after`
+    bytes sent to clients in all (then every connection is closed and new ones are
+    refused, as if the registry went away), `rate` bytes per second to clients.
+    `received` counts the bytes it passed to clients."""
+
+    def __init__(self, upstream: str, cut_after: int | None = None,
+                 rate: float | None = None) -> None:
+        import threading
+
+        self.upstream = upstream
+        self.cut_after = cut_after
+        self.rate = rate
+        self.received = 0
+        self.dead = threading.Event()
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(16)
+        self.host = f"127.0.0.1:{self.server.getsockname()[1]}"
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            if self.dead.is_set():
+                client.close()
+                continue
+            host, _, port = self.upstream.partition(":")
+            try:
+                up = socket.create_connection((host, int(port)))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._socks += [client, up]
+            threading.Thread(target=self._pump, args=(client, up, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(up, client, True), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, down: bool) -> None:
+        try:
+            while not self.dead.is_set():
+                data = src.recv(16384)
+                if not data:
+                    break
+                if down:
+                    with self._lock:
+                        if self.cut_after is not None and \
+                                self.received + len(data) > self.cut_after:
+                            data = data[:max(self.cut_after - self.received, 0)]
+                            self.received += len(data)
+                            dst.sendall(data)
+                            self.kill()
+                            return
+                        self.received += len(data)
+                    if self.rate:
+                        time.sleep(len(data) / self.rate)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def kill(self) -> None:
+        """Close every connection; refuse new ones."""
+        self.dead.set()
+        for s in self._socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.kill()
+        self.server.close()
+        for s in self._socks:
+            s.close()

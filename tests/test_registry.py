@@ -300,3 +300,50 @@ def test_registry_fixture_restarts(tmp_path) -> None:
         assert reg.get("/v2/") in (b"{}", b"")
     finally:
         reg.stop()
+
+
+def test_progress_lines_and_quiet(tmp_path, registry, image) -> None:
+    """--progress on a pipe: lines for the upload and the download with their totals;
+    --quiet: nothing on stderr."""
+    import subprocess
+
+    store, _src, _top = image
+    env = dict(os.environ, PYLAYERS_PROGRESS_INTERVAL="0", PYLAYERS_PROGRESS_DELAY="0")
+
+    def cli(st: Path, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pylayers", "--store", str(st), *args],
+                              capture_output=True, text=True, env=env, cwd=tmp_path)
+
+    proc = cli(store, "push", "v2", f"{registry.host}/p:v2", "--insecure", "--progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "push: upload: 100%" in proc.stderr, proc.stderr
+    proc = cli(tmp_path / "s2", "pull", f"{registry.host}/p:v2", "--insecure", "--progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "pull: download: 100%" in proc.stderr and "2 layers fetched" in proc.stderr
+    proc = cli(tmp_path / "s3", "pull", f"{registry.host}/p:v2", "--insecure", "--quiet")
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert len(proc.stdout.split()) == 2
+
+
+def test_artifact_and_max_layer_size_are_refused(tmp_path, registry, image) -> None:
+    """A manifest whose config is not an image config (an OCI artifact) is not pulled
+    (exit 6); a layer over --max-layer-size neither, and neither leaves anything."""
+    store, _src, _top = image
+    cfg = b'{"kind":"not an image"}'
+    manifest = json.dumps({"schemaVersion": 2,
+                           "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "config": {"mediaType": "application/vnd.example.thing+json",
+                                      "digest": sha(cfg), "size": len(cfg)},
+                           "layers": []}).encode()
+    with RegistryClient(f"{registry.host}/art", insecure=True, push=True) as c:
+        c.push_blob(sha(cfg), cfg)
+        c.put_manifest("x", "application/vnd.oci.image.manifest.v1+json", manifest)
+    s2 = tmp_path / "s2"
+    proc = run_cli(s2, "pull", f"{registry.host}/art:x", "--insecure")
+    assert proc.returncode == 6 and "artifact" in proc.stderr.decode(), proc.stderr
+    assert cli_json(store, "push", "v2", f"{registry.host}/app:v2", "--insecure")
+    proc = run_cli(s2, "pull", f"{registry.host}/app:v2", "--insecure",
+                   "--max-layer-size", "100K")
+    assert proc.returncode == 6 and "max-layer-size" in proc.stderr.decode(), proc.stderr
+    assert run_cli(s2, "layers", "--json").stdout.strip() == b"[]"
+    assert list((s2 / "registry" / "downloads").iterdir()) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import click
 
@@ -12,7 +13,7 @@ from ..oci.reference import parse_reference
 from ..oci.registry import DEFAULT_CHUNK
 from ..oci.registry_transfer import pull_image, push_image
 from .app import Size, cli, emit_json, human, open_layers, ref_param, tag_param
-from .progress import Progress, mode_of, progress_options
+from .progress import LINES, Progress, mode_of, progress_options
 
 
 def _registry_options(f):
@@ -35,20 +36,26 @@ def _reference(text: str):
 
 
 class _Stages:
-    """Progress of a transfer: one bar per stage (export, upload, download)."""
+    """Progress of a transfer: a bar (or lines) per stage with bytes (upload,
+    download); a stage without a byte count (export) gets one line when it ends."""
 
     def __init__(self, label: str, mode: str) -> None:
         self.label = label
         self.mode = mode
         self.bar: Progress | None = None
         self.stage = ""
+        self.started = 0.0
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if stage != self.stage:
             self.close()
             self.stage = stage
+            self.started = time.monotonic()
+            if not total and not done:
+                return
             self.bar = Progress(f"{self.label}: {stage}", self.mode, total=total or None)
-        assert self.bar is not None
+        if self.bar is None:
+            return
         self.bar.total = total or None
         self.bar(done - self.bar.done)
 
@@ -56,6 +63,10 @@ class _Stages:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        elif self.stage and self.mode == LINES:
+            click.echo(f"{self.label}: {self.stage}: done in "
+                       f"{time.monotonic() - self.started:.1f} s", err=True)
+        self.stage = ""
 
 
 @cli.command()
@@ -97,7 +108,7 @@ def push(ctx: click.Context, ref: str, dest: str, insecure: bool, user: str | No
         emit_json(res.to_json())
         return
     if not quiet:
-        print(f"{res.reference}: {res.uploaded} blobs uploaded "
+        print(f"{res.reference}: {res.uploaded} blob{'' if res.uploaded == 1 else 's'} uploaded "
               f"({human(res.counters['blob_bytes_sent'])}), {res.mounted} mounted, "
               f"{res.present} already there; manifest "
               f"{'pushed' if res.manifest_pushed else 'unchanged'}", file=sys.stderr)
@@ -134,7 +145,7 @@ def pull(ctx: click.Context, source: str, tag: str | None, insecure: bool, user:
         emit_json(res.to_json())
         return
     if not quiet:
-        print(f"{res.reference}: {res.fetched} layers fetched "
+        print(f"{res.reference}: {res.fetched} layer{'' if res.fetched == 1 else 's'} fetched "
               f"({human(res.counters['blob_bytes_received'])}), {res.reused} already "
               f"in the store" + (f", {res.resumed} resumed" if res.resumed else ""),
               file=sys.stderr)

@@ -37,7 +37,7 @@ from .auth import Credentials
 from .config import GOARCH, MAX_JSON
 from .exporter import export_image
 from .importer import DEFAULT_MAX_LAYER_SIZE, LAYER_SUFFIXES, _Importer
-from .layout import DOCKER_LIST, DOCKER_MANIFEST, INDEX, MANIFEST, Descriptor
+from .layout import CONFIG, DOCKER_LIST, DOCKER_MANIFEST, INDEX, MANIFEST, Descriptor
 from .reference import Reference, parse_reference
 from .registry import DEFAULT_CHUNK, RegistryClient
 from .registry_downloads import DownloadArea
@@ -45,6 +45,7 @@ from .streams import Verifying
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 _HINTS_PER_REGISTRY = 100_000
+CONFIG_TYPES = (CONFIG, "application/vnd.docker.container.image.v1+json")
 _REPOS_PER_BLOB = 8
 
 
@@ -330,6 +331,9 @@ def pull_image(layers: Layers, source: str | Reference, *, tag: str | None = Non
     with _client(ref, insecure, credentials, ca_file, push=False) as client:
         mdigest, manifest = _image_manifest(client, ref, want)
         cdesc = Descriptor.parse(manifest.get("config"), "manifest config")
+        if cdesc.media_type not in CONFIG_TYPES:
+            raise InvalidArgument(f"{ref}: its config has media type {cdesc.media_type!r}: "
+                                  "an artifact, not a container image")
         configs = stored_configs(layers)
         have = {"sha256:" + hashlib.sha256(c).hexdigest(): c for _, c in configs}
         config = have.get(cdesc.digest) if cdesc.digest.startswith("sha256:") else None
@@ -359,8 +363,14 @@ def pull_image(layers: Layers, source: str | Reference, *, tag: str | None = Non
             res.top = parent
             res.layers = list(reversed(layers.chain(parent)))
         else:
-            _import(layers, client, area, descs, diff_ids, skip, parent, tag, message,
-                    config, max_layer_size, progress, res)
+            try:
+                _import(layers, client, area, descs, diff_ids, skip, parent, tag, message,
+                        config, max_layer_size, progress, res)
+            except (CorruptData, InvalidArgument):
+                # refused for what it holds: no later pull can use these bytes
+                for d in descs:
+                    area.remove(d.digest)
+                raise
         res.counters = client.counters()
     for d in descs:
         area.remove(d.digest)
@@ -393,12 +403,13 @@ def _import(layers: Layers, client: RegistryClient, area: DownloadArea,
         imp = _Importer(layers, writer, max_layer_size, None)
         tree = layers.tree(parent) if parent is not None else []
         reads = []
+        seen: set[str] = set()  # verified by this pull (an image may repeat a blob)
         for i in range(skip, len(descs)):
             d = descs[i]
             what = f"layer {i + 1} ({d.digest})"
             dl = area.open(client, d.digest, d.size, report)
             try:
-                if dl.resumed_from or dl.from_disk:
+                if dl.resumed_from or (dl.from_disk and d.digest not in seen):
                     res.resumed += 1
                 blob = Verifying(dl, d.digest, d.size, f"{what} blob")
                 try:
@@ -410,6 +421,7 @@ def _import(layers: Layers, client: RegistryClient, area: DownloadArea,
                     _check_whole(blob)
                     raise
                 dl.verified()
+                seen.add(d.digest)
             except CorruptData:
                 dl.discard()
                 raise
