@@ -302,3 +302,40 @@ def test_cli_refusals_are_one_line_with_their_exit_codes(tmp_path):
         assert res.returncode == code, (args, res.stderr)
         assert says in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
         assert len(res.stderr.strip().splitlines()) == 1, (args, res.stderr)
+
+
+def test_moving_a_rarely_changing_step_above_a_frequent_one_keeps_it_cached(run, tmp_path):
+    ctx = context(tmp_path, "")
+    (ctx / "deps").mkdir()
+    (ctx / "deps" / "lib.txt").write_text("a library\n")
+    base = 'FROM scratch\nCOPY busybox /bin/busybox\n'
+    frequent, rare = "COPY src/ /app/src/\n", "COPY deps/ /app/deps/\n"
+    (ctx / "Dockerfile").write_text(base + frequent + rare)
+    run.build(ctx)
+    (ctx / "src" / "a.txt").write_text("edit 1\n")
+    assert ran(run.build(ctx)) == [frequent.strip(), rare.strip()]  # both, in this order
+    (ctx / "Dockerfile").write_text(base + rare + frequent)
+    assert ran(run.build(ctx)) == [rare.strip(), frequent.strip()]  # the new order, once
+    (ctx / "src" / "a.txt").write_text("edit 2\n")
+    res = run.build(ctx)
+    assert ran(res) == [frequent.strip()] and cached(res) == ["COPY busybox /bin/busybox",
+                                                             rare.strip()]
+
+
+def test_run_sees_its_own_pid_namespace_a_minimal_dev_and_clamped_mtimes(run, tmp_path):
+    ctx = context(tmp_path, "FROM scratch\nCOPY busybox /bin/busybox\n"
+                            'RUN ["/bin/busybox", "--install", "-s", "/bin"]\n'
+                            "ENV WHO=me\nWORKDIR /work\n"
+                            "RUN echo pid=$$ who=$WHO pwd=$(pwd) > /work/report && ls /dev "
+                            ">> /work/report && touch -d @5 /work/old\n")
+    res = run.build(ctx, source_date_epoch=1_600_000_000)
+    tree = {e.path: e for e in run.layers.tree(res.layer_id)}
+    report = run.layers.read_file(tree[b"work/report"]).decode().split()
+    assert report[:3] == ["pid=1", "who=me", "pwd=/work"]  # PID 1 of a new PID namespace
+    assert set(report[3:]) == {"fd", "full", "null", "random", "shm", "stderr", "stdin",
+                               "stdout", "tty", "urandom", "zero"}
+    epoch = 1_600_000_000 * 10**9
+    assert tree[b"work/report"].mtime_ns == epoch  # made by a step: clamped
+    assert tree[b"work"].mtime_ns == epoch
+    assert tree[b"bin/busybox"].mtime_ns == epoch  # COPY: the epoch, not the source's
+    assert tree[b"work/old"].mtime_ns == 5 * 10**9  # older than the epoch: kept

@@ -195,3 +195,10 @@ def test_backtick_escape_in_substitution():
 def test_crlf_line_endings():
     (_, run) = insts("FROM scratch\r\nRUN echo a \\\r\n  b\r\n")
     assert run.text == "echo a   b"
+
+
+def test_backtick_escape_in_env_pairs():
+    df = parse('# escape=`\nFROM scratch\nENV A=x` y B="q`"r"\n')
+    (env,) = df.stages[0].instructions
+    got = [(k, expand(v, {}, "`")) for k, v in pairs(env, escape="`")]
+    assert got == [("A", "x y"), ("B", 'q"r')]

@@ -163,7 +163,7 @@ def parse(text: str, path: str = "Dockerfile") -> Dockerfile:
     stages: list[Stage] = []
     names: set[str] = set()
     for line, joined in _logical_lines(text, escape, first):
-        inst = parse_instruction(joined, line, path)
+        inst = parse_instruction(joined, line, path, escape)
         if inst.cmd == "FROM":
             stage = _from(inst, len(stages), path)
             if stage.name is not None:
@@ -198,7 +198,8 @@ def _from(inst: Instruction, index: int, path: str) -> Stage:
     return Stage(index, words[0], name, inst.line, [], inst)
 
 
-def parse_instruction(line: str, number: int, path: str = "Dockerfile") -> Instruction:
+def parse_instruction(line: str, number: int, path: str = "Dockerfile",
+                      escape: str = "\\") -> Instruction:
     """One logical line (continuations joined) as an Instruction."""
     m = re.match(r"([A-Za-z]+)(?:\s+|$)(.*)\Z", line, re.S)
     if not m:
@@ -240,11 +241,11 @@ def parse_instruction(line: str, number: int, path: str = "Dockerfile") -> Instr
             value = None
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             inst.json = value
-    _check(inst, path)
+    _check(inst, path, escape)
     return inst
 
 
-def _check(inst: Instruction, path: str) -> None:
+def _check(inst: Instruction, path: str, escape: str) -> None:
     cmd, rest = inst.cmd, inst.text
 
     def fail(msg: str):
@@ -261,9 +262,9 @@ def _check(inst: Instruction, path: str) -> None:
         if n < 2:
             fail("needs at least one source and a destination")
     if cmd in ("ENV", "LABEL"):
-        pairs(inst, path)
+        pairs(inst, path, escape)
     if cmd == "ARG":
-        arg_decls(inst, path)
+        arg_decls(inst, path, escape)
     if cmd in ("USER", "STOPSIGNAL") and len(rest.split()) > 1:
         fail("takes one argument")
 
