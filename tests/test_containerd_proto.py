@@ -1,15 +1,24 @@
-"""Our interface files for containerd's snapshot API: the committed generated modules
-are what the documented command generates, and the messages match containerd's own
-.proto files (Debian's golang-github-containerd-containerd-dev, where installed)."""
+"""Our interface files for containerd's snapshot API: the installed package carries the
+modules the build generated from them (CMakeLists.txt runs grpcio-tools; nothing
+generated is in the repository), and those modules' messages, field numbers and
+methods match containerd's own .proto files (Debian's
+golang-github-containerd-containerd-dev, where installed) and ours."""
 
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("google.protobuf", reason="protobuf is not installed "
+                    "(pip install '.[test]')")
+
+from google.protobuf import descriptor_pb2  # noqa: E402
+from google.protobuf.descriptor import FieldDescriptor  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PKG = REPO / "pylayers" / "containerd"
@@ -17,31 +26,54 @@ GENERATED = ["mount_pb2.py", "snapshots_pb2.py", "snapshots_pb2_grpc.py"]
 CONTAINERD_API = Path("/usr/share/gocode/src/github.com/containerd/containerd/api")
 
 
-def regeneration_command() -> list[str]:
-    """The command in snapshots.proto's header, as arguments."""
-    text = (PKG / "snapshots.proto").read_text()
-    m = re.search(r"//\s+(python -m grpc_tools\.protoc (?:[^\n]*\\\n//)*[^\n]*)", text)
-    assert m, "snapshots.proto no longer says how to regenerate"
-    cmd = re.sub(r"\\\n//\s*", " ", m[1])
-    return cmd.split()
+def installed(name: str):
+    import importlib
+    return importlib.import_module(f"pylayers.containerd.{name}")
 
 
-def test_regenerating_gives_the_committed_modules(tmp_path):
+def test_generated_modules_are_built_not_committed():
+    """The build writes them into the installed package (CMakeLists.txt's step, which
+    the README's install command runs); the repository holds only the .proto files."""
+    for name in GENERATED:
+        mod = installed(name[:-3])
+        assert Path(mod.__file__).name == name
+        assert PKG not in Path(mod.__file__).resolve().parents, \
+            f"{name} was imported from the source tree, not the installed package"
+    cmake = (REPO / "CMakeLists.txt").read_text()
+    assert "grpc_tools.protoc" in cmake
+    assert all(n in cmake for n in GENERATED)
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout: cannot tell what the repository tracks")
+    tracked = subprocess.run(["git", "-C", str(REPO), "ls-files", "pylayers/containerd"],
+                             capture_output=True, text=True).stdout.split()
+    assert "pylayers/containerd/snapshots.proto" in tracked
+    assert not [t for t in tracked if "_pb2" in t], tracked
+
+
+def test_installed_modules_are_generated_from_the_current_proto(tmp_path):
+    """The descriptors in the installed modules are those of the .proto files as they
+    are now (a changed .proto without a reinstall fails here)."""
     pytest.importorskip("grpc_tools", reason="grpcio-tools is not installed "
                         "(pip install '.[test]')")
-    cmd = regeneration_command()
-    assert cmd[:3] == ["python", "-m", "grpc_tools.protoc"]
-    out = tmp_path / "out"
-    out.mkdir()
-    args = [a.replace("--python_out=.", f"--python_out={out}")
-             .replace("--grpc_python_out=.", f"--grpc_python_out={out}") for a in cmd[3:]]
-    res = subprocess.run([sys.executable, "-m", "grpc_tools.protoc", *args], cwd=REPO,
-                         capture_output=True, text=True)
+    out = tmp_path / "set.pb"
+    res = subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I.",
+                          f"--descriptor_set_out={out}", "pylayers/containerd/mount.proto",
+                          "pylayers/containerd/snapshots.proto"],
+                         cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    for name in GENERATED:
-        fresh = (out / "pylayers" / "containerd" / name).read_bytes()
-        assert fresh == (PKG / name).read_bytes(), f"{name} differs: regenerate it " \
-            "with the command in pylayers/containerd/snapshots.proto"
+    fresh = {f.name: f for f in descriptor_pb2.FileDescriptorSet.FromString(
+        out.read_bytes()).file}
+    for mod in ("mount_pb2", "snapshots_pb2"):
+        have = descriptor_pb2.FileDescriptorProto.FromString(
+            installed(mod).DESCRIPTOR.serialized_pb)
+        want = fresh[have.name]
+        msgs = list(want.message_type)
+        while msgs:  # protoc adds json names; the generated modules leave them out
+            msg = msgs.pop()
+            msgs.extend(msg.nested_type)
+            for f in msg.field:
+                f.ClearField("json_name")
+        assert have == want, f"{mod} is stale: reinstall (pip install .)"
 
 
 _FIELD = re.compile(r"^\s*(repeated\s+)?(map<[^>]+>|[\w.]+)\s+(\w+)\s*=\s*(\d+)", re.M)
@@ -75,25 +107,63 @@ def services(text: str) -> set[tuple[str, str, str]]:
                                       text)}
 
 
-@pytest.mark.parametrize("ours, theirs", [
-    ("snapshots.proto", "services/snapshots/v1/snapshots.proto"),
-    ("mount.proto", "types/mount.proto"),
-])
-def test_messages_match_containerd(ours, theirs):
+_SCALAR = {getattr(FieldDescriptor, n): n[len("TYPE_"):].lower()
+           for n in dir(FieldDescriptor) if n.startswith("TYPE_")}
+
+
+def field_type(f) -> str:
+    if f.type in (FieldDescriptor.TYPE_MESSAGE, FieldDescriptor.TYPE_ENUM):
+        t = f.message_type or f.enum_type
+        if f.message_type is not None and t.GetOptions().map_entry:
+            k, v = (field_type(t.fields_by_name[n]) for n in ("key", "value"))
+            return f"map<{k},{v}>"
+        return t.name
+    return _SCALAR[f.type]
+
+
+def generated_messages(file) -> dict[str, set[tuple[str, str, int]]]:
+    """What proto_messages gives, from a generated module's file descriptor."""
+    out: dict[str, set[tuple[str, str, int]]] = {}
+    for name, enum in file.enum_types_by_name.items():
+        out[name] = {("enum", v.name, v.number) for v in enum.values}
+    for name, msg in file.message_types_by_name.items():
+        out[name] = {(("repeated" if f.is_repeated and not field_type(f).startswith("map<")
+                       else "") + " " + field_type(f), f.name, f.number)
+                     for f in msg.fields}
+    return out
+
+
+def generated_services(file) -> set[tuple[str, str, str]]:
+    return {(m.name, m.input_type.name,
+             ("stream " if m.server_streaming else "") + m.output_type.name)
+            for svc in file.services_by_name.values() for m in svc.methods}
+
+
+PROTOS = [("snapshots_pb2", "snapshots.proto", "services/snapshots/v1/snapshots.proto"),
+          ("mount_pb2", "mount.proto", "types/mount.proto")]
+
+
+@pytest.mark.parametrize("module, ours, theirs", PROTOS)
+def test_generated_messages_match_containerd(module, ours, theirs):
+    """The generated (installed) messages: names, types, field numbers and methods are
+    those of our .proto and of containerd's own."""
+    file = installed(module).DESCRIPTOR
+    mine = (PKG / ours).read_text()
+    assert generated_messages(file) == proto_messages(mine)
+    assert generated_services(file) == services(mine)
+    assert file.package == re.search(r"^package\s+([\w.]+);", mine, re.M)[1]
     path = CONTAINERD_API / theirs
     if not path.exists():
         pytest.skip(f"containerd's API sources are not installed ({path}; Debian: "
                     "golang-github-containerd-containerd-dev)")
-    mine, upstream = (PKG / ours).read_text(), path.read_text()
-    assert re.search(r"^package\s+([\w.]+);", mine, re.M)[1] == \
-        re.search(r"^package\s+([\w.]+);", upstream, re.M)[1]
-    assert proto_messages(mine) == proto_messages(upstream)
-    assert services(mine) == services(upstream)
+    upstream = path.read_text()
+    assert file.package == re.search(r"^package\s+([\w.]+);", upstream, re.M)[1]
+    assert generated_messages(file) == proto_messages(upstream)
+    assert generated_services(file) == services(upstream)
 
 
 def test_generated_descriptor_wire_names():
     """What goes on the wire: the gRPC method paths containerd's client calls."""
-    pytest.importorskip("google.protobuf", reason="protobuf is not installed")
     from pylayers.containerd import snapshots_pb2
 
     svc = snapshots_pb2.DESCRIPTOR.services_by_name["Snapshots"]
