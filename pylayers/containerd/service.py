@@ -13,9 +13,10 @@ not shown to containerd.
 
 Errors: pylayers' error kinds become the gRPC codes containerd's proxy client turns back
 into its errdefs (NotFound, AlreadyExists, FailedPrecondition, InvalidArgument;
-Unavailable for a store that cannot be opened); anything else is Unknown with a one-line
-message. Every failed call is one line in the log, never a traceback (a bug's traceback
-only with PYLAYERS_DEBUG=1).
+Unavailable for a store that cannot be opened; Unimplemented for a rebase on commit,
+containerd 2.2's parallel unpack, which pylayers does not declare); anything else is
+Unknown with a one-line message. Every failed call is one line in the log, never a
+traceback (a bug's traceback only with PYLAYERS_DEBUG=1).
 
 Each call opens the store (shared lock) and closes it after, so a `pylayers` command
 (even `gc`, which takes the lock exclusively) can run between calls, and a restart of
@@ -78,8 +79,14 @@ CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
 ]
 
 
+class Unimplemented(PylayersError):
+    """What this snapshotter does not do (containerd's errdefs.ErrNotImplemented)."""
+
+
 def status_of(err: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC code and one-line message an exception is answered with."""
+    if isinstance(err, Unimplemented):
+        return grpc.StatusCode.UNIMPLEMENTED, one_line(str(err))
     if isinstance(err, PylayersError):
         for kind, code in CODES:
             if isinstance(err, kind):
@@ -231,6 +238,15 @@ class SnapshotsService(snapshots_pb2_grpc.SnapshotsServicer):
         def do(ns: Namespace, snaps: Snapshotter):
             name, key = ns.key(request.name, "name"), ns.key(request.key)
             labels = {**check_labels(dict(request.labels)), **CONTAINERD_ROOT}
+            if request.parent:  # containerd 2.2+: rebase on commit (parallel unpack)
+                have = snaps.stat(key).parent
+                if have != ns.key(request.parent, "parent"):
+                    if have:
+                        raise InvalidArgument(f"cannot change parent of active snapshot "
+                                              f"{request.key!r} on commit")
+                    raise Unimplemented(f"cannot rebase snapshot {request.key!r} on "
+                                        f"{request.parent!r}: pylayers does not declare "
+                                        "containerd's 'rebase' capability")
             snaps.commit(name, key, labels=labels)
         self._call(context, "Commit", do, None)
         return empty_pb2.Empty()
