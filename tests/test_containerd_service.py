@@ -268,6 +268,29 @@ def test_error_kinds(server):
     assert "NOT_FOUND: snapshot 'nope' does not exist" in server.log  # containerd's key
 
 
+def test_commit_with_a_parent_as_containerd_2_2(server):
+    """containerd 2.2's CommitSnapshotRequest.parent: the snapshot's own parent is
+    accepted, another is InvalidArgument, a rebase of a parentless one Unimplemented
+    (pylayers does not declare the "rebase" capability); nothing changes on refusal."""
+    c = Client(server.stub)
+    committed(c, "base", {"f": b"1"})
+    committed(c, "other", {"g": b"2"})
+    c.prepare("child", "base")
+    c.prepare("orphan")
+
+    def commit(name, key, parent):
+        server.stub.Commit(pb.CommitSnapshotRequest(name=name, key=key, parent=parent),
+                           metadata=md("default"))
+
+    assert code_of(commit, "c1", "child", "other") == INVALID_ARGUMENT
+    assert code_of(commit, "c2", "orphan", "base") == grpc.StatusCode.UNIMPLEMENTED
+    assert code_of(commit, "c3", "missing", "base") == NOT_FOUND
+    assert c.names() == ["base", "child", "orphan", "other"]
+    commit("c1", "child", "base")
+    assert (c.stat("c1").parent, c.stat("c1").kind) == ("base", pb.COMMITTED)
+    assert "UNIMPLEMENTED: cannot rebase snapshot 'orphan'" in server.log
+
+
 def test_namespaces_keep_keys_apart(server):
     a, b, none = Client(server.stub, "ns-a"), Client(server.stub, "ns.b"), \
         Client(server.stub, None)
@@ -457,3 +480,175 @@ def test_cleanup_removes_orphaned_directories_only(server):
     assert (up / "mine").read_bytes() == b"kept"
     assert c.names() == ["base", "live"]
     assert "removed 1 orphaned snapshot directories" in server.log
+
+
+# -- clients that go away, clients that race ----------------------------------------------
+
+
+def fsck_clean(store: Path) -> None:
+    out = run(store, "fsck")
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def big_active(c: Client, key: str, mib: int, parent: str = "") -> bytes:
+    """An active snapshot holding one file of `mib` MiB of random bytes; its bytes."""
+    up = upper_dir(c.prepare(key, parent))
+    data = os.urandom(mib << 20)  # nothing to dedup: the commit stores every byte
+    (up / "big").write_bytes(data)
+    return data
+
+
+def whole_or_absent(c: Client, active: str, name: str, data: bytes) -> str:
+    """After a call on `active` whose client went away: the snapshot is either still
+    the active one or wholly committed as `name` (its bytes all there), never both nor
+    neither; returns which."""
+    names = c.names()
+    assert (active in names) != (name in names), names
+    if active in names:
+        assert c.stat(active).kind == pb.ACTIVE
+        assert (upper_dir(c.mounts(active)) / "big").read_bytes() == data
+        return "active"
+    assert c.stat(name).kind == pb.COMMITTED
+    (lower,) = lower_dirs(c.view("check-" + name, name))
+    assert (lower / "big").read_bytes() == data
+    c.remove("check-" + name)
+    return "committed"
+
+
+CLIENT = """
+import sys, grpc
+from pylayers.containerd import snapshots_pb2 as pb, snapshots_pb2_grpc as pb_grpc
+stub = pb_grpc.SnapshotsStub(grpc.insecure_channel("unix:" + sys.argv[1]))
+md = (("containerd-namespace", "default"),)
+print("calling", flush=True)
+if sys.argv[2] == "commit":
+    stub.Commit(pb.CommitSnapshotRequest(name=sys.argv[4], key=sys.argv[3]), metadata=md)
+else:
+    stub.Prepare(pb.PrepareSnapshotRequest(key=sys.argv[3], parent=sys.argv[4]), metadata=md)
+print("done", flush=True)
+"""
+
+
+def killed_client(server: Server, *args: str) -> None:
+    """A client process making one call, SIGKILLed while the call is in flight (the
+    process still waits for its answer when killed)."""
+    proc = subprocess.Popen([sys.executable, "-c", CLIENT, str(server.sock), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=server.store.parent)
+    assert proc.stdout.readline().strip() == b"calling", proc.stderr.read()
+    time.sleep(0.3)
+    assert proc.poll() is None, "the call ended before the client was killed: " + \
+        proc.stderr.read().decode()
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()
+    proc.stderr.close()
+
+
+def test_client_killed_mid_commit_of_a_large_snapshot(server):
+    """containerd killed during a Commit of a large snapshot: the server finishes the
+    commit or never starts it, leaves one whole snapshot, and keeps serving."""
+    c = Client(server.stub)
+    data = big_active(c, "extract-big", 192)
+    killed_client(server, "commit", "extract-big", "big")
+    assert whole_or_absent(c, "extract-big", "big", data) in ("active", "committed")
+    committed(c, "after", {"f": b"still serving"})
+    assert c.stat("after").kind == pb.COMMITTED
+    fsck_clean(server.store)
+
+
+def test_client_cancels_mid_prepare_and_closes_its_channel(server):
+    """A real gRPC client cancelling a Prepare on a large parent (whose lower directory
+    the call builds) and closing its channel: the key is then whole or absent, and
+    the server answers the next client."""
+    c = Client(server.stub)
+    data = big_active(c, "extract-big", 128)
+    c.commit("big", "extract-big")
+    channel = grpc.insecure_channel(f"unix:{server.sock}")
+    stub = pb_grpc.SnapshotsStub(channel)
+    fut = stub.Prepare.future(pb.PrepareSnapshotRequest(key="run", parent="big"),
+                              metadata=md("default"))
+    time.sleep(0.05)
+    cancelled = fut.cancel()
+    channel.close()
+    if cancelled:
+        with pytest.raises(grpc.FutureCancelledError):
+            fut.result()
+    names = c.names()
+    if "run" in names:  # the server finished the call: a whole snapshot
+        (lower,) = lower_dirs(c.mounts("run"))
+        assert (lower / "big").read_bytes() == data
+        c.remove("run")
+    assert c.names() == ["big"]
+    c.prepare("run2", "big")  # still serving
+    # a client process killed mid-Prepare of another large parent
+    data2 = big_active(c, "extract-big2", 128)
+    c.commit("big2", "extract-big2")
+    killed_client(server, "prepare", "run3", "big2")
+    if "run3" in c.names():
+        (lower,) = lower_dirs(c.mounts("run3"))
+        assert (lower / "big").read_bytes() == data2
+    c.cleanup()
+    fsck_clean(server.store)
+
+
+def test_two_clients_race_on_the_same_namespace_and_keys(server):
+    """Two clients (two channels, as two containerd processes) doing prepare, commit
+    and remove on the same keys of one namespace at once: each call succeeds or gets
+    containerd's error kind, and what is left adds up."""
+    import threading
+
+    setup = Client(server.stub, "shared")
+    committed(setup, "base", {"f": b"base"})
+    allowed = {"prepare": {"OK", "ALREADY_EXISTS"},
+               "commit": {"OK", "NOT_FOUND", "ALREADY_EXISTS"},
+               "remove": {"OK", "NOT_FOUND"}}
+    tally: dict[str, dict[str, int]] = {op: {} for op in allowed}
+    lock = threading.Lock()
+    failures: list[BaseException] = []
+    rounds = 25
+
+    def client() -> None:
+        channel = grpc.insecure_channel(f"unix:{server.sock}")
+        c = Client(pb_grpc.SnapshotsStub(channel), "shared")
+        try:
+            for i in range(rounds):
+                for op, call, args in (("prepare", c.prepare, (f"k{i}", "base")),
+                                       ("commit", c.commit, (f"c{i}", f"k{i}")),
+                                       ("remove", c.remove, (f"c{i}",))):
+                    try:
+                        call(*args)
+                        code = "OK"
+                    except grpc.RpcError as err:
+                        code = err.code().name
+                        assert "\n" not in err.details()
+                    with lock:
+                        tally[op][code] = tally[op].get(code, 0) + 1
+        except BaseException as e:  # reported below
+            failures.append(e)
+        finally:
+            channel.close()
+
+    threads = [threading.Thread(target=client) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not failures, failures
+    for op, codes in tally.items():
+        assert set(codes) <= allowed[op], tally
+        assert sum(codes.values()) == 2 * rounds
+    infos = {i.name: i for i in setup.list()}
+    active = {n for n, i in infos.items() if i.kind == pb.ACTIVE}
+    done = {n for n, i in infos.items() if i.kind == pb.COMMITTED} - {"base"}
+    ok = {op: codes.get("OK", 0) for op, codes in tally.items()}
+    assert ok["prepare"] >= rounds  # every key was prepared at least once
+    assert ok["prepare"] - ok["commit"] == len(active), (tally, sorted(infos))
+    assert ok["commit"] - ok["remove"] == len(done), (tally, sorted(infos))
+    assert all(infos[n].parent == "base" for n in active | done)
+    for n in active:
+        setup.remove(n)
+    for n in done:
+        setup.remove(n)
+    assert setup.names() == ["base"]
+    fsck_clean(server.store)
