@@ -6,6 +6,7 @@ busybox-static. Needs root; each test skips with the reason when a part is missi
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -319,9 +320,15 @@ def test_second_image_sharing_busybox_adds_almost_nothing(env):
     assert grown < size // 10, (grown, size)
     committed = [k for k, (_p, kind) in env.own_view().items() if kind == "committed"]
     assert len(committed) == 2  # two layers (different tars), their busybox shared
-    du = subprocess.run([sys.executable, "-m", "pylayers", "--store", str(env.store), "du"],
-                        capture_output=True, text=True, cwd=env.root)
+    # `pylayers du` shows the sharing: busybox counted in both layers' logical bytes,
+    # its chunks stored once
+    du = subprocess.run([sys.executable, "-m", "pylayers", "--store", str(env.store), "du",
+                         "--json"], capture_output=True, text=True, cwd=env.root)
     assert du.returncode == 0, du.stderr
+    usage = json.loads(du.stdout)
+    assert usage["logical_bytes"] >= 2 * size, usage
+    assert usage["data_bytes"] < size * 1.1, usage
+    assert usage["dedup_ratio"] >= 1.8, usage
 
 
 def test_snapshotter_restart_loses_nothing(env):
