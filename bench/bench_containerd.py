@@ -187,9 +187,21 @@ class TinySeries(Series):
                 f"{self.files} random 64 KiB files, one rewritten per version)")
 
 
-def build_images(series: Series, work: Path, layout: str = "rebuilt") -> list[Path]:
+def image_layers(oci_dir: Path) -> int:
+    """How many layers the (one) image of an OCI layout has."""
+    def blob(digest: str) -> dict:
+        algo, _, hexd = digest.partition(":")
+        return json.loads((oci_dir / "blobs" / algo / hexd).read_text())
+    (desc,) = json.loads((oci_dir / "index.json").read_text())["manifests"]
+    return len(blob(desc["digest"])["layers"])
+
+
+def build_images(series: Series, work: Path, layout: str = "rebuilt",
+                 counts: list[int] | None = None) -> list[Path]:
     """One OCI archive per version: the busybox base layer, then the env's layer
-    (`rebuilt`), or the previous version's layers and a layer of the changes (`chain`)."""
+    (`rebuilt`), or the previous version's layers and a layer of the changes (`chain`).
+    `counts` gets each image's number of layers."""
+    counts = counts if counts is not None else []
     builder = work / "builder-store"
     tree = work / "tree"
     (tree / "bin").mkdir(parents=True)
@@ -205,12 +217,13 @@ def build_images(series: Series, work: Path, layout: str = "rebuilt") -> list[Pa
         series.build(site, v)
         parent = f"v{v - 1}" if layout == "chain" and v else "base"
         pylayers(builder, "snapshot", "-q", "-p", parent, "-t", f"v{v}", os.fspath(tree))
-        layout = work / f"oci-v{v}"
-        pylayers(builder, "export", "--compression", "gzip", f"v{v}", f"oci:{layout}:v{v}")
+        oci_dir = work / f"oci-v{v}"
+        pylayers(builder, "export", "--compression", "gzip", f"v{v}", f"oci:{oci_dir}:v{v}")
         archive = work / f"v{v}.tar"
-        subprocess.run(["tar", "-C", os.fspath(layout), "-cf", os.fspath(archive), "."],
+        subprocess.run(["tar", "-C", os.fspath(oci_dir), "-cf", os.fspath(archive), "."],
                        check=True)
-        shutil.rmtree(layout)
+        counts.append(image_layers(oci_dir))
+        shutil.rmtree(oci_dir)
         archives.append(archive)
     shutil.rmtree(builder)
     shutil.rmtree(tree)
@@ -359,7 +372,8 @@ def _umount_under(root: Path) -> None:
 def run_bench(series: Series, work: Path, runs: int, layout: str = "rebuilt") -> dict:
     log(f"building {series.count()} image versions ({layout})")
     t = time.perf_counter()
-    archives = build_images(series, work, layout)
+    layer_counts: list[int] = []
+    archives = build_images(series, work, layout, layer_counts)
     build_s = time.perf_counter() - t
     sockets = Path(tempfile.mkdtemp(prefix="plb-ctrd-", dir="/tmp"))  # paths < 108 bytes
     svc = Services(work, sockets)
@@ -368,6 +382,7 @@ def run_bench(series: Series, work: Path, runs: int, layout: str = "rebuilt") ->
     try:
         for v, archive in enumerate(archives):
             row: dict = {"version": v, "archive_bytes": archive.stat().st_size,
+                         "image_layers": layer_counts[v],
                          "import_s": {}, "run_first_output_s": {}, "run_exit_s": {}}
             row["ingest_s"] = svc.timed("image", "import", "--no-unpack", "--base-name",
                                         "example.com/ingest", os.fspath(archive))
@@ -447,14 +462,15 @@ def markdown(doc: dict) -> str:
              "allocated bytes, hard links once, after the version was imported into both "
              "snapshotters and run once; "
              "containerd's content store (the compressed blobs) is the same for both.", "",
-             "| version | archive MB | pylayers store MB | overlayfs dir MB | overlayfs / "
+             "| version | layers | archive MB | pylayers store MB | overlayfs dir MB | overlayfs / "
              "pylayers | content store MB | totals (+ content) ratio | import s pylayers "
              "| import s overlayfs | first run, to output s pylayers | overlayfs |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["versions"]:
         d = r["disk"]
         lines.append(
-            f"| v{r['version']} | {mb(r['archive_bytes'])} | {mb(d['pylayers_store'])} | "
+            f"| v{r['version']} | {r['image_layers']} | {mb(r['archive_bytes'])} | "
+            f"{mb(d['pylayers_store'])} | "
             f"{mb(d['overlayfs_dir'])} | {d['overlayfs_dir'] / d['pylayers_store']:.2f}× | "
             f"{mb(d['content_store'])} | "
             f"{(d['overlayfs_dir'] + d['content_store']) / (d['pylayers_store'] + d['content_store']):.2f}× | "  # noqa: E501

@@ -19,18 +19,22 @@ from test_containerd_e2e import missing  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_tiny_series_side_by_side(tmp_path):
+@pytest.mark.parametrize("layout", ["rebuilt", "chain"])
+def test_tiny_series_side_by_side(tmp_path, layout):
     if (why := missing()) is not None:
         pytest.skip(why)
     out = tmp_path / "out"
     res = subprocess.run([sys.executable, "-m", "bench.bench_containerd", "--tiny",
                           "--versions", "2", "--runs", "1", "--out", str(out),
-                          "--work", str(tmp_path / "work")],
+                          "--work", str(tmp_path / "work"), "--layout", layout],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    doc = json.loads((out / "containerd.json").read_text())
+    name = "containerd" if layout == "rebuilt" else f"containerd-{layout}"
+    doc = json.loads((out / f"{name}.json").read_text())
     rows = doc["result"]["versions"]
     assert [r["version"] for r in rows] == [0, 1]
+    # rebuilt: busybox and the whole env; chain: the previous image and its changes
+    assert [r["image_layers"] for r in rows] == ([2, 2] if layout == "rebuilt" else [2, 3])
     for r in rows:
         assert set(r["import_s"]) == set(r["run_first_output_s"]) == {"pylayers",
                                                                        "overlayfs"}
@@ -43,7 +47,7 @@ def test_tiny_series_side_by_side(tmp_path):
     assert doc["result"]["snapshotter_tracebacks"] == 0
     assert doc["result"]["pylayers_du"]["layers"] == 3  # busybox, env v0, env v1
     assert len(doc["result"]["warm_runs"]["pylayers"]) == 1
-    md = (out / "containerd.md").read_text()
+    md = (out / f"{name}.md").read_text()
     assert "| v1 |" in md and "python -m bench.bench_containerd --tiny" in md
     assert not list((tmp_path / "work").glob("pylayers-store/snapshots/*/fs/*")), \
         "the runs' containers left their snapshots behind"
