@@ -423,6 +423,32 @@ def test_sigint_stops_too_and_stale_socket_is_replaced(tmp_path):
     assert len(out.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_delivered_to_any_thread_stops_it(tmp_path, sig):
+    """The kernel delivers a process's signal to any of its threads: sent to one of
+    gRPC's threads (tgkill), SIGTERM or SIGINT still stops the server promptly."""
+    import ctypes
+
+    srv = Server(tmp_path / "store", tmp_path / "s.sock")
+    Client(srv.stub).prepare("k")  # the worker threads exist
+    pid = srv.proc.pid
+    tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
+    assert tids, "the server has no threads but its main one"
+    libc = ctypes.CDLL(None, use_errno=True)
+    sys_tgkill = 234 if os.uname().machine == "x86_64" else None
+    if sys_tgkill is None:
+        pytest.skip("tgkill's syscall number is only known here for x86_64")
+    srv.channel.close()
+    assert libc.syscall(sys_tgkill, pid, tids[-1], int(sig)) == 0, ctypes.get_errno()
+    try:
+        assert srv.proc.wait(15) == 0, srv.log
+    except subprocess.TimeoutExpired:
+        raise AssertionError("a signal to a non-main thread did not stop the server") \
+            from None
+    assert not srv.sock.exists()
+    assert "Traceback" not in srv.log
+
+
 def test_client_gone_mid_call_and_concurrent_clients(server):
     """Two clients at once, and one that gives up on a call (a deadline shorter than the
     commit): every snapshot ends whole, and the server keeps serving."""

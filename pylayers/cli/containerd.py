@@ -47,7 +47,10 @@ def containerd_snapshotter(ctx: click.Context, address: str, driver: str | None,
         _server, stop = serve(address, ctx.obj["store"], driver)
         try:
             logger.warning("serving on %s", address)
-            while not stopping.wait(3600):
+            # Python runs a signal's handler in the main thread, when that thread next
+            # runs bytecode: a SIGTERM the kernel delivers to one of gRPC's threads
+            # does not interrupt a long wait here, so the wait is short
+            while not stopping.wait(0.2):
                 pass
         finally:
             stop()
