@@ -555,29 +555,41 @@ print("done", flush=True)
 """
 
 
-def killed_client(server: Server, *args: str) -> None:
-    """A client process making one call, SIGKILLed while the call is in flight (the
-    process still waits for its answer when killed)."""
+def killed_client(server: Server, *args: str, delay: float) -> bool:
+    """A client process making one call, SIGKILLed `delay` seconds after it starts the
+    call; whether the call was still in flight then (the process still waiting for its
+    answer)."""
     proc = subprocess.Popen([sys.executable, "-c", CLIENT, str(server.sock), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             cwd=server.store.parent)
     assert proc.stdout.readline().strip() == b"calling", proc.stderr.read()
-    time.sleep(0.3)
-    assert proc.poll() is None, "the call ended before the client was killed: " + \
-        proc.stderr.read().decode()
+    time.sleep(delay)
+    in_flight = proc.poll() is None
     proc.kill()
     proc.wait()
     proc.stdout.close()
     proc.stderr.close()
+    return in_flight
+
+
+DELAYS = (0.3, 0.1, 0.03, 0.01, 0.001)  # shorter each try, until the kill is mid-call
 
 
 def test_client_killed_mid_commit_of_a_large_snapshot(server):
     """containerd killed during a Commit of a large snapshot: the server finishes the
-    commit or never starts it, leaves one whole snapshot, and keeps serving."""
+    commit or never starts it, leaves one whole snapshot, and keeps serving. (The
+    kill comes sooner on each try until the call is still in flight when it lands.)"""
     c = Client(server.stub)
-    data = big_active(c, "extract-big", 192)
-    killed_client(server, "commit", "extract-big", "big")
-    assert whole_or_absent(c, "extract-big", "big", data) in ("active", "committed")
+    mid_call = False
+    for i, delay in enumerate(DELAYS):
+        data = big_active(c, f"extract-big{i}", 192)
+        mid_call = killed_client(server, "commit", f"extract-big{i}", f"big{i}",
+                                 delay=delay)
+        assert whole_or_absent(c, f"extract-big{i}", f"big{i}", data) in (
+            "active", "committed")
+        if mid_call:
+            break
+    assert mid_call, "every call ended before its client was killed"
     committed(c, "after", {"f": b"still serving"})
     assert c.stat("after").kind == pb.COMMITTED
     fsck_clean(server.store)
@@ -607,13 +619,19 @@ def test_client_cancels_mid_prepare_and_closes_its_channel(server):
         c.remove("run")
     assert c.names() == ["big"]
     c.prepare("run2", "big")  # still serving
-    # a client process killed mid-Prepare of another large parent
-    data2 = big_active(c, "extract-big2", 128)
-    c.commit("big2", "extract-big2")
-    killed_client(server, "prepare", "run3", "big2")
-    if "run3" in c.names():
-        (lower,) = lower_dirs(c.mounts("run3"))
-        assert (lower / "big").read_bytes() == data2
+    # a client process killed mid-Prepare on another large parent (a new parent each
+    # try: a parent's lower directory is built once)
+    mid_call = False
+    for i, delay in enumerate(DELAYS):
+        data2 = big_active(c, f"extract-p{i}", 128)
+        c.commit(f"p{i}", f"extract-p{i}")
+        mid_call = killed_client(server, "prepare", f"run-p{i}", f"p{i}", delay=delay)
+        if f"run-p{i}" in c.names():  # the server finished it: whole
+            (lower,) = lower_dirs(c.mounts(f"run-p{i}"))
+            assert (lower / "big").read_bytes() == data2
+        if mid_call:
+            break
+    assert mid_call, "every call ended before its client was killed"
     c.cleanup()
     fsck_clean(server.store)
 
