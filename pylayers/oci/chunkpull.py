@@ -58,6 +58,11 @@ class ChunkPullResult:
     chunk_bytes: int = 0  # raw bytes of the chunks fetched
     bytes_received: int = 0  # everything the remote sent (manifests, indexes, ranges)
 
+    def to_json(self) -> dict:
+        return {"id": self.top.hex(), "layers_fetched": self.layers_fetched,
+                "chunks_fetched": self.chunks_fetched, "chunk_bytes": self.chunk_bytes,
+                "bytes_received": self.bytes_received}
+
 
 def coalesce(frames: list[FrameRef], gap: int = GAP) -> list[tuple[int, int, list[FrameRef]]]:
     """(start, end, frames) ranges covering `frames` (of one pack): sorted by offset,

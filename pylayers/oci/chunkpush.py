@@ -51,6 +51,10 @@ class ChunkPushResult:
     blobs_sent: int = 0  # of which the remote lacked
     bytes_sent: int = 0  # blob and manifest bytes sent
 
+    def to_json(self) -> dict:
+        return {"tag": self.tag, "digest": self.digest, "blobs": self.blobs,
+                "blobs_sent": self.blobs_sent, "bytes_sent": self.bytes_sent}
+
 
 _CACHE_MAGIC = b"PLYRXPC1"
 _CACHE_HEAD = struct.Struct("<8s32sQI")  # magic, sha256 of the pack, its size, frames

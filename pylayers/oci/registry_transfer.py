@@ -34,6 +34,9 @@ from ..layers.repo import Layers, check_tag
 from ..store import Store
 from . import config as image_config
 from .auth import Credentials
+from .chunkpull import pull_chunk_artifact
+from .chunkpush import push_chunk_artifact
+from .chunkregistry import RegistryRemote
 from .config import GOARCH, MAX_JSON
 from .exporter import export_image
 from .importer import DEFAULT_MAX_LAYER_SIZE, LAYER_SUFFIXES, _Importer
@@ -60,13 +63,14 @@ class PushResult:
     present: int = 0  # blobs the repository had
     manifest_pushed: bool = False
     counters: dict = field(default_factory=dict)
+    chunks: dict | None = None  # the chunk artifact pushed (chunkpush.ChunkPushResult)
 
     def to_json(self) -> dict:
         return {"reference": self.reference, "digest": self.manifest_digest,
                 "config": self.config_digest, "layers": self.layers,
                 "blobs_uploaded": self.uploaded, "blobs_mounted": self.mounted,
                 "blobs_present": self.present, "manifest_pushed": self.manifest_pushed,
-                **self.counters}
+                "chunk_artifact": self.chunks, **self.counters}
 
 
 @dataclass
@@ -80,13 +84,15 @@ class PullResult:
     reused: int = 0  # layers the store had
     resumed: int = 0  # blobs continued from an earlier, interrupted pull
     counters: dict = field(default_factory=dict)
+    chunks: dict | None = None  # pulled through the chunk artifact: its figures
 
     def to_json(self) -> dict:
         return {"reference": self.reference, "digest": self.manifest_digest,
                 "config": self.config_digest, "id": self.top.hex(),
                 "layers": [lid.hex() for lid in self.layers],
                 "layers_fetched": self.fetched, "layers_reused": self.reused,
-                "blobs_resumed": self.resumed, **self.counters}
+                "blobs_resumed": self.resumed, "chunk_transfer": self.chunks,
+                **self.counters}
 
 
 # -- where blobs were seen: hints for cross-repository mounts ------------------------------
@@ -125,6 +131,20 @@ class BlobHints:
         os.replace(tmp, self.path)
 
 
+def _stage(progress: Progress | None, stage: str) -> Callable[[int], None] | None:
+    """A byte-count callback reporting to `progress` as `stage`."""
+    if progress is None:
+        return None
+    done = 0
+
+    def report(n: int) -> None:
+        nonlocal done
+        done += n
+        progress(stage, done, 0)
+
+    return report
+
+
 def _client(ref: Reference, insecure: bool, credentials: Credentials | None,
             ca_file: str | None, push: bool) -> RegistryClient:
     return RegistryClient(ref, insecure=insecure, credentials=credentials, ca_file=ca_file,
@@ -136,7 +156,8 @@ def push_image(layers: Layers, layer_id: bytes, dest: str | Reference, *,
                insecure: bool = False, credentials: Credentials | None = None,
                ca_file: str | None = None, compression: str = "gzip",
                source_date_epoch: int | None = None, chunk_size: int = DEFAULT_CHUNK,
-               progress: Progress | None = None) -> PushResult:
+               progress: Progress | None = None, chunks: bool = True) -> PushResult:
+    """`chunks`: also push the chunk artifact (chunkpush.py), after the image."""
     ref = parse_reference(dest) if isinstance(dest, str) else dest
     if ref.digest is not None:
         raise UsageError(f"{ref}: push to a tag, not a digest")
@@ -160,6 +181,12 @@ def push_image(layers: Layers, layer_id: bytes, dest: str | Reference, *,
             if client.head_manifest(ref.tag) != exported.manifest_digest:
                 client.put_manifest(ref.tag, MANIFEST, manifest)
                 res.manifest_pushed = True
+            if chunks:
+                image = Descriptor(MANIFEST, exported.manifest_digest, len(manifest), {}, {})
+                pushed = push_chunk_artifact(layers, layer_id, RegistryRemote(client),
+                                             image.to_json(), progress=_stage(progress,
+                                                                              "chunks"))
+                res.chunks = pushed.to_json()
             res.counters = client.counters()
         BlobHints(store.path).add(ref.registry, ref.repository,
                                   [exported.config_digest, *exported.layers])
@@ -318,7 +345,9 @@ def pull_image(layers: Layers, source: str | Reference, *, tag: str | None = Non
                platform: str | None = None, insecure: bool = False,
                credentials: Credentials | None = None, ca_file: str | None = None,
                max_layer_size: int = DEFAULT_MAX_LAYER_SIZE,
-               progress: Progress | None = None) -> PullResult:
+               progress: Progress | None = None, chunks: bool = True) -> PullResult:
+    """`chunks`: pull through the image's chunk artifact when the registry has one
+    (chunkpull.py: only the chunks the store lacks), else the layers."""
     if tag is not None:
         check_tag(tag)
     if max_layer_size <= 0:
@@ -362,6 +391,15 @@ def pull_image(layers: Layers, source: str | Reference, *, tag: str | None = Non
             _tag_known(layers, parent, tag, config)
             res.top = parent
             res.layers = list(reversed(layers.chain(parent)))
+        elif chunks and (pulled := pull_chunk_artifact(
+                layers, RegistryRemote(client), mdigest, tag, config, message,
+                _stage(progress, "chunks"))) is not None:
+            if len(pulled.layers) != len(descs):
+                raise CorruptData(f"{ref}: its chunk artifact has {len(pulled.layers)} "
+                                  f"layers, the image {len(descs)}")
+            res.top, res.layers = pulled.top, pulled.layers
+            res.fetched, res.reused = pulled.layers_fetched, len(descs) - pulled.layers_fetched
+            res.chunks = pulled.to_json()
         else:
             try:
                 _import(layers, client, area, descs, diff_ids, skip, parent, tag, message,
