@@ -234,3 +234,14 @@ def test_image_without_artifact_pulls_standard_layers(tmp_path, registry):
     assert got.chunks is None and got.fetched == 1
     _checkout(tmp_path / "a", got.top, tmp_path / "out")
     assert_same_tree(tmp_path / "src", tmp_path / "out")
+
+
+def test_cli_pull_with_and_without_chunks(tmp_path, registry, image):
+    for store, flags, chunked in (("a", [], True), ("b", ["--no-chunks"], False)):
+        proc = run_cli(tmp_path / store, "pull", "--insecure", "--json", *flags,
+                       f"{registry.host}/app:v2")
+        assert proc.returncode == 0, proc.stderr.decode()
+        doc = json.loads(proc.stdout)
+        assert (doc["chunk_transfer"] is not None) == chunked
+        if chunked:  # the pusher's very layers (a tar import makes its own)
+            assert doc["id"] == image[2][2].hex()

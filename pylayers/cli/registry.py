@@ -79,12 +79,15 @@ class _Stages:
               help="Clamp mtimes to this time and use it as the image's creation time.")
 @click.option("--chunk-size", type=Size(), default=str(DEFAULT_CHUNK >> 20) + "M",
               show_default=True, help="Upload blobs larger than this in chunks of this size.")
+@click.option("--chunks/--no-chunks", default=True, show_default=True,
+              help="Also push the chunk artifact (pylayers pulls fetch only missing chunks).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @progress_options
 @click.pass_context
 def push(ctx: click.Context, ref: str, dest: str, insecure: bool, user: str | None,
          ca_file: str | None, compression: str, source_date_epoch: int | None,
-         chunk_size: int, as_json: bool, progress_lines: bool, quiet: bool) -> None:
+         chunk_size: int, chunks: bool, as_json: bool, progress_lines: bool,
+         quiet: bool) -> None:
     """Push REF and its ancestors to DEST, REGISTRY/REPO:TAG, as an OCI image (the
     blobs of `export oci:`). Blobs the repository has are not sent again; those seen
     in another repository of the registry are mounted. Prints the manifest's digest."""
@@ -101,7 +104,7 @@ def push(ctx: click.Context, ref: str, dest: str, insecure: bool, user: str | No
             res = push_image(layers, lid, target, insecure=insecure, credentials=creds,
                              ca_file=ca_file, compression=compression,
                              source_date_epoch=source_date_epoch, chunk_size=chunk_size,
-                             progress=stages)
+                             progress=stages, chunks=chunks)
         finally:
             stages.close()
     if as_json:
@@ -111,7 +114,9 @@ def push(ctx: click.Context, ref: str, dest: str, insecure: bool, user: str | No
         print(f"{res.reference}: {res.uploaded} blob{'' if res.uploaded == 1 else 's'} uploaded "
               f"({human(res.counters['blob_bytes_sent'])}), {res.mounted} mounted, "
               f"{res.present} already there; manifest "
-              f"{'pushed' if res.manifest_pushed else 'unchanged'}", file=sys.stderr)
+              f"{'pushed' if res.manifest_pushed else 'unchanged'}"
+              + (f"; chunk artifact: {res.chunks['blobs_sent']} of {res.chunks['blobs']} "
+                 "blobs sent" if res.chunks else ""), file=sys.stderr)
     click.echo(res.manifest_digest)
 
 
@@ -123,12 +128,14 @@ def push(ctx: click.Context, ref: str, dest: str, insecure: bool, user: str | No
               help="From an index, the image for this platform (default: this machine's).")
 @click.option("--max-layer-size", type=Size(), default=f"{DEFAULT_MAX_LAYER_SIZE >> 30}G",
               show_default=True, help="Refuse a layer larger than this uncompressed.")
+@click.option("--chunks/--no-chunks", default=True, show_default=True,
+              help="Pull through the image's chunk artifact when the registry has one.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @progress_options
 @click.pass_context
 def pull(ctx: click.Context, source: str, tag: str | None, insecure: bool, user: str | None,
-         ca_file: str | None, platform: str | None, max_layer_size: int, as_json: bool,
-         progress_lines: bool, quiet: bool) -> None:
+         ca_file: str | None, platform: str | None, max_layer_size: int, chunks: bool,
+         as_json: bool, progress_lines: bool, quiet: bool) -> None:
     """Pull SOURCE, REGISTRY/REPO[:TAG|@DIGEST], into layers (one per image layer; the
     config kept beside the top one). Prints each layer id, the top one last."""
     ref = _reference(source)
@@ -138,7 +145,8 @@ def pull(ctx: click.Context, source: str, tag: str | None, insecure: bool, user:
         try:
             res = pull_image(layers, ref, tag=tag, platform=platform, insecure=insecure,
                              credentials=creds, ca_file=ca_file,
-                             max_layer_size=max_layer_size, progress=stages)
+                             max_layer_size=max_layer_size, progress=stages,
+                             chunks=chunks)
         finally:
             stages.close()
     if as_json:
@@ -147,7 +155,8 @@ def pull(ctx: click.Context, source: str, tag: str | None, insecure: bool, user:
     if not quiet:
         print(f"{res.reference}: {res.fetched} layer{'' if res.fetched == 1 else 's'} fetched "
               f"({human(res.counters['blob_bytes_received'])}), {res.reused} already "
-              f"in the store" + (f", {res.resumed} resumed" if res.resumed else ""),
-              file=sys.stderr)
+              f"in the store" + (f", {res.resumed} resumed" if res.resumed else "")
+              + (f"; through the chunk artifact: {res.chunks['chunks_fetched']} chunks "
+                 "fetched" if res.chunks else ""), file=sys.stderr)
     for lid in res.layers:
         click.echo(lid.hex())
