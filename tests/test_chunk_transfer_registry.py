@@ -101,6 +101,7 @@ class _Proxy(BaseHTTPRequestHandler):
     upstream = ""
     mode = ""
     refused = 0
+    multipart = 0  # multi-range requests answered with several parts
 
     def log_message(self, *args) -> None:
         pass
@@ -132,6 +133,9 @@ class _Proxy(BaseHTTPRequestHandler):
             body = resp.read()
         finally:
             conn.close()
+        if rng and "," in rng and resp.status == 206 and (
+                resp.getheader("Content-Type") or "").startswith("multipart/byteranges"):
+            cls.multipart += 1
         self.send_response(resp.status)
         for k, v in resp.getheaders():
             if k.lower() not in ("transfer-encoding", "connection", "content-length"):
@@ -143,11 +147,13 @@ class _Proxy(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
 
-@pytest.mark.parametrize("mode", ["400", "ignore"])
+@pytest.mark.parametrize("mode", ["pass", "400", "ignore"])
 def test_range_refusing_registry_still_pulls(tmp_path, registry, image, mode):
+    """"pass": the registry itself, which answers multi-range requests with
+    multipart/byteranges; "400" and "ignore": a proxy refusing or ignoring them."""
     _pusher, src, tops = image
     handler = type("Proxy", (_Proxy,), {"upstream": registry.host, "mode": mode,
-                                       "refused": 0})
+                                       "refused": 0, "multipart": 0})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -159,7 +165,10 @@ def test_range_refusing_registry_still_pulls(tmp_path, registry, image, mode):
         server.shutdown()
         server.server_close()
     assert v1.chunks is not None and v2.chunks is not None and v2.top == tops[2]
-    assert handler.refused > 0
+    if mode == "pass":
+        assert handler.multipart > 0 and handler.refused == 0
+    else:
+        assert handler.refused > 0 and handler.multipart == 0
     _checkout(tmp_path / "a", tops[2], tmp_path / "out")
     assert_same_tree(src, tmp_path / "out")
 
