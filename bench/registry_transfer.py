@@ -158,7 +158,7 @@ def _series(work: Path, cache: Path, versions: int, std: str, chunked: str) -> d
         p_std = json.loads(cli(pusher, "push", "--insecure", "--no-chunks", "--json", top,
                                f"{std}/{tag}"))
         t1 = time.monotonic()
-        p_chunk = json.loads(cli(pusher, "push", "--insecure", "--json", top,
+        p_chunk = json.loads(cli(pusher, "push", "--insecure", "--chunks", "--json", top,
                                  f"{chunked}/{tag}"))
         t2 = time.monotonic()
         g_std = json.loads(cli(std_puller, "pull", "--insecure", "--no-chunks", "--json",
@@ -184,7 +184,8 @@ def _series(work: Path, cache: Path, versions: int, std: str, chunked: str) -> d
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
     last = f"app:v{versions - 1}"
-    again = json.loads(cli(pusher, "push", "--insecure", "--json", top, f"{chunked}/{last}"))
+    again = json.loads(cli(pusher, "push", "--insecure", "--chunks", "--json", top,
+                           f"{chunked}/{last}"))
     return {"series": "pyenv-wheels rebuilt (RUN pip install + COPY app)", "rows": rows,
             "repush_bytes_sent": again["blob_bytes_sent"],
             "repush_artifact_blobs_sent": again["chunk_artifact"]["blobs_sent"]}

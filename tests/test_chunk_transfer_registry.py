@@ -48,7 +48,8 @@ def image(tmp_path, registry):
             if v == 2:
                 edit(src, seed=v)
             tops[v] = layers.snapshot(src, parent=base).layer_id
-            res = push_image(layers, tops[v], f"{registry.host}/app:v{v}", insecure=True)
+            res = push_image(layers, tops[v], f"{registry.host}/app:v{v}", insecure=True,
+                             chunks=True)
             assert res.chunks is not None and res.chunks["blobs_sent"] > 0
     finally:
         store.close()
@@ -88,7 +89,7 @@ def test_next_version_pulls_a_small_fraction(tmp_path, registry, image):
     # a re-push sends no blob
     with pylayers.Store.open(_pusher) as store:
         again = push_image(pylayers.Layers(store), tops[2], f"{registry.host}/app:v2",
-                           insecure=True)
+                           insecure=True, chunks=True)
     assert again.chunks["blobs_sent"] == 0 and again.counters["blob_bytes_sent"] == 0
 
 
@@ -236,9 +237,8 @@ def test_image_without_artifact_pulls_standard_layers(tmp_path, registry):
     with pylayers.Store.open(tmp_path / "pusher") as store:
         layers = pylayers.Layers(store)
         top = layers.snapshot(tmp_path / "src").layer_id
-        res = push_image(layers, top, f"{registry.host}/plain:v1", insecure=True,
-                         chunks=False)
-        assert res.chunks is None
+        res = push_image(layers, top, f"{registry.host}/plain:v1", insecure=True)
+        assert res.chunks is None  # the artifact is pushed on request only
     got = _pull(tmp_path / "a", f"{registry.host}/plain:v1", tag="p")
     assert got.chunks is None and got.fetched == 1
     _checkout(tmp_path / "a", got.top, tmp_path / "out")

@@ -79,8 +79,9 @@ class _Stages:
               help="Clamp mtimes to this time and use it as the image's creation time.")
 @click.option("--chunk-size", type=Size(), default=str(DEFAULT_CHUNK >> 20) + "M",
               show_default=True, help="Upload blobs larger than this in chunks of this size.")
-@click.option("--chunks/--no-chunks", default=True, show_default=True,
-              help="Also push the chunk artifact (pylayers pulls fetch only missing chunks).")
+@click.option("--chunks/--no-chunks", default=False, show_default=True,
+              help="Also push the chunk artifact: pylayers pulls of the image then fetch "
+                   "only the chunks they lack.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @progress_options
 @click.pass_context

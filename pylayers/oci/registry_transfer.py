@@ -156,8 +156,9 @@ def push_image(layers: Layers, layer_id: bytes, dest: str | Reference, *,
                insecure: bool = False, credentials: Credentials | None = None,
                ca_file: str | None = None, compression: str = "gzip",
                source_date_epoch: int | None = None, chunk_size: int = DEFAULT_CHUNK,
-               progress: Progress | None = None, chunks: bool = True) -> PushResult:
-    """`chunks`: also push the chunk artifact (chunkpush.py), after the image."""
+               progress: Progress | None = None, chunks: bool = False) -> PushResult:
+    """`chunks`: also push the chunk artifact (chunkpush.py), after the image, so that
+    pylayers clients pull only the chunks they lack."""
     ref = parse_reference(dest) if isinstance(dest, str) else dest
     if ref.digest is not None:
         raise UsageError(f"{ref}: push to a tag, not a digest")
