@@ -127,6 +127,13 @@ class _Proxy(BaseHTTPRequestHandler):
         if rng and cls.mode == "ignore":
             cls.refused += 1
             del headers["Range"]
+        if rng and cls.mode.startswith("fail-after-"):
+            cls.refused += 1
+            if cls.refused > int(cls.mode.rpartition("-")[2]):  # the registry goes away
+                self.send_response(500)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
         conn = http.client.HTTPConnection(cls.upstream, timeout=30)
         try:
             conn.request(self.command, self.path, headers=headers)
@@ -172,6 +179,34 @@ def test_range_refusing_registry_still_pulls(tmp_path, registry, image, mode):
         assert handler.refused > 0 and handler.multipart == 0
     _checkout(tmp_path / "a", tops[2], tmp_path / "out")
     assert_same_tree(src, tmp_path / "out")
+
+
+def test_interrupted_pull_resumes_without_fetching_again(tmp_path, registry, image):
+    """The registry fails after a few range requests: the pull stops with one line and
+    no layer, the chunks it verified stay; run again, it fetches only the others."""
+    _pusher, src, tops = image
+    handler = type("Proxy", (_Proxy,), {"upstream": registry.host, "mode": "fail-after-3",
+                                       "refused": 0, "multipart": 0})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        host = f"127.0.0.1:{server.server_address[1]}"
+        proc = run_cli(tmp_path / "a", "pull", "--insecure", f"{host}/app:v1", "-t", "app")
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = proc.stderr.decode()
+    assert proc.returncode != 0 and err.strip().count("\n") == 0, err
+    with pylayers.Store.open(tmp_path / "a") as store:
+        assert pylayers.Layers(store).all_ids() == []
+        kept = store.chunk_count()
+    assert kept > 0
+    whole = _pull(tmp_path / "b", f"{registry.host}/app:v1")
+    again = _pull(tmp_path / "a", f"{registry.host}/app:v1", tag="app")
+    assert again.top == tops[1]
+    fetched, total = again.chunks["chunks_fetched"], whole.chunks["chunks_fetched"]
+    assert fetched + kept >= total and fetched < total
+    assert again.counters["bytes_received"] < whole.counters["bytes_received"]
 
 
 def _manifest(registry, ref: str) -> tuple[str, bytes]:
