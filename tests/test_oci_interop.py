@@ -148,3 +148,38 @@ def test_export_twice_byte_identical_and_skopeo_inspects(tmp_path, umoci_image):
     proc = subprocess.run(["skopeo", "inspect", "--raw", f"oci:{tmp_path / 'a'}:v1"],
                           capture_output=True, text=True)
     assert proc.returncode == 0 and a.layers[0] in proc.stdout
+
+
+def test_changed_hardlink_group_exported_whole(tmp_path):
+    """A layer that changes a hardlinked file's content changes every name of the
+    inode: its changeset carries the group's other names too, so umoci (any tar
+    extractor) shows the new content under each name, still linked."""
+    need("umoci")
+    need_root("umoci unpack keeps owners only as root")
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "b").mkdir()
+    (src / "a/first").write_bytes(b"old content\n")
+    os.link(src / "a/first", src / "b/second")
+    os.link(src / "a/first", src / "b/third")
+    (src / "other").write_bytes(b"unchanged\n")
+    with pylayers.Store.open(tmp_path / "store") as store:
+        layers = pylayers.Layers(store)
+        base = layers.snapshot(src).layer_id
+        st = (src / "a/first").stat()
+        with open(src / "b/second", "r+b") as f:  # in place: the inode stays shared
+            f.write(b"NEW")
+        os.utime(src / "a/first", ns=(st.st_atime_ns, st.st_mtime_ns))  # content alone
+        top = layers.snapshot(src, parent=base).layer_id
+        export_image(layers, top, f"oci:{tmp_path / 'img'}:v2", "none")
+    run("umoci", "unpack", "--image", f"{tmp_path / 'img'}:v2", tmp_path / "un")
+    root = tmp_path / "un/rootfs"
+    same(src, root)
+    for name in ("a/first", "b/second", "b/third"):
+        assert (root / name).read_bytes() == b"NEW content\n", name
+    assert (root / "a/first").stat().st_ino == (root / "b/third").stat().st_ino
+    with pylayers.Store.open(tmp_path / "store2") as store:  # and back into pylayers
+        layers = pylayers.Layers(store)
+        back = import_source(layers, f"oci:{tmp_path / 'img'}:v2")
+        layers.checkout(back.top, tmp_path / "co")
+    same(src, tmp_path / "co")

@@ -74,6 +74,17 @@ def ordered(own: list[Entry], tree_after: dict[bytes, Entry]) -> list[tuple[Entr
     directory's opaque marker and whiteouts right after it."""
     items: list[tuple[tuple, Entry, bytes]] = []
     have = {e.path for e in own}
+    # a file this layer changes takes its hardlink group along: a tar changeset that
+    # wrote the file alone would leave the group's other names on the old inode
+    links: dict[bytes, list[Entry]] = {}
+    for e in tree_after.values():
+        if e.kind == HARDLINK and e.target in have:
+            links.setdefault(e.target, []).append(e)
+    for group in links.values():
+        for e in group:
+            if e.path not in have:
+                items.append(((e.key, 1, b""), e, e.path))
+                have.add(e.path)
     for e in own:
         if e.kind == WHITEOUT:
             d, _, base = e.path.rpartition(b"/")
