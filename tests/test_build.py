@@ -339,3 +339,20 @@ def test_run_sees_its_own_pid_namespace_a_minimal_dev_and_clamped_mtimes(run, tm
     assert tree[b"work"].mtime_ns == epoch
     assert tree[b"bin/busybox"].mtime_ns == epoch  # COPY: the epoch, not the source's
     assert tree[b"work/old"].mtime_ns == 5 * 10**9  # older than the epoch: kept
+
+
+def test_global_arg_in_from_platform_and_unconsumed_build_args(run, tmp_path):
+    import platform as pf
+
+    from pylayers.build.dockerfile import DockerfileError
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(pf.machine(), pf.machine())
+    ctx = context(tmp_path, "ARG BASE=scratch\nARG PLAT=linux/" + arch + "\n"
+                            "FROM --platform=$PLAT $BASE AS one\nCOPY busybox /bin/busybox\n"
+                            "FROM one\nARG BASE\nCOPY src/$BASE.txt /picked\n")
+    (ctx / "src" / "scratch.txt").write_text("from the global default\n")
+    res = run.build(ctx, build_args={"UNUSED": "1"})
+    tree = {e.path: e for e in run.layers.tree(res.layer_id)}
+    assert run.layers.read_file(tree[b"picked"]) == b"from the global default\n"
+    assert res.warnings == ["build-args not consumed: UNUSED"]
+    with pytest.raises(DockerfileError, match="Dockerfile:3: FROM --platform=linux/nope"):
+        run.build(ctx, build_args={"PLAT": "linux/nope"})

@@ -282,6 +282,15 @@ class Builder:
         return state
 
     def _from(self, stage: Stage, base: str, states: dict[int, _State], label: str) -> _State:
+        inst = stage.from_instruction
+        if inst is not None and "platform" in inst.flags:
+            env = {k: v for k, v in self.global_args.items() if v is not None}
+            want = self._expand(inst.flags["platform"], env, inst, set())
+            here = "linux/" + GOARCH.get(platform.machine(), platform.machine())
+            if want.rstrip("/") not in (here, "$BUILDPLATFORM", "$TARGETPLATFORM") \
+                    and not want.startswith(here + "/"):
+                raise DockerfileError(f"FROM --platform={want}: this builder builds for "
+                                      f"{here} only", inst.line, self.df.path)
         if base == "scratch":
             return _State(label, None, None, {}, [], {}, {})
         dep = self.df.stage(base)
