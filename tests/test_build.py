@@ -20,24 +20,10 @@ from pylayers import Layers, Store
 from pylayers.build.builder import Builder, StepFailed
 from pylayers.mounts import Kind, Snapshotter
 
-BUSYBOX = Path("/bin/busybox")
+sys.path.insert(0, os.path.dirname(__file__))
+from buildutil import BUSYBOX, needs_build  # noqa: E402
 
-
-def _missing() -> str | None:
-    if os.geteuid() != 0:
-        return "build steps mount snapshots: needs root"
-    if not BUSYBOX.is_file():
-        return "no static busybox at /bin/busybox (Debian: busybox-static)"
-    if shutil.which("unshare") is None:
-        return "no unshare (util-linux)"
-    res = subprocess.run(["unshare", "--mount", "--pid", "--fork", "true"],
-                         capture_output=True)
-    if res.returncode != 0:
-        return f"no mount+PID namespaces here: {res.stderr.decode().strip()}"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
+pytestmark = needs_build
 
 MULTI = """\
 # syntax=docker/dockerfile:1
