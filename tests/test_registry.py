@@ -181,13 +181,27 @@ def test_push_pull_round_trip(tmp_path, registry, image) -> None:
 def test_repush_and_push_to_new_repository_send_no_blob_bytes(registry, image) -> None:
     store, _src, _top = image
     first = cli_json(store, "push", "v2", f"{registry.host}/app:v2", "--insecure")
-    assert first["blob_bytes_sent"] > 300_000
+    assert first["blob_bytes_sent"] > 300_000 and first["exported"]
     again = cli_json(store, "push", "v2", f"{registry.host}/app:v2", "--insecure")
     assert again["blob_bytes_sent"] == 0 and again["bytes_sent"] == 0
     assert again["blobs_present"] == 3 and not again["manifest_pushed"]
+    # nothing exported: the manifest rebuilt from what the first push exported
+    assert not again["exported"] and again["digest"] == first["digest"]
     other = cli_json(store, "push", "v2", f"{registry.host}/team/other:v1", "--insecure")
     assert other["blob_bytes_sent"] == 0 and other["blobs_mounted"] == 3
     assert other["manifest_pushed"] and other["digest"] == first["digest"]
+    assert not other["exported"]
+    # another compression is another image: exported and sent
+    zst = cli_json(store, "push", "v2", f"{registry.host}/app:zst", "--insecure",
+                   "--compression", "zstd")
+    assert zst["exported"] and zst["blobs_uploaded"] == 2 and zst["blobs_present"] == 1
+    # a registry that lost a blob (in every repository): exported again, that blob sent
+    import shutil
+
+    shutil.rmtree(registry.blob_path(first["layers"][1]).parent)
+    lost = cli_json(store, "push", "v2", f"{registry.host}/app:v2", "--insecure")
+    assert lost["exported"] and lost["blobs_uploaded"] == 1
+    assert lost["digest"] == first["digest"]
     # the parent alone, as a new tag: its one layer and a new config
     base = cli_json(store, "push", "base", f"{registry.host}/app:base", "--insecure")
     assert base["blobs_present"] == 1 and base["blobs_uploaded"] == 1
@@ -347,3 +361,26 @@ def test_artifact_and_max_layer_size_are_refused(tmp_path, registry, image) -> N
     assert proc.returncode == 6 and "max-layer-size" in proc.stderr.decode(), proc.stderr
     assert run_cli(s2, "layers", "--json").stdout.strip() == b"[]"
     assert list((s2 / "registry" / "downloads").iterdir()) == []
+
+
+def test_a_blob_repeated_in_an_image(tmp_path, registry, image) -> None:
+    """An image listing the same layer blob twice (as empty layers often are): fetched
+    once, read twice, two layers."""
+    store, _src, _top = image
+    res = cli_json(store, "push", "base", f"{registry.host}/app:base", "--insecure")
+    with RegistryClient(f"{registry.host}/app", insecure=True, push=True) as c:
+        _mt, data, _d = c.get_manifest("base")
+        manifest = json.loads(data)
+        with c.open_blob(res["config"]) as s:
+            config = json.loads(s.read())
+        config["rootfs"]["diff_ids"] *= 2
+        config.pop("history", None)
+        cfg = json.dumps(config).encode()
+        c.push_blob(sha(cfg), cfg)
+        manifest["config"] = {**manifest["config"], "digest": sha(cfg), "size": len(cfg)}
+        manifest["layers"] *= 2
+        c.put_manifest("twice", manifest["mediaType"], json.dumps(manifest).encode())
+    got = cli_json(tmp_path / "s2", "pull", f"{registry.host}/app:twice", "--insecure")
+    assert len(got["layers"]) == 2 and got["layers_fetched"] == 2
+    size = registry.blob_path(res["layers"][0]).stat().st_size
+    assert size <= got["blob_bytes_received"] < 2 * size

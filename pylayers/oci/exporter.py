@@ -20,6 +20,7 @@ from ..errors import InvalidArgument
 from ..layers.manifest import Entry
 from ..layers.repo import Layers
 from ..layers.tree import apply_layer
+from ..store import Store
 from ..store.readahead import read_ahead
 from . import config as image_config
 from .dockerarchive import pack_layout
@@ -118,6 +119,20 @@ def export_image(layers: Layers, layer_id: bytes, dest: str, compression: str = 
     return res
 
 
+def image_documents(store: Store, top: bytes, diff_ids: list[str], descs: list[Descriptor],
+                    sde: int | None) -> tuple[bytes, bytes]:
+    """(config, manifest) of the image of `top` whose layer blobs are `descs` (with
+    `diff_ids`), as export writes them (push builds them from known blobs too)."""
+    created = None
+    if sde is not None:
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(sde))
+    cfg = image_config.for_export(image_config.load(store, top), diff_ids, created)
+    cdesc = Descriptor(CONFIG, "sha256:" + hashlib.sha256(cfg).hexdigest(), len(cfg), {}, {})
+    manifest = {"schemaVersion": 2, "mediaType": MANIFEST, "config": cdesc.to_json(),
+                "layers": [d.to_json() for d in descs]}
+    return cfg, canonical(manifest)
+
+
 def _export_layout(layers: Layers, top: bytes, out: LayoutWriter, ref: str | None,
                    compression: str, sde: int | None) -> ExportResult:
     store = layers.store
@@ -157,15 +172,10 @@ def _export_layout(layers: Layers, top: bytes, out: LayoutWriter, ref: str | Non
         res.layers.append(digest)
         res.diff_ids.append("sha256:" + diff.hexdigest())
         descs.append(Descriptor(LAYER_TYPES[compression], digest, blob.size, {}, {}))
-    created = None
-    if sde is not None:
-        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(sde))
-    cfg = image_config.for_export(image_config.load(store, top), res.diff_ids, created)
+    cfg, manifest = image_documents(store, top, res.diff_ids, descs, sde)
     cdesc = out.add_bytes(cfg, CONFIG)
     res.config_digest = cdesc.digest
-    manifest = {"schemaVersion": 2, "mediaType": MANIFEST, "config": cdesc.to_json(),
-                "layers": [d.to_json() for d in descs]}
-    mdesc = out.add_bytes(canonical(manifest), MANIFEST)
+    mdesc = out.add_bytes(manifest, MANIFEST)
     out.set_ref(mdesc, ref)
     res.manifest_digest = mdesc.digest
     return res

@@ -10,15 +10,17 @@ registry that sends the whole blob instead is read from the start). A blob that 
 its check is deleted. Everything read from here goes through the same digest check
 again, so a damaged file here is refused like a damaged download.
 
-Downloads overlap the import: a thread reads the network into the partial file and a
-small queue, the importer reads from the queue as blocks arrive. A connection that
-breaks mid-blob is reopened at the offset reached (twice at most)."""
+Downloads overlap the import, and run ahead of it: one thread fetches the image's
+blobs in order into their partial files, as fast as the network gives them, while the
+importer reads each file up to where the thread has written (so the next layer is
+downloading while this one is still being unpacked; nothing but the files holds
+the bytes). A connection that breaks mid-blob is reopened at the offset reached
+(twice at most)."""
 
 from __future__ import annotations
 
 import fcntl
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +30,6 @@ from .registry import BlobStream, RegistryClient, RegistryError
 from .streams import BLOCK, parse_digest
 
 RETRIES = 2
-_QUEUE_BLOCKS = 16
 # partial downloads nobody has touched for this long are removed by the next pull
 STALE_SECONDS = 7 * 24 * 3600
 
@@ -37,21 +38,17 @@ class DownloadArea:
     def __init__(self, store_path: Path) -> None:
         self.root = store_path / "registry" / "downloads"
 
-    def _paths(self, digest: str) -> tuple[Path, Path]:
+    def paths(self, digest: str) -> tuple[Path, Path]:
+        """(verified file, partial file) of `digest`."""
         algo, hexpart = parse_digest(digest)
         name = hexpart if algo == "sha256" else f"{algo}-{hexpart}"
         return self.root / name, self.root / f"{name}.partial"
 
     def has(self, digest: str) -> bool:
-        return self._paths(digest)[0].is_file()
-
-    def open(self, client: RegistryClient, digest: str, size: int,
-             progress: Callable[[int], None] | None = None) -> Download:
-        self.root.mkdir(parents=True, exist_ok=True)
-        return Download(self, client, digest, size, progress)
+        return self.paths(digest)[0].is_file()
 
     def remove(self, digest: str) -> None:
-        for p in self._paths(digest):
+        for p in self.paths(digest):
             try:
                 p.unlink()
             except FileNotFoundError:
@@ -72,169 +69,212 @@ class DownloadArea:
 
 
 class Download:
-    """One blob's bytes as a stream: from the verified file, else the partial file's
-    bytes then the network's. Call `verified()` once the caller's digest check passed,
-    `discard()` if it failed, `close()` in every case."""
+    """One blob's bytes as a stream (`read`), fetched by a `Downloads` thread. Call
+    `verified()` once the caller's digest check passed, `discard()` if it failed."""
 
     def __init__(self, area: DownloadArea, client: RegistryClient, digest: str, size: int,
-                 progress: Callable[[int], None] | None) -> None:
+                 stop: threading.Event) -> None:
         self.area = area
         self.client = client
         self.digest = digest
         self.size = size
-        self.progress = progress
-        self.done_path, self.partial_path = area._paths(digest)
-        self.resumed_from = 0  # bytes of the partial file used
-        self.from_disk = False
-        self._file = None  # the verified file being read
-        self._partial = None  # the partial file (append), locked
-        self._head = 0  # bytes of the partial file still to read from disk
-        self._thread: threading.Thread | None = None
-        self._queue: queue.Queue = queue.Queue(_QUEUE_BLOCKS)
-        self._stop = threading.Event()
-        self._buf = b""
-        self._eof = False
-        self._start()
+        self.done_path, self.partial_path = area.paths(digest)
+        self.resumed_from = 0  # bytes of an earlier pull's partial file used
+        self.from_disk = False  # a verified file of an earlier pull
+        self.progress: Callable[[int], None] | None = None
+        self._stop = stop
+        self._cond = threading.Condition()
+        self._started = False
+        self._finished = False
+        self._error: BaseException | None = None
+        self._fd: int | None = None  # the partial file (written by the thread)
+        self._file = None  # the verified file, when it is read from disk
+        self._written = 0
+        self._pos = 0
+        self._stream: BlobStream | None = None
 
-    # -- setting up --------------------------------------------------------------------
-    def _start(self) -> None:
-        if self._open_done():
-            return
-        fd = os.open(self.partial_path, os.O_RDWR | os.O_CREAT, 0o644)
-        f = os.fdopen(fd, "r+b")
-        fcntl.flock(f, fcntl.LOCK_EX)  # a concurrent pull of the same blob waits here
-        if self._open_done():  # it finished meanwhile
-            f.close()
-            return
-        self._partial = f
-        have = os.fstat(f.fileno()).st_size
-        if have > self.size:
-            f.truncate(0)
-            have = 0
-        stream = self._connect(have)
-        if have and not (stream.partial and stream.start == have):
-            f.truncate(0)  # the registry sent the whole blob: start again
-            have = 0
-        f.seek(have)
-        self._head = self.resumed_from = have
-        self._reader = open(self.partial_path, "rb")  # noqa: SIM115 (closed in close())
-        self._stream = stream
-        self._thread = threading.Thread(target=self._fetch, args=(stream, have),
-                                        name="pylayers-download", daemon=True)
-        self._thread.start()
-
-    def _open_done(self) -> bool:
+    # -- the downloading thread --------------------------------------------------------
+    def fetch(self) -> None:
+        """Run by the thread: the whole blob into the partial file (or nothing, when it
+        is here verified already). Errors are kept for the reader."""
         try:
-            self._file = open(self.done_path, "rb")  # noqa: SIM115 (closed in close())
-        except FileNotFoundError:
-            return False
-        self.from_disk = True
-        return True
-
-    def _connect(self, offset: int) -> BlobStream:
-        if offset >= self.size:
-            offset = 0
-        if offset:
-            return self.client.open_blob(self.digest, (offset, None))
-        return self.client.open_blob(self.digest)
-
-    # -- the network thread ------------------------------------------------------------
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.2)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _fetch(self, stream: BlobStream, offset: int) -> None:
-        retries = RETRIES
-        assert self._partial is not None
-        try:
-            while not self._stop.is_set():
-                try:
-                    data = stream.read(BLOCK)
-                except RegistryError:
-                    stream.close()
-                    if retries <= 0 or offset >= self.size:
-                        raise
-                    retries -= 1
-                    self._partial.flush()
-                    stream = self._stream = self.client.open_blob(self.digest,
-                                                                  (offset, None))
-                    if not (stream.partial and stream.start == offset):
-                        stream.close()
-                        raise RegistryError(f"blob {self.digest}: the registry did not "
-                                            "resume the broken download") from None
-                    continue
-                if not data:
-                    break
-                self._partial.write(data)
-                offset += len(data)
-                if not self._put(data):
-                    break
-            self._partial.flush()
-            self._put(None)
+            self._fetch()
         except BaseException as e:  # handed to the reading thread
-            try:
-                self._partial.flush()
-            except OSError:
-                pass
-            self._put(e)
+            with self._cond:
+                self._error = e
         finally:
-            stream.close()
+            if self._stream is not None:
+                self._stream.close()
+            with self._cond:
+                self._started = self._finished = True
+                self._cond.notify_all()
+
+    def _fetch(self) -> None:
+        if self.done_path.is_file():
+            self.from_disk = True
+            return
+        fd = os.open(self.partial_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        with self._cond:
+            self._fd = fd
+        while True:  # a concurrent pull of the same blob: wait for it
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if self._stop.wait(0.1):
+                    return
+        if self.done_path.is_file():  # it finished meanwhile
+            self.from_disk = True
+            return
+        have = os.fstat(fd).st_size
+        if have > self.size:
+            os.ftruncate(fd, 0)
+            have = 0
+        offset = have
+        if have < self.size or not have:
+            stream = self._open(have)
+            if have and not (stream.partial and stream.start == have):
+                os.ftruncate(fd, 0)  # the registry sent the whole blob: start again
+                have = offset = 0
+        with self._cond:
+            self.resumed_from = self._written = have
+            self._started = True
+            self._cond.notify_all()
+        if have >= self.size and have:
+            return
+        retries = RETRIES
+        while not self._stop.is_set():
+            assert self._stream is not None
+            try:
+                data = self._stream.read(BLOCK)
+            except RegistryError:
+                self._stream.close()
+                if retries <= 0:
+                    raise
+                retries -= 1
+                stream = self._open(offset)
+                if not (stream.partial and stream.start == offset):
+                    raise RegistryError(f"blob {self.digest}: the registry did not resume "
+                                        "the broken download") from None
+                continue
+            if not data:
+                break
+            view = memoryview(data)
+            while view:
+                n = os.pwrite(fd, view, offset)
+                offset += n
+                view = view[n:]
+            with self._cond:
+                self._written = offset
+                self._cond.notify_all()
+
+    def _open(self, offset: int) -> BlobStream:
+        self._stream = self.client.open_blob(
+            self.digest, (offset, None) if 0 < offset < self.size else None)
+        return self._stream
+
+    def interrupt(self) -> None:
+        stream = self._stream
+        if stream is not None:
+            stream.interrupt()
 
     # -- reading -----------------------------------------------------------------------
     def read(self, n: int = -1) -> bytes:
         n = BLOCK if n is None or n < 0 else n
-        if self._file is not None:
-            data = self._file.read(n)
-        elif self._head:
-            data = self._reader.read(min(n, self._head))
-            self._head -= len(data)
-            if not data:
-                raise RegistryError(f"{self.partial_path}: shorter than it was")
-        else:
-            while not self._buf and not self._eof:
-                item = self._queue.get()
-                if item is None:
-                    self._eof = True
-                elif isinstance(item, BaseException):
-                    self._eof = True
-                    raise item
-                else:
-                    self._buf = item
-            data, self._buf = self._buf[:n], self._buf[n:]
-        if data and self.progress is not None:
-            self.progress(len(data))
+        if self._file is None:
+            with self._cond:
+                while True:
+                    if self._error is not None:
+                        raise self._error
+                    if self.from_disk and self._finished:
+                        break
+                    if self._written > self._pos or self._finished:
+                        break
+                    self._cond.wait()
+                avail = self._written - self._pos
+                fd = self._fd
+            if self.from_disk:
+                self._file = open(self.done_path, "rb")  # noqa: SIM115 (closed in close())
+            else:
+                if avail <= 0:
+                    return b""
+                data = os.pread(fd, min(n, avail), self._pos)
+                self._pos += len(data)
+                self._report(len(data))
+                return data
+        data = self._file.read(n)
+        self._report(len(data))
         return data
+
+    def _report(self, n: int) -> None:
+        if n and self.progress is not None:
+            self.progress(n)
 
     def verified(self) -> None:
         """The whole blob passed the digest check: keep it as a verified download."""
-        if self._partial is not None and not self.from_disk:
-            self._join()
-            self._partial.flush()
-            os.fsync(self._partial.fileno())
-            os.replace(self.partial_path, self.done_path)
+        if self.from_disk or self._fd is None:
+            return
+        os.fsync(self._fd)
+        os.replace(self.partial_path, self.done_path)
+        self.close()  # and unlocked: the same blob later in the image is read from disk
 
     def discard(self) -> None:
         """It failed the check: nothing of it is kept."""
-        self._join()
         self.area.remove(self.digest)
-
-    def _join(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(0.5)
-            if self._thread.is_alive():  # blocked on the network: break its connection
-                self._stream.interrupt()
-                self._thread.join()
-            self._thread = None
+        self.close()
 
     def close(self) -> None:
-        self._join()
-        for f in (self._file, self._partial, getattr(self, "_reader", None)):
-            if f is not None:
-                f.close()
-        self._file = self._partial = self._reader = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        with self._cond:
+            fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+class Downloads:
+    """The blobs of one pull, fetched in order by one thread, each into its partial
+    file, while the caller reads them (`items[i].read`) in the same order. Use as a
+    context manager: leaving it stops the thread and closes the files."""
+
+    def __init__(self, area: DownloadArea, client: RegistryClient,
+                 blobs: list[tuple[str, int]]) -> None:
+        area.root.mkdir(parents=True, exist_ok=True)
+        self.stop = threading.Event()
+        self.items = [Download(area, client, d, size, self.stop) for d, size in blobs]
+        self._current: Download | None = None
+        self._thread = threading.Thread(target=self._run, name="pylayers-download",
+                                        daemon=True)
+
+    def _run(self) -> None:
+        for item in self.items:
+            if self.stop.is_set():
+                break
+            self._current = item
+            item.fetch()
+            if item._error is not None:  # the reader sees it; later blobs wait
+                break
+        self._current = None
+        for item in self.items:  # never started: their readers must not wait
+            with item._cond:
+                if not item._finished:
+                    item._error = item._error or RegistryError(
+                        f"blob {item.digest}: the download stopped before it")
+                    item._finished = True
+                    item._cond.notify_all()
+
+    def __enter__(self) -> Downloads:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self._thread.join(0.5)
+        while self._thread.is_alive():  # blocked on the network: break its connection
+            cur = self._current
+            if cur is not None:
+                cur.interrupt()
+            self._thread.join(0.5)
+        for item in self.items:
+            item.close()

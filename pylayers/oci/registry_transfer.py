@@ -38,13 +38,21 @@ from .chunkpull import pull_chunk_artifact
 from .chunkpush import push_chunk_artifact
 from .chunkregistry import RegistryRemote
 from .config import GOARCH, MAX_JSON
-from .exporter import export_image
+from .exporter import export_image, image_documents
 from .importer import DEFAULT_MAX_LAYER_SIZE, LAYER_SUFFIXES, _Importer
-from .layout import CONFIG, DOCKER_LIST, DOCKER_MANIFEST, INDEX, MANIFEST, Descriptor
+from .layout import (
+    CONFIG,
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    INDEX,
+    LAYER_TYPES,
+    MANIFEST,
+    Descriptor,
+)
 from .reference import Reference, parse_reference
 from .registry import DEFAULT_CHUNK, RegistryClient
-from .registry_downloads import DownloadArea
-from .streams import Verifying
+from .registry_downloads import DownloadArea, Downloads
+from .streams import COMPRESSIONS, Verifying, parse_digest
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 _HINTS_PER_REGISTRY = 100_000
@@ -62,6 +70,7 @@ class PushResult:
     mounted: int = 0  # blobs mounted from another repository
     present: int = 0  # blobs the repository had
     manifest_pushed: bool = False
+    exported: bool = False  # the layers were exported (else known from an earlier push)
     counters: dict = field(default_factory=dict)
     chunks: dict | None = None  # the chunk artifact pushed (chunkpush.ChunkPushResult)
 
@@ -70,7 +79,7 @@ class PushResult:
                 "config": self.config_digest, "layers": self.layers,
                 "blobs_uploaded": self.uploaded, "blobs_mounted": self.mounted,
                 "blobs_present": self.present, "manifest_pushed": self.manifest_pushed,
-                "chunk_artifact": self.chunks, **self.counters}
+                "exported": self.exported, "chunk_artifact": self.chunks, **self.counters}
 
 
 @dataclass
@@ -152,17 +161,154 @@ def _client(ref: Reference, insecure: bool, credentials: Credentials | None,
 
 
 # -- push ----------------------------------------------------------------------------------
+class ExportCache:
+    """STORE/registry/exports.json: for a layer id, a compression and a
+    source-date-epoch, the blob export made of it (digest, size, diffID). The export
+    is reproducible, so a push whose blobs the registry has (or can mount) needs no
+    export at all: the config and manifest are built from these. Only a cache: a blob
+    the registry lacks is exported again."""
+
+    VERSION = 1
+
+    def __init__(self, store_path: Path) -> None:
+        self.path = store_path / "registry" / "exports.json"
+
+    def _load(self) -> dict:
+        try:
+            doc = json.loads(self.path.read_bytes()[:64 << 20])
+        except (OSError, ValueError, UnicodeDecodeError):
+            return {}
+        if not isinstance(doc, dict) or doc.get("version") != self.VERSION or \
+                not isinstance(doc.get("layers"), dict):
+            return {}
+        return doc["layers"]
+
+    @staticmethod
+    def _key(lid: bytes, compression: str, sde: int | None) -> str:
+        return f"{lid.hex()}:{compression}:{'' if sde is None else sde}"
+
+    def get(self, chain: list[bytes], compression: str, sde: int | None
+            ) -> list[tuple[str, int, str]] | None:
+        """(blob digest, size, diffID) of each layer of `chain` (oldest first), or None
+        unless all are known."""
+        known = self._load()
+        out = []
+        for lid in chain:
+            e = known.get(self._key(lid, compression, sde))
+            if not (isinstance(e, list) and len(e) == 3 and isinstance(e[0], str)
+                    and isinstance(e[1], int) and isinstance(e[2], str)):
+                return None
+            try:
+                parse_digest(e[0])
+                parse_digest(e[2])
+            except CorruptData:
+                return None
+            out.append((e[0], e[1], e[2]))
+        return out
+
+    def put(self, chain: list[bytes], compression: str, sde: int | None,
+            blobs: list[tuple[str, int, str]]) -> None:
+        known = self._load()
+        for lid, b in zip(chain, blobs, strict=True):
+            known.pop(self._key(lid, compression, sde), None)
+            known[self._key(lid, compression, sde)] = list(b)
+        while len(known) > _HINTS_PER_REGISTRY:
+            del known[next(iter(known))]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"version": self.VERSION, "layers": known},
+                                  separators=(",", ":")))
+        os.replace(tmp, self.path)
+
+
 def push_image(layers: Layers, layer_id: bytes, dest: str | Reference, *,
                insecure: bool = False, credentials: Credentials | None = None,
                ca_file: str | None = None, compression: str = "gzip",
                source_date_epoch: int | None = None, chunk_size: int = DEFAULT_CHUNK,
                progress: Progress | None = None, chunks: bool = False) -> PushResult:
-    """`chunks`: also push the chunk artifact (chunkpush.py), after the image, so that
-    pylayers clients pull only the chunks they lack."""
+    """Push the image of `layer_id` to `dest` (a tag). Blobs the repository has are
+    not sent, those this store saw in another repository of the registry are mounted;
+    when that places every layer blob, nothing is exported (`ExportCache`). `chunks`:
+    also push the chunk artifact (chunkpush.py), after the image, so that pylayers
+    clients pull only the chunks they lack."""
     ref = parse_reference(dest) if isinstance(dest, str) else dest
     if ref.digest is not None:
         raise UsageError(f"{ref}: push to a tag, not a digest")
+    if compression not in COMPRESSIONS:
+        raise InvalidArgument(f"unknown compression {compression!r}")
     assert ref.tag is not None
+    store = layers.store
+    chain = list(reversed(layers.chain(layer_id)))
+    cache = ExportCache(store.path)
+    with _client(ref, insecure, credentials, ca_file, push=True) as client:
+        known = cache.get(chain, compression, source_date_epoch)
+        if known is not None:
+            descs = [Descriptor(LAYER_TYPES[compression], d, size, {}, {})
+                     for d, size, _ in known]
+            cfg, manifest = image_documents(store, layer_id, [x[2] for x in known], descs,
+                                            source_date_epoch)
+            res = PushResult(str(ref), sha256_of(manifest), sha256_of(cfg),
+                             [d for d, _, _ in known])
+            placed = _place(client, ref, store, res.layers, res)
+            if placed:
+                if not _place(client, ref, store, [res.config_digest], res):
+                    client.push_blob(res.config_digest, cfg)  # a few KB we have
+                    res.uploaded += 1
+                return _finish(client, ref, layers, layer_id, res, manifest, chunks,
+                               progress)
+            mounted = res.mounted  # counted as present by the second pass
+        else:
+            mounted = 0
+        res = _export_and_push(layers, layer_id, chain, client, ref, cache, compression,
+                               source_date_epoch, chunk_size, progress, chunks)
+        res.mounted += mounted
+        res.present -= mounted
+        return res
+
+
+def sha256_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _place(client: RegistryClient, ref: Reference, store: Store, digests: list[str],
+           res: PushResult) -> bool:
+    """Make sure the repository has each blob without sending data (present, or
+    mounted from where this store saw it): False at the first one it cannot."""
+    hints = BlobHints(store.path)
+    for d in dict.fromkeys(digests):
+        if client.has_blob(d):
+            res.present += 1
+            continue
+        if any(repo != ref.repository and client.mount_blob(d, repo)
+               for repo in hints.repositories(ref.registry, d)):
+            res.mounted += 1
+            continue
+        return False
+    return True
+
+
+def _finish(client: RegistryClient, ref: Reference, layers: Layers, layer_id: bytes,
+            res: PushResult, manifest: bytes, chunks: bool,
+            progress: Progress | None) -> PushResult:
+    assert ref.tag is not None
+    store = layers.store
+    if client.head_manifest(ref.tag) != res.manifest_digest:
+        client.put_manifest(ref.tag, MANIFEST, manifest)
+        res.manifest_pushed = True
+    if chunks:
+        image = Descriptor(MANIFEST, res.manifest_digest, len(manifest), {}, {})
+        pushed = push_chunk_artifact(layers, layer_id, RegistryRemote(client),
+                                     image.to_json(), progress=_stage(progress, "chunks"))
+        res.chunks = pushed.to_json()
+    res.counters = client.counters()
+    BlobHints(store.path).add(ref.registry, ref.repository, [res.config_digest, *res.layers])
+    return res
+
+
+def _export_and_push(layers: Layers, layer_id: bytes, chain: list[bytes],
+                     client: RegistryClient, ref: Reference, cache: ExportCache,
+                     compression: str, sde: int | None, chunk_size: int,
+                     progress: Progress | None, chunks: bool) -> PushResult:
     store = layers.store
     area = store.path / "registry"
     area.mkdir(parents=True, exist_ok=True)
@@ -170,28 +316,17 @@ def push_image(layers: Layers, layer_id: bytes, dest: str | Reference, *,
     try:
         if progress:
             progress("export", 0, 0)
-        exported = export_image(layers, layer_id, f"oci:{work}", compression,
-                                source_date_epoch)
+        exported = export_image(layers, layer_id, f"oci:{work}", compression, sde)
         blobs = work / "blobs" / "sha256"
+        cache.put(chain, compression, sde,
+                  [(d, (blobs / d[7:]).stat().st_size, diff)
+                   for d, diff in zip(exported.layers, exported.diff_ids, strict=True)])
         manifest = (blobs / exported.manifest_digest[7:]).read_bytes()
         res = PushResult(str(ref), exported.manifest_digest, exported.config_digest,
-                         list(exported.layers))
-        with _client(ref, insecure, credentials, ca_file, push=True) as client:
-            _push_blobs(client, ref, store, blobs, [exported.config_digest, *exported.layers],
-                        res, chunk_size, progress)
-            if client.head_manifest(ref.tag) != exported.manifest_digest:
-                client.put_manifest(ref.tag, MANIFEST, manifest)
-                res.manifest_pushed = True
-            if chunks:
-                image = Descriptor(MANIFEST, exported.manifest_digest, len(manifest), {}, {})
-                pushed = push_chunk_artifact(layers, layer_id, RegistryRemote(client),
-                                             image.to_json(), progress=_stage(progress,
-                                                                              "chunks"))
-                res.chunks = pushed.to_json()
-            res.counters = client.counters()
-        BlobHints(store.path).add(ref.registry, ref.repository,
-                                  [exported.config_digest, *exported.layers])
-        return res
+                         list(exported.layers), exported=True)
+        _push_blobs(client, ref, store, blobs, [exported.config_digest, *exported.layers],
+                    res, chunk_size, progress)
+        return _finish(client, ref, layers, layer_id, res, manifest, chunks, progress)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -438,18 +573,17 @@ def _import(layers: Layers, client: RegistryClient, area: DownloadArea,
         if progress:
             progress("download", done, total)
 
-    with layers.store.writer() as writer:
+    blobs = [(d.digest, d.size) for d in descs[skip:]]
+    with layers.store.writer() as writer, Downloads(area, client, blobs) as downloads:
         imp = _Importer(layers, writer, max_layer_size, None)
         tree = layers.tree(parent) if parent is not None else []
         reads = []
         seen: set[str] = set()  # verified by this pull (an image may repeat a blob)
-        for i in range(skip, len(descs)):
+        for i, dl in zip(range(skip, len(descs)), downloads.items, strict=True):
             d = descs[i]
             what = f"layer {i + 1} ({d.digest})"
-            dl = area.open(client, d.digest, d.size, report)
+            dl.progress = report
             try:
-                if dl.resumed_from or (dl.from_disk and d.digest not in seen):
-                    res.resumed += 1
                 blob = Verifying(dl, d.digest, d.size, f"{what} blob")
                 try:
                     read, tree = imp.read_layer(blob, tree, diff_ids[i], what)
@@ -460,12 +594,12 @@ def _import(layers: Layers, client: RegistryClient, area: DownloadArea,
                     _check_whole(blob)
                     raise
                 dl.verified()
-                seen.add(d.digest)
             except CorruptData:
                 dl.discard()
                 raise
-            finally:
-                dl.close()
+            if dl.resumed_from or (dl.from_disk and d.digest not in seen):
+                res.resumed += 1
+            seen.add(d.digest)
             res.fetched += 1
             reads.append(read)
         ids = imp.commit(parent, reads, tag, message, config)
