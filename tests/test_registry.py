@@ -384,3 +384,20 @@ def test_a_blob_repeated_in_an_image(tmp_path, registry, image) -> None:
     assert len(got["layers"]) == 2 and got["layers_fetched"] == 2
     size = registry.blob_path(res["layers"][0]).stat().st_size
     assert size <= got["blob_bytes_received"] < 2 * size
+
+
+def test_next_tag_fetches_only_the_new_layer(tmp_path, registry, image) -> None:
+    """Pulling v2 into a store that pulled its base fetches only v2's own layer; the
+    layers are the ones the pushing store has."""
+    store, _src, top = image
+    base = cli_json(store, "push", "base", f"{registry.host}/app:base", "--insecure")
+    v2 = cli_json(store, "push", "v2", f"{registry.host}/app:v2", "--insecure")
+    s2 = tmp_path / "s2"
+    first = cli_json(s2, "pull", f"{registry.host}/app:base", "--insecure")
+    assert first["layers_fetched"] == 1
+    nxt = cli_json(s2, "pull", f"{registry.host}/app:v2", "--insecure")
+    assert nxt["layers_reused"] == 1 and nxt["layers_fetched"] == 1 and nxt["id"] == top
+    assert nxt["layers"][0] == first["id"]
+    own = registry.blob_path(v2["layers"][1]).stat().st_size
+    assert own <= nxt["blob_bytes_received"] < own + 4096  # its layer and config
+    assert base["layers"][0] == v2["layers"][0]
