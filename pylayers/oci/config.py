@@ -47,6 +47,8 @@ def prune(store: Store) -> int:
 
 
 def parse(data: bytes, what: str = "image config") -> dict:
+    """An untrusted JSON object (an image config, a manifest, an index), or CorruptData
+    naming `what`."""
     try:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:

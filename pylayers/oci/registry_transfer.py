@@ -395,23 +395,13 @@ def _pick(index: dict, want: tuple[str, str, str | None], what: str) -> Descript
     return found[0]
 
 
-def _json(data: bytes, what: str) -> dict:
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CorruptData(f"{what} is not JSON ({e})") from None
-    if not isinstance(doc, dict):
-        raise CorruptData(f"{what} is not a JSON object")
-    return doc
-
-
 def _image_manifest(client: RegistryClient, ref: Reference,
                     want: tuple[str, str, str | None]) -> tuple[str, dict]:
     """(digest, document) of the image manifest `ref` names, through an index."""
     what = f"manifest {ref}"
     mt, data, digest = client.get_manifest(ref.ref)
     for _depth in range(3):
-        doc = _json(data, what)
+        doc = image_config.parse(data, what)
         if doc.get("schemaVersion") == 1 or "fsLayers" in doc:
             raise InvalidArgument(f"{what} is a docker schema 1 manifest, which pylayers "
                                   "does not read")
