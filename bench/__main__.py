@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from . import install
+from .proc import git_rev
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "out"
@@ -122,7 +123,7 @@ def main() -> None:
     prefix = args.name or f"bench-{profile.name}"
     results: dict = {
         "profile": profile.as_dict(), "machine": machine(work), "started": started,
-        "pylayers_version": competitors.Pylayers.version(), "git_rev": _git_rev(),
+        "pylayers_version": competitors.Pylayers.version(), "git_rev": git_rev(),
         "command": " ".join(["python -m bench", *sys.argv[1:]]),
         "tools": tools_info, "not_installed": not_installed, "scenarios": [],
         "scaling": {}, "core": None, "left_out": left_out, "duration_s": 0,
@@ -194,14 +195,6 @@ def _default_parent(profile: str) -> str | None:
     if profile == "quick" and shm.is_dir() and shutil.disk_usage(shm).free > 4 << 30:
         return os.fspath(shm)
     return None
-
-
-def _git_rev() -> str:
-    try:
-        return subprocess.run(["git", "-C", os.fspath(REPO), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _save(results: dict, out: Path, prefix: str, t0: float, final: bool = False) -> None:

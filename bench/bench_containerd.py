@@ -54,7 +54,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .proc import machine, tree_bytes
+from .proc import git_rev, machine, tree_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 BUSYBOX = Path("/bin/busybox")
@@ -578,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
            "containerd": " ".join(["containerd", *version[2:3]]),
            "command": " ".join(["python -m bench.bench_containerd",
                                 *(argv if argv is not None else sys.argv[1:])]),
-           "git_rev": _git_rev(), "result": res, "summary": summarize(res)}
+           "git_rev": git_rev(), "result": res, "summary": summarize(res)}
     name = args.name or "-".join(["containerd", *(["wheels"] if args.wheels else []),
                                   *([args.layout] if args.layout != "rebuilt" else [])])
     args.out.mkdir(parents=True, exist_ok=True)
@@ -587,14 +587,6 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"{name}.md").write_text(text)
     print(text)
     return 1 if res["snapshotter_tracebacks"] else 0
-
-
-def _git_rev() -> str:
-    try:
-        return subprocess.run(["git", "-C", os.fspath(REPO), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

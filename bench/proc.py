@@ -125,3 +125,13 @@ def _fs_type(path: str) -> str:
                               text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def git_rev() -> str:
+    """The short commit of the checkout bench/ runs from, or "unknown"."""
+    try:
+        return subprocess.run(["git", "-C", os.fspath(Path(__file__).resolve().parent.parent),
+                               "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
