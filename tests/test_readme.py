@@ -174,9 +174,11 @@ def userns_refused() -> str | None:
     return None
 
 
-def run_sh(blocks: list[Block], work: Path) -> list[tuple[str, str, str]]:
+def run_sh(blocks: list[Block], work: Path,
+           of: set[int] | None = None) -> list[tuple[str, str, str]]:
     """Run sh blocks in `work` in one `sh -e` session, as a reader types them into one
-    shell; (command, its trailing comment, its stdout) for each command of the last."""
+    shell; (command, its trailing comment, its stdout) for each command of the last (of
+    the blocks numbered `of`, if given)."""
     cmds = [(b, code, comment) for b in blocks
             for code, comment in commands(localise(b.text, work))]
     script = []
@@ -191,7 +193,8 @@ def run_sh(blocks: list[Block], work: Path) -> list[tuple[str, str, str]]:
         raise AssertionError(f"README.md:{b.line} ({b.section}): `{failed}` failed (exit "
                              f"{proc.returncode}):\n{(err[-1] if err else proc.stderr)[-2000:]}")
     return [(code, comment, stdout) for (b, code, comment), stdout
-            in zip(cmds, out, strict=True) if b is blocks[-1]]
+            in zip(cmds, out, strict=True)
+            if (b is blocks[-1] if of is None else b.n in of)]
 
 
 def check_claim(code: str, comment: str, stdout: str, work: Path, where: str) -> None:

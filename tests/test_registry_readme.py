@@ -1,6 +1,7 @@
-"""The README's registry block (after `<!-- registry -->`), run as tests/test_readme.py
-runs the others (in one shell session after the README's earlier blocks, its output
-claims checked), with a real registry in place of `localhost:5000`."""
+"""The README's registry blocks (after `<!-- registry -->`: push and pull, and a build
+FROM the pushed image), run as tests/test_readme.py runs the others (in one shell
+session after the README's earlier blocks, their output claims checked), with a real
+registry in place of `localhost:5000`."""
 
 from __future__ import annotations
 
@@ -31,9 +32,12 @@ def test_readme_registry_block(tmp_path: Path, registry) -> None:
 
         pytest.skip(f"a block up to this one needs a user namespace: {why}")
     readme.make_rootfs(tmp_path)
-    outputs = readme.run_sh(session, tmp_path)
+    outputs = readme.run_sh(session, tmp_path, of={b.n for b in blocks})
     for code, comment, stdout in outputs:
-        readme.check_claim(code, comment, stdout, tmp_path, f"README.md:{last.line}")
+        readme.check_claim(code, comment, stdout, tmp_path, "README.md's registry blocks")
     digests = [out.strip() for code, _c, out in outputs if " push " in code]
     assert len(digests) == 2 and digests[0] == digests[1]
     assert digests[0].startswith("sha256:")
+    # the build FROM the pushed image (Building images from Dockerfiles)
+    cat = [out for code, _c, out in outputs if code.startswith("pylayers cat on-v2")]
+    assert cat == ["hello\n"]

@@ -39,6 +39,7 @@ from ..layers.repo import Layers
 from ..mounts import Kind, Snapshotter, is_mounted, mount_all, unmount
 from ..oci import config as image_config
 from . import fsops, sandbox
+from .bases import RegistryOptions, is_reference, pull_base
 from .cachekeys import BuildCache, CacheKey, cache_key
 from .context import Context
 from .dockerfile import (
@@ -137,8 +138,10 @@ def _env_dict(items: list[str] | None) -> dict[str, str]:
 class Builder:
     def __init__(self, layers: Layers, *, driver: str | None = None,
                  on_event: Callable[[StepEvent], None] | None = None,
-                 on_output: Callable[[bytes], None] | None = None) -> None:
+                 on_output: Callable[[bytes], None] | None = None,
+                 registry: RegistryOptions | None = None) -> None:
         self.layers = layers
+        self.registry = registry
         self.store = layers.store
         self.snapshots = Snapshotter(layers, driver)
         self.driver = driver
@@ -170,6 +173,7 @@ class Builder:
         self.epoch = source_date_epoch
         self.epoch_ns = (source_date_epoch or 0) * 10**9
         self.build_args = dict(build_args or {})
+        self._pulled: dict[tuple[str, str | None], tuple[bytes, bytes]] = {}
         self.used_args: set[str] = set()
         self.result_steps: list[StepEvent] = []
         self.global_args = self._global_args(df)
@@ -283,12 +287,14 @@ class Builder:
 
     def _from(self, stage: Stage, base: str, states: dict[int, _State], label: str) -> _State:
         inst = stage.from_instruction
+        want = None
         if inst is not None and "platform" in inst.flags:
             env = {k: v for k, v in self.global_args.items() if v is not None}
-            want = self._expand(inst.flags["platform"], env, inst, set())
+            want = self._expand(inst.flags["platform"], env, inst, set()).rstrip("/")
             here = "linux/" + GOARCH.get(platform.machine(), platform.machine())
-            if want.rstrip("/") not in (here, "$BUILDPLATFORM", "$TARGETPLATFORM") \
-                    and not want.startswith(here + "/"):
+            if want in ("$BUILDPLATFORM", "$TARGETPLATFORM"):
+                want = None
+            elif want != here and not want.startswith(here + "/"):
                 raise DockerfileError(f"FROM --platform={want}: this builder builds for "
                                       f"{here} only", inst.line, self.df.path)
         if base == "scratch":
@@ -298,18 +304,24 @@ class Builder:
             prev = states[dep.index]
             return _State(label, prev.layer, prev.layer, json.loads(json.dumps(prev.config)),
                           list(prev.history), dict(prev.environ), {})
-        try:
-            layer = self.layers.resolve(base)
-        except NotFound:
-            raise NotFound(f"{self.df.path}:{stage.line}: FROM {base}: no stage, tag or "
-                           "layer of that name (images from registries are not supported "
-                           "yet)") from None
-        stored = image_config.load(self.store, layer)
+        if is_reference(base):
+            layer, stored = self._pull(base, f"{self.df.path}:{stage.line}: FROM {base}",
+                                       want)
+        else:
+            try:
+                layer = self.layers.resolve(base)
+            except NotFound:
+                raise NotFound(f"{self.df.path}:{stage.line}: FROM {base}: no stage, tag or "
+                               "layer of that name (an image in a registry is named with "
+                               "its host: REGISTRY/REPO[:TAG|@DIGEST])") from None
+            stored = image_config.load(self.store, layer)
         config: dict = {}
         history: list[dict] = []
         if stored is not None:
             doc = image_config.parse(stored)
             config = doc.get("config") or {}
+            if not isinstance(config, dict):
+                config = {}
             history = [h for h in doc.get("history") or [] if isinstance(h, dict)]
         chain = self.layers.chain(layer)
         if sum(1 for h in history if not h.get("empty_layer")) != len(chain):
@@ -317,6 +329,20 @@ class Builder:
                        for lid in reversed(chain)]
         return _State(label, layer, layer, config, history,
                       _env_dict(config.get("Env")), {})
+
+    def _pull(self, ref: str, where: str, want: str | None = None) -> tuple[bytes, bytes]:
+        """(top layer, config) of the registry image `ref`, pulled into the store; an
+        error names `where` (the Dockerfile line)."""
+        pulled = self._pulled.get((ref, want))
+        if pulled is not None:
+            return pulled
+        try:
+            base = pull_base(self.layers, ref, platform=want, options=self.registry)
+        except PylayersError as e:
+            e.args = (f"{where}: {e}",)
+            raise
+        self._pulled[(ref, want)] = base.layer, base.config
+        return base.layer, base.config
 
     def _vars(self, state: _State) -> dict[str, str]:
         """What substitution sees: the stage's ARGs with values, then ENV over them."""
@@ -573,6 +599,8 @@ class Builder:
                 raise DockerfileError(f"COPY --from={ref}: that stage has no files",
                                       inst.line, self.df.path)
             return state.layer
+        if is_reference(ref):
+            return self._pull(ref, f"{self.df.path}:{inst.line}: COPY --from={ref}")[0]
         try:
             return self.layers.resolve(ref)
         except NotFound:

@@ -6,10 +6,12 @@ import sys
 
 import click
 
+from ..build.bases import RegistryOptions
 from ..build.builder import Builder, StepEvent
 from ..errors import UsageError
 from ..layers.catalog import history as layer_history
 from .app import cli, emit_json, human, open_layers, ref_param, tag_param, warn
+from .registry import registry_options
 
 
 def _build_args(values: tuple[str, ...]) -> dict[str, str]:
@@ -98,20 +100,24 @@ class _Printer:
                    "creation time (default: $SOURCE_DATE_EPOCH, else 0 and none).")
 @click.option("--json", "as_json", is_flag=True,
               help="One JSON document on stdout (docs/cli.md); step lines go to stderr.")
+@registry_options
 @click.pass_context
 def build(ctx: click.Context, context: str, dockerfile: str | None, tags: tuple[str, ...],
           target: str | None, build_args: tuple[str, ...], no_cache: bool, explain: bool,
-          driver: str | None, source_date_epoch: int | None, as_json: bool) -> None:
+          driver: str | None, source_date_epoch: int | None, as_json: bool,
+          insecure: bool, user: str | None, ca_file: str | None) -> None:
     """Build the Dockerfile in CONTEXT: one layer per RUN, COPY, ADD (and WORKDIR of a
     new directory), each CACHED when its key is known. Prints each step, and the final
-    layer's id last."""
+    layer's id last. FROM REGISTRY/REPO[:TAG|@DIGEST] pulls the base first (the registry
+    options are pull's)."""
     if source_date_epoch is not None and source_date_epoch < 0:
         raise UsageError("--source-date-epoch must not be negative")
     printer = _Printer(sys.stderr if as_json else sys.stdout, explain)
     args = _build_args(build_args)
     with open_layers(ctx) as layers:
         builder = Builder(layers, driver=driver, on_event=printer.event,
-                          on_output=printer.output)
+                          on_output=printer.output,
+                          registry=RegistryOptions(insecure, ca_file, user))
         res = builder.build(context, dockerfile, tags=tags, target=target, build_args=args,
                             no_cache=no_cache, explain=explain,
                             source_date_epoch=source_date_epoch)

@@ -16,7 +16,7 @@ from .app import Size, cli, emit_json, human, open_layers, ref_param, tag_param
 from .progress import LINES, Progress, mode_of, progress_options
 
 
-def _registry_options(f):
+def registry_options(f):
     f = click.option("--ca-file", type=click.Path(dir_okay=False), envvar="PYLAYERS_REGISTRY_CA",
                      help="Trust this CA certificate (PEM) for the registry's TLS "
                           "(default: $PYLAYERS_REGISTRY_CA).")(f)
@@ -72,7 +72,7 @@ class _Stages:
 @cli.command()
 @click.argument("ref", callback=ref_param)
 @click.argument("dest")
-@_registry_options
+@registry_options
 @click.option("--compression", type=click.Choice(["none", "gzip", "zstd"]),
               default="gzip", show_default=True)
 @click.option("--source-date-epoch", type=int, envvar="SOURCE_DATE_EPOCH",
@@ -124,7 +124,7 @@ def push(ctx: click.Context, ref: str, dest: str, insecure: bool, user: str | No
 @cli.command()
 @click.argument("source")
 @click.option("-t", "--tag", callback=tag_param, help="Tag the top layer.")
-@_registry_options
+@registry_options
 @click.option("--platform", metavar="OS/ARCH[/VARIANT]",
               help="From an index, the image for this platform (default: this machine's).")
 @click.option("--max-layer-size", type=Size(), default=f"{DEFAULT_MAX_LAYER_SIZE >> 30}G",
