@@ -140,7 +140,9 @@ class _SparseWriter:
     def _write(self, view: memoryview) -> None:
         _write_all(self.fd, view)
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
+        if not isinstance(data, bytes):
+            data = bytes(data)
         # most chunks are not all zeros, and show it in their first or last byte
         all_zero = (not data or not data[0] and not data[-1]) and data.count(0) == len(data)
         view = memoryview(data)
@@ -176,7 +178,7 @@ def write_file(path: bytes, e: Entry, read_chunk: Callable[[bytes], bytes]) -> N
     write_file_from(path, e, (read_chunk(cid) for cid, _length in e.chunk_list()))
 
 
-def write_file_from(path: bytes, e: Entry, chunks: Iterable[bytes],
+def write_file_from(path: bytes, e: Entry, chunks: Iterable[bytes | memoryview],
                     dir_fd: int | None = None) -> None:
     """Create the regular file `path` (relative to the directory open at `dir_fd`, if
     given) from the bytes of its chunks, then its metadata."""
@@ -190,6 +192,8 @@ def write_file_from(path: bytes, e: Entry, chunks: Iterable[bytes],
         block = max(st.st_blksize, 512)
         if e.chunk_count() == 1:  # most files: one chunk, and often nothing to skip
             (data,) = chunks
+            if not isinstance(data, bytes):
+                data = bytes(data)
             if _dense(data, block):
                 _write_all(fd, memoryview(data))
                 _fd_metadata(path, e, fd, st)

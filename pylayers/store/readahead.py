@@ -1,11 +1,17 @@
 """Reading a known sequence of chunks with a thread working ahead of the reader.
 
 A checkout knows every chunk it will read, in order, before it writes the first file.
-`read_ahead` looks them up, reads and decompresses their frames and verifies each chunk
-against its id on a background thread (zstd, BLAKE3 and pread release the GIL), while
-the caller writes what is already done. The thread stays at most `ahead_bytes` of
-chunk data in front; an error (a missing or damaged chunk) reaches the caller at the
-chunk it concerns, in order, never earlier.
+`read_ahead` looks them up (a few thousand per read transaction), reads and
+decompresses each frame once for the run of chunks it holds, and verifies every chunk
+against its id, on a background thread (pread, zstd and BLAKE3 release the GIL) while
+the caller writes what is already done. The thread stays at most `ahead_bytes` of chunk
+data in front; an error (a missing or damaged chunk) reaches the caller at the chunk it
+concerns, in order, never earlier.
+
+Because the whole sequence is known, a chunk that comes again later (the same file at
+two paths, or the same bytes in two files) is kept, verified, until its last use, up to
+`KEEP_BYTES`: otherwise its frame, long gone from the frame cache, would be read and
+decompressed again for it (a third more frames on a pip-built env).
 """
 
 from __future__ import annotations
@@ -15,17 +21,26 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
+import blake3
+
+from ..errors import CorruptData
+
 if TYPE_CHECKING:
     from .repository import Store
 
 _BATCH_BYTES = 4 << 20  # chunks handed over together, to keep queue operations few
+_LOOKUP = 4096  # chunk ids looked up per read transaction
+KEEP_BYTES = 64 << 20  # chunks read again later, kept verified meanwhile
+_SCRATCH_BYTES = 8 << 20  # the decompression buffer: a frame holds 4 MiB and one chunk more
 _DONE = object()
+
 
 
 def read_ahead(store: Store, cids: Iterable[bytes],
                ahead_bytes: int = 64 << 20) -> Iterator[bytes]:
     """The bytes of each chunk of `cids`, in order, each verified against its id.
     Closing the iterator early stops the thread."""
+    ids = cids if isinstance(cids, list) else list(cids)
     batches: queue.Queue = queue.Queue(maxsize=max(1, ahead_bytes // _BATCH_BYTES))
     stop = threading.Event()
 
@@ -39,22 +54,12 @@ def read_ahead(store: Store, cids: Iterable[bytes],
         return False
 
     def work() -> None:
-        batch: list[bytes] = []
-        size = 0
         try:
-            for cid in cids:
-                batch.append(store.read_chunk(cid))
-                size += len(batch[-1])
-                if size >= _BATCH_BYTES:
-                    if not put(batch):
-                        return
-                    batch, size = [], 0
-            if batch and not put(batch):
-                return
+            for batch in _batches(store, ids):
+                if not put(batch):
+                    return
             put(_DONE)
         except Exception as e:  # handed to the reader at this point of the sequence
-            if batch and not put(batch):
-                return
             put(e)
 
     thread = threading.Thread(target=work, name="pylayers-read-ahead", daemon=True)
@@ -70,3 +75,75 @@ def read_ahead(store: Store, cids: Iterable[bytes],
     finally:
         stop.set()
         thread.join()
+
+
+def _batches(store: Store, ids: list[bytes]) -> Iterator[list[bytes]]:
+    """The verified chunks of `ids` in order, in lists of about _BATCH_BYTES. On an
+    error, the chunks before the bad one are given first, then the exception."""
+    batch: list[bytes] = []
+    size = 0
+    try:
+        for data in verified_chunks(store, ids):
+            if not isinstance(data, bytes):
+                data = data.tobytes()
+            batch.append(data)
+            size += len(data)
+            if size >= _BATCH_BYTES:
+                yield batch
+                batch, size = [], 0
+    except Exception:
+        yield batch
+        raise
+    if batch:
+        yield batch
+
+
+def verified_chunks(store: Store, ids: list[bytes]) -> Iterator[bytes | memoryview]:
+    """The chunks of `ids`, in order, each verified against its id: bytes, or a view
+    good until the next one is asked for (copy what is kept). Each frame is read and
+    decompressed once for the run of chunks it holds, into one reused buffer; a chunk
+    that comes again later is kept until its last use (up to KEEP_BYTES). Raises
+    CorruptData at the first missing or damaged chunk."""
+    last = {cid: i for i, cid in enumerate(ids)}  # each id's last position
+    kept: dict[bytes, bytes] = {}
+    kept_bytes = 0
+    frame_into = store.reader.frame_into
+    scratch = bytearray(_SCRATCH_BYTES)  # each frame is decompressed into it
+    hasher = blake3.blake3
+    frame_key: tuple[str, int] | None = None
+    frame = memoryview(b"")
+    i = -1
+    for base in range(0, len(ids), _LOOKUP):
+        window = ids[base : base + _LOOKUP]
+        with store.read() as t:
+            get = t.chunks.get
+            locs = [get(cid) for cid in window]
+        for cid, loc in zip(window, locs, strict=True):
+            i += 1
+            if kept and cid in kept:
+                data = kept[cid]
+                if last[cid] == i:
+                    del kept[cid]
+                    kept_bytes -= len(data)
+                yield data
+                continue
+            if loc is None:
+                raise CorruptData(f"chunk {cid.hex()} is missing from the store")
+            pack, offset, _frame_len, start, length, _delta = loc
+            if (pack, offset) != frame_key:
+                frame_key = None
+                frame = frame_into(loc, scratch)
+                frame_key = (pack, offset)
+            end = start + length
+            if end > len(frame):
+                raise CorruptData(f"pack {pack}: chunk lies outside its frame")
+            view = frame[start:end]
+            if hasher(view).digest() != cid:
+                raise CorruptData(f"chunk {cid.hex()} is damaged (pack {pack}, offset "
+                                  f"{offset}): its bytes do not match its id")
+            if last[cid] != i and kept_bytes + length <= KEEP_BYTES:
+                data = kept[cid] = view.tobytes()
+                kept_bytes += length
+                yield data
+            else:
+                yield view
