@@ -196,3 +196,187 @@ void pl_free(void *p)
 {
     free(p);
 }
+
+/* -- walk caches: a new walk against the records kept from the last one ------------ */
+
+#define OFF_MODE 0
+#define OFF_RESERVED 12
+#define OFF_NLINK 16
+#define OFF_SIZE 24
+#define FIXED (RECORD_FIXED - 2)
+
+static uint64_t get_u64(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+static uint32_t get_u32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
+/* The offsets of a buffer's records, and the count; -EINVAL when malformed. */
+static int64_t index_records(const uint8_t *buf, size_t len, size_t **offs)
+{
+    size_t n = 0, cap = 1024, pos = 0;
+    size_t *o = malloc(cap * sizeof *o);
+    if (!o)
+        return -ENOMEM;
+    while (pos < len) {
+        if (len - pos < 2) { free(o); return -EINVAL; }
+        size_t plen = (size_t)buf[pos] | ((size_t)buf[pos + 1] << 8);
+        if (len - pos - 2 < plen + FIXED) { free(o); return -EINVAL; }
+        if (n == cap) {
+            size_t *bigger = realloc(o, 2 * cap * sizeof *o);
+            if (!bigger) { free(o); return -ENOMEM; }
+            o = bigger;
+            cap *= 2;
+        }
+        o[n++] = pos;
+        pos += 2 + plen + FIXED;
+    }
+    *offs = o;
+    return (int64_t)n;
+}
+
+/* Component order: bytewise, '/' before every other byte. */
+static int cmp_paths(const uint8_t *a, size_t la, const uint8_t *b, size_t lb)
+{
+    size_t n = la < lb ? la : lb;
+    for (size_t i = 0; i < n; i++) {
+        unsigned ca = a[i] == '/' ? 0 : a[i], cb = b[i] == '/' ? 0 : b[i];
+        if (ca != cb)
+            return ca < cb ? -1 : 1;
+    }
+    return la < lb ? -1 : la > lb;
+}
+
+/* Whether `p` (length lp) lies under the directory path `d` (length ld). */
+static int under(const uint8_t *p, size_t lp, const uint8_t *d, size_t ld)
+{
+    if (ld == 0)
+        return lp > 0;
+    return lp > ld && p[ld] == '/' && memcmp(p, d, ld) == 0;
+}
+
+#define PLEN(buf, off) ((size_t)(buf)[off] | ((size_t)(buf)[(off) + 1] << 8))
+
+int64_t pl_walk_compare(const uint8_t *old, size_t old_len, const uint8_t *new_, size_t new_len,
+                        uint8_t *match, size_t match_cap, int64_t *events, size_t events_cap,
+                        uint64_t *totals)
+{
+    size_t *oo = NULL, *no = NULL;
+    int64_t on = index_records(old, old_len, &oo);
+    if (on < 0)
+        return on;
+    int64_t nn = index_records(new_, new_len, &no);
+    if (nn < 0) { free(oo); return nn; }
+    if ((size_t)nn > match_cap) { free(oo); free(no); return -EINVAL; }
+    size_t i = 0, j = 0, ne = 0;
+    uint64_t files = 0, bytes = 0, hits = 0, hit_bytes = 0;
+    int64_t rc = 0;
+#define EVENT(a, b) do { \
+        if (ne + 1 > events_cap) { rc = -ENOSPC; goto out; } \
+        events[4 * ne] = (a) < 0 ? -1 : (int64_t)(a); \
+        events[4 * ne + 1] = (a) < 0 ? -1 : (int64_t)no[(a)]; \
+        events[4 * ne + 2] = (b) < 0 ? -1 : (int64_t)(b); \
+        events[4 * ne + 3] = (b) < 0 ? -1 : (int64_t)oo[(b)]; \
+        ne++; } while (0)
+    while (i < (size_t)nn || j < (size_t)on) {
+        int c;
+        const uint8_t *np = NULL, *op = NULL;
+        size_t nl = 0, ol = 0;
+        if (i < (size_t)nn) { nl = PLEN(new_, no[i]); np = new_ + no[i] + 2; }
+        if (j < (size_t)on) { ol = PLEN(old, oo[j]); op = old + oo[j] + 2; }
+        if (i >= (size_t)nn)
+            c = 1;
+        else if (j >= (size_t)on)
+            c = -1;
+        else
+            c = cmp_paths(np, nl, op, ol);
+        if (c > 0) {
+            /* gone: a whiteout, and nothing for what was under it */
+            EVENT(-1, (int64_t)j);
+            uint32_t mode = get_u32(op + ol + OFF_MODE);
+            size_t k = j + 1;
+            if (S_ISDIR(mode))
+                while (k < (size_t)on && under(old + oo[k] + 2, PLEN(old, oo[k]), op, ol))
+                    k++;
+            j = k;
+            continue;
+        }
+        const uint8_t *nf = np + nl;
+        uint32_t nmode = get_u32(nf + OFF_MODE);
+        if (S_ISREG(nmode)) {
+            files++;
+            bytes += get_u64(nf + OFF_SIZE);
+        }
+        if (c < 0) {
+            match[i] = 0;
+            EVENT((int64_t)i, -1);
+            i++;
+            continue;
+        }
+        const uint8_t *of = op + ol;
+        uint32_t omode = get_u32(of + OFF_MODE);
+        int same = get_u32(of + OFF_RESERVED) == 0
+                   && memcmp(nf, of, OFF_RESERVED) == 0
+                   && memcmp(nf + OFF_NLINK, of + OFF_NLINK, FIXED - OFF_NLINK) == 0
+                   && (S_ISDIR(nmode) || get_u64(nf + OFF_NLINK) == 1);
+        match[i] = (uint8_t)same;
+        if (same) {
+            if (S_ISREG(nmode)) {
+                hits++;
+                hit_bytes += get_u64(nf + OFF_SIZE);
+            }
+        } else {
+            EVENT((int64_t)i, (int64_t)j);
+        }
+        i++;
+        j++;
+        if (S_ISDIR(omode) && !S_ISDIR(nmode))
+            /* a directory replaced: what was under it goes with it, no whiteouts */
+            while (j < (size_t)on && under(old + oo[j] + 2, PLEN(old, oo[j]), op, ol))
+                j++;
+    }
+#undef EVENT
+    totals[0] = (uint64_t)nn;
+    totals[1] = files;
+    totals[2] = bytes;
+    totals[3] = hits;
+    totals[4] = hit_bytes;
+    rc = (int64_t)ne;
+out:
+    free(oo);
+    free(no);
+    return rc;
+}
+
+int64_t pl_walk_keep(const uint8_t *buf, size_t len, const uint8_t *flags, size_t nflags,
+                     uint8_t *out, size_t out_cap)
+{
+    size_t pos = 0, n = 0, w = 0;
+    while (pos < len) {
+        if (len - pos < 2)
+            return -EINVAL;
+        size_t plen = PLEN(buf, pos);
+        size_t rec = 2 + plen + FIXED;
+        if (len - pos < rec || n >= nflags)
+            return -EINVAL;
+        if (flags[n]) {
+            if (out_cap - w < rec)
+                return -ENOSPC;
+            memcpy(out + w, buf + pos, rec);
+            put_u32(out + w + 2 + plen + OFF_RESERVED, flags[n] == 1 ? 0 : 1);
+            w += rec;
+        }
+        n++;
+        pos += rec;
+    }
+    if (n != nflags)
+        return -EINVAL;
+    return (int64_t)w;
+}

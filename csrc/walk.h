@@ -35,6 +35,33 @@ int pl_walk(const char *root, uint8_t **out, size_t *len, int64_t *max_ctime);
  * then reads xattrs only where marked, in one C loop instead of a call per entry. */
 int64_t pl_xattr_marks(const char *root, const uint8_t *buf, size_t len, uint8_t *marks,
                        size_t cap);
+/* Walk caches (docs/format.md, "Walk caches"): the records a snapshot kept from its
+ * walk, each record's reserved u32 set to 1 when it is not to be trusted.
+ *
+ * pl_walk_compare(old, old_len, new, new_len, match, match_cap, events, events_cap,
+ * totals) merges two record buffers of one tree (both in component order: bytewise,
+ * '/' before every other byte, as pl_walk emits them) by path. For each new record i,
+ * match[i] = 1 when the old buffer has a record of the same path with every field
+ * equal but the reserved one, that old record is trusted (reserved 0), and the entry
+ * is a directory or has one link; else 0. It writes the differences as events, four
+ * int64 each (new index, new offset, old index, old offset; -1 for none), in path
+ * order: a new record that does not match (changed: both set; added: old -1), and an
+ * old path that is gone (new -1), except under a directory that is gone or replaced
+ * by a non-directory (what a diff of the two trees needs: one whiteout for the
+ * directory, or none). totals[0..4]: new records, regular files among them, their
+ * bytes, matched regular files, their bytes. Returns the number of events, or -EINVAL
+ * (malformed buffer, more than match_cap new records), -ENOSPC (more than events_cap
+ * events), -ENOMEM. */
+int64_t pl_walk_compare(const uint8_t *old, size_t old_len, const uint8_t *new_, size_t new_len,
+                        uint8_t *match, size_t match_cap, int64_t *events, size_t events_cap,
+                        uint64_t *totals);
+
+/* pl_walk_keep(buf, len, flags, nflags, out, out_cap): the records of `buf` whose flag
+ * is not 0, copied to `out` with the reserved u32 set to 0 (flag 1: trusted) or 1 (any
+ * other flag); one flag per record. Returns the bytes written, or -EINVAL (malformed,
+ * or not one flag per record), -ENOSPC. */
+int64_t pl_walk_keep(const uint8_t *buf, size_t len, const uint8_t *flags, size_t nflags,
+                     uint8_t *out, size_t out_cap);
 void pl_free(void *p);
 
 #endif

@@ -5,11 +5,12 @@ Nothing else in the package touches the cffi module directly.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from .errors import InvalidArgument
+from .errors import CorruptData, InvalidArgument
 
 try:
     from ._native_c import ffi, lib  # type: ignore[import-not-found]
@@ -19,8 +20,8 @@ except ImportError as e:  # pragma: no cover - only on a broken install
         f"({e})"
     ) from e
 
-__all__ = ["ffi", "lib", "new_params", "new_state", "gear", "walk", "walk_records",
-           "write_file", "xattr_marks", "WRITE_OWNER"]
+__all__ = ["ffi", "lib", "new_params", "new_state", "gear", "walk", "walk_compare",
+           "walk_keep", "walk_records", "write_file", "xattr_marks", "WRITE_OWNER"]
 
 # the fixed part of a walk record (csrc/walk.h): u16 path length + 4 u32 + 7 u64
 WALK_RECORD_FIXED = 2 + 4 * 4 + 8 * 7
@@ -83,6 +84,40 @@ def xattr_marks(root: str | bytes, records: memoryview | bytes) -> bytes:
     if n < 0:
         raise OSError(-n, os.strerror(-n), os.fsdecode(path))
     return bytes(ffi.buffer(marks, n))
+
+
+def walk_compare(old: bytes | memoryview, new: bytes | memoryview
+                 ) -> tuple[bytes, list[tuple[int, int, int, int]], tuple[int, ...]]:
+    """A new walk's records against those a walk cache kept (csrc/walk.h,
+    pl_walk_compare): (one match byte per new record, the events as (new index, new
+    offset, old index, old offset) with -1 for none, (new records, regular files, their
+    bytes, matched files, their bytes)). Raises CorruptData for a malformed buffer."""
+    cap = len(new) // WALK_RECORD_FIXED + 1
+    ecap = cap + len(old) // WALK_RECORD_FIXED + 1
+    match = ffi.new("uint8_t[]", cap)
+    events = ffi.new("int64_t[]", 4 * ecap)
+    totals = ffi.new("uint64_t[5]")
+    n = lib.pl_walk_compare(ffi.from_buffer(old), len(old), ffi.from_buffer(new), len(new),
+                            match, cap, events, ecap, totals)
+    if n < 0:
+        if n == -errno.ENOMEM:
+            raise MemoryError("walk cache comparison")
+        raise CorruptData("walk cache: malformed records")
+    flat = ffi.unpack(events, 4 * n)
+    out = [(flat[k], flat[k + 1], flat[k + 2], flat[k + 3]) for k in range(0, 4 * n, 4)]
+    count = int(totals[0])
+    return bytes(ffi.buffer(match, count)), out, tuple(int(totals[k]) for k in range(5))
+
+
+def walk_keep(records: bytes | memoryview, flags: bytes | bytearray) -> bytes:
+    """The records whose flag is set, their reserved field 0 for flag 1 (trusted) and
+    1 for any other (csrc/walk.h, pl_walk_keep)."""
+    out = ffi.new("uint8_t[]", max(len(records), 1))
+    n = lib.pl_walk_keep(ffi.from_buffer(records), len(records), ffi.from_buffer(flags),
+                         len(flags), out, len(records))
+    if n < 0:
+        raise CorruptData("walk cache: records and flags do not agree")
+    return bytes(ffi.buffer(out, n))
 
 
 WRITE_OWNER = 3  # pl_write_file's step number for the owner (csrc/writefile.h)

@@ -1,4 +1,4 @@
-"""The index's size: the stat cache's compact values, and compaction of the LMDB file
+"""The index's size: the walk cache's compact values, and compaction of the LMDB file
 (free pages dropped by rewriting it), including processes killed while compacting and
 compaction beside concurrent snapshots."""
 
@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -16,8 +15,7 @@ from pathlib import Path
 import lmdb
 import pytest
 
-import pylayers
-from pylayers.layers.statcache import decode_statcache, encode_statcache
+from pylayers.layers.repo import Layers
 from pylayers.store import index
 from pylayers.store.index import COMPACT_DIR
 from pylayers.store.repository import Store
@@ -92,79 +90,53 @@ def data_mdb(store_path: Path) -> Path:
     return store_path / "index" / "data.mdb"
 
 
-# -- the stat cache's values -------------------------------------------------------------
+# -- the walk cache ---------------------------------------------------------------------
 
-def test_statcache_values_leave_out_the_chunk_list_of_one_chunk_files(tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "small").write_bytes(b"one chunk\n" * 100)
-    (src / "empty").write_bytes(b"")
-    (src / "big").write_bytes(random.Random(1).randbytes(1 << 20))  # several chunks
-    time.sleep(1.1)  # ctimes out of the racy window: entries are written
-    with Store.open(tmp_path / "store") as store:
-        layers = pylayers.Layers(store)
-        first = layers.snapshot(src)
-        inode = {name: struct.pack("<QQ", st.st_dev, st.st_ino)
-                 for name in ("small", "empty", "big")
-                 for st in [os.stat(src / name)]}
-        with store.read() as t:
-            values = {k: t.statcache.get(k) for k in inode.values()}
-        assert len(values[inode["small"]]) == 56
-        assert len(values[inode["empty"]]) == 56
-        big = values[inode["big"]]
-        assert len(big) > 56 and (len(big) - 56) % 36 == 0
-        (src / "new").write_bytes(b"12345")  # the tree changed: no fingerprint shortcut
-        again = layers.snapshot(src, parent=first.layer_id)
-        assert again.stats.cache_hits == 3 and again.stats.bytes_read == 5
-        assert [e.path for e in layers.entries(again.layer_id)] == [b"", b"new"]
-        # what the cache gave back is what reading gave: the tree's manifests agree
-        for e in layers.tree(again.layer_id):
-            if e.path == b"small":
-                assert e.chunk_list() == [(e.content, e.size)]
-            if e.path == b"empty":
-                assert e.chunk_list() == []
+def tiny_tree(root: Path, n: int, seed: int = 5) -> Path:
+    """`n` files of 32-256 bytes, 100 a directory (a node_modules-like shape)."""
+    rnd = random.Random(seed)
+    for i in range(n):
+        d = root / f"d{i // 100:03}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i % 100:02}.js").write_bytes(rnd.randbytes(rnd.randint(16, 128)).hex()
+                                              .encode()[: rnd.randint(32, 256)])
+    return root
 
 
-def test_statcache_round_trip_and_rejected_lengths() -> None:
-    content = bytes(range(32))
-    one = struct.pack("<32sI", content, 700)
-    assert decode_statcache(encode_statcache(700, 5, 6, content, one)) == (
-        700, 5, 6, content, one)
-    two = struct.pack("<32sI", b"a" * 32, 300) + struct.pack("<32sI", b"b" * 32, 400)
-    assert decode_statcache(encode_statcache(700, -5, 6, content, two)) == (
-        700, -5, 6, content, two)
-    assert decode_statcache(encode_statcache(0, 1, 2, b"\0" * 32, b"")) == (
-        0, 1, 2, b"\0" * 32, b"")
-    # values of any other length never decode (80 + 36n bytes: dev and ino first)
-    old = struct.pack("<QQQqq32s", 1, 2, 700, 5, 6, content) + one
-    assert decode_statcache(old) is None
-    assert decode_statcache(old[:-36]) is None
-    assert decode_statcache(b"x" * 55) is None
-
-
-def test_a_malformed_entry_is_a_miss_and_is_replaced(tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "f").write_bytes(b"data\n" * 1000)
+def test_the_walk_cache_costs_a_few_bytes_a_file(tmp_path: Path) -> None:
+    """One compressed value per snapshotted directory, instead of a stat-cache entry
+    per file (56-92 bytes of value, 16 of key, and LMDB's node and page overhead)."""
+    src = tiny_tree(tmp_path / "src", 5000)
     time.sleep(1.1)
     with Store.open(tmp_path / "store") as store:
-        layers = pylayers.Layers(store)
+        Layers(store).snapshot(src)
+        with store.read() as t:
+            [(key, _lid)] = list(t.walkcache.layer_ids())
+            value = t.walkcache.get(key)
+    assert len(value) / 5000 <= 32, len(value) / 5000  # bytes a file (11-20 measured)
+
+
+def test_a_resnapshot_reads_only_what_changed(tmp_path: Path) -> None:
+    src = tiny_tree(tmp_path / "src", 500)
+    (src / "big").write_bytes(random.Random(1).randbytes(1 << 20))  # several chunks
+    time.sleep(1.1)  # ctimes out of the racy window: the records are trusted
+    with Store.open(tmp_path / "store") as store:
+        layers = Layers(store)
         first = layers.snapshot(src)
-        st = os.stat(src / "f")
-        key = struct.pack("<QQ", st.st_dev, st.st_ino)
-        with store.read() as t:
-            value = t.statcache.get(key)
-        size, mtime, ctime, content, chunks = decode_statcache(value)
-        # a value of another layout, claiming other content: it must not be believed
-        with store.write() as t:
-            t.statcache.put(key, struct.pack("<QQQqq32s", st.st_dev, st.st_ino, size,
-                                             mtime, ctime, b"\xee" * 32) + chunks)
-        (src / "new").write_bytes(b"12345")  # the tree changed: no fingerprint shortcut
+        f = src / "d001" / "f07.js"
+        st = f.stat()
+        f.write_bytes(bytes(reversed(f.read_bytes())))  # same size, mtime put back
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+        (src / "new").write_bytes(b"12345")
         again = layers.snapshot(src, parent=first.layer_id)
-        assert again.stats.cache_hits == 0 and again.stats.bytes_read == size + 5
-        assert [e.path for e in layers.entries(again.layer_id)] == [b"", b"new"]
-        with store.read() as t:
-            assert t.statcache.get(key) == value
+        assert again.stats.bytes_read == st.st_size + 5
+        assert again.stats.cache_hits == 500  # 499 small files and big
+        assert [e.path for e in layers.entries(again.layer_id)] == [
+            b"", b"d001/f07.js", b"new"]  # the root: its mtime moved
+        # what the cache kept is what reading gives: the same tree as a fresh store's
+        with Store.open(tmp_path / "fresh") as other:
+            fresh = Layers(other).snapshot(src)
+            assert Layers(other).tree(fresh.layer_id) == layers.tree(again.layer_id)
 
 
 # -- compaction ------------------------------------------------------------------------

@@ -183,7 +183,7 @@ assert s.readonly
 print("open", flush=True)
 sys.stdin.readline()
 with s.read() as t:
-    print(t.statcache.count(), flush=True)
+    print(t.walkcache.count(), flush=True)
 """, str(store)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, cwd=world)
     try:
@@ -193,7 +193,7 @@ import os, sys
 from pylayers import Store
 with Store.open(sys.argv[1], create=False) as s, s.write() as t:
     for i in range(3000):
-        t.statcache.put(i.to_bytes(16, "little"), os.urandom(10000))
+        t.walkcache.put(i.to_bytes(32, "little"), os.urandom(10000))
 """, str(store)], capture_output=True, text=True, cwd=world, timeout=120)
         assert grow.returncode == 0, grow.stderr
         assert (store / "index" / "data.mdb").stat().st_size > 20 << 20

@@ -26,7 +26,6 @@ from pylayers.errors import CorruptData, FailedPrecondition, StoreError
 from pylayers.layers import fingerprint
 from pylayers.layers.manifest import DIR, REG, Entry
 from pylayers.layers.repo import Layers
-from pylayers.layers.statcache import decode_statcache, inode_key
 from pylayers.mounts import Snapshotter
 from pylayers.mounts.snapshotter import Kind
 from pylayers.store import packs
@@ -120,32 +119,45 @@ def test_prefix_lookup_is_a_cursor_range(tmp_path: Path) -> None:
         assert t.layers.count() == 0
 
 
-# -- item 9: a stat-cache entry that lies ---------------------------------------------
+# -- item 9: a walk-cache entry that lies ----------------------------------------------
 
 
-def test_a_flipped_stat_cache_byte_never_names_a_missing_chunk(tmp_path: Path) -> None:
-    """A bit flipped in a stat-cache value's chunk id: the next snapshot must not commit
-    a layer naming a chunk the index lacks; it reads the file again."""
+@pytest.mark.parametrize("damage", ["flip", "truncate", "other-layer"])
+def test_a_damaged_walk_cache_is_a_miss(tmp_path: Path, damage: str) -> None:
+    """A walk cache whose bytes are damaged, or that names another layer than the one
+    whose tree it describes, must never make a snapshot keep what it did not read: the
+    file is read again, and the layer is the tree on disk."""
     src = files(tmp_path / "src", {"one": b"a single chunk\n" * 50, "other": b"x" * 999})
-    time.sleep(1.1)  # ctimes out of the racy window: entries are recorded
+    time.sleep(1.1)  # ctimes out of the racy window: the records are trusted
     store = tmp_path / "store"
     first = ok(run_cli(store, "snapshot", str(src))).split()[-1]
+    (src / "one").write_bytes(b"A single chunk\n" * 50)  # same size
+    os.utime(src / "one", ns=(0, os.stat(src / "other").st_mtime_ns))
     with Store.open(store) as s:
-        key = inode_key(*(lambda st: (st.st_dev, st.st_ino))(os.stat(src / "one")))
+        [(key, value)] = [(k, v) for k, v in _walkcache_items(s)]
+        value = bytearray(value)
+        if damage == "flip":
+            value[40] ^= 0x10  # in the compressed records
+        elif damage == "truncate":
+            del value[-5:]
+        else:  # a walk cache that names a layer whose tree is not what it recorded
+            empty = Layers(s).snapshot(files(tmp_path / "empty", {}))
+            value[:32] = empty.layer_id
         with s.write() as t:
-            value = bytearray(t.statcache.get(key))
-            assert decode_statcache(bytes(value)) is not None
-            value[24 + 5] ^= 0x10  # in the content id, which is the one chunk's id
-            t.statcache.put(key, bytes(value))
+            t.walkcache.put(key, bytes(value))
     (src / "new").write_bytes(b"defeats the tree fingerprint")
     proc = run_cli(store, "snapshot", "--parent", first, str(src))
     second = ok(proc).split()[-1]
-    # `one` (750 bytes) read again, `new` (28) read, `other` still from the cache
-    assert "read 778 B" in proc.stderr, proc.stderr
     ok(run_cli(store, "fsck"))
     out = tmp_path / "out"
     ok(run_cli(store, "checkout", second, str(out)))
-    assert (out / "one").read_bytes() == (src / "one").read_bytes()
+    for name in ("one", "other", "new"):
+        assert (out / name).read_bytes() == (src / name).read_bytes()
+
+
+def _walkcache_items(s: Store) -> list[tuple[bytes, bytes]]:
+    with s.read() as t:
+        return [(k, bytes(t.walkcache.get(k))) for k, _lid in t.walkcache.layer_ids()]
 
 
 def test_commit_refuses_a_layer_naming_an_unindexed_chunk(tmp_path: Path) -> None:
@@ -180,7 +192,7 @@ def test_fsck_reports_a_child_the_index_does_not_know(tmp_path: Path) -> None:
 # -- ephemeral trees ---------------------------------------------------------------------
 
 
-def test_copy_driver_commit_leaves_no_stat_cache_entries_or_fingerprints(
+def test_copy_driver_commit_leaves_no_walk_cache_or_fingerprints(
         tmp_path: Path) -> None:
     with Store.open(tmp_path / "store") as s:
         layers = Layers(s)
@@ -190,7 +202,7 @@ def test_copy_driver_commit_leaves_no_stat_cache_entries_or_fingerprints(
         time.sleep(1.1)  # old enough that a normal snapshot would record both
         lid = snaps.commit("done", "work")
         with s.read() as t:
-            assert t.statcache.count() == 0
+            assert t.walkcache.count() == 0
             assert t.fingerprints.count() == 0
         assert layers.exists(lid)
         # the same tree snapshotted for real records both (the test can fail)
@@ -199,7 +211,7 @@ def test_copy_driver_commit_leaves_no_stat_cache_entries_or_fingerprints(
         time.sleep(1.1)
         layers.snapshot(out)
         with s.read() as t:
-            assert t.statcache.count() == 20
+            assert t.walkcache.count() == 1
             assert t.fingerprints.count() == 1
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pylayers import Layers, Store
-from pylayers._native import walk_records, xattr_marks
+from pylayers._native import walk_compare, walk_records, xattr_marks
 from pylayers.layers.fingerprint import tree_fingerprint
 
 REC = struct.Struct("<IIIIQQqqQQQ")
@@ -193,7 +193,17 @@ def test_walk_under_address_sanitizer(tmp_path: Path) -> None:
     records, _ = walk_records(str(tree))
     marked = sum(xattr_marks(str(tree), records))
     assert marked >= 1  # make_tree's xattr
-    assert res.stdout.split() == [str(len(records)), str(_checksum(records)), str(marked)]
+    copy = bytearray(records)
+    pos, i = 0, 0
+    while pos < len(copy):  # the driver's mutation: every 7th record's ctime
+        (plen,) = struct.unpack_from("<H", copy, pos)
+        if i % 7 == 3:
+            copy[pos + 2 + plen + 40] ^= 1
+        pos += 2 + plen + REC.size
+        i += 1
+    events = len(walk_compare(records, bytes(copy))[1])
+    assert res.stdout.split() == [str(len(records)), str(_checksum(records)), str(marked),
+                                  str(events)]
 
 
 def test_xattr_marks_say_which_entries_have_xattrs(tmp_path: Path) -> None:
@@ -236,7 +246,7 @@ def test_scan_from_the_walk_equals_the_scan_of_its_own(tmp_path: Path) -> None:
     with Store.open(src / "store") as s:
         def scan(records=None):
             with s.writer() as w:
-                sc = Scanner(s, s.config.chunker, w.put, known=w.has,
+                sc = Scanner(s, s.config.chunker, w.put,
                              exclude=excl.excluded)
                 return sc.scan(src, records), sc.stats.warnings
         plain, warn_plain = scan()
@@ -248,3 +258,118 @@ def test_scan_from_the_walk_equals_the_scan_of_its_own(tmp_path: Path) -> None:
     assert [e.xattrs for e in fast if e.path in (b"kept", b"a/f")] == \
         [((b"user.pylayers-test", b"v"),), ((b"user.k", b"1"),)]
     assert warn_fast == warn_plain and any("the store itself" in w for w in warn_fast)
+
+
+# -- walk caches: pl_walk_compare and pl_walk_keep against a Python reference ------------
+
+def _parse(buf: bytes) -> list[tuple[int, bytes, tuple]]:
+    out, pos = [], 0
+    while pos < len(buf):
+        (plen,) = struct.unpack_from("<H", buf, pos)
+        path = buf[pos + 2 : pos + 2 + plen]
+        out.append((pos, path, REC.unpack_from(buf, pos + 2 + plen)))
+        pos += 2 + plen + REC.size
+    return out
+
+
+def reference_compare(old: bytes, new: bytes):
+    """pl_walk_compare's contract (csrc/walk.h), written plainly."""
+    o, n = _parse(old), _parse(new)
+    key = lambda p: p.replace(b"/", b"\0")  # noqa: E731
+    under = lambda p, d: p != d and (d == b"" or p.startswith(d + b"/"))  # noqa: E731
+    match, events = bytearray(len(n)), []
+    files = nbytes = hits = hit_bytes = 0
+    i = j = 0
+    while i < len(n) or j < len(o):
+        if i >= len(n) or (j < len(o) and key(o[j][1]) < key(n[i][1])):
+            events.append((-1, -1, j, o[j][0]))
+            d, isdir = o[j][1], o[j][2][0] & 0o170000 == 0o040000
+            j += 1
+            while isdir and j < len(o) and under(o[j][1], d):
+                j += 1
+            continue
+        f = n[i][2]
+        if f[0] & 0o170000 == 0o100000:
+            files += 1
+            nbytes += f[5]
+        if j >= len(o) or key(n[i][1]) < key(o[j][1]):
+            events.append((i, n[i][0], -1, -1))
+            i += 1
+            continue
+        g = o[j][2]
+        isdir = f[0] & 0o170000 == 0o040000
+        same = g[3] == 0 and f[:3] == g[:3] and f[4:] == g[4:] and (isdir or f[4] == 1)
+        match[i] = same
+        if same and f[0] & 0o170000 == 0o100000:
+            hits += 1
+            hit_bytes += f[5]
+        if not same:
+            events.append((i, n[i][0], j, o[j][0]))
+        d, was_dir = o[j][1], g[0] & 0o170000 == 0o040000
+        i += 1
+        j += 1
+        if was_dir and not isdir:
+            while j < len(o) and under(o[j][1], d):
+                j += 1
+    return bytes(match), events, (len(n), files, nbytes, hits, hit_bytes)
+
+
+def _random_records(rnd, paths: list[bytes], base: dict | None = None) -> tuple[bytes, dict]:
+    out, fields = [], {}
+    for p in sorted(paths, key=lambda p: p.replace(b"/", b"\0")):
+        is_dir = any(q.startswith(p + b"/") for q in paths) or p == b""
+        if base is not None and p in base and rnd.random() < 0.8 and \
+                (base[p][0] & 0o170000 == 0o040000) == is_dir:
+            f = list(base[p])
+        else:
+            mode = (0o040755 if is_dir else rnd.choice([0o100644, 0o120777, 0o010644]))
+            f = [mode, rnd.choice([0, 1000]), 0, 0, rnd.choice([1, 1, 1, 2]),
+                 rnd.randrange(5000), rnd.randrange(3), rnd.randrange(3), rnd.randrange(9),
+                 1, 0]
+        if base is None:
+            f[3] = rnd.random() < 0.1  # untrusted in the cache
+        else:
+            f[3] = 0
+        fields[p] = tuple(f)
+        out.append(struct.pack("<H", len(p)) + p + REC.pack(*f))
+    return b"".join(out), fields
+
+
+def _random_paths(rnd) -> list[bytes]:
+    names = [b"a", b"a.b", b"b", b"a-", b"z"]
+    paths = {b""}
+    for _ in range(rnd.randrange(1, 25)):
+        parent = rnd.choice(sorted(paths))
+        paths.add((parent + b"/" if parent else b"") + rnd.choice(names))
+    return sorted(paths)
+
+
+def test_walk_compare_is_the_reference() -> None:
+    from pylayers._native import walk_compare, walk_keep
+
+    rnd = __import__("random").Random(11)
+    for _ in range(3000):
+        old_paths = _random_paths(rnd)
+        old, fields = _random_records(rnd, old_paths)
+        keep = set(rnd.sample(old_paths, rnd.randrange(len(old_paths) + 1))) | {b""}
+        new_paths = sorted({p for p in old_paths if p in keep or
+                            any(q.startswith(p + b"/") for q in keep)}
+                           | set(_random_paths(rnd)))
+        new, _ = _random_records(rnd, new_paths, fields)
+        assert walk_compare(old, new) == reference_compare(old, new)
+        flags = bytes(rnd.choice([0, 1, 2]) for _ in _parse(new))
+        kept = walk_keep(new, flags)
+        want = b"".join(struct.pack("<H", len(p)) + p + REC.pack(*f[:3], flag == 2, *f[4:])
+                        for (_o, p, f), flag in zip(_parse(new), flags, strict=True) if flag)
+        assert kept == want
+    # malformed buffers are refused, never read past
+    from pylayers.errors import CorruptData
+
+    good, _ = _random_records(rnd, [b"", b"a"])
+    for bad in (good[:-1], good + b"\0", good[:1]):
+        with pytest.raises(CorruptData):
+            walk_compare(good, bad)
+        with pytest.raises(CorruptData):
+            walk_compare(bad, good)
+    with pytest.raises(CorruptData):
+        walk_keep(good, b"\1")  # one flag for two records

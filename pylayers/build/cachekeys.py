@@ -137,9 +137,8 @@ def checksum_inputs(inputs: Iterable, *, store: Store | None = None,
         if exclude is not None:
             def skip(rel: bytes, src: bytes = src) -> bool:
                 return exclude(os.path.join(src, rel))
-        scanner = Scanner(store, params, None, exclude=skip)
         try:
-            entries = scanner.scan_path(src)
+            entries, scanner = _scan_input(store, params, src, skip)
         except SourceChanged as e:  # the bytes hashed may not be any one version of it
             raise InvalidArgument(f"{e.path}: {e.problem}: cannot checksum an input that "
                                   "is being written") from None
@@ -156,6 +155,21 @@ def checksum_inputs(inputs: Iterable, *, store: Store | None = None,
         result.bytes_read += scanner.stats.bytes_read
         result.cache_hits += scanner.stats.cache_hits
     return result
+
+
+def _scan_input(store: Store | None, params: ChunkerParams, src: bytes,
+                exclude: Callable[[bytes], bool] | None) -> tuple[list[Entry], Scanner]:
+    """The entries of one input (`Scanner.scan_path`); a directory a snapshot knows is
+    scanned through its walk cache (files unchanged since are not read)."""
+    real = os.path.realpath(src)
+    if store is None or not os.path.isdir(real):
+        scanner = Scanner(store, params, None, exclude=exclude)
+        return scanner.scan_path(src), scanner
+    from ..layers.repo import Layers
+
+    with Layers(store).walk_reuse(real) as (records, reuse):
+        scanner = Scanner(store, params, None, exclude=exclude, reuse=reuse)
+        return scanner.scan(real, records), scanner
 
 
 def _lp(data: bytes) -> bytes:
@@ -245,7 +259,8 @@ def cache_key(parent, instruction: str, inputs: Iterable | None = None,
     from scratch). `instruction`: its text, e.g. "COPY src /app". `inputs`: the files it
     reads, as paths or (path, destination) pairs; directories are checksummed recursively.
     `options`: the instruction's options (e.g. {"chown": "1000:1000"}). With `store`, the
-    stat cache spares reading files known unchanged; the key is the same either way.
+    walk cache of a directory snapshotted before spares reading files known unchanged;
+    the key is the same either way.
     `exclude` and `ignore`: as `checksum_inputs` has them.
     """
     kind, pid = _parent_ref(parent)

@@ -58,12 +58,13 @@ def scan_directory(layers: Layers, directory: str | Path,
                    exclude: Exclusions | None = None) -> DirectoryTree:
     """The tree of `directory` as a snapshot would record it (leaving out what
     `exclude` says, and the store itself); nothing is written to the store (not even
-    the stat cache)."""
+    the walk cache); files the walk cache knows unchanged are not read."""
     store = layers.store
     missing = MissingChunks(store)
-    scanner = Scanner(store, store.config.chunker, missing, progress=progress,
-                      exclude=exclude.excluded if exclude else None)
-    entries = scanner.scan(directory)
+    with layers.walk_reuse(directory) as (records, reuse):
+        scanner = Scanner(store, store.config.chunker, missing, progress=progress,
+                          exclude=exclude.excluded if exclude else None, reuse=reuse)
+        entries = scanner.scan(directory, records)
     return DirectoryTree(entries, missing.sizes, list(scanner.stats.warnings))
 
 

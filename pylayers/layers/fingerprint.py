@@ -42,8 +42,12 @@ def path_key(root: str | os.PathLike) -> bytes:
 
 
 def prune(t: Tables) -> int:
-    """Delete the fingerprints whose layer is gone (in gc's transaction); how many."""
+    """Delete the fingerprints and walk caches whose layer is gone (in gc's
+    transaction); how many."""
     dead = [k for k, _fp, lid in t.fingerprints.items() if not t.layers.has(lid)]
     for k in dead:
         t.fingerprints.delete(k)
-    return len(dead)
+    stale = [k for k, lid in t.walkcache.layer_ids() if not t.layers.has(lid)]
+    for k in stale:
+        t.walkcache.delete(k)
+    return len(dead) + len(stale)

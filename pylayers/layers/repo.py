@@ -5,7 +5,7 @@ stored as chunks in the chunk store, plus a record in the `layers` table. Its id
 the BLAKE3 of the canonical manifest, which includes the parent id, so the same tree
 snapshotted twice onto the same parent gets the same id.
 
-This module owns the `layers` and `tags` tables' records (and writes the stat cache's
+This module owns the `layers` and `tags` tables' records (and writes the walk caches'
 and fingerprints' entries with the layer that needs them). A layer's child layers
 reference it in the store's `refs` table (owner `layer`), written with the child's
 record; other owners (snapshots) add their own references, so `remove` refuses a layer
@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 import os
+import stat
+import struct
 import time
-from collections.abc import Callable, Iterable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,15 +32,40 @@ from ..errors import CorruptData, FailedPrecondition, NotFound
 from ..store.ingest import CHUNK_REF, ChunkWriter
 from ..store.repository import Store
 from ..store.tables import Tables
-from . import fingerprint, refs
+from . import fingerprint, refs, walkcache
 from .ignore import Exclusions
-from .manifest import REG, Entry, decode_manifest, encode_manifest
+from .manifest import DIR, HARDLINK, REG, WHITEOUT, Entry, decode_manifest, encode_manifest
 from .refs import check_tag
-from .scan import Scanner, ScanStats, XattrProbe
-from .statcache import RACY_NS
+from .scan import RACY_NS, Scanner, ScanStats, XattrProbe
 from .tree import apply_layer, diff_layer, validate_tree
 
 LAYER_REF = "layer"  # the `refs` owner name of a child layer referencing its parent
+_OLD = struct.Struct("<IIIIQQq")  # a walk record's mode, uid, gid, reserved, nlink, size, mtime
+_U16 = struct.Struct("<H")
+
+
+class _Fallback(Exception):
+    """The walk cache's fast path met what only a whole-tree scan handles."""
+
+
+def _old_path(old: bytes, off: int) -> bytes:
+    (plen,) = _U16.unpack_from(old, off)
+    return old[off + 2 : off + 2 + plen]
+
+
+def _differs(e: Entry, old: bytes, off: int) -> bool:
+    """Whether `e` surely differs from the parent's entry at its path, known from the
+    walk cache's record of that entry (at `off` of `old`): a trusted record's mode,
+    owner, mtime and (one link) size are the entry's. False: not known."""
+    (plen,) = _U16.unpack_from(old, off)
+    mode, uid, gid, untrusted, nlink, size, mtime = _OLD.unpack_from(old, off + 2 + plen)
+    if untrusted:
+        return False
+    if (stat.S_IMODE(mode), uid, gid, mtime) != (e.mode, e.uid, e.gid, e.mtime_ns):
+        return True
+    if stat.S_ISDIR(mode) != (e.kind == DIR):
+        return True
+    return e.kind == REG and stat.S_ISREG(mode) and nlink == 1 and size != e.size
 
 
 @dataclass
@@ -251,15 +278,20 @@ class Layers:
                     and not _holds(directory, self.store.path):
                 fp_key = fingerprint.path_key(directory)
                 fp = fingerprint.of_records(records)
+            wc_key = None
+            if records is not None and not ephemeral:
+                wc_key = fp_key or fingerprint.path_key(directory)
             return self._snapshot(directory, parent, tag, message, progress, kept,
                                   allow_changing, ephemeral, exclude, records,
-                                  fp, fp_key, fp is not None and max_ctime < start_ns - RACY_NS)
+                                  fp, fp_key, fp is not None and max_ctime < start_ns - RACY_NS,
+                                  wc_key, start_ns - RACY_NS)
 
     def _snapshot(self, directory: str | Path, parent: bytes | None, tag: str | None,
                   message: str, progress: Callable[[int], None] | None, kept: bool,
                   allow_changing: bool, ephemeral: bool, exclude: Exclusions | None,
                   records: memoryview | None, fp: bytes | None, fp_key: bytes | None,
-                  fp_settled: bool) -> SnapshotResult:
+                  fp_settled: bool, wc_key: bytes | None = None,
+                  settled_before: int = 0) -> SnapshotResult:
         with self.store.writer() as writer:
             same_as = self._unchanged_since(fp, fp_key)
             if same_as is not None:
@@ -279,9 +311,27 @@ class Layers:
                 # the fingerprint now names the new layer (the same tree): the next
                 # snapshot onto it finds it, and takes the `_recommit` path above
                 assert fp is not None and fp_key is not None
-                layer_id, existed = self._commit(writer, parent, own, tag, message, [],
-                                                 (fp_key, fp), kept=kept)
+                layer_id, existed = self._commit(writer, parent, own, tag, message,
+                                                 (fp_key, fp), kept=kept,
+                                                 walk_cache=self._rekeyed(wc_key, same_as))
                 return SnapshotResult(layer_id, stats, len(own), existed)
+            cmp = self._walk_comparison(wc_key, records)
+            record_fp = fp is not None and fp_key is not None and fp_settled
+            tree_fp = (fp_key, fp) if record_fp else None
+            root = os.path.realpath(os.fsencode(os.path.abspath(directory)))
+            if cmp is not None and records is not None and cmp.layer_id == parent \
+                    and not exclude and not _holds(directory, self.store.path):
+                scanner = self._scanner(writer, progress, allow_changing, exclude,
+                                        None, settled_before)
+                try:
+                    own = self._changes(scanner, parent, root, records, cmp)
+                except _Fallback:
+                    pass  # a changed path left out: the whole scan below decides
+                else:
+                    layer_id, existed = self._commit(
+                        writer, parent, own, tag, message, tree_fp, kept=kept,
+                        walk_cache=(wc_key, scanner.keep_records(records)))  # type: ignore[arg-type]
+                    return SnapshotResult(layer_id, scanner.stats, len(own), existed)
             # which entries have xattrs: found in C on another core while the parent's
             # tree is decoded here
             probe = XattrProbe(directory, records) if records is not None else None
@@ -290,21 +340,102 @@ class Layers:
             finally:
                 if probe is not None:
                     probe.marks()  # joined before anything can free the walk's buffer
-            scanner = Scanner(self.store, self.store.config.chunker, writer.put,
-                              progress=progress, allow_changing=allow_changing,
-                              known=writer.has,
-                              exclude=exclude.excluded if exclude else None,
-                              trusted={e.chunks for e in base if e.kind == REG})
-            scanner.reader.on_file = writer.file_hint  # deltas against a path's last version
+            reuse = None
+            if cmp is not None:
+                reuse = (cmp, lambda: self.tree(cmp.layer_id))
+            scanner = self._scanner(writer, progress, allow_changing, exclude, reuse,
+                                    settled_before)
             # the scan goes straight into the diff: only what differs is kept
             scanned = scanner.iter_scan(directory, records, probe)
             own = diff_layer(base, scanned) if parent is not None else list(scanned)
-            cache = [] if ephemeral else scanner.statcache_updates
-            record_fp = fp is not None and fp_key is not None and fp_settled
-            layer_id, existed = self._commit(writer, parent, own, tag, message, cache,
-                                             (fp_key, fp) if record_fp else None,  # type: ignore[arg-type]
-                                             kept=kept)
+            keep = None
+            if wc_key is not None and records is not None:
+                keep = (wc_key, scanner.keep_records(records))
+            layer_id, existed = self._commit(writer, parent, own, tag, message, tree_fp,
+                                             kept=kept, walk_cache=keep)
         return SnapshotResult(layer_id, scanner.stats, len(own), existed)
+
+    def _scanner(self, writer: ChunkWriter, progress, allow_changing: bool,
+                 exclude: Exclusions | None, reuse, settled_before: int) -> Scanner:
+        scanner = Scanner(self.store, self.store.config.chunker, writer.put,
+                          progress=progress, allow_changing=allow_changing,
+                          exclude=exclude.excluded if exclude else None, reuse=reuse,
+                          settled_before=settled_before or None)
+        scanner.reader.on_file = writer.file_hint  # deltas against a path's last version
+        return scanner
+
+    def _walk_comparison(self, wc_key: bytes | None,
+                         records: memoryview | None) -> walkcache.Comparison | None:
+        """The directory's walk cache against its new walk, or None (no cache, its
+        layer is gone, or it is damaged: then every file is read)."""
+        if wc_key is None or records is None:
+            return None
+        with self.store.read() as t:
+            raw = t.walkcache.get(wc_key)
+            if raw is None or not t.layers.has(bytes(raw[:32])):
+                return None
+            raw = bytes(raw)
+        try:
+            return walkcache.compare(walkcache.WalkCache.decode(raw), records)
+        except CorruptData:
+            return None
+
+    @contextmanager
+    def walk_reuse(self, directory: str | bytes | Path
+                   ) -> Iterator[tuple[memoryview | None, tuple | None]]:
+        """The native walk of `directory` (None if it failed: a scan's own walk then
+        reports why) and what a scan of it may take from its walk cache (Scanner's
+        `reuse`; None without one), for scans that store nothing (build cache keys, a
+        diff against a directory). The records are valid inside the block only."""
+        with ExitStack() as stack:
+            records = None
+            try:
+                records = stack.enter_context(walk(os.fspath(directory)))[0]
+            except OSError:
+                pass
+            cmp = self._walk_comparison(fingerprint.path_key(directory), records)
+            reuse = (cmp, lambda: self.tree(cmp.layer_id)) if cmp is not None else None
+            yield records, reuse
+
+    def _rekeyed(self, wc_key: bytes | None, layer_id: bytes) -> tuple[bytes, bytes] | None:
+        """The directory's walk cache records when they describe `layer_id`'s tree (to
+        be kept under the layer committed with the same tree), else None."""
+        if wc_key is None:
+            return None
+        with self.store.read() as t:
+            raw = t.walkcache.get(wc_key)
+            if raw is None or bytes(raw[:32]) != layer_id:
+                return None
+            raw = bytes(raw)
+        try:
+            return wc_key, walkcache.WalkCache.decode(raw).records
+        except CorruptData:
+            return None
+
+    def _changes(self, scanner: Scanner, parent: bytes | None, root: bytes,
+                 records: memoryview, cmp: walkcache.Comparison) -> list[Entry]:
+        """The new layer's own entries when the walk cache describes the parent's tree:
+        only what the cache found changed is scanned; the rest is the parent's. What a
+        diff against the parent's tree would give, without decoding that tree unless an
+        entry may equal the parent's (a chmod to the same mode, a rewrite of the same
+        bytes): then it is decoded, once."""
+        assert parent is not None
+        parent_entries: dict[bytes, Entry] | None = None
+        own: list[Entry] = []
+        for _n, old_off, e in scanner.scan_changes(root, records, cmp):
+            if e is None:
+                if old_off >= 0 and cmp.events[_n][0] >= 0:
+                    raise _Fallback  # the parent has it, and it vanished meanwhile
+                if cmp.events[_n][0] < 0:
+                    own.append(Entry(_old_path(cmp.old, old_off), WHITEOUT))
+                continue
+            if e.kind == HARDLINK or (old_off >= 0 and not _differs(e, cmp.old, old_off)):
+                if parent_entries is None:
+                    parent_entries = {x.path: x for x in self.tree(parent)}
+                if parent_entries.get(e.path) == e:
+                    continue
+            own.append(e)
+        return own
 
     def _same_tree(self, layer_id: bytes, other: bytes, limit: int = 64) -> bool:
         """Whether the two layers are known to hold the same tree without decoding it:
@@ -355,12 +486,13 @@ class Layers:
     def commit_entries(self, parent: bytes | None, own: list[Entry], writer: ChunkWriter,
                        tag: str | None = None, message: str = "") -> bytes:
         """Store a layer made of `own` entries (whose chunks `writer` holds)."""
-        return self._commit(writer, parent, own, tag, message, [])[0]
+        return self._commit(writer, parent, own, tag, message)[0]
 
     def _commit(self, writer: ChunkWriter, parent: bytes | None, own: list[Entry],
-                tag: str | None, message: str, statcache: Iterable[tuple[bytes, bytes]],
+                tag: str | None, message: str,
                 tree_fp: tuple[bytes, bytes] | None = None,
-                kept: bool = False) -> tuple[bytes, bool]:
+                kept: bool = False,
+                walk_cache: tuple[bytes, bytes] | None = None) -> tuple[bytes, bool]:
         if tag is not None:
             check_tag(tag)  # here, where tags are written, whoever the caller
         data = encode_manifest(parent, own)
@@ -379,6 +511,9 @@ class Layers:
         new_bytes = writer.new_bytes
         rec = LayerRecord(parent, manifest, time.time(), message, len(own),
                           sum(e.size for e in own if e.kind == REG), new_bytes, kept)
+        cache_value = None
+        if walk_cache is not None:
+            cache_value = walkcache.WalkCache(layer_id, walk_cache[1]).encode()
 
         def extra(t: Tables) -> None:
             if parent is not None and not t.layers.has(parent):
@@ -399,8 +534,8 @@ class Layers:
                 _mark_kept(t, layer_id, old)
             if tag is not None:
                 t.tags.put(tag, layer_id)
-            for key, value in statcache:
-                t.statcache.put(key, value)
+            if walk_cache is not None:
+                t.walkcache.put(walk_cache[0], cache_value)
             if tree_fp is not None:
                 t.fingerprints.put(tree_fp[0], tree_fp[1], layer_id)
 

@@ -1,9 +1,10 @@
 """Scanning a directory into a tree of entries, storing file content as it goes.
 
 The walk lstats every entry in component order and reads xattrs; regular files go to
-a `ContentReader` (store/ingest.py), which chunks, hashes and stores them. The stat
-cache (statcache.py) skips reading files whose inode, size, mtime and ctime are
-unchanged since they were last stored (ctime catches `touch -d`).
+a `ContentReader` (store/ingest.py), which chunks, hashes and stores them. A walk
+cache (walkcache.py) gives back, without reading or even looking at it, each entry
+whose lstat record is unchanged since the directory was last snapshotted (ctime
+catches `touch -d`, xattr and content changes).
 """
 
 from __future__ import annotations
@@ -18,22 +19,19 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
-from .._native import WALK_RECORD_FIXED, xattr_marks
+from .._native import WALK_RECORD_FIXED, walk_keep, xattr_marks
 from ..chunking import ChunkerParams
 from ..errors import InvalidArgument, NotFound, SourceChanged, os_error_reason, short_path
-from ..store.ingest import CHUNK_REF, ContentReader, IngestStats
+from ..store.ingest import ContentReader, IngestStats
 from ..store.repository import Store
-from ..store.tables import StatCacheTable
 from .manifest import BLK, CHR, DIR, FIFO, HARDLINK, REG, SYMLINK, Entry
-from .statcache import (
-    INODE,
-    RACY_NS,
-    STATCACHE,
-    StatCacheUpdates,
-    decode_statcache,
-    encode_statcache,
-    inode_key,
-)
+from .walkcache import Comparison
+
+# An entry is trusted by the next snapshot's walk cache only if its ctime is this much
+# older than the moment the walk began: timestamps are coarse, so a write in the same
+# tick as our lstat could otherwise leave size, mtime and ctime unchanged (git's
+# "racy" case).
+RACY_NS = 1_000_000_000
 
 
 @dataclass
@@ -77,6 +75,12 @@ class XattrProbe:
     def marks(self) -> bytes | None:
         self._thread.join()
         return self._marks
+
+
+def _record_at(buf: memoryview, off: int, u16=_U16.unpack_from) -> bytes:
+    """The whole walk record at offset `off` of `buf`."""
+    (plen,) = u16(buf, off)
+    return bytes(buf[off : off + 2 + plen + _RECORD.size])
 
 
 class WalkStat:
@@ -129,38 +133,38 @@ def read_xattrs(path: bytes) -> tuple[tuple[bytes, bytes], ...]:
 class Scanner:
     """Turns a directory into a tree (entries in component order).
 
-    With a `store`, content ids come from its stat cache when a file is unchanged; with
-    `known` too (the chunk writer's `has`), a cache entry is trusted only if every chunk
-    it names is known, else the file is read again: a damaged cache entry must never
-    make a layer name a chunk the store lacks. Entries for files read are collected in
-    `statcache_updates` (the caller writes them with its layer, or not at all)."""
+    With `reuse` (a walk cache's comparison with the walk's records, and the tree of
+    the layer it names), each entry whose record the cache holds unchanged and trusted
+    is that layer's entry, not read again. `flags` then says, per record, what the
+    next walk cache may keep: 0 nothing (not in the tree), 1 the record, trusted (the
+    entry is exactly what the record shows, and its ctime settled), 2 the record,
+    untrusted (`keep_records`)."""
 
     def __init__(self, store: Store | None, params: ChunkerParams,
                  sink: Callable[[bytes, bytes], bool] | None,
-                 use_statcache: bool = True, progress=None,
-                 allow_changing: bool = False,
-                 known: Callable[[bytes], bool] | None = None,
+                 progress=None, allow_changing: bool = False,
                  exclude: Callable[[bytes], bool] | None = None,
-                 trusted: frozenset[bytes] | set[bytes] = frozenset()) -> None:
+                 reuse: tuple[Comparison, Callable[[], list[Entry]]] | None = None,
+                 settled_before: int | None = None) -> None:
         """`exclude(rel_path)`: leave that path out, and all under it (ignore.py). The
-        store's own directory, if the tree holds it, is always left out. `trusted`:
-        packed chunk lists known to be in the store without asking `known` (those of
-        the parent layer's files: a committed layer names only indexed chunks)."""
+        store's own directory, if the tree holds it, is always left out. `reuse`: the
+        comparison and a function giving the tree of its layer (called only if an
+        entry is reused). `settled_before`: a ctime below this (ns) is out of the racy
+        window (default: a second before the scan starts)."""
         self.store = store
         self.exclude = exclude
         self._store_dir = _dir_id(store.path) if store is not None else None
         self.stats = ScanStats()
         self.reader = ContentReader(params, sink, self.stats)
-        self.use_statcache = use_statcache and store is not None
         self.progress = progress
         # a file still changing after READ_ATTEMPTS reads: store the last read (and
         # list it in stats.changed) instead of failing with SourceChanged
         self.allow_changing = allow_changing
-        self.statcache_updates = StatCacheUpdates()
         self._links: dict[tuple[int, int], bytes] = {}
-        self.known = known
-        self.trusted = trusted
-        self._statcache: StatCacheTable | None = None
+        self.reuse = reuse
+        self.settled_before = settled_before
+        self.flags = bytearray()  # per walk record: 0 dropped, 1 trusted, 2 untrusted
+        self._consistent = False  # the last file read matched its walk record
         self._root = b""
         self._vanished_paths: list[bytes] = []
         self._probe: XattrProbe | None = None
@@ -235,12 +239,9 @@ class Scanner:
 
     def _scan(self, real: bytes, st: os.stat_result, walk: bool,
               records: memoryview | None = None) -> Iterator[Entry]:
-        self._start_ns = time.time_ns()
-        with ExitStack() as stack:
-            if self.use_statcache:
-                assert self.store is not None
-                # one read transaction for the whole scan: a consistent cache
-                self._statcache = stack.enter_context(self.store.read()).statcache
+        if self.settled_before is None:
+            self.settled_before = time.time_ns() - RACY_NS
+        with ExitStack():
             try:
                 entries: list[Entry] = []
                 if walk:
@@ -254,7 +255,6 @@ class Scanner:
                     yield from entries
                 self._report_vanished()
             finally:
-                self._statcache = None
                 self.reader.close()
 
     def _walk(self, abs_dir: bytes, rel_dir: bytes, entries: list[Entry]) -> None:
@@ -286,27 +286,31 @@ class Scanner:
     def _walk_records(self, root: bytes, buf: memoryview,
                       entries: list[Entry]) -> Iterator[Entry]:
         """`_entry` for each record of a native walk of `root` (root first, component
-        order), skipping the subtrees of directories left out or gone. The common case,
-        a file without xattrs or other links that the stat cache knows unchanged, is
-        handled inline: no stat object, no call but the cache lookup."""
+        order), skipping the subtrees of directories left out or gone. An entry the
+        walk cache holds unchanged (`reuse`) is its layer's entry: no stat object, no
+        call."""
         unpack, u16, rec_size = _RECORD.unpack_from, _U16.unpack_from, _RECORD.size
         isdir, isreg = stat.S_ISDIR, stat.S_ISREG
         entry, left_out = self._entry, self._left_out
         exclude = self.exclude
-        cache = self._statcache
-        cache_get = cache.get if cache is not None else None
-        inode = INODE.pack
-        head, head_size, ref = STATCACHE.unpack_from, STATCACHE.size, CHUNK_REF
-        trusted, all_known = self.trusted, self._all_known
         progress, stats = self.progress, self.stats
+        settled = self.settled_before
         files = hits = total = 0
         prefix = root + b"/"
         skip: bytes | None = None  # rel + b"/" of a subtree left out
+        match: bytes | None = None
+        old_tree: list[Entry] = []
+        k = 0  # position in old_tree (a merge by path)
+        if self.reuse is not None:
+            match = self.reuse[0].match
+            if any(match):
+                old_tree = self.reuse[1]()
         probe = self._probe if self._probe is not None and self._probe.root == root \
             else XattrProbe(root, buf)
         marks = probe.marks()  # which entries have xattrs: one C loop
         if marks is None:
             marks = b"\x01" * (len(buf) // WALK_RECORD_FIXED + 1)  # look at each
+        flags = self.flags = bytearray(len(buf) // WALK_RECORD_FIXED + 1)
         i = -1
         pos, end = 0, len(buf)
         while pos < end:
@@ -320,40 +324,107 @@ class Scanner:
                 if rel.startswith(skip):
                     continue
                 skip = None
-            if (cache_get is not None and nlink == 1 and not marks[i] and isreg(mode)
-                    and (exclude is None or not exclude(rel))):
-                raw = cache_get(inode(dev, ino))  # the key is the inode: dev and ino match
-                if raw is not None and len(raw) >= head_size \
-                        and not (len(raw) - head_size) % ref.size:
-                    csize, cmtime, cctime, content = head(raw)
-                    if csize == size and cmtime == mtime and cctime == ctime:
-                        chunks = bytes(raw[head_size:])
-                        if not chunks and size:
-                            chunks = ref.pack(content, size)
-                        if chunks in trusted or all_known(chunks):
-                            files += 1
-                            hits += 1
-                            total += size
-                            if progress is not None:
-                                progress(size)
-                            yield Entry(rel, REG, mode & 0o7777, uid, gid, mtime, size,
-                                        content, chunks)
-                            continue
+            if match is not None and match[i] and (exclude is None or not rel
+                                                   or not exclude(rel)):
+                key = rel.replace(b"/", b"\x00")
+                n = len(old_tree)
+                while k < n and old_tree[k].key < key:
+                    k += 1
+                if k < n and old_tree[k].key == key:
+                    old = old_tree[k]
+                    flags[i] = 1
+                    if isreg(mode):
+                        files += 1
+                        hits += 1
+                        total += size
+                        if progress is not None:
+                            progress(size)
+                    yield old
+                    continue
             st = WalkStat(mode, uid, gid, nlink, size, mtime, ctime, ino, dev, rdev)
+            self._consistent = True
             if not rel:
-                entry(root, rel, st, entries, marks[i])  # type: ignore[arg-type]
+                kept = entry(root, rel, st, entries, marks[i])  # type: ignore[arg-type]
             else:
                 path = prefix + rel
-                if left_out(path, rel, st) or not entry(path, rel, st, entries,  # type: ignore[arg-type]
-                                                         marks[i]):
-                    if isdir(mode):
-                        skip = rel + b"/"
+                kept = not left_out(path, rel, st) and entry(
+                    path, rel, st, entries, marks[i])  # type: ignore[arg-type]
+                if not kept and isdir(mode):
+                    skip = rel + b"/"
+            if kept:
+                flags[i] = 1 if self._consistent and ctime < settled else 2
             if entries:
                 yield from entries
                 entries.clear()
+        del flags[i + 1:]
         stats.files += files
         stats.cache_hits += hits
         stats.bytes_total += total
+
+    def scan_changes(self, root: bytes, buf: memoryview, cmp: Comparison
+                     ) -> Iterator[tuple[int, int, Entry | None]]:
+        """The entries of the records `cmp` found changed or added, as (event index,
+        old record offset or -1, entry or None when left out: vanished, a socket, a
+        path `exclude` names); an old path that is gone is (index, offset, None) too,
+        its new offset -1 (`cmp.events[index]`). The subtree of a new directory left
+        out is skipped. What the cache matched is not looked at: `flags` starts as
+        `cmp.match`, the caller keeps those entries of the layer `cmp` names."""
+        self.settled_before = self.settled_before or time.time_ns() - RACY_NS
+        self._root = root
+        unpack, u16 = _RECORD.unpack_from, _U16.unpack_from
+        flags = self.flags = bytearray(cmp.match)
+        settled, prefix = self.settled_before, root + b"/"
+        stats = self.stats
+        stats.files += cmp.hits
+        stats.cache_hits += cmp.hits
+        stats.bytes_total += cmp.hit_bytes
+        if self.progress is not None and cmp.hit_bytes:
+            self.progress(cmp.hit_bytes)
+        changed = [i for i, _o, _j, _p in cmp.events if i >= 0]
+        marks = b""
+        if changed:  # xattrs looked up for what changed only: a ctime moves with them
+            sub = b"".join(_record_at(buf, cmp.events[n][1], u16)
+                           for n in range(len(cmp.events)) if cmp.events[n][0] >= 0)
+            marks = xattr_marks(root, sub) if sub else b""
+        m = 0
+        skip: bytes | None = None
+        entries: list[Entry] = []
+        try:
+            for n, (i, off, _j, old_off) in enumerate(cmp.events):
+                if i < 0:
+                    yield n, old_off, None
+                    continue
+                look = marks[m] if m < len(marks) else 1
+                m += 1
+                (plen,) = u16(buf, off)
+                rel = bytes(buf[off + 2 : off + 2 + plen])
+                if skip is not None:
+                    if rel.startswith(skip):
+                        continue
+                    skip = None
+                mode, uid, gid, _r, nlink, size, mtime, ctime, ino, dev, rdev = unpack(
+                    buf, off + 2 + plen)
+                st = WalkStat(mode, uid, gid, nlink, size, mtime, ctime, ino, dev, rdev)
+                self._consistent = True
+                path = prefix + rel if rel else root
+                kept = (not rel or not self._left_out(path, rel, st)) and self._entry(
+                    path, rel, st, entries, look)  # type: ignore[arg-type]
+                if not kept:
+                    if stat.S_ISDIR(mode):
+                        skip = rel + b"/"
+                    yield n, old_off, None
+                    continue
+                flags[i] = 1 if self._consistent and ctime < settled else 2
+                assert len(entries) == 1
+                yield n, old_off, entries.pop()
+            self._report_vanished()
+        finally:
+            self.reader.close()
+
+    def keep_records(self, buf: memoryview | bytes) -> bytes:
+        """The records of the walk `buf` this scan put in its tree, as a walk cache
+        keeps them (`flags`); after the whole scan."""
+        return walk_keep(buf, self.flags)
 
     def _left_out(self, path: bytes, rel: bytes, st: os.stat_result) -> bool:
         if stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) == self._store_dir:
@@ -407,30 +478,10 @@ class Scanner:
         entries.append(e)
         return True
 
-    def _all_known(self, chunks: bytes) -> bool:
-        known = self.known
-        if known is None or chunks in self.trusted:
-            return True
-        return all(known(chunks[i : i + 32]) for i in range(0, len(chunks), CHUNK_REF.size))
-
     def _file(self, path: bytes, st: os.stat_result, e: Entry) -> bool:
         self.stats.files += 1
         self.stats.bytes_total += st.st_size
-        key = inode_key(st.st_dev, st.st_ino)
-        if self._statcache is not None:
-            raw = self._statcache.get(key)  # the key is the inode: dev and ino match
-            cached = decode_statcache(raw) if raw is not None else None
-            if cached is not None:
-                size, mtime, ctime, content, chunks = cached
-                if (size, mtime, ctime) == (st.st_size, st.st_mtime_ns, st.st_ctime_ns) \
-                        and self._all_known(chunks):
-                    e.size, e.content, e.chunks = size, content, chunks
-                    self.stats.cache_hits += 1
-                    if self.progress is not None:
-                        self.progress(st.st_size)
-                    return True
         for attempt in range(1, READ_ATTEMPTS + 1):
-            read_start = time.time_ns()
             read = self._read_once(path, st, e)
             if read is None:
                 return False
@@ -447,6 +498,7 @@ class Scanner:
                         os.fsdecode(path), f"{problem} ({READ_ATTEMPTS} reads)",
                         "snapshot it again when it is quiet, or pass --allow-changing to "
                         "store the last read")
+                self._consistent = False
                 self.stats.changed.append(path)
                 self.stats.warnings.append(
                     f"{os.fsdecode(path)}: {problem} ({READ_ATTEMPTS} reads); stored "
@@ -455,6 +507,7 @@ class Scanner:
                 e.mtime_ns = st.st_mtime_ns
                 return True
             seen = st.st_size
+            self._consistent = False  # what is stored is a later state than the walk saw
             try:  # read it again, as it is now
                 st = os.lstat(path)
             except FileNotFoundError:
@@ -465,10 +518,6 @@ class Scanner:
                                     "replaced by another kind of file during scan",
                                     "snapshot it again")
             self.stats.bytes_total += st.st_size - seen
-        if self.use_statcache and st.st_ctime_ns < read_start - RACY_NS:
-            key = inode_key(st.st_dev, st.st_ino)  # st may be a later lstat than the walk's
-            self.statcache_updates.append((key, encode_statcache(
-                e.size, st.st_mtime_ns, st.st_ctime_ns, e.content, e.chunks)))
         # metadata as of the consistent read
         e.mode, e.uid, e.gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
         e.mtime_ns = st.st_mtime_ns

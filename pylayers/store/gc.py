@@ -52,7 +52,6 @@ def sweep(store: Store, live: set[bytes], repack_below: float = 0.5) -> SweepRes
         dead = [cid for cid in t.chunks.ids() if cid not in live]
         for cid in dead:
             t.chunks.delete(cid)
-        t.statcache.clear()  # its entries may name chunks just deleted
         gone = [key for key, ids in t.paths.items()
                 if any(ids[i : i + 32] not in live for i in range(0, len(ids), 32))]
         for key in gone:  # a base must be whole, or it is no base

@@ -4,7 +4,7 @@ Each LMDB table has exactly one accessor class here, the only code that knows it
 layout. Accessors are bytes-level with typed keys: record *values* are encoded and
 decoded by the module that owns the record kind (layer records in
 `layers/records.py`, snapshot records in `mounts/`, build cache records in
-`build/cachekeys.py`, stat-cache values in `layers/statcache.py`). Nobody above
+`build/cachekeys.py`, walk caches in `layers/walkcache.py`). Nobody above
 `store/` opens an LMDB transaction: `Store.read()` and `Store.write()` hand out a
 `Tables`, one transaction shared by every accessor, so a check and the write it guards
 are one transaction.
@@ -18,7 +18,7 @@ import lmdb
 
 from .packs import Location
 
-TABLES = ("meta", "chunks", "layers", "tags", "statcache", "fingerprints", "snapshots",
+TABLES = ("meta", "chunks", "layers", "tags", "walkcache", "fingerprints", "snapshots",
           "cachekeys", "refs", "image_configs", "paths")
 ID_LEN = 32  # chunk ids, layer ids, build cache keys: BLAKE3-256 digests
 
@@ -153,17 +153,23 @@ class TagTable(_Table):
         return [name for name, lid in self.items() if lid == layer_id]
 
 
-class StatCacheTable(_Table):
-    """`statcache`: inode key (layers/statcache.py) -> stat-cache value."""
+class WalkCacheTable(_Table):
+    """`walkcache`: BLAKE3 of a directory's real path -> its walk cache (layer id first,
+    layers/walkcache.py)."""
 
-    def get(self, key: bytes) -> bytes | None:
-        return self._get(key)
+    def get(self, path_key: bytes) -> bytes | None:
+        return self._get(path_key)
 
-    def put(self, key: bytes, value: bytes) -> None:
-        self._txn.put(key, value, db=self._db)
+    def put(self, path_key: bytes, value: bytes) -> None:
+        self._txn.put(path_key, value, db=self._db)
 
-    def clear(self) -> None:
-        self._txn.drop(self._db, delete=False)
+    def delete(self, path_key: bytes) -> bool:
+        return self._txn.delete(path_key, db=self._db)
+
+    def layer_ids(self) -> Iterator[tuple[bytes, bytes]]:
+        """(path key, layer id) of every entry (a value's first 32 bytes)."""
+        for k, v in self._items():
+            yield bytes(k), bytes(v[:ID_LEN])
 
 
 class FingerprintTable(_Table):
@@ -324,7 +330,7 @@ class Tables:
     """One LMDB transaction, and an accessor per table on it. Obtained only from
     `Store.read()` / `Store.write()`; valid inside that `with` block."""
 
-    __slots__ = ("writable", "meta", "chunks", "layers", "tags", "statcache",
+    __slots__ = ("writable", "meta", "chunks", "layers", "tags", "walkcache",
                  "fingerprints", "snapshots", "cachekeys", "refs", "image_configs",
                  "paths")
 
@@ -334,7 +340,7 @@ class Tables:
         self.chunks = ChunkTable(txn, dbs["chunks"])
         self.layers = LayerTable(txn, dbs["layers"])
         self.tags = TagTable(txn, dbs["tags"])
-        self.statcache = StatCacheTable(txn, dbs["statcache"])
+        self.walkcache = WalkCacheTable(txn, dbs["walkcache"])
         self.fingerprints = FingerprintTable(txn, dbs["fingerprints"])
         self.snapshots = SnapshotTable(txn, dbs["snapshots"])
         self.cachekeys = CacheKeyTable(txn, dbs["cachekeys"])
