@@ -16,7 +16,10 @@ from `/` so the installed package is used; each gets its own stores. Figures:
   these files): the store's growth against the rebuilt layer as a tar.gz / tar.zst
   (a tar layer store keeps the whole re-created layer);
 - chain: v0 .. v5 each on the previous one: the store against tar diff layers (each
-  version's changed and added files, as an overlay upper directory holds them).
+  version's changed and added files, as an overlay upper directory holds them);
+- imported chain: the same diff layers (with whiteouts for removed files) imported as
+  layer tarballs, each onto the previous (`pylayers import --parent`), as a registry
+  pull stores an image's layers.
 """
 
 from __future__ import annotations
@@ -99,7 +102,38 @@ def diff_layer(old: Path, new: Path) -> tuple[list[str], int]:
     return out, gone
 
 
-def measure(name: str, python: str, envs: Path, work: Path) -> dict:
+def write_diff_tar(old: Path | None, new: Path, out: Path) -> None:
+    """The diff layer of `new` over `old` (the whole tree when None) as a layer tarball:
+    changed and added entries, and a whiteout per removed file or directory."""
+    import tarfile
+
+    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tf:
+        if old is None:
+            for rel in sorted(os.listdir(new)):
+                tf.add(new / rel, arcname=rel)
+            return
+        files, _gone = diff_layer(old, new)
+        for rel in sorted(files):
+            tf.add(new / rel, arcname=rel, recursive=False)
+        for dirpath, dirs, names in os.walk(old):
+            rel_dir = os.path.relpath(dirpath, old)
+            for n in [*names, *dirs]:
+                if not os.path.lexists(new / rel_dir / n):
+                    info = tarfile.TarInfo(os.path.normpath(os.path.join(rel_dir, ".wh." + n)))
+                    tf.addfile(info)
+            dirs[:] = [d for d in dirs if (new / rel_dir / d).is_dir()]
+
+
+def import_layer(python: str, store: Path, tar: Path, parent: str | None) -> tuple[str, float]:
+    cmd = [python, "-m", "pylayers", "--store", os.fspath(store), "import", os.fspath(tar)]
+    if parent:
+        cmd += ["--parent", parent]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd="/", check=True, capture_output=True, text=True)
+    return p.stdout.strip().splitlines()[-1], time.perf_counter() - t0
+
+
+def measure(name: str, python: str, envs: Path, work: Path, tars: list[Path]) -> dict:
     res: dict = {"pylayers": name, "python": python}
     # first version, alone
     s1 = work / f"{name}-first"
@@ -128,7 +162,16 @@ def measure(name: str, python: str, envs: Path, work: Path) -> dict:
         times.append(t)
         v += 1
     res["chain"] = {"store": sizes, "seconds": times}
-    for s in (s1, s2, s3):
+    # the chain imported as layer tarballs
+    s4 = work / f"{name}-imports"
+    parent = None
+    sizes, times = [], []
+    for tar in tars:
+        parent, t = import_layer(python, s4, tar, parent)
+        sizes.append(store_bytes(s4))
+        times.append(t)
+    res["imports"] = {"store": sizes, "seconds": times}
+    for s in (s1, s2, s3, s4):
         shutil.rmtree(s)
     return res
 
@@ -171,12 +214,19 @@ def table(runs: list[dict], peer: dict) -> str:
     lines.append(f"| store after {n} versions | " + " | ".join(row)
                  + f" | {peer['chain']['tar.zst'][-1] / MB:.1f} MB | "
                  f"{peer['chain']['tar.gz'][-1] / MB:.1f} MB |")
+    row = [f"{r['imports']['store'][-1] / MB:.1f} MB "
+           f"({r['imports']['store'][-1] / peer['chain']['tar.zst'][-1]:.3f}x zstd layers)"
+           for r in runs]
+    lines.append(f"| store after importing the {n} diff layers | " + " | ".join(row)
+                 + f" | {peer['chain']['tar.zst'][-1] / MB:.1f} MB | "
+                 f"{peer['chain']['tar.gz'][-1] / MB:.1f} MB |")
     for v in range(1, n):
         row = [f"{(r['chain']['store'][v] - r['chain']['store'][v - 1]) / MB:.2f} MB"
+               f" / {(r['imports']['store'][v] - r['imports']['store'][v - 1]) / MB:.2f} MB"
                for r in runs]
         z = peer["chain"]["tar.zst"]
         g = peer["chain"]["tar.gz"]
-        lines.append(f"| v{v}: growth | " + " | ".join(row)
+        lines.append(f"| v{v}: growth (snapshot / import) | " + " | ".join(row)
                      + f" | {(z[v] - z[v - 1]) / MB:.2f} MB | {(g[v] - g[v - 1]) / MB:.2f} MB |")
     return "\n".join(lines)
 
@@ -196,7 +246,14 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-delta-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        runs = [measure(name, py, args.envs, work) for name, py in pythons.items()]
+        tars = []
+        v = 0
+        while (args.envs / f"v{v}").is_dir():
+            tars.append(work / f"layer{v}.tar")
+            write_diff_tar(args.envs / f"v{v - 1}" if v else None, args.envs / f"v{v}",
+                           tars[-1])
+            v += 1
+        runs = [measure(name, py, args.envs, work, tars) for name, py in pythons.items()]
         peer = peers(args.envs)
     finally:
         if not args.work:

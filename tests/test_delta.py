@@ -445,3 +445,104 @@ def test_a_snapshotter_commit_stores_deltas(tmp_path: Path, driver: str) -> None
     assert len(delta_frames(store)) == 1
     proc = run_cli(store, "cat", "edited", "/pkg/__pycache__/mod4.cpython-311.pyc")
     assert proc.returncode == 0 and proc.stdout == data
+
+
+def layer_tar(files: dict[str, bytes], path: Path) -> Path:
+    """`files` as a layer tarball written by the standard library's tarfile."""
+    from ocitar import Reg, make_tar
+
+    path.write_bytes(make_tar([Reg(rel, data=data) for rel, data in sorted(files.items())]))
+    return path
+
+
+def test_an_import_stores_deltas(tmp_path: Path) -> None:
+    """Two layer tarballs of the same files, every .pyc header changed and three modules
+    edited: the second import's changed files go into delta frames against the first's,
+    the store grows by a fraction of what they compress to alone, and both layers'
+    files read back as they were."""
+    store = tmp_path / "store"
+    src = tmp_path / "src"
+    v1_files = write_version(src, stamp=1)
+    proc = run_cli(store, "import", str(layer_tar(v1_files, tmp_path / "v1.tar")), "-t", "v1")
+    assert proc.returncode == 0, proc.stderr
+    before = du(store)["stored_bytes"]
+    assert not delta_frames(store)
+    v2_files = write_version(src, stamp=2, edits=3)
+    proc = run_cli(store, "import", str(layer_tar(v2_files, tmp_path / "v2.tar")), "-t", "v2")
+    assert proc.returncode == 0, proc.stderr
+    assert len(delta_frames(store)) >= 12
+    assert du(store)["stored_bytes"] - before < 40_000
+    assert_fsck_ok(store)
+    for tag, files in (("v1", v1_files), ("v2", v2_files)):
+        for rel in ("pkg/mod1.py", "pkg/__pycache__/mod5.cpython-311.pyc"):
+            proc = run_cli(store, "cat", tag, "/" + rel)
+            assert proc.returncode == 0 and proc.stdout == files[rel], (tag, rel)
+
+
+def renamed(files: dict[str, bytes]) -> dict[str, bytes]:
+    """`files` as a package upgrade renames them: a versioned directory, a vendored
+    library's hash and version, a directory's case."""
+    out = {}
+    for rel, data in files.items():
+        rel = rel.replace("pkg/__pycache__/", "Pkg-1.10.dist-info/__pycache__/")
+        rel = rel.replace("mod1.py", "libmod-1a2b3c4d.so.1.2.0")
+        out[rel] = data
+    return out
+
+
+def test_a_renamed_file_finds_its_base_by_name(tmp_path: Path) -> None:
+    """The base of a path the store has never seen is a file of the same name with
+    its version-like parts, case and hashes ignored (`libmod-<hash>.so.1.2` after
+    `libmod-<hash>.so.1.1`), in the same directory if there is one there: the
+    upgrade's renamed files are stored as deltas, and read back as they were."""
+    store = tmp_path / "store"
+    src = tmp_path / "src"
+    v1 = write_version(src, stamp=1)
+    v1 = {rel.replace("pkg/__pycache__/", "pkg-1.9.dist-info/__pycache__/")
+          .replace("mod1.py", "libmod-99ffee00.so.1.1.7"): data for rel, data in v1.items()}
+    run_cli(store, "import", str(layer_tar(v1, tmp_path / "v1.tar")), "-t", "v1")
+    before = du(store)["stored_bytes"]
+    v2 = renamed(write_version(src, stamp=2, edits=3))
+    assert not set(v2) & {rel for rel in v1 if "__pycache__" in rel or ".so." in rel}
+    proc = run_cli(store, "import", str(layer_tar(v2, tmp_path / "v2.tar")), "-t", "v2")
+    assert proc.returncode == 0, proc.stderr
+    assert len(delta_frames(store)) >= 13  # every .pyc, and the renamed library
+    assert du(store)["stored_bytes"] - before < 40_000
+    assert_fsck_ok(store)
+    for rel in ("pkg/libmod-1a2b3c4d.so.1.2.0", "Pkg-1.10.dist-info/__pycache__/mod5.cpython-311.pyc"):
+        proc = run_cli(store, "cat", "v2", "/" + rel)
+        assert proc.returncode == 0 and proc.stdout == v2[rel], rel
+
+
+def test_a_base_far_from_the_file_size_is_not_tried(tmp_path: Path) -> None:
+    """A new path whose only same-name file is over 4x its size (or under a quarter)
+    gets no base: loading a large dictionary for a small file is not worth it."""
+    store = tmp_path / "store"
+    body = module_source(200_000, 3)
+    run_cli(store, "import", str(layer_tar({"a/big.py": body}, tmp_path / "1.tar")), "-t", "1")
+    small = {"b/big.py": body[:20_000] + b"# x\n", "c/big.py": body[:100_000] + b"# y\n"}
+    proc = run_cli(store, "import", str(layer_tar(small, tmp_path / "2.tar")), "-t", "2")
+    assert proc.returncode == 0, proc.stderr
+    found = delta_frames(store)
+    assert len(found) == 1  # c/big.py (within 4x) only
+    for rel, data in small.items():
+        assert run_cli(store, "cat", "2", "/" + rel).stdout == data
+
+
+def test_path_keys_group_versions_of_a_name() -> None:
+    """Key prefixes group what `PathTable.near` looks for: 13 bytes the same name in a
+    directory equal but for versions and case, 10 the same normalised name there, 6 the
+    same normalised name anywhere."""
+    from pylayers.store.ingest import normalise_name
+
+    assert path_key(b"x/pkg-1.2.dist-info/RECORD")[:13] == \
+        path_key(b"x/Pkg-1.10.dist-info/RECORD")[:13]
+    assert path_key(b"lib/Pillow.libs/libz-1a2b3c4d.so.1.3")[:10] == \
+        path_key(b"lib/pillow.libs/libz-99aa00bb.so.1.3.1")[:10]
+    assert path_key(b"a/mod1.py")[:10] == path_key(b"a/mod2.py")[:10]
+    assert path_key(b"a/mod1.py")[:13] != path_key(b"a/mod2.py")[:13]
+    assert path_key(b"a/RECORD")[:6] == path_key(b"b/RECORD")[:6]
+    assert path_key(b"a/RECORD")[:10] != path_key(b"b/RECORD")[:10]
+    assert path_key(b"a/x.py") != path_key(b"a/y.py")
+    assert normalise_name(b"cafe.py") == b"cafe.py"  # a word, not a hash
+    assert normalise_name(b"libz-1a2b3c4d.so.1.3") == b"libz-#.so.#"

@@ -86,7 +86,8 @@ class _Importer:
         stream, _kind = decompressed(raw, self.max, what)
         diff = Verifying(stream, diff_id, what=f"{what} (uncompressed)")
         cs = Changeset(tree)
-        for m in read_members(diff, self.params, self.writer.put, self.progress):
+        for m in read_members(diff, self.params, self.writer.put, self.progress,
+                              self.writer.file_hint):
             cs.add(m)
         digest = diff.check()  # the rest of the stream too: trailing data is read, limited
         own = cs.own_entries()

@@ -32,6 +32,7 @@ MAX_XATTR_VALUE = 64 << 10
 READ = 1 << 20
 
 Sink = Callable[[bytes, bytes], object]
+OnFile = Callable[[bytes | None, int], None]  # (path, size) before a file's chunks, (None, 0) after
 
 
 class _Info(tarfile.TarInfo):
@@ -233,9 +234,12 @@ class Member:
 
 
 def read_members(stream: BinaryIO, params: ChunkerParams, sink: Sink,
-                 progress: Callable[[int], None] | None = None) -> Iterator[Member]:
+                 progress: Callable[[int], None] | None = None,
+                 on_file: OnFile | None = None) -> Iterator[Member]:
     """The members of the uncompressed layer tar `stream`, in archive order, file
-    contents stored through `sink`."""
+    contents stored through `sink`. `on_file(path, size)` is called before a regular
+    file's chunks reach the sink and `on_file(None)` after (`ChunkWriter.file_hint`:
+    deltas against the path's last version)."""
     try:
         tf = tarfile.TarFile(fileobj=_Forward(stream), mode="r", tarinfo=_Info,  # type: ignore[arg-type]
                              encoding="utf-8", errors="surrogateescape")
@@ -250,13 +254,13 @@ def read_members(stream: BinaryIO, params: ChunkerParams, sink: Sink,
             if info is None:
                 return
             tf.members.clear()  # tarfile keeps every member otherwise
-            yield _member(tf, info, params, sink, progress)
+            yield _member(tf, info, params, sink, progress, on_file)
     finally:
         tf.close()
 
 
 def _member(tf: tarfile.TarFile, info: tarfile.TarInfo, params: ChunkerParams,
-            sink: Sink, progress) -> Member:
+            sink: Sink, progress, on_file: OnFile | None) -> Member:
     path = clean_path(_raw(info.name))
     base = path.rpartition(b"/")[2]
     mode = info.mode & 0o7777
@@ -292,10 +296,15 @@ def _member(tf: tarfile.TarFile, info: tarfile.TarInfo, params: ChunkerParams,
         e.kind = REG
         f = tf.extractfile(info)
         assert f is not None
+        if on_file is not None:
+            on_file(path, info.size)
         try:
             e.content, e.chunks, e.size = store_content(f, params, sink, progress)
         except tarfile.TarError as err:
             raise CorruptData(f"layer tar is corrupt ({err})") from None
+        finally:
+            if on_file is not None:
+                on_file(None, 0)
         if e.size != info.size:
             raise CorruptData(f"layer tar is truncated (in {path!r})")
     else:

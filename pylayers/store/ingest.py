@@ -9,7 +9,9 @@ packs and indexes them on `commit`, after the packs are durable (restic's archiv
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import struct
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,15 +31,34 @@ if TYPE_CHECKING:
 BLOCK = 4 << 20  # bytes read from a file at a time
 CHUNK_REF = struct.Struct("<32sI")  # a packed chunk list's item: chunk id, length
 COMMIT_EVERY = 256 << 20  # bytes of new chunk data between index commits
+NEAR_TRIES = 8  # `paths` entries looked at for a file's base
 
 
 def chunk_id(data) -> bytes:
     return blake3.blake3(data).digest()
 
 
+# A version-like run: a hash of 7+ hex digits holding a digit, or digits and dots.
+_VERSIONISH = re.compile(rb"(?=[0-9a-f]*[0-9])[0-9a-f]{7,}|[0-9][0-9.]*")
+
+
+def normalise_name(name: bytes) -> bytes:
+    """`name` lower-cased, its version-like runs collapsed: `libz-1a2b3c4d.so.1.3` and
+    `libz-99aa00bb.so.1.3.1` are one name, as are `Pkg-1.2.dist-info` and
+    `pkg-1.10.dist-info`."""
+    return _VERSIONISH.sub(b"#", name.lower())
+
+
 def path_key(path: bytes) -> bytes:
-    """The `paths` table's key for a file's path (relative to its tree's root)."""
-    return blake3.blake3(path).digest()[:16]
+    """The `paths` table's key for a file's path (relative to its tree's root): BLAKE3
+    prefixes of its normalised name (6 bytes), its normalised directory (4), its name
+    (3) and its path (3), so that a new path finds its base by key prefix among the
+    files nearest it (`PathTable.near`; docs/format.md, "Delta frames")."""
+    directory, _, name = path.rpartition(b"/")
+    return (blake3.blake3(normalise_name(name)).digest()[:6]
+            + blake3.blake3(normalise_name(directory)).digest()[:4]
+            + blake3.blake3(name).digest()[:3]
+            + blake3.blake3(path).digest()[:3])
 
 
 @dataclass
@@ -190,10 +211,11 @@ def _hash_pieces(pieces: list) -> list[bytes]:
 class _File:
     """The file whose chunks `ChunkWriter.put` is receiving (see `file_hint`)."""
 
-    __slots__ = ("key", "ids", "group", "group_bytes", "base", "new", "partial")
+    __slots__ = ("key", "size", "ids", "group", "group_bytes", "base", "new", "partial")
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, size: int) -> None:
         self.key = key
+        self.size = size
         self.ids: list[bytes] = []  # every chunk of the file, in order
         self.group: list[tuple[bytes, bytes]] = []  # new chunks held for a delta
         self.group_bytes = 0
@@ -240,7 +262,7 @@ class ChunkWriter:
         at `path` (relative to its tree's root), `size` bytes; None: no file now."""
         self._end_file()
         if path is not None and DELTA_MIN <= size <= DELTA_MAX:
-            self._file = _File(path_key(path))
+            self._file = _File(path_key(path), size)
 
     def _end_file(self) -> None:
         f, self._file = self._file, None
@@ -257,18 +279,23 @@ class ChunkWriter:
             self.pack.add_delta(group, ids, base)
 
     def _base_of(self, f: _File) -> bool:
-        """Look up (once per file) the base for the file's new chunks."""
+        """Look up (once per file) the base for the file's new chunks: the last version
+        at its path, else (among the first few of the same name nearby) one whose size
+        is within 4x of the file's."""
         if f.base is None:
             f.base = False
-            ids = self._tables.paths.get(f.key)
-            if ids:
+            for ids, own in itertools.islice(self._tables.paths.near(f.key), NEAR_TRIES):
                 locs = [self._tables.chunks.get(cid) for cid in ids]
-                if all(loc is not None and not loc.delta for loc in locs) and \
-                        sum(loc.length for loc in locs) <= DELTA_MAX:
-                    try:
-                        f.base = (ids, self.store.read_base(ids))
-                    except CorruptData:
-                        pass  # a damaged base: store the file without a delta
+                if not all(loc is not None and not loc.delta for loc in locs):
+                    continue
+                total = sum(loc.length for loc in locs)
+                if total > DELTA_MAX or not (own or f.size <= 4 * total <= 16 * f.size):
+                    continue
+                try:
+                    f.base = (ids, self.store.read_base(ids))
+                except CorruptData:
+                    pass  # a damaged base: store the file without a delta
+                break
         return f.base is not False
 
     def put(self, cid: bytes, data) -> bool:

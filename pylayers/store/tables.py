@@ -304,17 +304,34 @@ class ImageConfigTable(_Table):
 
 
 class PathTable(_Table):
-    """`paths`: the first 16 bytes of BLAKE3(path) -> the chunk ids of the last version
-    of a file at that path stored without deltas: the base a new version's delta is
-    tried against (store/ingest.py; docs/format.md, "Delta frames")."""
+    """`paths`: a file's path key (`store/ingest.path_key`: its normalised name, its
+    normalised directory, its name, its path) -> the chunk ids of the last version of a file at
+    that path stored without deltas: the base a new version's delta is tried against
+    (store/ingest.py; docs/format.md, "Delta frames")."""
 
     KEY_LEN = 16
+    # key prefixes (store/ingest.path_key), nearest first: the same name in the same
+    # normalised directory; the same normalised name there; that name anywhere
+    NEAR = (13, 10, 6)
 
     def get(self, key: bytes) -> list[bytes] | None:
-        raw = self._get(key)
-        if raw is None or not raw or len(raw) % ID_LEN:
-            return None  # not an entry: the next version of the file replaces it
-        return [raw[i : i + ID_LEN] for i in range(0, len(raw), ID_LEN)]
+        return _ids(self._get(key))
+
+    def near(self, key: bytes) -> Iterator[tuple[list[bytes], bool]]:
+        """(chunk ids, whether they are the path's own) of the entries nearest `key`, the
+        closest first: the path's own; files of the same name in the same normalised
+        directory (`pkg-1.2.dist-info/RECORD` for `pkg-1.3.dist-info/RECORD`); of the
+        same normalised name there (`libz-<hash>.so.1.2` for `libz-<hash>.so.1.3`); of
+        that normalised name anywhere. Each group in key order."""
+        ids = self.get(key)
+        if ids is not None:
+            yield ids, True
+        seen = {key}
+        for n in self.NEAR:
+            for k, raw in self._range(key[:n]):
+                if k not in seen and (ids := _ids(raw)) is not None:
+                    seen.add(k)
+                    yield ids, False
 
     def put(self, key: bytes, ids: list[bytes]) -> None:
         self._txn.put(key, b"".join(ids), db=self._db)
@@ -324,6 +341,12 @@ class PathTable(_Table):
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         return self._items()
+
+
+def _ids(raw: bytes | None) -> list[bytes] | None:
+    if raw is None or not raw or len(raw) % ID_LEN:
+        return None  # not an entry: the next version of the file replaces it
+    return [raw[i : i + ID_LEN] for i in range(0, len(raw), ID_LEN)]
 
 
 class Tables:
