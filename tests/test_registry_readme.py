@@ -1,7 +1,7 @@
-"""The README's registry blocks (after `<!-- registry -->`: push and pull, and a build
-FROM the pushed image), run as tests/test_readme.py runs the others (in one shell
-session after the README's earlier blocks, their output claims checked), with a real
-registry in place of `localhost:5000`."""
+"""The README's registry blocks (after `<!-- registry -->`: push and pull, a build cache
+exported and imported, and a build FROM the pushed image), run as tests/test_readme.py
+runs the others (in one shell session after the README's earlier blocks, their output
+claims checked), with a real registry in place of `localhost:5000`."""
 
 from __future__ import annotations
 
@@ -41,3 +41,9 @@ def test_readme_registry_block(tmp_path: Path, registry) -> None:
     # the build FROM the pushed image (Building images from Dockerfiles)
     cat = [out for code, _c, out in outputs if code.startswith("pylayers cat on-v2")]
     assert cat == ["hello\n"]
+    # the shared build cache: a build in an empty store with --cache-from runs no step
+    # and gives the --cache-to build's layer id
+    ids = [out.split()[-1] for code, _c, out in outputs if "--cache-" in code]
+    assert len(ids) == 2 and ids[0] == ids[1]
+    cached = [out for code, _c, out in outputs if "--cache-from" in code][0]
+    assert "0 steps run" in cached, cached

@@ -146,6 +146,7 @@ class Builder:
         self.snapshots = Snapshotter(layers, driver)
         self.driver = driver
         self.cache = BuildCache(self.store)
+        self.remote = None  # a registrycache.RegistryCache while it runs a build
         self.on_event = on_event or (lambda e: None)
         self.on_output = on_output
 
@@ -176,6 +177,7 @@ class Builder:
         self._pulled: dict[tuple[str, str | None], tuple[bytes, bytes]] = {}
         self.used_args: set[str] = set()
         self.result_steps: list[StepEvent] = []
+        self.entries: list[tuple[CacheKey, bytes]] = []  # each layer step's key, layer
         self.global_args = self._global_args(df)
         final = df.stages[-1] if target is None else df.stage(target)
         if final is None:
@@ -199,6 +201,7 @@ class Builder:
             self._history(state, inst, CONFIG_STEP, False)
             self.result_steps.append(ev)
             self.on_event(ev)
+        self._need(state.layer)
         config = self._image_config(state)
         data = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
         image_config.save(self.store, state.layer, data)
@@ -437,6 +440,7 @@ class Builder:
     def _exists_dir(self, layer: bytes | None, path: str) -> bool:
         if layer is None:
             return path == "/"
+        self._need(layer)
         want = path.strip("/").encode()
         for e in self.layers.tree(layer):
             if e.path == want:
@@ -608,6 +612,7 @@ class Builder:
                            "or layer of that name") from None
 
     def _view(self, layer: bytes) -> tuple[tuple[str, str], Path]:
+        self._need(layer)
         key = f"build-view-{os.urandom(8).hex()}"
         target = tempfile.mkdtemp(prefix="pylayers-build-from-")
         try:
@@ -643,6 +648,8 @@ class Builder:
         key = cache_key(state.key, text, kw.get("inputs"), options, store=self.store,
                         exclude=kw.get("exclude"), ignore=kw.get("ignore", ()))
         layer = None if self.no_cache else self.cache.get(key)
+        if layer is None and self.remote is not None and not self.no_cache:
+            layer = self.remote.lookup(key, state.layer)  # pulled when needed
         if layer is not None:
             ev.cached, ev.layer = True, layer
         else:
@@ -658,9 +665,16 @@ class Builder:
             ev.new_bytes = rec.new_bytes if rec.created >= started else 0
         state.layer, state.key = layer, key
         state.own_layers += 1
+        self.entries.append((key, layer))
+
+    def _need(self, layer: bytes | None) -> None:
+        """A layer a registry cache hit gave is pulled when the build reads it."""
+        if self.remote is not None:
+            self.remote.need(layer)
 
     def _commit_step(self, parent: bytes | None, message: str,
                      action: Callable[[str], None]) -> bytes:
+        self._need(parent)
         key = f"build-{os.urandom(8).hex()}"
         target = tempfile.mkdtemp(prefix="pylayers-build-")
         committed = False

@@ -98,14 +98,21 @@ class _Printer:
 @click.option("--source-date-epoch", type=int, envvar="SOURCE_DATE_EPOCH",
               help="mtime of every file a step makes or changes, and the image's "
                    "creation time (default: $SOURCE_DATE_EPOCH, else 0 and none).")
+@click.option("--cache-from", "cache_from", multiple=True, metavar="REGISTRY/REPO:TAG",
+              help="Take CACHED steps from this registry build cache (repeatable); their "
+                   "layers are pulled (missing chunks only) when the build needs them.")
+@click.option("--cache-to", "cache_to", metavar="REGISTRY/REPO:TAG",
+              help="Merge this build's cache keys and layers into this registry build "
+                   "cache (chunk-level; nothing is sent when it has them all).")
 @click.option("--json", "as_json", is_flag=True,
               help="One JSON document on stdout (docs/cli.md); step lines go to stderr.")
 @registry_options
 @click.pass_context
 def build(ctx: click.Context, context: str, dockerfile: str | None, tags: tuple[str, ...],
           target: str | None, build_args: tuple[str, ...], no_cache: bool, explain: bool,
-          driver: str | None, source_date_epoch: int | None, as_json: bool,
-          insecure: bool, user: str | None, ca_file: str | None) -> None:
+          driver: str | None, source_date_epoch: int | None, cache_from: tuple[str, ...],
+          cache_to: str | None, as_json: bool, insecure: bool, user: str | None,
+          ca_file: str | None) -> None:
     """Build the Dockerfile in CONTEXT: one layer per RUN, COPY, ADD (and WORKDIR of a
     new directory), each CACHED when its key is known. Prints each step, and the final
     layer's id last. FROM REGISTRY/REPO[:TAG|@DIGEST] pulls the base first (the registry
@@ -114,14 +121,33 @@ def build(ctx: click.Context, context: str, dockerfile: str | None, tags: tuple[
         raise UsageError("--source-date-epoch must not be negative")
     printer = _Printer(sys.stderr if as_json else sys.stdout, explain)
     args = _build_args(build_args)
+    remote = None
     with open_layers(ctx) as layers:
         builder = Builder(layers, driver=driver, on_event=printer.event,
                           on_output=printer.output,
                           registry=RegistryOptions(insecure, ca_file, user))
-        res = builder.build(context, dockerfile, tags=tags, target=target, build_args=args,
-                            no_cache=no_cache, explain=explain,
-                            source_date_epoch=source_date_epoch)
+        kw = dict(tags=tags, target=target, build_args=args, no_cache=no_cache,
+                  explain=explain, source_date_epoch=source_date_epoch)
+        if cache_from or cache_to:
+            from ..build.registrycache import RegistryCache
+            from ..oci.auth import find_credentials
+
+            remote = RegistryCache(layers, cache_from, cache_to, insecure=insecure,
+                                   credentials=lambda host: find_credentials(host, user),
+                                   ca_file=ca_file)
+            try:
+                res = remote.build(builder, context, dockerfile, **kw)
+            finally:
+                remote.close()
+        else:
+            res = builder.build(context, dockerfile, **kw)
     warn(res.warnings)
+    exported = remote.export_result if remote is not None else None
+    if exported is not None and not as_json:
+        print(f"cache-to {exported.reference}: {exported.records} records "
+              f"({exported.records_added} added), {exported.layers_pushed} layers pushed, "
+              f"{human(exported.counters.get('blob_bytes_sent', 0))} of blobs sent",
+              file=sys.stderr)
     if as_json:
         emit_json({"id": res.layer_id.hex(), "tags": sorted(tags),
                    "cached": res.cached, "built": res.built,
@@ -130,7 +156,11 @@ def build(ctx: click.Context, context: str, dockerfile: str | None, tags: tuple[
                               "cached": s.cached if s.layer else None,
                               "seconds": round(s.seconds, 3), "new_bytes": s.new_bytes,
                               "explanation": s.explanation} for s in res.steps],
-                   "warnings": res.warnings})
+                   "warnings": res.warnings,
+                   "cache_from": None if remote is None or not cache_from else {
+                       "layers_pulled": remote.pulled,
+                       "bytes_received": remote.bytes_received},
+                   "cache_to": exported.to_json() if exported is not None else None})
         return
     click.echo(f"{res.built} steps run, {res.cached} cached")
     click.echo(res.layer_id.hex())

@@ -155,6 +155,18 @@ def pull_chunk_artifact(layers: Layers, remote: ChunkRemote, image_digest: str,
     if got is None:
         return None
     art = decode_artifact(got[1], image_digest)
+    res = pull_layers(layers, remote, art, tag, config, message, progress)
+    res.bytes_received = remote.bytes_received - received0
+    return res
+
+
+def pull_layers(layers: Layers, remote: ChunkRemote, art: Artifact, tag: str | None = None,
+                config: bytes | None = None, message: str = "pull",
+                progress: Callable[[int], None] | None = None) -> ChunkPullResult:
+    """Pull the chain of layers `art.layers` (oldest first, from a base layer; their
+    index and pack blobs among `art.blobs`): the layers the store lacks, fetching only
+    the chunks it lacks. `config` is kept beside the top layer, `tag` names it."""
+    received0 = remote.bytes_received
     res = ChunkPullResult(art.layers[-1].layer_id, [la.layer_id for la in art.layers])
     present = _present_prefix(layers, art)
     missing = art.layers[present:]

@@ -137,44 +137,84 @@ def push_chunk_artifact(layers: Layers, top: bytes, remote: ChunkRemote, image: 
     manifest described by the descriptor `image` holds as its layers, oldest first."""
     sent0 = remote.bytes_sent
     res = ChunkPushResult(artifact_tag(image["digest"]), "")
-
-    def send(digest: str, data: bytes) -> None:
-        res.blobs += 1
-        if not remote.has_blob(digest):
-            remote.put_blob(digest, data)
-            res.blobs_sent += 1
-
     if not remote.has_blob(EMPTY_DIGEST):  # the config, not one of the artifact's blobs
         remote.put_blob(EMPTY_DIGEST, EMPTY)
     listed = []
-    cache = PackCache(layers.store.path / "registry" / "chunk-packs", level)
-    with PackEncoder(level) as enc:
+    with LayerPusher(layers, remote, level, progress) as pusher:
         for lid in reversed(layers.chain(top)):
-            manifest, files = layer_chunks(layers, lid)
-            index = LayerIndex(lid, layers.record(lid).parent, layers.record(lid).manifest)
-            packs = []
-            for group in plan_packs(manifest, files):
-                known = cache.get(group)
-                if known is not None and remote.has_blob(known[0]):
-                    digest, size, frames = known
-                    res.blobs += 1
-                else:
-                    cids = [cid for cid, _ in group]
-                    pack = enc.encode(zip(cids, read_ahead(layers.store, cids), strict=True))
-                    digest, size, frames = pack.digest, len(pack.data), pack.frames
-                    send(digest, pack.data)
-                    cache.put(group, digest, size, frames)
-                n = len(index.packs)
-                index.packs.append((digest, size))
-                index.frames += [FrameRef(n, *f) for f in frames]
-                packs.append(descriptor(PACK_TYPE, digest, size))
-                if progress is not None:
-                    progress(sum(length for _, length in group))
-            data = index.encode()
-            digest = sha256_digest(data)
-            send(digest, data)
-            listed.append((lid, descriptor(INDEX_TYPE, digest, len(data)), packs))
+            index, packs = pusher.push(lid)
+            listed.append((lid, index, packs))
+        res.blobs, res.blobs_sent = pusher.blobs, pusher.blobs_sent
     doc = encode_artifact(image, listed)
     res.digest = remote.put_manifest(res.tag, doc, MANIFEST_TYPE)
     res.bytes_sent = remote.bytes_sent - sent0
     return res
+
+
+class LayerPusher:
+    """Pushes layers as chunk blobs (each layer's packs, then its index blob), each
+    blob only if the remote lacks it: a digest in `known` (blobs the caller knows the
+    remote has, such as those an existing manifest lists) is not even asked about.
+    Close it, or use it as a context manager."""
+
+    def __init__(self, layers: Layers, remote: ChunkRemote, level: int = DEFAULT_LEVEL,
+                 progress: Callable[[int], None] | None = None,
+                 known: set[str] | None = None) -> None:
+        self.layers = layers
+        self.remote = remote
+        self.progress = progress
+        self.known = known if known is not None else set()
+        self.blobs = 0  # blobs listed
+        self.blobs_sent = 0  # of which the remote lacked
+        self.cache = PackCache(layers.store.path / "registry" / "chunk-packs", level)
+        self.enc = PackEncoder(level)
+
+    def _has(self, digest: str) -> bool:
+        return digest in self.known or self.remote.has_blob(digest)
+
+    def _send(self, digest: str, data: bytes) -> None:
+        self.blobs += 1
+        if not self._has(digest):
+            self.remote.put_blob(digest, data)
+            self.blobs_sent += 1
+        self.known.add(digest)
+
+    def push(self, lid: bytes) -> tuple[dict, list[dict]]:
+        """Push the layer `lid` (not its ancestors): (its index blob's descriptor, its
+        pack blobs' descriptors)."""
+        layers = self.layers
+        manifest, files = layer_chunks(layers, lid)
+        rec = layers.record(lid)
+        index = LayerIndex(lid, rec.parent, rec.manifest)
+        packs = []
+        for group in plan_packs(manifest, files):
+            known = self.cache.get(group)
+            if known is not None and self._has(known[0]):
+                digest, size, frames = known
+                self.blobs += 1
+                self.known.add(digest)
+            else:
+                cids = [cid for cid, _ in group]
+                pack = self.enc.encode(zip(cids, read_ahead(layers.store, cids), strict=True))
+                digest, size, frames = pack.digest, len(pack.data), pack.frames
+                self._send(digest, pack.data)
+                self.cache.put(group, digest, size, frames)
+            n = len(index.packs)
+            index.packs.append((digest, size))
+            index.frames += [FrameRef(n, *f) for f in frames]
+            packs.append(descriptor(PACK_TYPE, digest, size))
+            if self.progress is not None:
+                self.progress(sum(length for _, length in group))
+        data = index.encode()
+        digest = sha256_digest(data)
+        self._send(digest, data)
+        return descriptor(INDEX_TYPE, digest, len(data)), packs
+
+    def close(self) -> None:
+        self.enc.close()
+
+    def __enter__(self) -> LayerPusher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
