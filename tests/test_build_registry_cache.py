@@ -121,6 +121,10 @@ def test_edit_after_cache_from_reruns_only_later_steps(tmp_path, registry):
     res, cache = build(tmp_path / "b", ctx, cache_from=[ref])
     assert ran(res) == ["COPY src/ ./", "RUN cat a.txt b.txt > out.txt && wc -c /deps.all "
                         ">> out.txt", "COPY --from=build /src/out.txt /app/out.txt"]
+    # only the layers the build read were pulled: the base stage's two, and the build
+    # stage's up to the step that ran (WORKDIR, COPY deps/, RUN); not the old COPY src/,
+    # its RUN, nor the old final layer
+    assert cache.pulled == 5
     with Store.open(tmp_path / "b") as store:
         files = {e.path: Layers(store).read_file(e) for e in Layers(store).tree(res.layer_id)
                  if e.kind == 1}
@@ -167,6 +171,7 @@ class Counting(BaseHTTPRequestHandler):
     upstream = ""
     requests: list = []
     body_bytes = 0
+    hook = None  # called with (method, path) before a request is passed on
 
     def log_message(self, *args) -> None:
         pass
@@ -177,6 +182,8 @@ class Counting(BaseHTTPRequestHandler):
         body = self.rfile.read(n) if n else None
         cls.requests.append((self.command, self.path))
         cls.body_bytes += n
+        if cls.hook is not None:
+            cls.hook(self.command, self.path)
         headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
         conn = http.client.HTTPConnection(cls.upstream, timeout=30)
         try:
@@ -304,6 +311,11 @@ def _hostile_cases(manifest: dict, records: dict) -> dict:
     m = json.loads(json.dumps(manifest))
     m["config"]["size"] = 1 << 40
     cases["a huge records blob"] = (m, {}, "too large")
+    r = json.loads(json.dumps(records))
+    with_inputs = next(x for x in r["records"] if x["inputs"])
+    with_inputs["inputs"] = {"digest": _sha(b"x"), "size": 1}
+    cases["inputs blob not listed"] = (*_with_records(manifest, r),
+                                       "names an inputs blob the cache does not list")
     return cases
 
 
@@ -322,6 +334,34 @@ def test_hostile_cache_refs_give_one_line_errors(tmp_path, registry, exported):
     # the tag an export refused is left as it was
     assert _doc(registry, "/v2/cache/app/manifests/bad0")["artifactType"] == \
         "application/vnd.example.other"
+
+
+@pytest.mark.parametrize("inputs", [b"[]", b'{"version": 1, "inputs": [{"name": "x", '
+                                    b'"files": {"a": ["file", "0644", 0, 0, 1, null, null, '
+                                    b'null, {}]}}]}'])
+def test_a_malformed_inputs_blob_is_one_line_with_explain(tmp_path, registry, exported,
+                                                          inputs):
+    ctx, manifest, records, _first = exported
+    r = json.loads(json.dumps(records))
+    for x in r["records"]:
+        if x["inputs"]:
+            x["inputs"] = {"digest": _sha(inputs), "size": len(inputs)}
+    m, blobs = _with_records(manifest, r)
+    m["layers"] = [d for d in m["layers"] if not d["mediaType"].endswith("inputs.v1+json")]
+    m["layers"].append({"mediaType": "application/vnd.pylayers.buildcache.inputs.v1+json",
+                        "digest": _sha(inputs), "size": len(inputs)})
+    _put(registry, "cache/app:badinputs", m, {**blobs, _sha(inputs): inputs})
+    (ctx / "src" / "b.txt").write_text("changed\n")
+    ref = f"{registry.host}/cache/app:badinputs"
+    ok = cli(tmp_path / "fresh", "build", str(ctx), "--insecure", "--cache-from", ref)
+    assert ok.returncode == 0, ok.stderr  # the inputs are read by --explain only
+    proc = cli(tmp_path / "fresh2", "build", str(ctx), "--insecure", "--cache-from", ref,
+               "--explain")
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 8 and len(err) == 1 and "Traceback" not in proc.stderr, \
+        proc.stderr
+    assert "inputs blob" in err[0] and ("not a JSON object" in err[0]
+                                        or "is malformed" in err[0]), err[0]
 
 
 def test_a_record_on_another_parent_is_a_miss_never_a_wrong_hit(tmp_path, registry,
@@ -363,3 +403,53 @@ def test_a_layer_whose_blobs_are_gone_or_damaged_runs_its_steps(tmp_path, regist
     assert res.layer_id == first.layer_id
     assert any("cannot be pulled" in w and "run again" in w for w in res.warnings), \
         res.warnings
+
+
+def test_explain_on_a_fresh_machine_names_the_changed_file(tmp_path, registry):
+    ctx = make_context(tmp_path / "ctx")
+    ref = f"{registry.host}/cache/app:main"
+    build(tmp_path / "a", ctx, cache_to=ref)
+    (ctx / "src" / "b.txt").write_text("B!\n")
+    os.chmod(ctx / "src" / "a.txt", 0o600)
+    res, _ = build(tmp_path / "b", ctx, cache_from=[ref], explain=True)
+    why = {s.text: s.explanation for s in res.steps if s.explanation}
+    assert "b.txt: content changed (size 2 -> 3)" in why["COPY src/ ./"], why
+    assert "a.txt: mode 0644 -> 0600" in why["COPY src/ ./"], why
+    assert "the parent step missed" in why["COPY --from=build /src/out.txt /app/out.txt"] or \
+        "differs" in why["COPY --from=build /src/out.txt /app/out.txt"]
+
+
+def test_an_exporter_that_moved_the_tag_meanwhile_is_merged_not_replaced(
+        tmp_path, registry, counting):
+    """Another CI job exports to the tag after this export read it and before its PUT
+    (the proxy lets that job's manifest in just before this export's check): the export
+    merges again, and both jobs' records are in the tag."""
+    main = make_context(tmp_path / "main")
+    feature = tmp_path / "feature"
+    shutil.copytree(main, feature)
+    (feature / "src" / "a.txt").write_text("feature\n")
+    b, _ = build(tmp_path / "ci-feature", feature,
+                 cache_to=f"{registry.host}/cache/race:feature")
+    other = urllib.request.urlopen(urllib.request.Request(
+        registry.url("/v2/cache/race/manifests/feature"),
+        headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})).read()
+
+    def meanwhile(method: str, path: str) -> None:
+        if method == "HEAD" and path == "/v2/cache/race/manifests/shared" and \
+                counting.hook is not None:
+            counting.hook = None  # once
+            req = urllib.request.Request(
+                registry.url(path), data=other, method="PUT",
+                headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+            urllib.request.urlopen(req).read()
+
+    counting.hook = staticmethod(meanwhile)
+    a, cache = build(tmp_path / "ci-main", main,
+                     cache_to=f"{counting.host}/cache/race:shared")
+    assert counting.hook is None, "the export never checked the tag before its PUT"
+    assert cache.export_result.attempts == 2
+    assert cache.export_result.records == 11
+    for ctx, want in ((main, a), (feature, b)):
+        res, _ = build(tmp_path / f"fresh-{ctx.name}", ctx,
+                       cache_from=[f"{registry.host}/cache/race:shared"])
+        assert ran(res) == [] and res.layer_id == want.layer_id

@@ -654,7 +654,8 @@ class Builder:
             ev.cached, ev.layer = True, layer
         else:
             if self.explain and not self.no_cache:
-                ev.explanation = self.cache.explain_miss(key)
+                ev.explanation = self.cache.explain_miss(
+                    key, self.remote.candidates if self.remote is not None else None)
             started = time.time()
             layer = self._commit_step(state.layer, text, action)
             self.cache.put(key, layer)

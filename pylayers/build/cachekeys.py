@@ -465,11 +465,21 @@ class BuildCache:
                 out.append((digest, _decode_value(raw)[1]))
         return out
 
-    def explain_miss(self, key) -> str:
+    def explain_miss(self, key, extra: Callable[[bytes], list[tuple[bytes, dict]]] | None
+                     = None) -> str:
         """Why `key` (a CacheKey, or the record it carries) missed: what differs from the
         closest earlier key — same parent and instruction first; for a build's first
         step, the same instruction on another base next; else same parent — or that the
-        parent step missed."""
+        parent step missed. `extra(prefix)`: more earlier keys to compare with, (digest,
+        record) whose parent reference (kind byte and id) starts with `prefix` (a
+        registry cache's records)."""
+        def children(table: CacheKeyTable, prefix: bytes) -> list[tuple[bytes, dict]]:
+            out = self._children(table, prefix)
+            if extra is not None:
+                have = {d for d, _ in out}
+                out += [(d, r) for d, r in extra(prefix) if d not in have]
+            return out
+
         if isinstance(key, Mapping):
             digest, record = None, dict(key)
         else:
@@ -489,7 +499,7 @@ class BuildCache:
             if record is None:
                 return f"{label}: no record of this key (pass the CacheKey cache_key returned)"
             ref = _record_parent_ref(record)
-            siblings = [(d, r) for d, r in self._children(t.cachekeys, ref) if d != digest]
+            siblings = [(d, r) for d, r in children(t.cachekeys, ref) if d != digest]
             same = [s for s in siblings if s[1].get("instruction") == record["instruction"]]
             if same:
                 best, _, diffs = self._closest(same, record)
@@ -500,7 +510,7 @@ class BuildCache:
                 # a first step: the same instruction on another base explains it better
                 # than another instruction on this base (a build's other stages)
                 others = [s for p in (PARENT_NONE, PARENT_LAYER)
-                          for s in self._children(t.cachekeys, bytes([p]))
+                          for s in children(t.cachekeys, bytes([p]))
                           if s[1].get("instruction") == record["instruction"]
                           and s[0] != digest]
                 base = (f"base layer {_short(parent['id'])}" if parent["kind"] == "layer"

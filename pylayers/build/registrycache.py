@@ -7,11 +7,14 @@ its layers are the records' layers as chunk blobs, exactly as the chunk artifact
 carries them (`oci/chunkpush.py`, `oci/chunkpull.py`): per layer an index blob
 (annotated with the layer's id and its parent's) and pack blobs. Every layer's
 ancestors are listed too, so any record's layer can be pulled from the artifact alone.
+The files a COPY or ADD key read are in an *inputs blob* per record, read only by
+`--explain` (`candidates`), so that a miss on a fresh machine names what changed.
 
 Import (`--cache-from`, repeatable): the artifact's records are read before the build
-(a ref the registry lacks is a warning, nothing more). A step whose key is neither in
-the store's cache nor... is looked up in the records; a record whose layer's parent is
-the layer the step would run on is a hit, and the step is CACHED without running. The
+(a ref the registry lacks is a warning, nothing more). A step whose key the store's
+cache lacks is looked up in the records; a record whose layer's parent is the layer
+the step would run on (and whose instruction is the key's) is a hit, and the step is
+CACHED without running. The
 layer is pulled (only the chunks the store lacks) when the build needs it: a step that
 misses runs on it, a `COPY --from` reads it, a WORKDIR looks into it, or it is the
 result. A layer that cannot be pulled (its blobs missing or damaged) is dropped with a
@@ -23,14 +26,14 @@ manifest against the layer id.
 Export (`--cache-to`): the artifact under the tag is read, this build's records are
 merged in (a key keeps one layer: this build's), and when that adds nothing the export
 ends there: two requests, no blob checked or sent, whatever the layer count. Otherwise
-the layers the artifact lacks are pushed (blobs the artifact lists are known to be
-there and never asked about; the others are asked about (HEAD) and sent when missing),
-then the records blob and the manifest. Concurrent exporters to one tag: before the
-PUT the tag is checked again (HEAD) and, if another exporter moved it, the merge is
-redone on its manifest; after the PUT it is checked once more and, if it moved, the
-export runs again (whatever is already in the tag is a no-op to merge). Two exporters
-can still lose one's records only if both PUTs and the second's check fall between
-the other's last check and its PUT: the distribution API has no conditional PUT.
+the layers the artifact lacks are pushed (blobs the artifact lists are known to be there
+and never asked about; the others are asked about (HEAD) and sent when missing), then
+the inputs blobs it lacks, the records blob and the manifest. Concurrent exporters to
+one tag: before the PUT the tag is checked again (HEAD) and, if another exporter moved
+it, the merge is redone on its manifest; after the PUT it is checked once more and, if
+it moved, the export runs again (whatever is already in the tag is a no-op to merge).
+Two exporters can still lose one's records only if both PUTs and the second's check fall
+between the other's last check and its PUT: the distribution API has no conditional PUT.
 
 Untrusted input: the manifest and the records blob are decoded strictly (one-line
 `CorruptData`, exit 8, for anything malformed); blobs are read through their digest;
@@ -69,10 +72,12 @@ from .cachekeys import BuildCache, CacheKey
 FORMAT = 1  # the build cache artifact's version (docs/format.md)
 ARTIFACT_TYPE = "application/vnd.pylayers.buildcache.v1"
 RECORDS_TYPE = "application/vnd.pylayers.buildcache.records.v1+json"
+INPUTS_TYPE = "application/vnd.pylayers.buildcache.inputs.v1+json"
 VERSION_ANNOTATION = "dev.pylayers.buildcache.version"
 PARENT_ANNOTATION = "dev.pylayers.parent"
 MAX_MANIFEST = 4 << 20  # what registries take (distribution's limit)
 MAX_RECORDS_BLOB = 64 << 20
+MAX_INPUTS_BLOB = 64 << 20
 MAX_RECORDS = 10_000  # an export keeps the newest records up to this many
 MAX_LAYERS = 4_000  # ... and the layers they need up to this many
 MAX_RETRIES = 5  # exports re-run after another exporter moved the tag
@@ -105,26 +110,29 @@ class CacheRecord:
     instruction: str
     options: dict
     created: int
+    inputs: dict | None = None  # the inputs blob's descriptor (COPY and ADD)
 
     def to_json(self) -> dict:
         return {"key": self.key.hex(), "layer": self.layer.hex(), "parent": self.parent,
                 "instruction": self.instruction, "options": self.options,
-                "created": self.created}
+                "created": self.created, "inputs": self.inputs}
 
-    def explain_record(self) -> dict:
-        """The record in the form BuildCache.explain_miss compares."""
-        return {"parent": self.parent, "instruction": self.instruction,
-                "options": self.options, "inputs": [], "created": self.created}
+    def parent_ref(self) -> bytes:
+        """The key's parent as the store's cachekeys index has it: kind byte, id."""
+        kind = _PARENT_KINDS.index(self.parent["kind"])
+        pid = self.parent["id"]
+        return bytes([kind]) + (bytes.fromhex(pid) if pid is not None else bytes(32))
 
 
 @dataclass
 class CacheArtifact:
     layers: dict[bytes, CacheLayer] = field(default_factory=dict)
     records: dict[bytes, CacheRecord] = field(default_factory=dict)
+    inputs: dict[str, int] = field(default_factory=dict)  # inputs blobs: digest -> size
     digest: str | None = None  # of its manifest, as read
 
     def blobs(self) -> dict[str, int]:
-        out: dict[str, int] = {}
+        out: dict[str, int] = dict(self.inputs)
         for la in self.layers.values():
             for d in (la.index, *la.packs):
                 out[d["digest"]] = d["size"]
@@ -188,7 +196,12 @@ def decode_manifest(data: bytes, what: str) -> tuple[CacheArtifact, dict]:
     art = CacheArtifact()
     current: CacheLayer | None = None
     for d in doc["layers"]:
-        _descriptor(d, what, (INDEX_TYPE, PACK_TYPE))
+        _descriptor(d, what, (INDEX_TYPE, PACK_TYPE, INPUTS_TYPE))
+        if d["mediaType"] == INPUTS_TYPE:
+            if d["size"] > MAX_INPUTS_BLOB:
+                raise CorruptData(f"{what}: inputs blob {d['digest']} is too large")
+            art.inputs[d["digest"]] = d["size"]
+            continue
         if d["mediaType"] == PACK_TYPE:
             if current is None:
                 raise CorruptData(f"{what}: pack blob {d['digest']} before any layer index")
@@ -248,11 +261,50 @@ def decode_records(data: bytes, art: CacheArtifact, what: str) -> dict[bytes, Ca
         if not isinstance(instruction, str) or not isinstance(options, dict) or \
                 not isinstance(created, int) or isinstance(created, bool):
             raise CorruptData(f"{what}: record {key.hex()[:12]} is malformed")
+        inputs = r.get("inputs")
+        if inputs is not None:
+            if not isinstance(inputs, dict) or set(inputs) != {"digest", "size"} or \
+                    art.inputs.get(inputs["digest"]) != inputs["size"]:
+                raise CorruptData(f"{what}: record {key.hex()[:12]} names an inputs blob "
+                                  "the cache does not list")
         if key in out:
             raise CorruptData(f"{what}: key {key.hex()[:12]} is listed twice")
         out[key] = CacheRecord(key, layer, {"kind": parent["kind"], "id": parent["id"]},
-                               instruction, options, created)
+                               instruction, options, created, inputs)
     return out
+
+
+def encode_inputs(inputs: list) -> bytes:
+    """The inputs blob: a key record's `inputs` (per input its name and, per file, what
+    --explain compares)."""
+    return json.dumps({"version": FORMAT, "inputs": inputs}, sort_keys=True,
+                      separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _opt(v, kind) -> bool:
+    return v is None or isinstance(v, kind)
+
+
+def decode_inputs(data: bytes, what: str) -> list:
+    """An inputs blob, refusing anything `differences` could not compare."""
+    doc = image_config.parse(data, what)
+    inputs = doc.get("inputs")
+    if doc.get("version") != FORMAT or not isinstance(inputs, list):
+        raise CorruptData(f"{what} is not a version {FORMAT} inputs list")
+    for inp in inputs:
+        if not isinstance(inp, dict) or not isinstance(inp.get("name"), str) or \
+                not isinstance(inp.get("files"), dict):
+            raise CorruptData(f"{what}: an input is malformed")
+        for path, f in inp["files"].items():
+            if not (isinstance(f, list) and len(f) == 9 and isinstance(f[0], str)
+                    and all(isinstance(x, int) for x in f[1:5]) and _opt(f[5], str)
+                    and _opt(f[6], str) and (f[7] is None or (
+                        isinstance(f[7], list) and len(f[7]) == 2
+                        and all(isinstance(x, int) for x in f[7])))
+                    and isinstance(f[8], dict)
+                    and all(isinstance(v, str) for v in f[8].values())):
+                raise CorruptData(f"{what}: the record of {path[:80]!r} is malformed")
+    return inputs
 
 
 def encode_records(records: Iterable[CacheRecord]) -> bytes:
@@ -280,6 +332,7 @@ def encode_manifest(art: CacheArtifact, records_blob: bytes) -> bytes:
 
     for lid in sorted(art.layers):
         add(lid)
+    blobs += [descriptor(INPUTS_TYPE, d, n) for d, n in sorted(art.inputs.items())]
     doc = {"schemaVersion": 2, "mediaType": MANIFEST_TYPE, "artifactType": ARTIFACT_TYPE,
            "config": descriptor(RECORDS_TYPE, sha256_digest(records_blob), len(records_blob)),
            "layers": blobs, "annotations": {VERSION_ANNOTATION: str(FORMAT)}}
@@ -343,6 +396,7 @@ class RegistryCache:
         self.hits: dict[bytes, bytes] = {}  # key -> layer, taken from a registry cache
         self.warnings: list[str] = []
         self.pulled = 0  # layers pulled
+        self._inputs: dict[str, list] = {}  # inputs blobs read, by digest
         self.bytes_received = 0
         self.export_result: ExportResult | None = None
 
@@ -397,6 +451,32 @@ class RegistryCache:
             self.hits[key.digest] = rec.layer
             return rec.layer
         return None
+
+    def candidates(self, prefix: bytes) -> list[tuple[bytes, dict]]:
+        """For --explain: the records whose key's parent reference starts with `prefix`,
+        as (key, record) in the form BuildCache.explain_miss compares (with their
+        inputs, read from the registry)."""
+        out = []
+        for ref, art in self.loaded:
+            for rec in art.records.values():
+                if not rec.parent_ref().startswith(prefix):
+                    continue
+                inputs = self._read_inputs(ref, rec.inputs) if rec.inputs else []
+                out.append((rec.key, {"parent": rec.parent, "instruction": rec.instruction,
+                                      "options": rec.options, "inputs": inputs,
+                                      "created": rec.created}))
+        return out
+
+    def _read_inputs(self, ref: Reference, desc: dict) -> list:
+        digest, size = desc["digest"], desc["size"]
+        if digest not in self._inputs:
+            what = f"build cache {ref}: inputs blob {digest}"
+            with self._client(ref).open_blob(digest) as stream:
+                v = Verifying(stream, digest, size, what)
+                data = v.read(size + 1)
+                v.check()
+            self._inputs[digest] = decode_inputs(data, what)
+        return self._inputs[digest]
 
     def need(self, layer: bytes | None) -> None:
         """Make sure the store has `layer`, pulling it from the cache that listed it."""
@@ -471,12 +551,19 @@ class RegistryCache:
             raise InvalidArgument("no --cache-to to export to")
         now = int(time.time())
         mine: dict[bytes, CacheRecord] = {}
+        inputs: dict[str, bytes] = {}  # inputs blobs of this build's records
         for key, layer in entries:
             rec = key.record
             if rec is None:
                 continue
+            desc = None
+            if rec.get("inputs"):
+                blob = encode_inputs(rec["inputs"])
+                desc = {"digest": sha256_digest(blob), "size": len(blob)}
+                inputs[desc["digest"]] = blob
             mine[key.digest] = CacheRecord(key.digest, layer, dict(rec["parent"]),
-                                           rec["instruction"], dict(rec["options"]), now)
+                                           rec["instruction"], dict(rec["options"]), now,
+                                           desc)
         client = self._client(ref, push=True)
         res = ExportResult(str(ref), None)
         for attempt in range(1, MAX_RETRIES + 1):
@@ -489,7 +576,7 @@ class RegistryCache:
                 res.digest = have.digest
                 break
             res.records_added = len(new)
-            digest = self._push(client, ref, have, new, res)
+            digest = self._push(client, ref, have, new, inputs, res)
             if digest is None:
                 continue  # another exporter moved the tag before our PUT: merge again
             if client.head_manifest(ref.tag or "") == digest:
@@ -503,7 +590,8 @@ class RegistryCache:
         return res
 
     def _push(self, client: RegistryClient, ref: Reference, have: CacheArtifact,
-              new: Mapping[bytes, CacheRecord], res: ExportResult) -> str | None:
+              new: Mapping[bytes, CacheRecord], inputs: Mapping[str, bytes],
+              res: ExportResult) -> str | None:
         records = dict(have.records)
         records.update(new)
         if len(records) > MAX_RECORDS:
@@ -529,6 +617,14 @@ class RegistryCache:
                 out.layers[x] = CacheLayer(x, self.layers.record(x).parent, index, packs)
                 res.layers_pushed += 1
             res.blobs_sent += pusher.blobs_sent
+        for r in records.values():
+            if r.inputs is None:
+                continue
+            digest = r.inputs["digest"]
+            out.inputs[digest] = r.inputs["size"]
+            if digest not in have.inputs and not client.has_blob(digest):
+                client.push_blob(digest, inputs[digest])
+                res.blobs_sent += 1
         blob = encode_records(records.values())
         bdigest = sha256_digest(blob)
         if not client.has_blob(bdigest):
@@ -550,6 +646,7 @@ class RegistryCache:
         return list(reversed(self.layers.chain(layer)))
 
 
-__all__ = ["ARTIFACT_TYPE", "CacheArtifact", "CacheLayerUnavailable", "CacheRecord",
+__all__ = ["ARTIFACT_TYPE", "INPUTS_TYPE", "CacheArtifact", "CacheLayerUnavailable", "CacheRecord",
            "ExportResult", "RECORDS_TYPE", "RegistryCache", "decode_manifest",
-           "decode_records", "encode_manifest", "encode_records"]
+           "decode_inputs", "decode_records", "encode_inputs", "encode_manifest",
+           "encode_records"]
