@@ -38,7 +38,7 @@ from ..layers.refs import check_tag
 from ..layers.repo import Layers
 from ..mounts import Kind, Snapshotter, is_mounted, mount_all, unmount
 from ..oci import config as image_config
-from . import fsops, sandbox
+from . import fsops, heredoc, sandbox
 from .bases import RegistryOptions, is_reference, pull_base
 from .cachekeys import BuildCache, CacheKey, cache_key
 from .context import Context
@@ -455,9 +455,11 @@ class Builder:
             if not argv:
                 raise DockerfileError("RUN: an empty command", inst.line, self.df.path)
             shell = None
+            files: tuple = ()
         else:
-            argv = self._shell(state) + [inst.text]
             shell = self._shell(state)
+            argv, files = heredoc.run_command(inst.text, inst.heredocs, shell) \
+                if inst.heredocs else ([*shell, inst.text], ())
         args = {k: v for k, v in state.args.items() if v is not None and k not in state.environ}
         for k in args:
             if k in self.build_args:
@@ -489,7 +491,7 @@ class Builder:
                     made.append(host)
             try:
                 res = sandbox.run(sandbox.RunSpec(root, argv, run_env, workdir, uid, gid,
-                                                  groups), self.on_output)
+                                                  groups, files), self.on_output)
             finally:
                 for host in made:
                     try:
@@ -506,7 +508,7 @@ class Builder:
                                           else " (no output)"),
                     res.exit_code, res.tail)
 
-        self._fs_step(state, inst, ev, inst.original, options, None, action)
+        self._fs_step(state, inst, ev, inst.key_text, options, None, action)
         self._history(state, inst, inst.original, False)
 
     # -- COPY / ADD ----------------------------------------------------------------------
@@ -519,6 +521,16 @@ class Builder:
         if inst.json is not None:
             words = [self._expand(w, env, inst, used) for w in words]
         *srcs, dest_raw = words
+        inline = heredoc.sources(inst.text, inst.heredocs, self.df.escape) \
+            if inst.heredocs and inst.json is None else {}
+        if len(srcs) in inline:
+            raise DockerfileError(f"{inst.cmd}: a here-document cannot be the destination",
+                                  inst.line, self.df.path)
+        contents = [(doc.name, (heredoc.expand_content(doc.content, env, used)
+                                if doc.expand else doc.content).encode("utf-8",
+                                                                       "surrogateescape"))
+                    for _, doc in sorted(inline.items())]
+        srcs = [w for i, w in enumerate(srcs) if i not in inline]
         workdir = state.config.get("WorkingDir") or "/"
         dest = fsops.image_path(workdir, dest_raw)
         chown = self._expand(inst.flags["chown"], env, inst, used) \
@@ -556,8 +568,8 @@ class Builder:
             if any(s.startswith(("http://", "https://", "git@")) for s in srcs):
                 raise DockerfileError(f"{inst.cmd}: URLs are not supported", inst.line,
                                       self.df.path)
-            sources = src_ctx.sources(srcs)
-            if len(sources) > 1 and not dest.endswith("/"):
+            sources = src_ctx.sources(srcs) if srcs else []
+            if len(sources) + len(contents) > 1 and not dest.endswith("/"):
                 raise DockerfileError(f"{inst.cmd}: with more than one source the "
                                       "destination must be a directory ending in /",
                                       inst.line, self.df.path)
@@ -585,8 +597,12 @@ class Builder:
                         else:
                             target = dest
                     copier.copy(s.path, target)
+                for name, data in contents:
+                    host = fsops.resolve(root, dest)
+                    into = dest.endswith("/") or os.path.isdir(host)
+                    copier.write(data, dest.rstrip("/") + "/" + name if into else dest)
 
-            self._fs_step(state, inst, ev, inst.original, options, key_inputs, action)
+            self._fs_step(state, inst, ev, inst.key_text, options, key_inputs, action)
         finally:
             if view is not None:
                 self._drop_view(view)
@@ -657,7 +673,7 @@ class Builder:
                 ev.explanation = self.cache.explain_miss(
                     key, self.remote.candidates if self.remote is not None else None)
             started = time.time()
-            layer = self._commit_step(state.layer, text, action)
+            layer = self._commit_step(state.layer, text.split("\n", 1)[0], action)
             self.cache.put(key, layer)
             ev.layer = layer
             rec = self.layers.record(layer)

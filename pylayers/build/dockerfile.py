@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ..errors import InvalidArgument
+from .heredoc import HEREDOC_INSTRUCTIONS, Heredoc, markers, read_bodies, shell_script
 
 # the instructions this builder runs, and those Docker knows but it refuses
 INSTRUCTIONS = ("FROM", "COPY", "ADD", "RUN", "WORKDIR", "ENV", "ARG", "USER", "LABEL",
@@ -65,9 +66,17 @@ class Instruction:
     original: str  # keyword, flags and arguments, as one line
     flags: dict[str, str] = field(default_factory=dict)
     json: list[str] | None = None  # the exec form's strings
+    heredocs: list[Heredoc] = field(default_factory=list)  # RUN/COPY/ADD <<NAME bodies
 
     def __str__(self) -> str:
         return self.original
+
+    @property
+    def key_text(self) -> str:
+        """The instruction with its here-documents' bodies (what its cache key holds)."""
+        if not self.heredocs:
+            return self.original
+        return shell_script(self.original, self.heredocs).rstrip("\n")
 
 
 @dataclass
@@ -103,15 +112,20 @@ class Dockerfile:
 # -- lines --------------------------------------------------------------------------------
 
 
-def _logical_lines(text: str, escape: str, first: int) -> list[tuple[int, str]]:
-    """(first line number, joined text) of each instruction; comments and blank lines
-    dropped, continuations joined."""
-    out: list[tuple[int, str]] = []
-    lines = text.split("\n")
+def _logical_lines(text: str, escape: str, first: int,
+                   path: str = "Dockerfile") -> list[tuple[int, str, list[Heredoc]]]:
+    """(first line number, joined text, here-documents) of each instruction; comments
+    and blank lines dropped, continuations joined; the bodies of a RUN, COPY or ADD
+    line's here-documents (heredoc.py) are the lines after it, taken as written."""
+    out: list[tuple[int, str, list[Heredoc]]] = []
+    lines = [raw.rstrip("\r") for raw in text.split("\n")]
     buf: list[str] = []
     start = 0
-    for number, raw in enumerate(lines[first:], first + 1):
-        line = raw.rstrip("\r")
+    i = first
+    while i < len(lines):
+        line = lines[i]
+        number = i + 1
+        i += 1
         stripped = line.strip()
         if buf:
             if not stripped or stripped.startswith("#"):
@@ -127,13 +141,33 @@ def _logical_lines(text: str, escape: str, first: int) -> list[tuple[int, str]]:
             body = body.lstrip(" \t")
         buf.append(body)
         if not cont:
-            out.append((start, "".join(buf)))
+            joined = "".join(buf)
             buf = []
+            docs = _heredocs(joined, escape)
+            if docs:
+                end = read_bodies(docs, lines, i)
+                if isinstance(end, str):
+                    raise DockerfileError(f"here-document <<{end} is never closed (no "
+                                          f"line {end!r} after it)", start, path)
+                i = end
+            out.append((start, joined, docs))
     if buf:
         joined = "".join(buf).strip()
         if joined:
-            out.append((start, joined))
+            out.append((start, joined, []))
     return out
+
+
+def _heredocs(line: str, escape: str) -> list[Heredoc]:
+    """The here-documents a RUN, COPY or ADD line names (none for other keywords)."""
+    keyword, _, rest = re.sub(r"\s", " ", line.strip(), count=1).partition(" ")
+    if keyword.upper() not in HEREDOC_INSTRUCTIONS or "<<" not in rest:
+        return []
+    try:
+        words = split_words(rest, escape)
+    except ValueError:
+        return []
+    return markers(words)
 
 
 def _directives(lines: list[str], path: str) -> tuple[dict[str, str], int]:
@@ -162,8 +196,9 @@ def parse(text: str, path: str = "Dockerfile") -> Dockerfile:
     global_args: list[Instruction] = []
     stages: list[Stage] = []
     names: set[str] = set()
-    for line, joined in _logical_lines(text, escape, first):
+    for line, joined, docs in _logical_lines(text, escape, first, path):
         inst = parse_instruction(joined, line, path, escape)
+        inst.heredocs = docs
         if inst.cmd == "FROM":
             stage = _from(inst, len(stages), path)
             if stage.name is not None:

@@ -177,6 +177,28 @@ class Copier:
             makedirs(self.root, parent, self.uid, self.gid)
             self._one(str(src), dest, os.stat(src))
 
+    def write(self, data: bytes, dest: str, mode: int = 0o644) -> None:
+        """Create the file `dest` (an image path) holding `data`: COPY of a
+        here-document, ADD of a download. Its mode is `mode` unless --chmod."""
+        parent = os.path.dirname(dest.rstrip("/")) or "/"
+        makedirs(self.root, parent, self.uid, self.gid)
+        host = resolve(self.root, dest, follow_last=False)
+        if os.path.isdir(host) and not os.path.islink(host):
+            _remove(host)
+        elif os.path.lexists(host):
+            os.unlink(host)
+        fd = os.open(host, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.lchown(host, self.uid, self.gid)
+        os.chmod(host, self.chmod if self.chmod is not None else mode)
+        os.utime(host, ns=(self.epoch_ns, self.epoch_ns), follow_symlinks=False)
+        self.files += 1
+
     def _tree(self, src: Path, dest: str) -> None:
         with os.scandir(src) as it:
             children = sorted(it, key=lambda d: d.name)

@@ -17,20 +17,23 @@ as in `docker run` without `--init`.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import PylayersError
 
 _CHILD = r"""
-import ctypes, json, os, sys
-spec = json.loads(sys.argv[1])
+import base64, ctypes, json, os, sys
+with open(sys.argv[1], "rb") as f:
+    spec = json.loads(f.read())
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
                        ctypes.c_char_p]
@@ -57,6 +60,16 @@ for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                      ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
     os.symlink(target, root + "/dev/" + name)
 os.mkdir(root + "/dev/shm", 0o1777)
+if spec.get("files"):  # heredoc scripts: executable, unlike the rest of /dev
+    os.mkdir(root + "/dev/pipes", 0o755)
+    mount("tmpfs", root + "/dev/pipes", "tmpfs", NOSUID | NODEV, "mode=755")
+for item in spec.get("files", ()):
+    p = root + item["path"]
+    os.makedirs(os.path.dirname(p), 0o755, exist_ok=True)
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    os.write(fd, base64.b64decode(item["data"]))
+    os.close(fd)
+    os.chmod(p, item["mode"])
 os.chroot(root)
 try:
     os.chdir(spec["cwd"])
@@ -101,6 +114,9 @@ class RunSpec:
     uid: int = 0
     gid: int = 0
     groups: tuple[int, ...] = ()
+    # files written on the step's private /dev/pipes (a tmpfs) before the command runs,
+    # never in the layer: (image path under /dev/pipes/, content, mode); heredoc scripts
+    files: tuple[tuple[str, bytes, int], ...] = ()
 
 
 @dataclass
@@ -127,16 +143,26 @@ def unavailable() -> str | None:
     return None
 
 
-def command(spec: RunSpec) -> list[str]:
-    """The command line that runs `spec` (unshare, then the child program)."""
+def payload(spec: RunSpec) -> bytes:
+    """What the child program reads: the spec as JSON."""
+    for path, _data, _mode in spec.files:
+        if not path.startswith("/dev/pipes/") or ".." in path.split("/"):
+            raise PylayersError(f"a step's file must be under /dev/pipes/: {path!r}")
+    return json.dumps({"root": spec.root, "argv": spec.argv, "env": spec.environ,
+                       "cwd": spec.cwd, "uid": spec.uid, "gid": spec.gid,
+                       "groups": list(spec.groups),
+                       "files": [{"path": p, "data": base64.b64encode(d).decode(),
+                                  "mode": m} for p, d, m in spec.files]}).encode()
+
+
+def command(spec: RunSpec, payload_path: str) -> list[str]:
+    """The command line that runs `spec` (unshare, then the child program reading its
+    spec from `payload_path`: a command line holds no more than 128 KiB per word)."""
     cmd = ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--propagation",
            "private"]
     if os.geteuid() != 0:
         cmd += ["--user", "--map-root-user"]
-    payload = json.dumps({"root": spec.root, "argv": spec.argv, "env": spec.environ,
-                          "cwd": spec.cwd, "uid": spec.uid, "gid": spec.gid,
-                          "groups": list(spec.groups)})
-    return cmd + ["--", sys.executable, "-I", "-S", "-c", _CHILD, payload]
+    return cmd + ["--", sys.executable, "-I", "-S", "-c", _CHILD, payload_path]
 
 
 def run(spec: RunSpec, output: Callable[[bytes], None] | None = None) -> RunResult:
@@ -148,9 +174,20 @@ def run(spec: RunSpec, output: Callable[[bytes], None] | None = None) -> RunResu
     if not spec.argv:
         raise PylayersError("cannot run an empty command")
     tail = bytearray()
-    proc = subprocess.Popen(command(spec), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True, env={},
-                            preexec_fn=_die_with_parent)
+    fd, payload_path = tempfile.mkstemp(prefix="pylayers-step-", suffix=".json")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload(spec))
+        return _run(spec, payload_path, output, tail)
+    finally:
+        os.unlink(payload_path)
+
+
+def _run(spec: RunSpec, payload_path: str, output: Callable[[bytes], None] | None,
+         tail: bytearray) -> RunResult:
+    proc = subprocess.Popen(command(spec, payload_path), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, env={}, preexec_fn=_die_with_parent)
     try:
         assert proc.stdout is not None
         while True:
