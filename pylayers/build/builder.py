@@ -38,7 +38,7 @@ from ..layers.refs import check_tag
 from ..layers.repo import Layers
 from ..mounts import Kind, Snapshotter, is_mounted, mount_all, unmount
 from ..oci import config as image_config
-from . import fsops, heredoc, sandbox
+from . import fsops, heredoc, metadata, sandbox
 from .bases import RegistryOptions, is_reference, pull_base
 from .cachekeys import BuildCache, CacheKey, cache_key
 from .context import Context
@@ -52,6 +52,7 @@ from .dockerfile import (
     expand_words,
     pairs,
     parse,
+    parse_instruction,
 )
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -274,19 +275,39 @@ class Builder:
         from_text = f"FROM {base}" + (f" AS {stage.name}" if stage.name else "")
         self.on_event(StepEvent(label, 1, total, from_text))
         state = self._from(stage, base, states, label)
+        triggers = self._triggers(stage, base, state)
+        total += len(triggers)
         ev = StepEvent(label, 1, total, from_text, done=True, cached=True, layer=None,
                        seconds=time.monotonic() - start)
         self.result_steps.append(ev)
         self.on_event(ev)
-        for n, inst in enumerate(stage.instructions, 2):
-            self.on_event(StepEvent(label, n, total, inst.original))
+        for n, inst in enumerate([*triggers, *stage.instructions], 2):
+            text = inst.original + (f"  (ONBUILD of {base})" if inst in triggers else "")
+            self.on_event(StepEvent(label, n, total, text))
             start = time.monotonic()
-            ev = StepEvent(label, n, total, inst.original, done=True)
+            ev = StepEvent(label, n, total, text, done=True)
             self._step(state, inst, ev, states)
             ev.seconds = time.monotonic() - start
             self.result_steps.append(ev)
             self.on_event(ev)
         return state
+
+    def _triggers(self, stage: Stage, base: str, state: _State) -> list[Instruction]:
+        """The base image's ONBUILD triggers (taken out of the new image's config), as
+        instructions to run first; a malformed one is an error naming the FROM line."""
+        out = []
+        for text in metadata.take_triggers(state.config):
+            try:
+                inst = parse_instruction(text, stage.line, self.df.path, self.df.escape)
+                why = metadata.trigger_refused(inst.cmd)
+                if why is not None:
+                    raise DockerfileError(why, stage.line, self.df.path)
+            except DockerfileError as e:
+                raise DockerfileError(f"FROM {base}: its ONBUILD trigger {text!r}: "
+                                      f"{str(e).split(': ', 1)[-1]}", stage.line,
+                                      self.df.path) from None
+            out.append(inst)
+        return out
 
     def _from(self, stage: Stage, base: str, states: dict[int, _State], label: str) -> _State:
         inst = stage.from_instruction
@@ -424,6 +445,10 @@ class Builder:
             cfg["Shell"] = list(inst.json or [])
         elif cmd == "STOPSIGNAL":
             cfg["StopSignal"] = self._expand(inst.text, env, inst, used)
+        elif cmd == "HEALTHCHECK":
+            cfg["Healthcheck"] = metadata.healthcheck(inst.text, inst.flags)
+        elif cmd == "ONBUILD":
+            cfg["OnBuild"] = [*(cfg.get("OnBuild") or []), inst.text]
         elif cmd == "MAINTAINER":
             state.config.setdefault("Labels", {})["maintainer"] = inst.text
         elif cmd == "RUN":

@@ -32,15 +32,15 @@ from dataclasses import dataclass, field
 
 from ..errors import InvalidArgument
 from .heredoc import HEREDOC_INSTRUCTIONS, Heredoc, markers, read_bodies, shell_script
+from .metadata import HEALTHCHECK_FLAGS, healthcheck, trigger_refused
 
 # the instructions this builder runs, and those Docker knows but it refuses
 INSTRUCTIONS = ("FROM", "COPY", "ADD", "RUN", "WORKDIR", "ENV", "ARG", "USER", "LABEL",
-                "CMD", "ENTRYPOINT", "EXPOSE", "VOLUME", "SHELL", "STOPSIGNAL", "MAINTAINER")
-UNSUPPORTED = {"ONBUILD": "ONBUILD is not supported", "HEALTHCHECK": "HEALTHCHECK is not "
-               "supported"}
+                "CMD", "ENTRYPOINT", "EXPOSE", "VOLUME", "SHELL", "STOPSIGNAL", "MAINTAINER",
+                "HEALTHCHECK", "ONBUILD")
 JSON_FORMS = {"RUN", "CMD", "ENTRYPOINT", "SHELL", "COPY", "ADD", "VOLUME"}
 FLAGS = {"FROM": {"platform"}, "COPY": {"from", "chown", "chmod", "link"},
-         "ADD": {"chown", "chmod", "link"}, "RUN": set()}
+         "ADD": {"chown", "chmod", "link"}, "RUN": set(), "HEALTHCHECK": HEALTHCHECK_FLAGS}
 DIRECTIVE = re.compile(r"^#[ \t]*([A-Za-z][A-Za-z0-9_-]*)[ \t]*=[ \t]*(.*?)[ \t]*$")
 _NAME_START = re.compile(r"[A-Za-z_]")
 _NAME_CHAR = re.compile(r"[A-Za-z0-9_]")
@@ -241,8 +241,6 @@ def parse_instruction(line: str, number: int, path: str = "Dockerfile",
         raise DockerfileError(f"cannot parse {line[:40]!r}: an instruction keyword first",
                               number, path)
     cmd, rest = m.group(1).upper(), m.group(2).strip()
-    if cmd in UNSUPPORTED:
-        raise DockerfileError(UNSUPPORTED[cmd] + " by pylayers build", number, path)
     if cmd not in INSTRUCTIONS:
         raise DockerfileError(f"unknown instruction {m.group(1)!r}", number, path)
     flags: dict[str, str] = {}
@@ -302,6 +300,16 @@ def _check(inst: Instruction, path: str, escape: str) -> None:
         arg_decls(inst, path, escape)
     if cmd in ("USER", "STOPSIGNAL") and len(rest.split()) > 1:
         fail("takes one argument")
+    if cmd == "HEALTHCHECK":
+        try:
+            healthcheck(rest, inst.flags)
+        except InvalidArgument as e:
+            fail(str(e))
+    if cmd == "ONBUILD":
+        why = trigger_refused(rest.split(None, 1)[0])
+        if why is not None:
+            fail(why)
+        parse_instruction(rest, inst.line, path, escape)  # a malformed trigger: its error
 
 
 # -- words and substitution ----------------------------------------------------------------
