@@ -73,7 +73,7 @@ class GcResult:
     orphan_dirs: int = 0  # snapshot directories no record named
     layers: list[str] = field(default_factory=list)  # hex ids of layers removed with them
     cache_keys: int = 0  # build cache keys whose layer is gone
-    image_configs: int = 0  # imported images' configs whose top layer is gone
+    image_configs: int = 0  # image configs no tag and no layer names any more
     chunks: int = 0  # chunks no layer needs
     packs_removed: int = 0
     packs_rewritten: int = 0

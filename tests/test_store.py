@@ -478,6 +478,30 @@ def test_a_version_3_store_is_refused_by_every_command(base_store, tmp_path: Pat
     assert b"walkcache" not in names and b"statcache" in names  # nothing was changed
 
 
+def test_a_version_4_store_is_refused_by_every_command(base_store, tmp_path: Path) -> None:
+    """Version 4 kept one image config per top layer (`image_configs` keyed by layer id,
+    no `layer_configs`, tags without a config digest): such a store is refused with one
+    line by every command, and nothing is created in its index."""
+    store, src = base_store
+    cfg = json.loads((store / CONFIG_FILE).read_text())
+    cfg["version"] = 4
+    (store / CONFIG_FILE).write_text(json.dumps(cfg))
+    env = lmdb.open(str(store / "index"), max_dbs=16)
+    with env.begin(write=True) as txn:
+        txn.drop(env.open_db(b"layer_configs", txn=txn), delete=True)
+        txn.put(b"format_version", b"4", db=env.open_db(b"meta", txn=txn))
+    env.close()
+    _every_command_refuses(store, src, tmp_path, "version 4", "earlier pylayers")
+    want = f"version 4; this pylayers reads version {FORMAT_VERSION}"
+    with pytest.raises(StoreError, match=want):
+        Store.open(store)
+    env = lmdb.open(str(store / "index"), max_dbs=16, readonly=True)
+    with env.begin() as txn:
+        names = {bytes(k) for k in txn.cursor().iternext(values=False)}
+    env.close()
+    assert b"layer_configs" not in names  # nothing was created in it
+
+
 @pytest.mark.parametrize("value", [b"abc", b"0", b""])
 def test_malformed_index_format_is_one_line(base_store, value: bytes) -> None:
     store, src = base_store

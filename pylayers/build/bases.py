@@ -20,7 +20,6 @@ makes no request at all.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -97,16 +96,11 @@ class _Records:
         os.replace(tmp, self.path)
 
 
-def _digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
 def _stored(layers: Layers, layer: bytes, config_digest: str) -> bytes | None:
     """The config `config_digest` of the image on `layer`, if the store still has both."""
     if not layers.exists(layer):
         return None
-    cfg = image_config.load(layers.store, layer)
-    return cfg if cfg is not None and _digest(cfg) == config_digest else None
+    return image_config.by_digest(layers.store, config_digest)
 
 
 def pull_base(layers: Layers, name: str, *, platform: str | None = None,
@@ -129,7 +123,7 @@ def pull_base(layers: Layers, name: str, *, platform: str | None = None,
                      credentials=find_credentials(ref.host, opts.user),
                      ca_file=opts.ca_file)
     cfg = _stored(layers, res.top, res.config_digest)
-    if cfg is None:  # another image's config replaced it on the same top layer meanwhile
+    if cfg is None:  # a gc between the pull's commit and here
         raise CorruptData(f"{ref}: its config {res.config_digest} is not in the store after "
                           "the pull")
     if key is not None:

@@ -8,7 +8,7 @@ make one layer: the step's snapshot is prepared on the stage's current layer (ov
 driver where it can mount, else copy), mounted, changed, unmounted, its changed
 entries' mtimes clamped (`SOURCE_DATE_EPOCH`, else 0), and committed. The other
 instructions change the image config (env, cmd, ...), which is stored with the final
-layer in the image-config table for `export`.
+image (oci/config.py: per image, a tag names it) for `export`.
 
 Keys: RUN by its text, its environment (ENV and ARG values), working directory, user
 and shell; COPY/ADD also by their sources' records (content, mode unless --chmod,
@@ -205,9 +205,7 @@ class Builder:
         self._need(state.layer)
         config = self._image_config(state)
         data = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
-        image_config.save(self.store, state.layer, data)
-        for t in tags:
-            self.layers.set_tag(t, state.layer)
+        image_config.save(self.store, state.layer, data, tags)
         warnings = []
         unused = sorted(set(self.build_args) - self.used_args)
         if unused:
@@ -333,12 +331,11 @@ class Builder:
                                        want)
         else:
             try:
-                layer = self.layers.resolve(base)
+                layer, stored = image_config.for_ref(self.layers, base)
             except NotFound:
                 raise NotFound(f"{self.df.path}:{stage.line}: FROM {base}: no stage, tag or "
                                "layer of that name (an image in a registry is named with "
                                "its host: REGISTRY/REPO[:TAG|@DIGEST])") from None
-            stored = image_config.load(self.store, layer)
         config: dict = {}
         history: list[dict] = []
         if stored is not None:

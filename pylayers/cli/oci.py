@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..oci import DEFAULT_MAX_LAYER_SIZE, export_image, import_source
+from ..oci.config import for_ref
 from .app import cli, open_layers
 from .progress import Progress
 
@@ -55,5 +56,6 @@ def export_cmd(ctx: click.Context, ref: str, dest: str, compression: str,
     """Export REF and its ancestors to DEST: oci:DIR[:TAG] or
     docker-archive:FILE[:NAME:TAG]. Prints the image manifest's digest."""
     with open_layers(ctx) as layers:
-        res = export_image(layers, layers.resolve(ref), dest, compression, source_date_epoch)
+        lid, config = for_ref(layers, ref)
+        res = export_image(layers, lid, dest, compression, source_date_epoch, config=config)
     click.echo(res.manifest_digest)

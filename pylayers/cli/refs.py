@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..layers.refs import remove_refs
+from ..oci import config as image_config
 from .app import cli, emit_json, open_layers, ref_param, tag_param
 
 
@@ -13,9 +14,10 @@ from .app import cli, emit_json, open_layers, ref_param, tag_param
 @click.argument("ref", callback=ref_param)
 @click.pass_context
 def tag(ctx: click.Context, name: str, ref: str) -> None:
-    """Point tag NAME at layer REF."""
+    """Point tag NAME at layer REF (at the image REF names, when REF is a tag written
+    with an image config: build, import or pull -t)."""
     with open_layers(ctx, create=False) as layers:
-        layers.set_tag(name, layers.resolve(ref))
+        image_config.tag(layers, name, ref)
 
 
 @cli.command()

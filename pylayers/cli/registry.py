@@ -8,6 +8,7 @@ import time
 import click
 
 from ..oci.auth import find_credentials
+from ..oci.config import for_ref
 from ..oci.importer import DEFAULT_MAX_LAYER_SIZE
 from ..oci.reference import parse_reference
 from ..oci.registry import DEFAULT_CHUNK
@@ -100,12 +101,12 @@ def push(ctx: click.Context, ref: str, dest: str, insecure: bool, user: str | No
     creds = find_credentials(target.host, user)
     stages = _Stages("push", mode_of(progress_lines, quiet))
     with open_layers(ctx, create=False) as layers:
-        lid = layers.resolve(ref)
+        lid, config = for_ref(layers, ref)
         try:
             res = push_image(layers, lid, target, insecure=insecure, credentials=creds,
                              ca_file=ca_file, compression=compression,
                              source_date_epoch=source_date_epoch, chunk_size=chunk_size,
-                             progress=stages, chunks=chunks)
+                             progress=stages, chunks=chunks, config=config)
         finally:
             stages.close()
     if as_json:

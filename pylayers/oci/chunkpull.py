@@ -224,8 +224,8 @@ def _finish(layers: Layers, top: bytes, tag: str | None, config: bytes | None) -
     from . import config as image_config
 
     if config is not None:
-        image_config.save(layers.store, top, config)
-    if tag is not None:
+        image_config.save(layers.store, top, config, (tag,) if tag is not None else ())
+    elif tag is not None:
         layers.set_tag(tag, top)
 
 

@@ -1,19 +1,32 @@
 """The image config (the OCI image-spec's `application/vnd.oci.image.config.v1+json`):
-kept beside an image's top layer, and made or updated on export.
+kept per image, and made or updated on export.
 
-Where it is kept (docs/format.md, "Image configs"): the config's exact bytes, in the
-index's `image_configs` table under the top layer's id. They are small (a few KB)
-and inline, so gc (which keeps chunks only for layers' manifests and files) cannot
-take them away; gc removes the configs of layers that are gone (`prune`).
+An image is a config and the layers under its top layer; a tag names an image (as in
+Docker and OCI), so two images that end on the same layer with other configs (a build
+that differs only in CMD) keep their own. Where it is kept (docs/format.md, "Image
+configs"): each config's exact bytes in the index's `image_configs` table under its
+sha256; a tag written with an image (`build -t`, `import -t`, `pull -t`) holds the
+digest beside its layer id (`tags`); `layer_configs` gives each top layer the config of
+the image last stored on it, for a REF that names the layer rather than a tag. Configs
+are small (a few KB) and inline, so gc (which keeps chunks only for layers' manifests
+and files) cannot take them away; gc removes the entries of layers that are gone and
+the configs nothing names any more (`prune`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from ..errors import CorruptData
 from ..store import Store
+
+if TYPE_CHECKING:
+    from ..layers.repo import Layers
+    from ..store.tables import Tables
 
 MAX_JSON = 4 << 20  # bytes of an index, manifest or config read into memory
 
@@ -21,28 +34,114 @@ GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386",
           "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
 
 
-def save(store: Store, layer_id: bytes, config: bytes) -> None:
+def digest(config: bytes) -> str:
+    """The config's OCI digest, `sha256:<hex>`."""
+    return "sha256:" + hashlib.sha256(config).hexdigest()
+
+
+def _raw(digest_text: str) -> bytes | None:
+    algo, _, hexpart = digest_text.partition(":")
+    if algo != "sha256" or len(hexpart) != 64:
+        return None
+    try:
+        return bytes.fromhex(hexpart)
+    except ValueError:
+        return None
+
+
+def save_in(t: Tables, layer_id: bytes, config: bytes, tags: Iterable[str] = ()) -> str:
+    """In the transaction `t`: keep `config` as the config of the image whose top layer
+    is `layer_id`, point each of `tags` at that image (layer and config; the names must
+    be valid tags), and make it the layer's config. Its digest."""
+    raw = hashlib.sha256(config).digest()
+    t.image_configs.put(raw, config)
+    t.layer_configs.put(layer_id, raw)
+    for tag in tags:
+        t.tags.put(tag, layer_id, raw)
+    return "sha256:" + raw.hex()
+
+
+def save(store: Store, layer_id: bytes, config: bytes, tags: Iterable[str] = ()) -> str:
+    """`save_in`, in a transaction of its own."""
     with store.write() as t:
-        t.image_configs.put(layer_id, config)
+        return save_in(t, layer_id, config, tags)
 
 
 def load(store: Store, layer_id: bytes) -> bytes | None:
+    """The config of the image last stored with top layer `layer_id`, if any."""
     with store.read() as t:
-        return t.image_configs.get(layer_id)
+        raw = t.layer_configs.get(layer_id)
+        return t.image_configs.get(raw) if raw is not None else None
+
+
+def by_digest(store: Store, digest_text: str) -> bytes | None:
+    """The stored config whose digest is `digest_text`, if any."""
+    raw = _raw(digest_text)
+    if raw is None:
+        return None
+    with store.read() as t:
+        return t.image_configs.get(raw)
+
+
+def for_ref(layers: Layers, ref: str) -> tuple[bytes, bytes | None]:
+    """(layer id, config) of the image REF names: a tag's own image when REF is a tag
+    written with one, else the config last stored with the layer REF resolves to."""
+    with layers.store.read() as t:
+        lid = layers.resolve_in(t, ref)
+        image = t.tags.image(ref)
+        raw = image[1] if image is not None and image[0] == lid else None
+        if raw is None:
+            raw = t.layer_configs.get(lid)
+        return lid, (t.image_configs.get(raw) if raw is not None else None)
+
+
+def tag(layers: Layers, name: str, ref: str) -> bytes:
+    """Point tag `name` at the image REF names (`pylayers tag`): a tag written with an
+    image gives the new tag the same image; the layer id."""
+    from ..layers.refs import check_tag
+
+    check_tag(name)
+    with layers.store.write() as t:
+        lid = layers.resolve_in(t, ref)
+        image = t.tags.image(ref)
+        t.tags.put(name, lid, image[1] if image is not None and image[0] == lid else None)
+    return lid
+
+
+def images(store: Store) -> list[tuple[bytes, bytes]]:
+    """(top layer id, config) of every image the store keeps a config for."""
+    out: dict[tuple[bytes, bytes], None] = {}
+    with store.read() as t:
+        pairs = [(lid, raw) for lid, raw in t.layer_configs.items()]
+        pairs += [(lid, raw) for _name, lid, raw in t.tags.images()]
+        found = []
+        for lid, raw in pairs:
+            if (lid, raw) in out:
+                continue
+            out[(lid, raw)] = None
+            cfg = t.image_configs.get(raw)
+            if cfg is not None:
+                found.append((lid, cfg))
+    return found
 
 
 def forget(store: Store, layer_id: bytes) -> None:
     with store.write() as t:
-        t.image_configs.delete(layer_id)
+        t.layer_configs.delete(layer_id)
 
 
 def prune(store: Store) -> int:
-    """Remove the configs whose layer is gone (gc); how many. One write transaction, so
-    a layer imported meanwhile keeps its config."""
+    """gc: drop the layer entries of layers that are gone, then the configs no tag and
+    no layer entry names; how many configs went. One write transaction, so an image
+    stored meanwhile keeps its config."""
     with store.write() as t:
-        gone = [lid for lid in t.image_configs.ids() if not t.layers.has(lid)]
-        for lid in gone:
-            t.image_configs.delete(lid)
+        for lid in [lid for lid, _raw in t.layer_configs.items() if not t.layers.has(lid)]:
+            t.layer_configs.delete(lid)
+        named = {raw for _lid, raw in t.layer_configs.items()}
+        named.update(raw for _name, _lid, raw in t.tags.images())
+        gone = [raw for raw in t.image_configs.digests() if raw not in named]
+        for raw in gone:
+            t.image_configs.delete(raw)
     return len(gone)
 
 

@@ -94,14 +94,17 @@ def parse_dest(dest: str) -> tuple[str, Path, str | None]:
 
 
 def export_image(layers: Layers, layer_id: bytes, dest: str, compression: str = "gzip",
-                 source_date_epoch: int | None = None) -> ExportResult:
+                 source_date_epoch: int | None = None, *,
+                 config: bytes | None = None) -> ExportResult:
+    """Export the image of top layer `layer_id` with `config` (default: the config last
+    stored with that layer; oci/config.for_ref gives a tag's own)."""
     if compression not in COMPRESSIONS:
         raise InvalidArgument(f"unknown compression {compression!r} "
                               f"(one of {', '.join(COMPRESSIONS)})")
     kind, path, ref = parse_dest(dest)
     if kind == "oci":
         return _export_layout(layers, layer_id, LayoutWriter(path), ref, compression,
-                              source_date_epoch)
+                              source_date_epoch, config)
     if path.is_dir():
         raise InvalidArgument(f"{path} is a directory")
     if not path.parent.is_dir():
@@ -109,7 +112,7 @@ def export_image(layers: Layers, layer_id: bytes, dest: str, compression: str = 
     work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         res = _export_layout(layers, layer_id, LayoutWriter(work), None, compression,
-                             source_date_epoch)
+                             source_date_epoch, config)
         tags = [ref] if ref else []
         entry = {"Config": "blobs/sha256/" + res.config_digest[7:], "RepoTags": tags,
                  "Layers": ["blobs/sha256/" + d[7:] for d in res.layers]}
@@ -120,13 +123,14 @@ def export_image(layers: Layers, layer_id: bytes, dest: str, compression: str = 
 
 
 def image_documents(store: Store, top: bytes, diff_ids: list[str], descs: list[Descriptor],
-                    sde: int | None) -> tuple[bytes, bytes]:
+                    sde: int | None, config: bytes | None = None) -> tuple[bytes, bytes]:
     """(config, manifest) of the image of `top` whose layer blobs are `descs` (with
     `diff_ids`), as export writes them (push builds them from known blobs too)."""
     created = None
     if sde is not None:
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(sde))
-    cfg = image_config.for_export(image_config.load(store, top), diff_ids, created)
+    stored = config if config is not None else image_config.load(store, top)
+    cfg = image_config.for_export(stored, diff_ids, created)
     cdesc = Descriptor(CONFIG, "sha256:" + hashlib.sha256(cfg).hexdigest(), len(cfg), {}, {})
     manifest = {"schemaVersion": 2, "mediaType": MANIFEST, "config": cdesc.to_json(),
                 "layers": [d.to_json() for d in descs]}
@@ -134,7 +138,7 @@ def image_documents(store: Store, top: bytes, diff_ids: list[str], descs: list[D
 
 
 def _export_layout(layers: Layers, top: bytes, out: LayoutWriter, ref: str | None,
-                   compression: str, sde: int | None) -> ExportResult:
+                   compression: str, sde: int | None, config: bytes | None) -> ExportResult:
     store = layers.store
     chain = list(reversed(layers.chain(top)))
     tree: list[Entry] = []
@@ -172,7 +176,7 @@ def _export_layout(layers: Layers, top: bytes, out: LayoutWriter, ref: str | Non
         res.layers.append(digest)
         res.diff_ids.append("sha256:" + diff.hexdigest())
         descs.append(Descriptor(LAYER_TYPES[compression], digest, blob.size, {}, {}))
-    cfg, manifest = image_documents(store, top, res.diff_ids, descs, sde)
+    cfg, manifest = image_documents(store, top, res.diff_ids, descs, sde, config)
     cdesc = out.add_bytes(cfg, CONFIG)
     res.config_digest = cdesc.digest
     mdesc = out.add_bytes(manifest, MANIFEST)

@@ -99,7 +99,10 @@ class _Importer:
                message: str, config: bytes | None) -> list[bytes]:
         store = self.layers.store
         made: list[bytes] = []
-        old_tag = self.layers.tags().get(tag) if tag is not None else None
+        old_tag = None
+        if tag is not None:
+            with store.read() as t:
+                old_tag = t.tags.image(tag)
         ids = []
         try:
             for i, r in enumerate(reads):
@@ -115,11 +118,13 @@ class _Importer:
                 ids.append(got)
                 parent = got
             if config is not None:
-                image_config.save(store, ids[-1], config)
+                image_config.save(store, ids[-1], config, (tag,) if tag is not None else ())
         except BaseException:
             with store.write() as t:  # undo: the tag as it was, the layers made
-                if tag is not None:
-                    self.layers.set_tag_in(t, tag, old_tag)
+                if tag is not None and old_tag is None:
+                    t.tags.delete(tag)
+                elif tag is not None and old_tag is not None:
+                    t.tags.put(tag, *old_tag)
                 for lid in reversed(made):
                     self.layers.remove_unused_in(t, lid)
             raise

@@ -225,8 +225,10 @@ def push_image(layers: Layers, layer_id: bytes, dest: str | Reference, *,
                insecure: bool = False, credentials: Credentials | None = None,
                ca_file: str | None = None, compression: str = "gzip",
                source_date_epoch: int | None = None, chunk_size: int = DEFAULT_CHUNK,
-               progress: Progress | None = None, chunks: bool = False) -> PushResult:
-    """Push the image of `layer_id` to `dest` (a tag). Blobs the repository has are
+               progress: Progress | None = None, chunks: bool = False,
+               config: bytes | None = None) -> PushResult:
+    """Push the image of `layer_id` (with `config`, default the config last stored with
+    that layer: oci/config.for_ref gives a tag's) to `dest` (a tag). Blobs the repository has are
     not sent, those this store saw in another repository of the registry are mounted;
     when that places every layer blob, nothing is exported (`ExportCache`). `chunks`:
     also push the chunk artifact (chunkpush.py), after the image, so that pylayers
@@ -246,7 +248,7 @@ def push_image(layers: Layers, layer_id: bytes, dest: str | Reference, *,
             descs = [Descriptor(LAYER_TYPES[compression], d, size, {}, {})
                      for d, size, _ in known]
             cfg, manifest = image_documents(store, layer_id, [x[2] for x in known], descs,
-                                            source_date_epoch)
+                                            source_date_epoch, config)
             res = PushResult(str(ref), sha256_of(manifest), sha256_of(cfg),
                              [d for d, _, _ in known])
             placed = _place(client, ref, store, res.layers, res)
@@ -260,7 +262,7 @@ def push_image(layers: Layers, layer_id: bytes, dest: str | Reference, *,
         else:
             mounted = 0
         res = _export_and_push(layers, layer_id, chain, client, ref, cache, compression,
-                               source_date_epoch, chunk_size, progress, chunks)
+                               source_date_epoch, chunk_size, progress, chunks, config)
         res.mounted += mounted
         res.present -= mounted
         return res
@@ -308,7 +310,8 @@ def _finish(client: RegistryClient, ref: Reference, layers: Layers, layer_id: by
 def _export_and_push(layers: Layers, layer_id: bytes, chain: list[bytes],
                      client: RegistryClient, ref: Reference, cache: ExportCache,
                      compression: str, sde: int | None, chunk_size: int,
-                     progress: Progress | None, chunks: bool) -> PushResult:
+                     progress: Progress | None, chunks: bool,
+                     config: bytes | None) -> PushResult:
     store = layers.store
     area = store.path / "registry"
     area.mkdir(parents=True, exist_ok=True)
@@ -316,7 +319,8 @@ def _export_and_push(layers: Layers, layer_id: bytes, chain: list[bytes],
     try:
         if progress:
             progress("export", 0, 0)
-        exported = export_image(layers, layer_id, f"oci:{work}", compression, sde)
+        exported = export_image(layers, layer_id, f"oci:{work}", compression, sde,
+                                config=config)
         blobs = work / "blobs" / "sha256"
         cache.put(chain, compression, sde,
                   [(d, (blobs / d[7:]).stat().st_size, diff)
@@ -442,9 +446,7 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
 
 def stored_configs(layers: Layers) -> list[tuple[bytes, bytes]]:
     """(top layer id, config) of every image config the store keeps."""
-    with layers.store.read() as t:
-        return [(lid, cfg) for lid in t.image_configs.ids()
-                if (cfg := t.image_configs.get(lid)) is not None]
+    return image_config.images(layers.store)
 
 
 def known_chains(layers: Layers, configs: list[tuple[bytes, bytes]]) -> dict[str, bytes]:
@@ -490,8 +492,7 @@ def pull_image(layers: Layers, source: str | Reference, *, tag: str | None = Non
             raise InvalidArgument(f"{ref}: its config has media type {cdesc.media_type!r}: "
                                   "an artifact, not a container image")
         configs = stored_configs(layers)
-        have = {"sha256:" + hashlib.sha256(c).hexdigest(): c for _, c in configs}
-        config = have.get(cdesc.digest) if cdesc.digest.startswith("sha256:") else None
+        config = image_config.by_digest(store, cdesc.digest)
         if config is None or len(config) != cdesc.size:
             config = _fetch_small(client, cdesc, "config")
         diff_ids = image_config.diff_ids(image_config.parse(config))
@@ -545,9 +546,7 @@ def pull_image(layers: Layers, source: str | Reference, *, tag: str | None = Non
 
 def _tag_known(layers: Layers, top: bytes, tag: str | None, config: bytes) -> None:
     with layers.store.write() as t:
-        if tag is not None:
-            layers.set_tag_in(t, tag, top)
-        t.image_configs.put(top, config)
+        image_config.save_in(t, top, config, (tag,) if tag is not None else ())
 
 
 def _import(layers: Layers, client: RegistryClient, area: DownloadArea,

@@ -19,7 +19,7 @@ import lmdb
 from .packs import Location
 
 TABLES = ("meta", "chunks", "layers", "tags", "walkcache", "fingerprints", "snapshots",
-          "cachekeys", "refs", "image_configs", "paths")
+          "cachekeys", "refs", "image_configs", "layer_configs", "paths")
 ID_LEN = 32  # chunk ids, layer ids, build cache keys: BLAKE3-256 digests
 
 
@@ -133,20 +133,38 @@ class LayerTable(_Table):
 
 
 class TagTable(_Table):
-    """`tags`: tag name (UTF-8) -> layer id."""
+    """`tags`: tag name (UTF-8) -> layer id (32), then, when the tag names an image (a
+    build's, import's or pull's `-t`), the sha256 (32) of that image's config in
+    `image_configs`. Any other write of the tag (`tag`, `snapshot -t`) replaces the
+    whole value, so a tag never keeps a config that is not its image's."""
 
     def get(self, name: str) -> bytes | None:
-        return self._get(name.encode(errors="surrogateescape"))
+        v = self._get(name.encode(errors="surrogateescape"))
+        return v[:ID_LEN] if v is not None else None
 
-    def put(self, name: str, layer_id: bytes) -> None:
-        self._txn.put(name.encode(errors="surrogateescape"), layer_id, db=self._db)
+    def image(self, name: str) -> tuple[bytes, bytes | None] | None:
+        """(layer id, config digest or None) the tag names, None without the tag."""
+        v = self._get(name.encode(errors="surrogateescape"))
+        if v is None:
+            return None
+        return v[:ID_LEN], (v[ID_LEN:2 * ID_LEN] if len(v) == 2 * ID_LEN else None)
+
+    def put(self, name: str, layer_id: bytes, config_digest: bytes | None = None) -> None:
+        value = layer_id + config_digest if config_digest is not None else layer_id
+        self._txn.put(name.encode(errors="surrogateescape"), value, db=self._db)
 
     def delete(self, name: str) -> bool:
         return self._txn.delete(name.encode(errors="surrogateescape"), db=self._db)
 
     def items(self) -> Iterator[tuple[str, bytes]]:
         for k, v in self._items():
-            yield k.decode(errors="surrogateescape"), v
+            yield k.decode(errors="surrogateescape"), v[:ID_LEN]
+
+    def images(self) -> Iterator[tuple[str, bytes, bytes]]:
+        """(tag, layer id, config digest) of every tag that names an image's config."""
+        for k, v in self._items():
+            if len(v) == 2 * ID_LEN:
+                yield k.decode(errors="surrogateescape"), v[:ID_LEN], v[ID_LEN:]
 
     def naming(self, layer_id: bytes) -> list[str]:
         """The tags that name `layer_id`."""
@@ -285,22 +303,38 @@ class RefTable(_Table):
 
 
 class ImageConfigTable(_Table):
-    """`image_configs`: top layer id -> an imported image's config, its exact bytes
+    """`image_configs`: sha256 of an image config (32) -> the config, its exact bytes
     (encoded and read by oci/config.py)."""
+
+    def get(self, digest: bytes) -> bytes | None:
+        return self._get(digest)
+
+    def put(self, digest: bytes, config: bytes) -> None:
+        self._txn.put(digest, config, db=self._db)
+
+    def delete(self, digest: bytes) -> bool:
+        return self._txn.delete(digest, db=self._db)
+
+    def digests(self) -> Iterator[bytes]:
+        for k, _v in self._items():
+            yield k
+
+
+class LayerConfigTable(_Table):
+    """`layer_configs`: top layer id (32) -> the sha256 (32) of the config of the image
+    last stored with that top layer: what a REF naming the layer (not a tag) gets."""
 
     def get(self, layer_id: bytes) -> bytes | None:
         return self._get(layer_id)
 
-    def put(self, layer_id: bytes, config: bytes) -> None:
-        self._txn.put(layer_id, config, db=self._db)
+    def put(self, layer_id: bytes, digest: bytes) -> None:
+        self._txn.put(layer_id, digest, db=self._db)
 
     def delete(self, layer_id: bytes) -> bool:
         return self._txn.delete(layer_id, db=self._db)
 
-    def ids(self) -> Iterator[bytes]:
-        """Top layer ids that have a config."""
-        for k, _v in self._items():
-            yield k
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        return self._items()
 
 
 class PathTable(_Table):
@@ -357,7 +391,7 @@ class Tables:
 
     __slots__ = ("writable", "meta", "chunks", "layers", "tags", "walkcache",
                  "fingerprints", "snapshots", "cachekeys", "refs", "image_configs",
-                 "paths")
+                 "layer_configs", "paths")
 
     def __init__(self, txn: lmdb.Transaction, dbs: dict, writable: bool) -> None:
         self.writable = writable
@@ -371,4 +405,5 @@ class Tables:
         self.cachekeys = CacheKeyTable(txn, dbs["cachekeys"])
         self.refs = RefTable(txn, dbs["refs"])
         self.image_configs = ImageConfigTable(txn, dbs["image_configs"])
+        self.layer_configs = LayerConfigTable(txn, dbs["layer_configs"])
         self.paths = PathTable(txn, dbs["paths"])
