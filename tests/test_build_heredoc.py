@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pylayers.build.dockerfile import DockerfileError, parse
-from pylayers.build.heredoc import expand_content, parse_marker
+from pylayers.build.dockerfile import DockerfileError, expand_heredoc, parse
+from pylayers.build.heredoc import parse_marker
 
 sys.path.insert(0, os.path.dirname(__file__))
 from buildutil import needs_build  # noqa: E402
@@ -101,7 +101,7 @@ def test_unclosed_heredoc_is_an_error_naming_its_line(text, line):
 
 def test_copy_body_expansion_is_a_shell_heredoc():
     used: set[str] = set()
-    got = expand_content('a=$A b=${B:-dflt} "$A" \'$A\' \\$A \\\\ \\x c\\\nd\n',
+    got = expand_heredoc('a=$A b=${B:-dflt} "$A" \'$A\' \\$A \\\\ \\x c\\\nd\n',
                          {"A": "1"}, used)
     assert got == 'a=1 b=dflt "1" \'1\' $A \\ \\x cd\n'
     assert used == {"A", "B"}

@@ -23,6 +23,7 @@ to `on_output`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -38,7 +39,7 @@ from ..layers.refs import check_tag
 from ..layers.repo import Layers
 from ..mounts import Kind, Snapshotter, is_mounted, mount_all, unmount
 from ..oci import config as image_config
-from . import fsops, heredoc, metadata, sandbox
+from . import fsops, heredoc, metadata, mounts, sandbox
 from .bases import RegistryOptions, is_reference, pull_base
 from .cachekeys import BuildCache, CacheKey, cache_key
 from .context import Context
@@ -49,10 +50,12 @@ from .dockerfile import (
     Stage,
     arg_decls,
     expand,
+    expand_heredoc,
     expand_words,
     pairs,
     parse,
     parse_instruction,
+    split_words,
 )
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -156,10 +159,12 @@ class Builder:
               dockerfile_text: str | None = None, tags: tuple[str, ...] = (),
               target: str | None = None, build_args: Mapping[str, str] | None = None,
               no_cache: bool = False, explain: bool = False,
-              source_date_epoch: int | None = None) -> BuildResult:
+              source_date_epoch: int | None = None,
+              secrets: Mapping[str, bytes] | None = None) -> BuildResult:
         """Build the Dockerfile (`dockerfile_text`, else the file `dockerfile`, else
         CONTEXT/Dockerfile) with the build context `context`; tag the result with
-        `tags`. Returns the final layer and what each step did."""
+        `tags`. `secrets`: id -> content, for RUN --mount=type=secret. Returns the
+        final layer and what each step did."""
         for t in tags:
             check_tag(t)
         ctx = Context(context)
@@ -175,6 +180,7 @@ class Builder:
         self.epoch = source_date_epoch
         self.epoch_ns = (source_date_epoch or 0) * 10**9
         self.build_args = dict(build_args or {})
+        self.secrets = dict(secrets or {})
         self._pulled: dict[tuple[str, str | None], tuple[bytes, bytes]] = {}
         self.used_args: set[str] = set()
         self.result_steps: list[StepEvent] = []
@@ -449,7 +455,7 @@ class Builder:
         elif cmd == "MAINTAINER":
             state.config.setdefault("Labels", {})["maintainer"] = inst.text
         elif cmd == "RUN":
-            self._run(state, inst, ev)
+            self._run(state, inst, ev, states)
             return
         elif cmd in ("COPY", "ADD"):
             self._copy(state, inst, ev, states)
@@ -470,7 +476,8 @@ class Builder:
         return False
 
     # -- RUN -----------------------------------------------------------------------------
-    def _run(self, state: _State, inst: Instruction, ev: StepEvent) -> None:
+    def _run(self, state: _State, inst: Instruction, ev: StepEvent,
+             states: dict[int, _State]) -> None:
         cfg = state.config
         if inst.json is not None:
             argv = list(inst.json)
@@ -494,6 +501,18 @@ class Builder:
             options["shell"] = shell
         options.update({f"env:{k}": v for k, v in state.environ.items()})
         options.update({f"arg:{k}": v for k, v in args.items()})
+        with self._at(inst):
+            step_mounts, network = self._mounts(state, inst, states, workdir)
+            key_inputs = None
+            if step_mounts is not None:
+                options.update(step_mounts.key_options())
+                inputs = step_mounts.key_inputs()
+                if inputs:
+                    key_inputs = {"inputs": inputs, "ignore": {"owner"},
+                                  "exclude": self.ctx.walk_exclude if self.ctx.exclusions
+                                  else None}
+        if network != "default":
+            options["network"] = network
 
         def action(root: str) -> None:
             uid, gid, groups, home = fsops.lookup_user(root, user)
@@ -512,9 +531,15 @@ class Builder:
                     os.mkdir(host, 0o755)
                     made.append(host)
             try:
+                with self._at(inst):
+                    mounted = step_mounts.enter(root) if step_mounts is not None else []
+                    run_env.update(step_mounts.env if step_mounts is not None else {})
                 res = sandbox.run(sandbox.RunSpec(root, argv, run_env, workdir, uid, gid,
-                                                  groups, files), self.on_output)
+                                                  groups, files, tuple(mounted), network),
+                                  self.on_output)
             finally:
+                if step_mounts is not None:
+                    step_mounts.exit()
                 for host in made:
                     try:
                         os.rmdir(host)
@@ -530,8 +555,32 @@ class Builder:
                                           else " (no output)"),
                     res.exit_code, res.tail)
 
-        self._fs_step(state, inst, ev, inst.key_text, options, None, action)
+        self._fs_step(state, inst, ev, inst.key_text, options, key_inputs, action)
         self._history(state, inst, inst.original, False)
+
+    def _mounts(self, state: _State, inst: Instruction, states: dict[int, _State],
+                workdir: str) -> tuple[mounts.StepMounts | None, str]:
+        """RUN --mount and --network (build/mounts.py), variables substituted."""
+        env = self._vars(state)
+        network = mounts.parse_network(self._expand(inst.flags["network"], env, inst, set())) \
+            if "network" in inst.flags else "default"
+        if not inst.mounts:
+            return None, network
+        specs = [mounts.parse_mount(self._expand(m, env, inst, set())) for m in inst.mounts]
+        sources = mounts.Sources(
+            self.ctx.root, self.ctx.walk_exclude if self.ctx.exclusions else None,
+            self.secrets, self.store.path,
+            lambda ref: self._from_layer(ref, states, inst), self._view, self._drop_view)
+        return mounts.StepMounts(specs, workdir, sources), network
+
+    @contextlib.contextmanager
+    def _at(self, inst: Instruction):
+        """A --mount's error names the instruction's line."""
+        try:
+            yield
+        except (mounts.MountError, mounts.MountNotFound) as e:
+            e.args = (f"{self.df.path}:{inst.line}: RUN: {e}",)
+            raise
 
     # -- COPY / ADD ----------------------------------------------------------------------
     def _copy(self, state: _State, inst: Instruction, ev: StepEvent,
@@ -543,12 +592,12 @@ class Builder:
         if inst.json is not None:
             words = [self._expand(w, env, inst, used) for w in words]
         *srcs, dest_raw = words
-        inline = heredoc.sources(inst.text, inst.heredocs, self.df.escape) \
+        inline = heredoc.sources(split_words(inst.text, self.df.escape), inst.heredocs) \
             if inst.heredocs and inst.json is None else {}
         if len(srcs) in inline:
             raise DockerfileError(f"{inst.cmd}: a here-document cannot be the destination",
                                   inst.line, self.df.path)
-        contents = [(doc.name, (heredoc.expand_content(doc.content, env, used)
+        contents = [(doc.name, (expand_heredoc(doc.content, env, used)
                                 if doc.expand else doc.content).encode("utf-8",
                                                                        "surrogateescape"))
                     for _, doc in sorted(inline.items())]

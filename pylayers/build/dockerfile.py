@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from ..errors import InvalidArgument
 from .heredoc import HEREDOC_INSTRUCTIONS, Heredoc, markers, read_bodies, shell_script
 from .metadata import HEALTHCHECK_FLAGS, healthcheck, trigger_refused
+from .mounts import parse_mount, parse_network
 
 # the instructions this builder runs, and those Docker knows but it refuses
 INSTRUCTIONS = ("FROM", "COPY", "ADD", "RUN", "WORKDIR", "ENV", "ARG", "USER", "LABEL",
@@ -40,7 +41,8 @@ INSTRUCTIONS = ("FROM", "COPY", "ADD", "RUN", "WORKDIR", "ENV", "ARG", "USER", "
                 "HEALTHCHECK", "ONBUILD")
 JSON_FORMS = {"RUN", "CMD", "ENTRYPOINT", "SHELL", "COPY", "ADD", "VOLUME"}
 FLAGS = {"FROM": {"platform"}, "COPY": {"from", "chown", "chmod", "link"},
-         "ADD": {"chown", "chmod", "link"}, "RUN": set(), "HEALTHCHECK": HEALTHCHECK_FLAGS}
+         "ADD": {"chown", "chmod", "link"}, "RUN": {"mount", "network"},
+         "HEALTHCHECK": HEALTHCHECK_FLAGS}
 DIRECTIVE = re.compile(r"^#[ \t]*([A-Za-z][A-Za-z0-9_-]*)[ \t]*=[ \t]*(.*?)[ \t]*$")
 _NAME_START = re.compile(r"[A-Za-z_]")
 _NAME_CHAR = re.compile(r"[A-Za-z0-9_]")
@@ -67,6 +69,7 @@ class Instruction:
     flags: dict[str, str] = field(default_factory=dict)
     json: list[str] | None = None  # the exec form's strings
     heredocs: list[Heredoc] = field(default_factory=list)  # RUN/COPY/ADD <<NAME bodies
+    mounts: list[str] = field(default_factory=list)  # RUN --mount values, in order
 
     def __str__(self) -> str:
         return self.original
@@ -244,6 +247,7 @@ def parse_instruction(line: str, number: int, path: str = "Dockerfile",
     if cmd not in INSTRUCTIONS:
         raise DockerfileError(f"unknown instruction {m.group(1)!r}", number, path)
     flags: dict[str, str] = {}
+    mount_specs: list[str] = []
     allowed = FLAGS.get(cmd, set())
     while rest.startswith("--"):
         word, _, after = rest.partition(" ")
@@ -251,9 +255,23 @@ def parse_instruction(line: str, number: int, path: str = "Dockerfile",
         if fm is None:
             raise DockerfileError(f"{cmd}: malformed flag {word!r}", number, path)
         name, value = fm.group(1), fm.group(2)
-        if cmd == "RUN" and name in ("mount", "network", "security"):
+        if cmd == "RUN" and name == "security":
             raise DockerfileError(f"RUN --{name} is not supported by pylayers build",
                                   number, path)
+        if cmd == "RUN" and name == "mount" and value is not None:
+            if "$" not in value:  # else checked once substituted, at build time
+                try:
+                    parse_mount(value)
+                except InvalidArgument as e:
+                    raise DockerfileError(f"RUN: {e}", number, path) from None
+            mount_specs.append(value)
+            rest = after.lstrip()
+            continue
+        if cmd == "RUN" and name == "network" and value is not None and "$" not in value:
+            try:
+                parse_network(value)
+            except InvalidArgument as e:
+                raise DockerfileError(f"RUN: {e}", number, path) from None
         if name not in allowed:
             raise DockerfileError(f"{cmd} has no flag --{name}", number, path)
         if value is None:
@@ -266,7 +284,7 @@ def parse_instruction(line: str, number: int, path: str = "Dockerfile",
             raise DockerfileError(f"{cmd} --{name} given twice", number, path)
         flags[name] = value
         rest = after.lstrip()
-    inst = Instruction(cmd, rest, number, line.strip(), flags)
+    inst = Instruction(cmd, rest, number, line.strip(), flags, mounts=mount_specs)
     if cmd in JSON_FORMS and rest.startswith("["):
         try:
             value = json.loads(rest)
@@ -509,6 +527,39 @@ class _Lexer:
         while self.i < len(self.s) and _NAME_CHAR.match(self.s[self.i]):
             self.i += 1
         return self.s[start:self.i]
+
+
+def expand_heredoc(text: str, env: Mapping[str, str], used: set[str]) -> str:
+    """A COPY here-document's body with variables substituted, as a shell does in an
+    unquoted here-document: `$NAME` and `${NAME...}` (Docker's modifiers) replaced,
+    quotes kept, `\\$`, `\\\\` and `` \\` `` the character itself, `\\` + newline
+    removed, any other backslash kept."""
+    out = []
+    lex = _Lexer(text, env, "\\", used)
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):
+            nxt = text[i + 1]
+            if nxt in "$\\`":
+                out.append(nxt)
+                i += 2
+                continue
+            if nxt == "\n":
+                i += 2
+                continue
+            out.append(c)
+            i += 1
+        elif c == "$":
+            lex.i = i + 1
+            out.append(lex.dollar())
+            i = lex.i
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
 
 
 def expander(env: Mapping[str, str], escape: str, line: int, path: str,

@@ -24,7 +24,6 @@ The bodies are part of the instruction's cache key (`Instruction.key_text`).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 HEREDOC_INSTRUCTIONS = ("RUN", "COPY", "ADD")
@@ -114,47 +113,12 @@ def read_bodies(docs: list[Heredoc], lines: list[str], start: int) -> int | str:
     return i
 
 
-def expand_content(text: str, env: Mapping[str, str], used: set[str]) -> str:
-    """A COPY here-document's body with variables substituted, as a shell does in an
-    unquoted here-document: `$NAME` and `${NAME...}` (Docker's modifiers) replaced,
-    quotes kept, `\\$`, `\\\\` and `` \\` `` the character itself, `\\` + newline
-    removed, any other backslash kept."""
-    from .dockerfile import _Lexer
-
-    out = []
-    lex = _Lexer(text, env, "\\", used)
-    i = 0
-    while i < len(text):
-        c = text[i]
-        if c == "\\" and i + 1 < len(text):
-            nxt = text[i + 1]
-            if nxt in "$\\`":
-                out.append(nxt)
-                i += 2
-                continue
-            if nxt == "\n":
-                i += 2
-                continue
-            out.append(c)
-            i += 1
-        elif c == "$":
-            lex.i = i + 1
-            out.append(lex.dollar())
-            i = lex.i
-        else:
-            out.append(c)
-            i += 1
-    return "".join(out)
-
-
-def sources(text: str, docs: list[Heredoc], escape: str) -> dict[int, Heredoc]:
-    """COPY/ADD: which of the words of `text` (its arguments after the flags) are
-    here-documents, by index."""
-    from .dockerfile import split_words
-
+def sources(words: list[str], docs: list[Heredoc]) -> dict[int, Heredoc]:
+    """COPY/ADD: which of `words` (its arguments after the flags, split, quotes kept)
+    are here-documents, by index."""
     out: dict[int, Heredoc] = {}
     pending = list(docs)
-    for i, word in enumerate(split_words(text, escape)):
+    for i, word in enumerate(words):
         if pending and parse_marker(word) is not None:
             out[i] = pending.pop(0)
     return out
@@ -182,5 +146,5 @@ def shell_script(line: str, docs: list[Heredoc]) -> str:
     return "".join(parts) + "\n"
 
 
-__all__ = ["HEREDOC_INSTRUCTIONS", "Heredoc", "SCRIPT_DIR", "expand_content", "markers",
+__all__ = ["HEREDOC_INSTRUCTIONS", "Heredoc", "SCRIPT_DIR", "markers",
            "parse_marker", "read_bodies", "run_command", "sources", "shell_script"]

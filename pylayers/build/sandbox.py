@@ -46,7 +46,8 @@ def mount(src, tgt, fstype, flags, data=None):
                   data.encode() if data else None) != 0:
         e = ctypes.get_errno()
         fail(f"cannot mount {fstype or src} on {tgt}: {os.strerror(e)}")
-NOSUID, NODEV, NOEXEC, BIND, REC, PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
+RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT = 1, 2, 4, 8, 32
+BIND, REC, PRIVATE = 4096, 16384, 1 << 18
 root = spec["root"]
 mount("none", "/", None, REC | PRIVATE)
 mount("proc", root + "/proc", "proc", NOSUID | NODEV | NOEXEC)
@@ -70,6 +71,22 @@ for item in spec.get("files", ()):
     os.write(fd, base64.b64decode(item["data"]))
     os.close(fd)
     os.chmod(p, item["mode"])
+for m in spec.get("mounts", ()):
+    if m["type"] == "tmpfs":
+        mount("tmpfs", m["target"], "tmpfs", NOSUID | NODEV,
+              "mode=1777" + (f",size={m['size']}" if m.get("size") else ""))
+        continue
+    mount(m["source"], m["target"], None, BIND | REC)
+    if m["readonly"]:
+        kept = os.statvfs(m["target"]).f_flag & (NOSUID | NODEV | NOEXEC)
+        mount("none", m["target"], None, REMOUNT | BIND | RDONLY | kept)
+if spec.get("network") == "none":  # a new network namespace: bring its lo up
+    import fcntl, socket, struct
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    flags = struct.unpack("16sH", fcntl.ioctl(s, 0x8913, struct.pack("16sH14s", b"lo", 0,
+                                                                     b""))[:18])[1]
+    fcntl.ioctl(s, 0x8914, struct.pack("16sH14s", b"lo", flags | 1, b""))
+    s.close()
 os.chroot(root)
 try:
     os.chdir(spec["cwd"])
@@ -117,6 +134,11 @@ class RunSpec:
     # files written on the step's private /dev/pipes (a tmpfs) before the command runs,
     # never in the layer: (image path under /dev/pipes/, content, mode); heredoc scripts
     files: tuple[tuple[str, bytes, int], ...] = ()
+    # RUN --mount, mounted in the step's mount namespace before the chroot, in order:
+    # {"type": "bind", "source": host path, "target": host path in root, "readonly":
+    # bool} or {"type": "tmpfs", "target": ..., "size": bytes or None}
+    mounts: tuple[dict, ...] = ()
+    network: str = "default"  # "none": a new network namespace holding only lo
 
 
 @dataclass
@@ -152,7 +174,8 @@ def payload(spec: RunSpec) -> bytes:
                        "cwd": spec.cwd, "uid": spec.uid, "gid": spec.gid,
                        "groups": list(spec.groups),
                        "files": [{"path": p, "data": base64.b64encode(d).decode(),
-                                  "mode": m} for p, d, m in spec.files]}).encode()
+                                  "mode": m} for p, d, m in spec.files],
+                       "mounts": list(spec.mounts), "network": spec.network}).encode()
 
 
 def command(spec: RunSpec, payload_path: str) -> list[str]:
@@ -162,6 +185,8 @@ def command(spec: RunSpec, payload_path: str) -> list[str]:
            "private"]
     if os.geteuid() != 0:
         cmd += ["--user", "--map-root-user"]
+    if spec.network == "none":
+        cmd.append("--net")
     return cmd + ["--", sys.executable, "-I", "-S", "-c", _CHILD, payload_path]
 
 

@@ -8,7 +8,7 @@ import click
 
 from ..build.bases import RegistryOptions
 from ..build.builder import Builder, StepEvent
-from ..errors import UsageError
+from ..errors import InvalidArgument, NotFound, UsageError
 from ..layers.catalog import history as layer_history
 from .app import cli, emit_json, human, open_layers, ref_param, tag_param, warn
 from .registry import registry_options
@@ -27,6 +27,36 @@ def _build_args(values: tuple[str, ...]) -> dict[str, str]:
                 continue
             value = os.environ[name]
         out[name] = value
+    return out
+
+
+def _secrets(values: tuple[str, ...]) -> dict[str, bytes]:
+    """--secret id=ID,src=FILE (or env=VAR): id -> content, read now."""
+    import os
+
+    out: dict[str, bytes] = {}
+    for v in values:
+        fields = dict(f.partition("=")[::2] for f in v.split(",") if f)
+        fields = {k.strip().lower(): val for k, val in fields.items()}
+        sid = fields.pop("id", "")
+        src = fields.pop("src", None) or fields.pop("source", None)
+        env = fields.pop("env", None)
+        fields.pop("type", None)
+        if not sid or fields or (src is None) == (env is None):
+            raise UsageError(f"--secret {v!r}: say id=ID,src=FILE or id=ID,env=VAR")
+        if src is not None:
+            try:
+                with open(src, "rb") as f:
+                    out[sid] = f.read(1 << 20 + 1)
+            except OSError as e:
+                raise NotFound(f"--secret id={sid}: cannot read {src}: {e.strerror}") \
+                    from None
+            if len(out[sid]) > 1 << 20:
+                raise InvalidArgument(f"--secret id={sid}: {src} is over 1 MiB")
+        else:
+            if env not in os.environ:
+                raise NotFound(f"--secret id={sid}: no variable {env} in the environment")
+            out[sid] = os.fsencode(os.environ[env or ""])
     return out
 
 
@@ -104,6 +134,8 @@ class _Printer:
 @click.option("--cache-to", "cache_to", metavar="REGISTRY/REPO:TAG",
               help="Merge this build's cache keys and layers into this registry build "
                    "cache (chunk-level; nothing is sent when it has them all).")
+@click.option("--secret", "secrets", multiple=True, metavar="id=ID,src=FILE|env=VAR",
+              help="A secret for RUN --mount=type=secret (repeatable); never stored.")
 @click.option("--json", "as_json", is_flag=True,
               help="One JSON document on stdout (docs/cli.md); step lines go to stderr.")
 @registry_options
@@ -111,8 +143,8 @@ class _Printer:
 def build(ctx: click.Context, context: str, dockerfile: str | None, tags: tuple[str, ...],
           target: str | None, build_args: tuple[str, ...], no_cache: bool, explain: bool,
           driver: str | None, source_date_epoch: int | None, cache_from: tuple[str, ...],
-          cache_to: str | None, as_json: bool, insecure: bool, user: str | None,
-          ca_file: str | None) -> None:
+          cache_to: str | None, secrets: tuple[str, ...], as_json: bool, insecure: bool,
+          user: str | None, ca_file: str | None) -> None:
     """Build the Dockerfile in CONTEXT: one layer per RUN, COPY, ADD (and WORKDIR of a
     new directory), each CACHED when its key is known. Prints each step, and the final
     layer's id last. FROM REGISTRY/REPO[:TAG|@DIGEST] pulls the base first (the registry
@@ -127,7 +159,8 @@ def build(ctx: click.Context, context: str, dockerfile: str | None, tags: tuple[
                           on_output=printer.output,
                           registry=RegistryOptions(insecure, ca_file, user))
         kw = dict(tags=tags, target=target, build_args=args, no_cache=no_cache,
-                  explain=explain, source_date_epoch=source_date_epoch)
+                  explain=explain, source_date_epoch=source_date_epoch,
+                  secrets=_secrets(secrets))
         if cache_from or cache_to:
             from ..build.registrycache import RegistryCache
             from ..oci.auth import find_credentials
