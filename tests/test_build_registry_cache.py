@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -453,3 +454,28 @@ def test_an_exporter_that_moved_the_tag_meanwhile_is_merged_not_replaced(
         res, _ = build(tmp_path / f"fresh-{ctx.name}", ctx,
                        cache_from=[f"{registry.host}/cache/race:shared"])
         assert ran(res) == [] and res.layer_id == want.layer_id
+
+
+def test_export_beyond_the_record_limit_drops_the_oldest_and_their_layers(
+        tmp_path, registry, monkeypatch):
+    from pylayers.build import registrycache
+
+    ref = f"{registry.host}/cache/app:small"
+    main = make_context(tmp_path / "main")
+    feature = tmp_path / "feature"
+    shutil.copytree(main, feature)
+    (feature / "src" / "a.txt").write_text("feature\n")
+    build(tmp_path / "ci-main", main, cache_to=ref)
+    time.sleep(1.1)  # records carry their export's second: the feature's are newer
+    monkeypatch.setattr(registrycache, "MAX_RECORDS", 9)
+    b, cache = build(tmp_path / "ci-feature", feature, cache_to=ref)
+    assert cache.export_result.records_added == 3
+    manifest = _doc(registry, "/v2/cache/app/manifests/small")
+    art, config = registrycache.decode_manifest(json.dumps(manifest).encode(), "cache")
+    blob = registry.get(f"/v2/cache/app/blobs/{config['digest']}")
+    records = registrycache.decode_records(blob, art, "records")
+    assert len(records) == 9
+    needed = {x for r in records.values() for x in art.chain(r.layer)}
+    assert needed == set(art.layers)  # no layer left that no record needs
+    res, _ = build(tmp_path / "fresh", feature, cache_from=[ref])
+    assert ran(res) == [] and res.layer_id == b.layer_id

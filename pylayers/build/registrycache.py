@@ -78,7 +78,7 @@ PARENT_ANNOTATION = "dev.pylayers.parent"
 MAX_MANIFEST = 4 << 20  # what registries take (distribution's limit)
 MAX_RECORDS_BLOB = 64 << 20
 MAX_INPUTS_BLOB = 64 << 20
-MAX_RECORDS = 10_000  # an export keeps the newest records up to this many
+MAX_RECORDS = 5_000  # an export keeps the newest records up to this many
 MAX_LAYERS = 4_000  # ... and the layers they need up to this many
 MAX_RETRIES = 5  # exports re-run after another exporter moved the tag
 _PARENT_KINDS = ("none", "key", "layer")
@@ -576,7 +576,7 @@ class RegistryCache:
                 res.digest = have.digest
                 break
             res.records_added = len(new)
-            digest = self._push(client, ref, have, new, inputs, res)
+            digest = self._push(client, ref, have, new, set(mine), inputs, res)
             if digest is None:
                 continue  # another exporter moved the tag before our PUT: merge again
             if client.head_manifest(ref.tag or "") == digest:
@@ -590,16 +590,20 @@ class RegistryCache:
         return res
 
     def _push(self, client: RegistryClient, ref: Reference, have: CacheArtifact,
-              new: Mapping[bytes, CacheRecord], inputs: Mapping[str, bytes],
-              res: ExportResult) -> str | None:
+              new: Mapping[bytes, CacheRecord], mine: set[bytes],
+              inputs: Mapping[str, bytes], res: ExportResult) -> str | None:
         records = dict(have.records)
         records.update(new)
+
+        def priority(r: CacheRecord) -> tuple:  # this build's records, then the newest
+            return (r.key not in mine, -r.created, r.key)
+
         if len(records) > MAX_RECORDS:
-            keep = sorted(records.values(), key=lambda r: (r.key not in new, -r.created))
+            keep = sorted(records.values(), key=priority)
             records = {r.key: r for r in keep[:MAX_RECORDS]}
         out = CacheArtifact(records=records)
         need: list[bytes] = []
-        for r in sorted(records.values(), key=lambda r: (r.key not in new, -r.created)):
+        for r in sorted(records.values(), key=priority):
             chain = have.chain(r.layer) if r.layer in have.layers else self._chain(r.layer)
             fresh = [x for x in chain if x not in out.layers and x not in need]
             if len(out.layers) + len(need) + len(fresh) > MAX_LAYERS:
