@@ -479,3 +479,17 @@ def test_export_beyond_the_record_limit_drops_the_oldest_and_their_layers(
     assert needed == set(art.layers)  # no layer left that no record needs
     res, _ = build(tmp_path / "fresh", feature, cache_from=[ref])
     assert ran(res) == [] and res.layer_id == b.layer_id
+
+
+def test_layers_the_repository_has_cost_no_upload(tmp_path, registry):
+    """An export to a new tag of a repository that holds the layers' blobs (another
+    tag's cache, or `push --chunks` of the image) lists them and sends only the small
+    records blob."""
+    ctx = make_context(tmp_path / "ctx")
+    first, one = build(tmp_path / "a", ctx, cache_to=f"{registry.host}/cache/app:one")
+    assert one.export_result.counters["blob_bytes_sent"] > 500_000
+    _res, two = build(tmp_path / "a", ctx, cache_to=f"{registry.host}/cache/app:two")
+    assert two.export_result.layers_pushed == 8
+    assert two.export_result.counters["blob_bytes_sent"] < 8192
+    res, _ = build(tmp_path / "b", ctx, cache_from=[f"{registry.host}/cache/app:two"])
+    assert ran(res) == [] and res.layer_id == first.layer_id
