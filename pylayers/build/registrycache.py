@@ -46,6 +46,7 @@ import json
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..errors import CorruptData, InvalidArgument, NotFound, PylayersError, UsageError
 from ..layers.repo import Layers
@@ -68,6 +69,11 @@ from ..oci.reference import Reference, parse_reference
 from ..oci.registry import RegistryClient, RegistryError
 from ..oci.streams import Verifying, parse_digest
 from .cachekeys import BuildCache, CacheKey
+
+if TYPE_CHECKING:
+    import os
+
+    from .builder import Builder, BuildResult
 
 FORMAT = 1  # the build cache artifact's version (docs/format.md)
 ARTIFACT_TYPE = "application/vnd.pylayers.buildcache.v1"
@@ -518,7 +524,8 @@ class RegistryCache:
                 cache.put(key, layer)
 
     # -- a build ---------------------------------------------------------------------
-    def build(self, builder, context, *args, **kw):
+    def build(self, builder: Builder, context: str | os.PathLike[str], *args,
+              **kw) -> BuildResult:
         """`builder.build(context, *args, **kw)` with these caches: records read first, a
         layer that cannot be pulled dropped and the build run again, the result's
         records exported last. Returns the BuildResult (warnings added)."""
