@@ -32,6 +32,7 @@ import registryutil  # noqa: E402
 from buildutil import BUSYBOX, needs_build  # noqa: E402
 
 from pylayers import Layers, Store  # noqa: E402
+from pylayers.build.bases import RegistryOptions  # noqa: E402
 from pylayers.build.builder import Builder  # noqa: E402
 from pylayers.build.registrycache import RegistryCache  # noqa: E402
 from pylayers.oci import export_image  # noqa: E402
@@ -75,7 +76,8 @@ def build(store_path: Path, ctx: Path, cache_from=(), cache_to=None, **kw):
         layers = Layers(store)
         cache = RegistryCache(layers, cache_from, cache_to, insecure=True)
         try:
-            res = cache.build(Builder(layers), ctx, **kw)
+            res = cache.build(Builder(layers, registry=RegistryOptions(insecure=True)), ctx,
+                              **kw)
         finally:
             cache.close()
         return res, cache
@@ -493,3 +495,23 @@ def test_layers_the_repository_has_cost_no_upload(tmp_path, registry):
     assert two.export_result.counters["blob_bytes_sent"] < 8192
     res, _ = build(tmp_path / "b", ctx, cache_from=[f"{registry.host}/cache/app:two"])
     assert ran(res) == [] and res.layer_id == first.layer_id
+
+
+def test_a_base_from_a_registry_and_the_cache_on_a_fresh_machine(tmp_path, registry):
+    """FROM an image in the registry: a fresh store pulls the base, then takes every
+    step from the cache (keys chain to the base's layer id, the same on both)."""
+    from pylayers.oci.registry_transfer import push_image
+
+    base_ctx = make_context(tmp_path / "base-ctx", 'FROM scratch\nCOPY busybox /bin/busybox\n'
+                            'RUN ["/bin/busybox", "--install", "-s", "/bin"]\n')
+    with Store.open(tmp_path / "base-store") as store:
+        top = Builder(Layers(store)).build(base_ctx).layer_id
+        push_image(Layers(store), top, f"{registry.host}/base:v1", insecure=True, chunks=True)
+    ctx = make_context(tmp_path / "ctx", f"FROM {registry.host}/base:v1\nCOPY src/ /src/\n"
+                       "RUN cat /src/a.txt /src/b.txt > /out\n")
+    ref = f"{registry.host}/cache/onbase:main"
+    first, _ = build(tmp_path / "a", ctx, cache_to=ref)
+    assert len(ran(first)) == 2
+    again, cache = build(tmp_path / "b", ctx, cache_from=[ref])
+    assert ran(again) == [] and again.layer_id == first.layer_id
+    assert cache.pulled == 2  # the base came FROM's pull, the two steps' layers the cache
