@@ -8,13 +8,17 @@ snapshotter all build on it.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import subprocess
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 
-from ..errors import PylayersError
+from ..errors import FailedPrecondition, PylayersError
+
+OVERLAY_MAX_LOWERS = 500  # overlayfs stacks at most this many lower directories
 
 
 class Kind(StrEnum):
@@ -103,8 +107,13 @@ class Mount:
 
     def mount(self, target: str | os.PathLike[str]) -> None:
         """Mount this at the existing directory `target` (needs the privilege to
-        mount: root, or root in a user namespace owning its mount namespace)."""
+        mount: root, or root in a user namespace owning its mount namespace). An
+        overlay whose options do not fit a page is mounted through the new mount API,
+        one lower directory at a time (`_fsmount_overlay`), where the kernel has it."""
         target = os.fspath(target)
+        if self.type == "overlay" and len(",".join(self.options)) >= \
+                os.sysconf("SC_PAGE_SIZE") and _fsmount_overlay(self.options, target):
+            return
         run_tool(self.command(target), f"mount -t {self.type} on {target}")
 
 
@@ -128,3 +137,97 @@ def _compact_lowerdir(opts: list[str]) -> tuple[str | None, list[str]]:
             o = f"{name}={os.path.abspath(value)}"
         out.append(o)
     return common, out
+
+
+# -- the new mount API (fsopen, fsconfig, fsmount, move_mount: Linux 5.2; overlayfs's
+# `lowerdir+`, one lower directory per call: Linux 6.8). The syscall numbers are the
+# same on every architecture but alpha.
+_SYS_MOVE_MOUNT, _SYS_FSOPEN, _SYS_FSCONFIG, _SYS_FSMOUNT = 429, 430, 431, 432
+_FSCONFIG_SET_FLAG, _FSCONFIG_SET_STRING, _FSCONFIG_CMD_CREATE = 0, 1, 6
+_FSOPEN_CLOEXEC = _FSMOUNT_CLOEXEC = 1
+_MOUNT_ATTR_RDONLY = 1
+_MOVE_MOUNT_F_EMPTY_PATH = 4
+_AT_FDCWD = -100
+_libc: ctypes.CDLL | None = None
+
+
+def _syscall(*args: int | bytes | None) -> int:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    res = _libc.syscall(*(ctypes.c_long(a) if isinstance(a, int) else a for a in args))
+    if res < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return res
+
+
+def _fs_log(fd: int) -> str:
+    """The messages the kernel left on a file system context (`e overlay: too many
+    lower directories, limit is 500`), without their severity letters."""
+    out = []
+    for _ in range(16):
+        try:
+            msg = os.read(fd, 4096).decode(errors="replace").strip()
+        except OSError:
+            break
+        out.append(msg[2:] if msg[:2] in ("e ", "w ", "i ") else msg)
+    return "; ".join(m for m in out if m)
+
+
+def _fsmount_overlay(options: list[str], target: str) -> bool:
+    """Mount overlayfs with `options` at `target` through the new mount API, each lower
+    directory passed alone (`lowerdir+`), so no page of options limits the depth.
+    False, having done nothing, where the kernel lacks the API or `lowerdir+` (the
+    caller uses mount(8)); any other refusal is a PylayersError with the kernel's
+    reason."""
+    try:
+        fd = _syscall(_SYS_FSOPEN, b"overlay", _FSOPEN_CLOEXEC)
+    except OSError:
+        return False  # no new mount API (or not allowed: mount(8) says why)
+    what = f"mount -t overlay on {target}"
+    try:
+        lowers: list[str] = []
+        rest = []
+        for o in options:
+            name, eq, value = o.partition("=")
+            if name == "lowerdir" and eq:
+                lowers = value.split(":")
+            else:
+                rest.append((name, value if eq else None))
+        try:
+            for i, d in enumerate(lowers):
+                try:
+                    _syscall(_SYS_FSCONFIG, fd, _FSCONFIG_SET_STRING, b"lowerdir+",
+                             os.fsencode(os.path.abspath(d)), 0)
+                except OSError as e:
+                    if i == 0 and e.errno == errno.EINVAL and "lowerdir+" in _fs_log(fd):
+                        return False  # before Linux 6.8
+                    raise
+            _syscall(_SYS_FSCONFIG, fd, _FSCONFIG_SET_STRING, b"source", b"overlay", 0)
+            for name, value in rest:
+                if value is None:
+                    _syscall(_SYS_FSCONFIG, fd, _FSCONFIG_SET_FLAG, name.encode(), None, 0)
+                else:
+                    _syscall(_SYS_FSCONFIG, fd, _FSCONFIG_SET_STRING, name.encode(),
+                             os.fsencode(value), 0)
+            _syscall(_SYS_FSCONFIG, fd, _FSCONFIG_CMD_CREATE, None, None, 0)
+            attrs = _MOUNT_ATTR_RDONLY if ("ro", None) in rest else 0
+            mfd = _syscall(_SYS_FSMOUNT, fd, _FSMOUNT_CLOEXEC, attrs)
+        except OSError as e:
+            reason = _fs_log(fd) or e.strerror
+            if len(lowers) > OVERLAY_MAX_LOWERS:
+                raise FailedPrecondition(f"{what} failed: {len(lowers)} lower directories; "
+                                         f"overlayfs stacks at most {OVERLAY_MAX_LOWERS} "
+                                         f"({reason})") from None
+            raise PylayersError(f"{what} failed: {reason}") from None
+        try:
+            _syscall(_SYS_MOVE_MOUNT, mfd, b"", _AT_FDCWD, os.fsencode(target),
+                     _MOVE_MOUNT_F_EMPTY_PATH)
+        except OSError as e:
+            raise PylayersError(f"{what} failed: {e.strerror}") from None
+        finally:
+            os.close(mfd)
+    finally:
+        os.close(fd)
+    return True

@@ -2,7 +2,11 @@
 lower directories materialised once per layer (`lower`); commit reads the upper
 directory back into a layer (`upper`); its caches live under STORE/cache (`cache`).
 
-An active snapshot is `upperdir` + `workdir` over its parent's lower directories.
+An active snapshot is `upperdir` + `workdir` over its parent's lower directories. A
+chain of any depth up to overlayfs's 500 lower directories mounts: past a page of
+options, `Mount.mount` passes each lower directory alone (the new mount API's
+`lowerdir+`, Linux 6.8), else mount(8) with lowerdirs relative to their common parent
+(about 220 fit); a deeper parent is refused when the snapshot is made.
 """
 
 from __future__ import annotations
@@ -11,12 +15,13 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from ...errors import FailedPrecondition
 from ...layers.diffstat import MissingChunks
 from ...layers.manifest import DIR, WHITEOUT, Entry
 from ...layers.materialise import apply_metadata
 from ...layers.repo import Layers
 from ..drivers import Driver, usage_of_entries
-from ..types import Mount, Usage
+from ..types import OVERLAY_MAX_LOWERS, Mount, Usage
 from .cache import cache_bytes, cache_root, collect_caches
 from .lower import LowerDirs
 from .mode import (
@@ -89,6 +94,11 @@ class OverlayDriver(Driver):
 
     # -- snapshots -------------------------------------------------------------------
     def create(self, sdir: Path, parent: bytes | None, readonly: bool) -> None:
+        if parent is not None and (depth := len(self.layers.chain(parent))) > \
+                OVERLAY_MAX_LOWERS:
+            raise FailedPrecondition(
+                f"layer {parent.hex()[:12]} is {depth} layers deep; overlayfs stacks at "
+                f"most {OVERLAY_MAX_LOWERS} lower directories (use the copy driver)")
         lowers = self._lowers_for(parent)
         sdir.mkdir(parents=True)
         if lowers.host_ids is not None:
