@@ -21,7 +21,8 @@ except ImportError as e:  # pragma: no cover - only on a broken install
     ) from e
 
 __all__ = ["ffi", "lib", "new_params", "new_state", "gear", "walk", "walk_compare",
-           "walk_keep", "walk_records", "write_file", "xattr_marks", "WRITE_OWNER"]
+           "walk_keep", "walk_records", "write_file", "xattr_marks", "WRITE_CREATE",
+           "WRITE_OWNER"]
 
 # the fixed part of a walk record (csrc/walk.h): u16 path length + 4 u32 + 7 u64
 WALK_RECORD_FIXED = 2 + 4 * 4 + 8 * 7
@@ -120,7 +121,8 @@ def walk_keep(records: bytes | memoryview, flags: bytes | bytearray) -> bytes:
     return bytes(ffi.buffer(out, n))
 
 
-WRITE_OWNER = 3  # pl_write_file's step number for the owner (csrc/writefile.h)
+WRITE_CREATE = 1  # pl_write_file's step numbers (csrc/writefile.h): creating the file,
+WRITE_OWNER = 3  # giving it its owner
 
 
 def write_file(dir_fd: int, name: bytes, mode: int, uid: int, gid: int, mtime_ns: int,

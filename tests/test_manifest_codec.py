@@ -481,7 +481,7 @@ def test_decoder_and_checkout_never_escape(pool, data) -> None:
     before = listing(sandbox)
     dest = sandbox / "dest"
     try:
-        checkout_tree(tree, dest, lambda cids: read_ahead(store, cids))
+        checkout_tree(tree, dest, lambda chunks: read_ahead(store, (c for c, _ in chunks)))
     except PylayersError as e:  # an xattr the kernel refuses, a chunk the store lacks...
         one_line(e)
     finally:

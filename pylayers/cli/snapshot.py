@@ -78,6 +78,6 @@ def checkout(ctx: click.Context, ref: str, dest: str, link: bool, progress_lines
         if progress.wanted:
             progress.total = tree_bytes(layers.tree(layer_id))  # the checkout reuses it
         try:
-            layers.checkout(layer_id, Path(dest), progress, link=link)
+            layers.checkout(layer_id, Path(dest), progress, link=link, reader_process=True)
         finally:
             progress.close()

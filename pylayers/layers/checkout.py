@@ -16,6 +16,7 @@ replacing a file (write a new one, rename it over) is safe.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import blake3
 
-from .._native import WRITE_OWNER, write_file
+from .._native import WRITE_CREATE, WRITE_OWNER, write_file
 from ..errors import InvalidArgument, PylayersError, os_error_reason, short_path
 from .manifest import BLK, CHR, DIR, FIFO, HARDLINK, REG, SYMLINK, Entry
 from .materialise import apply_metadata, chown_entry, drop_xattrs, make_node, write_file_from
@@ -115,13 +116,16 @@ def link_cache_root(store_path: Path) -> Path:
 
 
 def checkout_tree(tree: list[Entry], dest: Path,
-                  read_chunks: Callable[[Iterable[bytes]], Iterator[bytes]],
+                  read_chunks: Callable[[Iterable[tuple[bytes, int]]],
+                                        Iterator[bytes | memoryview]],
                   progress: Callable[[int], None] | None = None,
                   link_cache: LinkCache | None = None) -> None:
     """Write `tree` into the empty directory `dest`. `read_chunks` gives the bytes of
-    a sequence of chunk ids, in order (`store.readahead.read_ahead(store, ids)` reads
-    ahead on a thread). With `link_cache`, regular files are hardlinks into it (those
-    it lacks are written there first): DEST must be on the cache's file system."""
+    a sequence of (chunk id, length), in order, each good until the next is asked for
+    (`store.readproc.read_in_process` reads ahead in a process of its own,
+    `store.readahead.read_ahead` on a thread). With `link_cache`, regular files are
+    hardlinks into it (those it lacks are written there first): DEST must be on the
+    cache's file system."""
     validate_tree(tree)
     prepare_destination(dest)
     keys: dict[bytes, bytes] = {}
@@ -145,7 +149,7 @@ def checkout_tree(tree: list[Entry], dest: Path,
                 else:
                     keys[e.path] = b"=" + k  # cached: linked, nothing read
     wanted = (e for e in tree if e.kind == REG and not keys.get(e.path, b"").startswith(b"="))
-    stream = read_chunks(cid for e in wanted for cid, _n in e.chunk_list())
+    stream = read_chunks((cid, n) for e in wanted for cid, n in e.chunk_list())
     try:
         _Writer(dest, stream, progress, link_cache, keys).write(tree)
     finally:
@@ -155,7 +159,7 @@ def checkout_tree(tree: list[Entry], dest: Path,
 
 
 class _Writer:
-    def __init__(self, dest: Path, stream: Iterator[bytes],
+    def __init__(self, dest: Path, stream: Iterator[bytes | memoryview],
                  progress: Callable[[int], None] | None, link_cache: LinkCache | None,
                  keys: dict[bytes, bytes]) -> None:
         self.base = os.fsencode(dest.resolve())
@@ -227,9 +231,14 @@ class _Writer:
                 data = next(self.stream) if e.chunks else b""
                 rc, step = write_file(dir_fd, name, e.mode, e.uid, e.gid, e.mtime_ns, data)
                 if rc:
-                    if step == WRITE_OWNER:
-                        chown_entry(name, e, dir_fd=dir_fd)  # raises its clear error
-                    raise OSError(-rc, os.strerror(-rc))
+                    try:
+                        if step == WRITE_OWNER:
+                            chown_entry(name, e, dir_fd=dir_fd)  # raises its clear error
+                        raise OSError(-rc, os.strerror(-rc))
+                    finally:
+                        if step > WRITE_CREATE:  # made, not whole: no half-written file
+                            with contextlib.suppress(OSError):
+                                os.unlink(name, dir_fd=dir_fd)
             else:
                 stream = self.stream
                 write_file_from(name, e, (next(stream) for _ in range(e.chunk_count())),

@@ -11,6 +11,7 @@ the entry's path to what they report.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -181,7 +182,8 @@ def write_file(path: bytes, e: Entry, read_chunk: Callable[[bytes], bytes]) -> N
 def write_file_from(path: bytes, e: Entry, chunks: Iterable[bytes | memoryview],
                     dir_fd: int | None = None) -> None:
     """Create the regular file `path` (relative to the directory open at `dir_fd`, if
-    given) from the bytes of its chunks, then its metadata."""
+    given) from the bytes of its chunks, then its metadata; on any error, remove it
+    again."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  e.mode & 0o777, dir_fd=dir_fd)
     try:
@@ -204,8 +206,17 @@ def write_file_from(path: bytes, e: Entry, chunks: Iterable[bytes | memoryview],
             out.write(data)
         out.finish()
         _fd_metadata(path, e, fd, st)
-    finally:
+    except BaseException:
+        # a chunk that could not be read, a full disk: no half-written file is left
+        # under the entry's name for anyone to take as whole
         os.close(fd)
+        fd = -1
+        with contextlib.suppress(OSError):
+            os.unlink(path, dir_fd=dir_fd)
+        raise
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def _fd_metadata(path: bytes, e: Entry, fd: int, st: os.stat_result) -> None:

@@ -138,6 +138,11 @@ def _holds(directory: str | Path, inner: Path) -> bool:
     return os.path.commonpath([outer, os.path.realpath(inner)]) == outer
 
 
+# A checkout of this much file data or more may read it in a child process (a fork and
+# a store opening: a few milliseconds)
+READ_PROCESS_MIN = 16 << 20
+
+
 class Layers:
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -232,16 +237,29 @@ class Layers:
     def read_file(self, e: Entry) -> bytes:
         return b"".join(self.store.read_chunk(cid) for cid, _ in e.chunk_list())
 
-    def checkout(self, layer_id: bytes, dest: Path, progress=None, link: bool = False) -> None:
+    def checkout(self, layer_id: bytes, dest: Path, progress=None, link: bool = False,
+                 reader_process: bool = False) -> None:
         """Write the layer's tree into `dest` (empty or absent). `link`: regular files
         as hardlinks into the store's checkout cache (checkout.py, LinkCache), for
-        read-only use; DEST on the store's file system."""
+        read-only use; DEST on the store's file system. `reader_process`: read the
+        chunks in a forked child process (store/readproc.py) when there are at least
+        READ_PROCESS_MIN bytes of them, as the CLI does; a process with threads of its
+        own (the containerd service) reads on a thread."""
         # imported here: a snapshot (above all an unchanged one) never writes files
-        from ..store.readahead import read_ahead
         from .checkout import LinkCache, checkout_tree, link_cache_root
         cache = LinkCache(link_cache_root(self.store.path.absolute())) if link else None
-        checkout_tree(self.tree(layer_id), dest, lambda cids: read_ahead(self.store, cids),
-                      progress, cache)
+        tree = self.tree(layer_id)
+        if reader_process and sum(e.size for e in tree if e.kind == REG) >= READ_PROCESS_MIN:
+            from ..store.readproc import read_in_process
+
+            def read(chunks):
+                return read_in_process(self.store, chunks)
+        else:
+            from ..store.readahead import read_ahead
+
+            def read(chunks):
+                return read_ahead(self.store, (cid for cid, _n in chunks))
+        checkout_tree(tree, dest, read, progress, cache)
 
     # -- writing -------------------------------------------------------------------
     def snapshot(self, directory: str | Path, parent: bytes | None = None,

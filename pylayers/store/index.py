@@ -69,6 +69,21 @@ def _open_env(path: Path, readonly: bool = False) -> lmdb.Environment:
         return env
 
 
+def forget_environments() -> None:
+    """In a forked child: close the environments inherited from the parent, unused (an
+    environment must not cross a fork: its reader slot is the parent's), so that
+    opening a store opens its index afresh. Closing one in the child frees only the
+    child's reader slots (none) and its own mappings: the parent's are untouched."""
+    global _envs_lock
+    _envs_lock = threading.Lock()  # another thread of the parent may have held it
+    for env, _n in _envs.values():
+        try:
+            env.close()
+        except lmdb.Error:
+            pass
+    _envs.clear()
+
+
 def _close_env(path: Path) -> None:
     key = os.path.realpath(path)
     with _envs_lock:

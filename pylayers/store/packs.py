@@ -89,7 +89,8 @@ class Location(NamedTuple):
         return cls(name, offset, frame_len, start, length, bool(flags & 1))
 
 
-_LOCATION = struct.Struct("<16sQIIIB")  # ..., u8 flags (bit 0: delta frame)
+# pack id (16 bytes), offset, frame_len, start, length, u8 flags (bit 0: delta frame)
+_LOCATION = LOCATION_STRUCT = struct.Struct("<16sQIIIB")
 _PACK_NAMES: dict[bytes, str] = {}  # pack ids decoded (a store has few packs)
 
 

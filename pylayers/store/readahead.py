@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import blake3
 
 from ..errors import CorruptData
+from .packs import LOCATION_STRUCT, Location, PackReader
 
 if TYPE_CHECKING:
     from .repository import Store
@@ -31,7 +33,8 @@ if TYPE_CHECKING:
 _BATCH_BYTES = 4 << 20  # chunks handed over together, to keep queue operations few
 _LOOKUP = 4096  # chunk ids looked up per read transaction
 KEEP_BYTES = 64 << 20  # chunks read again later, kept verified meanwhile
-_SCRATCH_BYTES = 8 << 20  # the decompression buffer: a frame holds 4 MiB and one chunk more
+_SCRATCH_BYTES = 8 << 20  # a decompression buffer: a frame holds 4 MiB and one chunk more
+FRAME_CACHE = 8  # frames kept decompressed (a chain's new version interleaves old ones)
 _DONE = object()
 
 
@@ -107,18 +110,17 @@ def verified_chunks(store: Store, ids: list[bytes]) -> Iterator[bytes | memoryvi
     last = {cid: i for i, cid in enumerate(ids)}  # each id's last position
     kept: dict[bytes, bytes] = {}
     kept_bytes = 0
-    frame_into = store.reader.frame_into
-    scratch = bytearray(_SCRATCH_BYTES)  # each frame is decompressed into it
+    frames = _Frames(store.reader)
     hasher = blake3.blake3
-    frame_key: tuple[str, int] | None = None
+    unpack = LOCATION_STRUCT.unpack
+    frame_pack, frame_offset = b"", -1
     frame = memoryview(b"")
     i = -1
     for base in range(0, len(ids), _LOOKUP):
         window = ids[base : base + _LOOKUP]
         with store.read() as t:
-            get = t.chunks.get
-            locs = [get(cid) for cid in window]
-        for cid, loc in zip(window, locs, strict=True):
+            raws = t.chunks.encoded_many(window)
+        for cid, raw in zip(window, raws, strict=True):
             i += 1
             if kept and cid in kept:
                 data = kept[cid]
@@ -127,19 +129,19 @@ def verified_chunks(store: Store, ids: list[bytes]) -> Iterator[bytes | memoryvi
                     kept_bytes -= len(data)
                 yield data
                 continue
-            if loc is None:
+            if raw is None:
                 raise CorruptData(f"chunk {cid.hex()} is missing from the store")
-            pack, offset, _frame_len, start, length, _delta = loc
-            if (pack, offset) != frame_key:
-                frame_key = None
-                frame = frame_into(loc, scratch)
-                frame_key = (pack, offset)
+            pack, offset, _frame_len, start, length, _flags = unpack(raw)
+            if offset != frame_offset or pack != frame_pack:
+                frame_offset = -1
+                frame = frames.get(Location.decode(raw))
+                frame_pack, frame_offset = pack, offset
             end = start + length
             if end > len(frame):
-                raise CorruptData(f"pack {pack}: chunk lies outside its frame")
+                raise CorruptData(f"pack {pack.hex()}: chunk lies outside its frame")
             view = frame[start:end]
             if hasher(view).digest() != cid:
-                raise CorruptData(f"chunk {cid.hex()} is damaged (pack {pack}, offset "
+                raise CorruptData(f"chunk {cid.hex()} is damaged (pack {pack.hex()}, offset "
                                   f"{offset}): its bytes do not match its id")
             if last[cid] != i and kept_bytes + length <= KEEP_BYTES:
                 data = kept[cid] = view.tobytes()
@@ -147,3 +149,40 @@ def verified_chunks(store: Store, ids: list[bytes]) -> Iterator[bytes | memoryvi
                 yield data
             else:
                 yield view
+
+
+class _Frames:
+    """The last few frames decompressed (a tree's chunks come from a few frames at a
+    time: a new version's files from its own packs, between files unchanged since an
+    older one), each in a buffer reused for another frame once it is the least
+    recently used: no fresh memory, so no page faults, per frame decompressed. Delta
+    frames (one file's new chunks, read once) are not kept: the frames around them
+    are."""
+
+    def __init__(self, reader: PackReader, frames: int = FRAME_CACHE) -> None:
+        self.reader = reader
+        self.frames = frames
+        self._lru: OrderedDict[tuple[str, int], tuple[memoryview, bytearray]] = OrderedDict()
+        self._spare: bytearray | None = None
+
+    def get(self, loc: Location) -> memoryview:
+        """The frame's raw bytes, good until `frames` other frames were asked for."""
+        if loc.delta:
+            return memoryview(self.reader.frame_raw(loc))
+        key = (loc.pack, loc.offset)
+        hit = self._lru.get(key)
+        if hit is not None:
+            self._lru.move_to_end(key)
+            return hit[0]
+        buf, self._spare = self._spare, None
+        if buf is None and len(self._lru) >= self.frames:
+            _key, (_view, buf) = self._lru.popitem(last=False)
+        if buf is None:
+            buf = bytearray(_SCRATCH_BYTES)
+        try:
+            view = self.reader.frame_into(loc, buf)
+        except BaseException:
+            self._spare = buf
+            raise
+        self._lru[key] = (view, buf)
+        return view

@@ -73,6 +73,15 @@ class ChunkTable(_Table):
     def has(self, cid: bytes) -> bool:
         return self._get(cid) is not None
 
+    def encoded_many(self, cids: list[bytes]) -> list[bytes | None]:
+        """The encoded locations (`Location.decode`) of `cids`, in order, None for an
+        id not indexed: one call into LMDB for them all (a checkout's lookups)."""
+        try:
+            found = dict(self._txn.cursor(db=self._db).getmulti(cids))
+        except lmdb.BadValsizeError:  # an id no table can hold: one at a time
+            return [self._get(cid) for cid in cids]
+        return [found.get(cid) for cid in cids]
+
     def add(self, cid: bytes, loc: Location) -> bool:
         """Index a new chunk; first writer wins (False: it was indexed already)."""
         return self._txn.put(cid, loc.encode(), db=self._db, overwrite=False)
