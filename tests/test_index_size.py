@@ -16,7 +16,7 @@ import lmdb
 import pytest
 
 from pylayers.layers.repo import Layers
-from pylayers.store import index
+from pylayers.store import index, ingest
 from pylayers.store.index import COMPACT_DIR
 from pylayers.store.repository import Store
 
@@ -137,6 +137,25 @@ def test_a_resnapshot_reads_only_what_changed(tmp_path: Path) -> None:
         with Store.open(tmp_path / "fresh") as other:
             fresh = Layers(other).snapshot(src)
             assert Layers(other).tree(fresh.layer_id) == layers.tree(again.layer_id)
+
+
+def test_a_snapshot_indexes_its_chunks_as_it_goes(tmp_path: Path, monkeypatch) -> None:
+    """The chunk writer commits every COMMIT_CHUNKS new chunks (what it has yet to
+    index is held in memory: a tree of a million tiny files is a million chunks); the
+    layer is the same as one committed at once, and whole."""
+    src = tiny_tree(tmp_path / "src", 300)
+    with Store.open(tmp_path / "one") as store:
+        once = Layers(store).snapshot(src).layer_id
+    monkeypatch.setattr(ingest, "COMMIT_CHUNKS", 7)
+    with Store.open(tmp_path / "many") as store:
+        layers = Layers(store)
+        assert layers.snapshot(src).layer_id == once
+        assert store.chunk_count() >= 300
+    assert_fsck_ok(tmp_path / "many")
+    proc = run_cli(tmp_path / "many", "checkout", once.hex(), str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.read_bytes() for p in (tmp_path / "out").rglob("*.js")) == \
+        sorted(p.read_bytes() for p in src.rglob("*.js"))
 
 
 # -- compaction ------------------------------------------------------------------------

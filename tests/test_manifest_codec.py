@@ -47,6 +47,7 @@ from pylayers.layers.manifest import (  # noqa: E402
     SYMLINK,
     WHITEOUT,
     Entry,
+    ManifestEncoder,
     decode_manifest,
     encode_manifest,
     pack_chunks,
@@ -91,6 +92,25 @@ def test_valid_manifest_keeps_its_bytes_and_round_trips() -> None:
     assert blake3.blake3(data).hexdigest() == GOLDEN_ID
     assert decode_manifest(data) == (PARENT, valid())
     assert decode_manifest(encode_manifest(None, entries))[0] is None
+
+
+def test_the_streaming_encoder_is_the_encoder() -> None:
+    """ManifestEncoder (a first snapshot's scan streams through it) gives the same bytes,
+    and keeps each file's path and chunk list for the commit's check."""
+    enc = ManifestEncoder(PARENT)
+    for e in valid():
+        enc.add(e)
+    assert bytes(enc.finish()) == encode_manifest(PARENT, valid())
+    files = [e for e in valid() if e.kind == REG]
+    assert enc.count == len(valid()) and enc.file_bytes == sum(e.size for e in files)
+    assert [enc.file_path(n) for n in range(len(files))] == [e.path for e in files]
+    assert bytes(enc.file_chunks) == b"".join(e.chunks for e in files)
+    assert list(enc.file_ends) == [len(b"".join(e.chunks for e in files[: n + 1]))
+                                   for n in range(len(files))]
+    # an entry refused leaves nothing behind it: what was encoded is still whole
+    with pytest.raises(InvalidArgument):
+        enc.add(Entry(b"zz", SYMLINK, 0o777, 0, 0, 0, target=b"x" * 70000))
+    assert bytes(enc.finish()) == encode_manifest(PARENT, valid())
 
 
 def at(entries: list[Entry], path: bytes) -> Entry:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
+from array import array
 
 from ..errors import PATH_MAX, CorruptData, InvalidArgument, UnsafePath, short_path
 
@@ -236,41 +237,77 @@ def encode_manifest(parent: bytes | None, entries: list[Entry]) -> bytes:
     """The canonical bytes of a manifest. `entries` must be in component order, and
     each must be one the decoder accepts: anything else raises InvalidArgument, so a
     tree has exactly one encoding and one id."""
-    if parent is not None and (len(parent) != 32 or parent == NO_PARENT):
-        raise InvalidArgument(f"cannot encode a manifest: parent id {parent.hex()} is "
-                              "not a layer id")
-    out = [MANIFEST_MAGIC, parent or NO_PARENT, _U32.pack(len(entries))]
-    prev = None
+    enc = ManifestEncoder(parent)
     for e in entries:
+        enc.add(e)
+    return bytes(enc.finish())
+
+
+class ManifestEncoder:
+    """`encode_manifest` one entry at a time, so a caller streaming a scan never holds
+    its entries: only the bytes (and, in `file_chunks`, every file's packed chunk list,
+    for the commit's check that each is indexed)."""
+
+    def __init__(self, parent: bytes | None) -> None:
+        if parent is not None and (len(parent) != 32 or parent == NO_PARENT):
+            raise InvalidArgument(f"cannot encode a manifest: parent id {parent.hex()} is "
+                                  "not a layer id")
+        self._out = bytearray(MANIFEST_MAGIC + (parent or NO_PARENT) + bytes(4))
+        self._prev: bytes | None = None
+        self.count = 0
+        self.file_bytes = 0  # regular-file bytes of the entries
+        self.file_chunks = bytearray()  # the files' packed chunk lists, concatenated
+        self.file_paths = array("Q")  # where each file's path starts in the bytes
+        self.file_ends = array("Q")  # where each file's chunks end in file_chunks
+
+    def add(self, e: Entry) -> None:
         if e.key != sort_key(e.path):
             raise InvalidArgument(f"cannot encode manifest entry {_quote(e.path)}: its sort "
                                   "key is not its path's")
-        problem = entry_problem(e, prev) or _unencoded_problem(e)
+        problem = entry_problem(e, self._prev) or _unencoded_problem(e)
         if problem is not None:
             raise InvalidArgument(f"cannot encode manifest entry {_quote(e.path)}: {problem}")
-        prev = e.key
         try:
-            out.append(_HEAD.pack(len(e.path), e.kind, e.flags, e.mode, e.uid, e.gid,
-                                  e.mtime_ns, e.size))
-            out.append(e.path)
-            if e.kind == REG:
-                out.append(e.content)
-                out.append(_U32.pack(len(e.chunks) // _CHUNK.size))
-                out.append(e.chunks)
-            elif e.kind in (SYMLINK, HARDLINK):
-                out.append(_U16.pack(len(e.target)))
-                out.append(e.target)
-            elif e.kind in (CHR, BLK):
-                out.append(_DEV.pack(*e.rdev))
-            out.append(_U16.pack(len(e.xattrs)))
-            for name, value in e.xattrs:
-                out.append(_XATTR.pack(len(name), len(value)))
-                out.append(name)
-                out.append(value)
+            self._append(e)
         except struct.error as err:  # a field out of its integer's range
             raise InvalidArgument(f"cannot encode manifest entry {_quote(e.path)}: "
                                   f"{err}") from None
-    return b"".join(out)
+        self._prev = e.key
+        self.count += 1
+
+    def _append(self, e: Entry) -> None:
+        out = self._out
+        parts = [_HEAD.pack(len(e.path), e.kind, e.flags, e.mode, e.uid, e.gid,
+                            e.mtime_ns, e.size)]
+        if e.kind == REG:
+            parts += (e.path, e.content, _U32.pack(len(e.chunks) // _CHUNK.size), e.chunks)
+        elif e.kind in (SYMLINK, HARDLINK):
+            parts += (e.path, _U16.pack(len(e.target)), e.target)
+        elif e.kind in (CHR, BLK):
+            parts += (e.path, _DEV.pack(*e.rdev))
+        else:
+            parts.append(e.path)
+        parts.append(_U16.pack(len(e.xattrs)))
+        for name, value in e.xattrs:
+            parts += (_XATTR.pack(len(name), len(value)), name, value)
+        at = len(out)
+        out += b"".join(parts)  # packed first: a field out of range appends nothing
+        if e.kind == REG:
+            self.file_paths.append(at + _HEAD.size)
+            self.file_bytes += e.size
+            self.file_chunks += e.chunks
+            self.file_ends.append(len(self.file_chunks))
+
+    def file_path(self, n: int) -> bytes:
+        """The path of the `n`th file entry added."""
+        at = self.file_paths[n]
+        (plen,) = _U16.unpack_from(self._out, at - _HEAD.size)
+        return bytes(self._out[at : at + plen])
+
+    def finish(self) -> bytearray:
+        """The manifest's bytes (the encoder's own buffer, not a copy)."""
+        _U32.pack_into(self._out, 40, self.count)
+        return self._out
 
 
 def decode_manifest(data: bytes) -> tuple[bytes | None, list[Entry]]:

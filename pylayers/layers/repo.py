@@ -14,15 +14,17 @@ something still uses without reading anybody else's records, in one transaction.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import stat
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import blake3
 
@@ -34,7 +36,7 @@ from ..store.repository import Store
 from ..store.tables import Tables
 from . import fingerprint, refs, walkcache
 from .ignore import Exclusions
-from .manifest import DIR, HARDLINK, REG, WHITEOUT, Entry, decode_manifest, encode_manifest
+from .manifest import DIR, HARDLINK, REG, WHITEOUT, Entry, ManifestEncoder, decode_manifest
 from .refs import check_tag
 from .scan import RACY_NS, Scanner, ScanStats, XattrProbe
 from .tree import apply_layer, diff_layer, validate_tree
@@ -120,15 +122,14 @@ def _mark_kept(t: Tables, layer_id: bytes, raw: bytes) -> None:
         t.layers.put(layer_id, rec.encode())
 
 
-def _first_unindexed(t: Tables, own: list[Entry]) -> tuple[Entry, bytes] | None:
-    """The first file of `own` naming a chunk the index lacks, and that chunk."""
-    has = t.chunks.has
-    for e in own:
-        if e.kind == REG:
-            c = e.chunks
-            for i in range(0, len(c), CHUNK_REF.size):
-                if not has(c[i : i + 32]):
-                    return e, c[i : i + 32]
+def _first_unindexed(t: Tables, enc: ManifestEncoder) -> tuple[bytes, bytes] | None:
+    """The path of the first file `enc` encoded that names a chunk the index lacks,
+    and that chunk."""
+    has, c = t.chunks.has, enc.file_chunks
+    for i in range(0, len(c), CHUNK_REF.size):
+        if not has(bytes(c[i : i + 32])):
+            n = bisect.bisect_right(enc.file_ends, i)
+            return enc.file_path(n), bytes(c[i : i + 32])
     return None
 
 
@@ -329,10 +330,11 @@ class Layers:
                 # the fingerprint now names the new layer (the same tree): the next
                 # snapshot onto it finds it, and takes the `_recommit` path above
                 assert fp is not None and fp_key is not None
-                layer_id, existed = self._commit(writer, parent, own, tag, message,
-                                                 (fp_key, fp), kept=kept,
-                                                 walk_cache=self._rekeyed(wc_key, same_as))
-                return SnapshotResult(layer_id, stats, len(own), existed)
+                rekeyed = self._rekeyed(wc_key, same_as)
+                layer_id, count, existed = self._commit(
+                    writer, parent, own, tag, message, (fp_key, fp), kept=kept,
+                    walk_cache=(rekeyed[0], lambda: rekeyed[1]) if rekeyed else None)
+                return SnapshotResult(layer_id, stats, count, existed)
             cmp = self._walk_comparison(wc_key, records)
             record_fp = fp is not None and fp_key is not None and fp_settled
             tree_fp = (fp_key, fp) if record_fp else None
@@ -346,10 +348,10 @@ class Layers:
                 except _Fallback:
                     pass  # a changed path left out: the whole scan below decides
                 else:
-                    layer_id, existed = self._commit(
+                    layer_id, count, existed = self._commit(
                         writer, parent, own, tag, message, tree_fp, kept=kept,
-                        walk_cache=(wc_key, scanner.keep_records(records)))  # type: ignore[arg-type]
-                    return SnapshotResult(layer_id, scanner.stats, len(own), existed)
+                        walk_cache=(wc_key, lambda: scanner.keep_records(records)))  # type: ignore[arg-type]
+                    return SnapshotResult(layer_id, scanner.stats, count, existed)
             # which entries have xattrs: found in C on another core while the parent's
             # tree is decoded here
             probe = XattrProbe(directory, records) if records is not None else None
@@ -363,15 +365,16 @@ class Layers:
                 reuse = (cmp, lambda: self.tree(cmp.layer_id))
             scanner = self._scanner(writer, progress, allow_changing, exclude, reuse,
                                     settled_before)
-            # the scan goes straight into the diff: only what differs is kept
+            # the scan goes straight into the diff (only what differs is kept), or with
+            # no parent straight into the manifest's encoding (nothing is kept)
             scanned = scanner.iter_scan(directory, records, probe)
-            own = diff_layer(base, scanned) if parent is not None else list(scanned)
+            own = diff_layer(base, scanned) if parent is not None else scanned
             keep = None
             if wc_key is not None and records is not None:
-                keep = (wc_key, scanner.keep_records(records))
-            layer_id, existed = self._commit(writer, parent, own, tag, message, tree_fp,
-                                             kept=kept, walk_cache=keep)
-        return SnapshotResult(layer_id, scanner.stats, len(own), existed)
+                keep = (wc_key, lambda: scanner.keep_records(records))
+            layer_id, count, existed = self._commit(writer, parent, own, tag, message,
+                                                    tree_fp, kept=kept, walk_cache=keep)
+        return SnapshotResult(layer_id, scanner.stats, count, existed)
 
     def _scanner(self, writer: ChunkWriter, progress, allow_changing: bool,
                  exclude: Exclusions | None, reuse, settled_before: int) -> Scanner:
@@ -506,14 +509,22 @@ class Layers:
         """Store a layer made of `own` entries (whose chunks `writer` holds)."""
         return self._commit(writer, parent, own, tag, message)[0]
 
-    def _commit(self, writer: ChunkWriter, parent: bytes | None, own: list[Entry],
+    def _commit(self, writer: ChunkWriter, parent: bytes | None, own: Iterable[Entry],
                 tag: str | None, message: str,
                 tree_fp: tuple[bytes, bytes] | None = None,
                 kept: bool = False,
-                walk_cache: tuple[bytes, bytes] | None = None) -> tuple[bytes, bool]:
+                walk_cache: tuple[bytes, Callable[[], Any]] | None = None
+                ) -> tuple[bytes, int, bool]:
+        """Store the layer of `own` entries (an iterator is encoded as it goes, never
+        held: a first snapshot streams its scan through here); (id, entries, existed).
+        `walk_cache`: the directory's key and a function giving the records to keep,
+        called once `own` is consumed."""
         if tag is not None:
             check_tag(tag)  # here, where tags are written, whoever the caller
-        data = encode_manifest(parent, own)
+        enc = ManifestEncoder(parent)
+        for e in own:
+            enc.add(e)
+        data = enc.finish()
         layer_id = blake3.blake3(data).digest()
         existed = self.exists(layer_id)
         manifest = []
@@ -527,22 +538,22 @@ class Layers:
             manifest.append((cid, len(piece)))
             start = end
         new_bytes = writer.new_bytes
-        rec = LayerRecord(parent, manifest, time.time(), message, len(own),
-                          sum(e.size for e in own if e.kind == REG), new_bytes, kept)
+        del data
+        rec = LayerRecord(parent, manifest, time.time(), message, enc.count,
+                          enc.file_bytes, new_bytes, kept)
         cache_value = None
         if walk_cache is not None:
-            cache_value = walkcache.WalkCache(layer_id, walk_cache[1]).encode()
+            cache_value = walkcache.WalkCache(layer_id, walk_cache[1]()).encode()
 
         def extra(t: Tables) -> None:
             if parent is not None and not t.layers.has(parent):
                 raise NotFound(f"parent layer {parent.hex()} was removed meanwhile")
-            # "A layer record never names an unindexed chunk", even if a stat-cache
-            # entry lied about a file's chunks.
-            bad = _first_unindexed(t, own)
+            # "A layer record never names an unindexed chunk", whoever made the entries
+            bad = _first_unindexed(t, enc)
             if bad is not None:
-                path = bad[0].path.decode(errors="backslashreplace")
-                raise CorruptData(f"/{path}: chunk {bad[1].hex()} is not in the store (a "
-                                  "damaged stat-cache entry?); nothing was committed")
+                path = bad[0].decode(errors="backslashreplace")
+                raise CorruptData(f"/{path}: chunk {bad[1].hex()} is not in the store; "
+                                  "nothing was committed")
             old = t.layers.get(layer_id)
             if old is None:
                 t.layers.put(layer_id, rec.encode())
@@ -558,7 +569,7 @@ class Layers:
                 t.fingerprints.put(tree_fp[0], tree_fp[1], layer_id)
 
         writer.commit(extra)
-        return layer_id, existed
+        return layer_id, enc.count, existed
 
     def set_tag(self, name: str, layer_id: bytes) -> None:
         check_tag(name)

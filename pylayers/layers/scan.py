@@ -421,7 +421,7 @@ class Scanner:
         finally:
             self.reader.close()
 
-    def keep_records(self, buf: memoryview | bytes) -> bytes:
+    def keep_records(self, buf: memoryview | bytes) -> memoryview:
         """The records of the walk `buf` this scan put in its tree, as a walk cache
         keeps them (`flags`); after the whole scan."""
         return walk_keep(buf, self.flags)

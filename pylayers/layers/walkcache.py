@@ -30,7 +30,7 @@ class WalkCache:
     """A `walkcache` value: the layer whose tree the records describe, and the records."""
 
     layer_id: bytes
-    records: bytes
+    records: bytes | memoryview
 
     def encode(self) -> bytes:
         import zstandard  # here: the unchanged path never needs it

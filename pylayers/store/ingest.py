@@ -32,6 +32,10 @@ BLOCK = 4 << 20  # bytes read from a file at a time
 CHUNK_REF = struct.Struct("<32sI")  # a packed chunk list's item: chunk id, length
 COMMIT_EVERY = 256 << 20  # bytes of new chunk data between index commits
 NEAR_TRIES = 8  # `paths` entries looked at for a file's base
+# ... or this many new chunks: what a commit has yet to index is held in memory (an id
+# and a location each, about 300 bytes), and a tree of a million tiny files is a
+# million chunks of 150 MB
+COMMIT_CHUNKS = 1 << 16
 
 
 def chunk_id(data) -> bytes:
@@ -315,7 +319,7 @@ class ChunkWriter:
         self.new_chunks += 1
         self.new_bytes += len(data)
         self._uncommitted += len(data)
-        if self._uncommitted >= COMMIT_EVERY:
+        if self._uncommitted >= COMMIT_EVERY or len(self._pending) >= COMMIT_CHUNKS:
             self.commit()
         return True
 
