@@ -11,11 +11,11 @@ the BLAKE3 of a domain-separated, length-prefixed encoding of
 
 The parent's key is part of the key, so one miss changes the key of every later step.
 
-File content comes from a hash-only `Scanner.scan_path`: content ids are read from the stat
-cache only when the file's inode, size, mtime *and* ctime are those recorded (a write
-always moves the ctime, and the ctime cannot be set back), otherwise the file is read.
-The scan never writes stat-cache entries: they name chunks, and a hash-only scan stores
-none.
+File content comes from a hash-only scan: for an input directory a snapshot keeps a walk
+cache of, a file's content id is its cached layer's only when the file's lstat record
+(inode, size, mtime *and* ctime among it) is the one recorded (a write always moves the
+ctime, and the ctime cannot be set back), otherwise the file is read. The scan never
+writes a walk cache: it stores nothing.
 
 `BuildCache(store)` maps keys to layers in the store's `cachekeys` table; this module
 owns its records (layer id + the key's record as JSON), through the table's accessor.

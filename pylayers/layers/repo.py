@@ -274,7 +274,7 @@ class Layers:
         keeps changing while read fails the snapshot with SourceChanged, unless
         `allow_changing`: then its last read is stored and listed in `stats.changed`.
         `ephemeral`: the directory is deleted right after (the copy driver's snapshot
-        directories), so record no stat-cache entries and no tree fingerprint for it.
+        directories), so record no walk cache and no tree fingerprint for it.
         `exclude`: paths to leave out (ignore.py); the store's own directory is left out
         too. A tree with paths left out takes no fingerprint fast path: the fingerprint
         covers every path, and the same tree with other patterns is another layer."""
