@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -39,7 +40,7 @@ from ..layers.refs import check_tag
 from ..layers.repo import Layers
 from ..mounts import Kind, Snapshotter, is_mounted, mount_all, unmount
 from ..oci import config as image_config
-from . import fsops, heredoc, metadata, mounts, sandbox
+from . import download, fsops, heredoc, metadata, mounts, sandbox
 from .bases import RegistryOptions, is_reference, pull_base
 from .cachekeys import BuildCache, CacheKey, cache_key
 from .context import Context
@@ -575,11 +576,12 @@ class Builder:
 
     @contextlib.contextmanager
     def _at(self, inst: Instruction):
-        """A --mount's error names the instruction's line."""
+        """A --mount's or an ADD URL's error names the instruction's line."""
         try:
             yield
-        except (mounts.MountError, mounts.MountNotFound) as e:
-            e.args = (f"{self.df.path}:{inst.line}: RUN: {e}",)
+        except (mounts.MountError, mounts.MountNotFound, download.DownloadFailed,
+                download.BadURL) as e:
+            e.args = (f"{self.df.path}:{inst.line}: {inst.cmd}: {e}",)
             raise
 
     # -- COPY / ADD ----------------------------------------------------------------------
@@ -627,7 +629,13 @@ class Builder:
                     self.used_args.add(name)
         source_from = inst.flags.get("from")
         view = None
+        urls = [w for w in srcs if download.is_url(w) or download.is_git(w)]
+        srcs = [w for w in srcs if w not in urls]
+        tmp = tempfile.mkdtemp(prefix="pylayers-add-") if urls else None
         try:
+            with self._at(inst):
+                fetched = self._urls(inst, urls, len(srcs) + len(contents), options,
+                                     tmp, env, used)
             if source_from is not None:
                 source_from = self._expand(source_from, env, inst, used)
                 layer = self._from_layer(source_from, states, inst)
@@ -636,11 +644,8 @@ class Builder:
                 src_ctx = Context(src_root, [])
             else:
                 src_ctx = self.ctx
-            if any(s.startswith(("http://", "https://", "git@")) for s in srcs):
-                raise DockerfileError(f"{inst.cmd}: URLs are not supported", inst.line,
-                                      self.df.path)
             sources = src_ctx.sources(srcs) if srcs else []
-            if len(sources) + len(contents) > 1 and not dest.endswith("/"):
+            if len(sources) + len(contents) + len(urls) > 1 and not dest.endswith("/"):
                 raise DockerfileError(f"{inst.cmd}: with more than one source the "
                                       "destination must be a directory ending in /",
                                       inst.line, self.df.path)
@@ -672,12 +677,57 @@ class Builder:
                     host = fsops.resolve(root, dest)
                     into = dest.endswith("/") or os.path.isdir(host)
                     copier.write(data, dest.rstrip("/") + "/" + name if into else dest)
+                for url, got, checksum in fetched:
+                    with self._at(inst):
+                        if got is None:
+                            assert tmp is not None
+                            got = download.fetch(url, tmp, checksum=checksum).path
+                        host = fsops.resolve(root, dest)
+                        into = dest.endswith("/") or os.path.isdir(host)
+                        target = dest.rstrip("/") + "/" + download.file_name(url) \
+                            if into else dest
+                    os.chmod(got, 0o600)  # Docker's mode for a download
+                    copier.copy(Path(got), target)
 
             self._fs_step(state, inst, ev, inst.key_text, options, key_inputs, action)
         finally:
             if view is not None:
                 self._drop_view(view)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
         self._history(state, inst, inst.original, False)
+
+    def _urls(self, inst: Instruction, urls: list[str], others: int, options: dict,
+              tmp: str | None, env: Mapping[str, str],
+              used: set[str]) -> list[tuple[str, str | None, str | None]]:
+        """ADD's URL sources (build/download.py): (url, the file downloaded now or None,
+        the --checksum); what of each is in the key goes into `options`."""
+        checksum = None
+        if "checksum" in inst.flags:
+            checksum = download.parse_checksum(self._expand(inst.flags["checksum"], env,
+                                                            inst, used))
+            if len(urls) != 1 or others:
+                raise download.BadURL("--checksum takes one source, an http(s) URL")
+        if not urls:
+            return []
+        if inst.cmd != "ADD":
+            raise download.BadURL("COPY does not take URLs (ADD does)")
+        out: list[tuple[str, str | None, str | None]] = []
+        for i, url in enumerate(urls):
+            if download.is_git(url):
+                raise download.BadURL(f"{url}: ADD of a git repository is not supported "
+                                      "by pylayers build (clone it into the context)")
+            if len(urls) > 1:
+                download.file_name(url)  # saved in a directory: it needs a name
+            if checksum is not None:
+                options[f"url{i}"] = {"url": url, "checksum": f"sha256:{checksum}"}
+                out.append((url, None, checksum))
+            else:
+                assert tmp is not None
+                got = download.fetch(url, tmp)
+                options[f"url{i}"] = {"url": url, "sha256": got.sha256}
+                out.append((url, got.path, None))
+        return out
 
     def _from_layer(self, ref: str, states: dict[int, _State], inst: Instruction) -> bytes:
         dep = self.df.stage(ref)

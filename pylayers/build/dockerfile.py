@@ -41,7 +41,7 @@ INSTRUCTIONS = ("FROM", "COPY", "ADD", "RUN", "WORKDIR", "ENV", "ARG", "USER", "
                 "HEALTHCHECK", "ONBUILD")
 JSON_FORMS = {"RUN", "CMD", "ENTRYPOINT", "SHELL", "COPY", "ADD", "VOLUME"}
 FLAGS = {"FROM": {"platform"}, "COPY": {"from", "chown", "chmod", "link"},
-         "ADD": {"chown", "chmod", "link"}, "RUN": {"mount", "network"},
+         "ADD": {"chown", "chmod", "link", "checksum"}, "RUN": {"mount", "network"},
          "HEALTHCHECK": HEALTHCHECK_FLAGS}
 DIRECTIVE = re.compile(r"^#[ \t]*([A-Za-z][A-Za-z0-9_-]*)[ \t]*=[ \t]*(.*?)[ \t]*$")
 _NAME_START = re.compile(r"[A-Za-z_]")
