@@ -51,7 +51,7 @@ def test_mount_specs_as_buildkit_spells_them():
     m = parse_mount("type=secret,target=/root/.npmrc,required")
     assert (m.id, m.required) == (".npmrc", True)
     m = parse_mount("type=secret,id=tok,env=TOKEN")
-    assert (m.target, m.env) == (None, "TOKEN")
+    assert (m.target, m.variable) == (None, "TOKEN")
     assert parse_mount("type=tmpfs,target=/t,size=64m").size == 64 << 20
     assert parse_network("none") == "none"
 
@@ -204,6 +204,25 @@ def test_a_context_bind_counts_its_content_in_the_key(run, tmp_path):
     why = [s.explanation for s in res.steps if s.text == first][0]
     assert "b.txt: content changed" in why, why
     assert content(run, res.layer_id, "seen") == b"a\nB\n"
+
+
+@needs_build
+def test_bind_from_a_stage_only_a_mount_needs_and_from_a_later_stage(run, tmp_path):
+    df = BASE + """\
+RUN echo tool > /tool
+FROM scratch AS final
+COPY busybox /bin/busybox
+RUN ["/bin/busybox", "--install", "-s", "/bin"]
+RUN --mount=type=bind,from=base,source=/tool,target=/t cp /t /copied
+"""
+    res = run.build(context(tmp_path, df))
+    assert content(run, res.layer_id, "copied") == b"tool\n"
+    assert b"tool" not in tree(run, res.layer_id)
+    later = df.replace("from=base", "from=after") + "FROM scratch AS after\nCOPY busybox /b\n"
+    res = cli(tmp_path / "store", "build", "--target", "final",
+              str(context(tmp_path / "later", later)))
+    assert res.returncode == 6 and res.stderr.strip() == (
+        "pylayers: Dockerfile:8: RUN --mount from=after: that stage comes later"), res.stderr
 
 
 SECRET = BASE + """\

@@ -257,13 +257,15 @@ class Builder:
         return self._expand(stage.base, env, stage.from_instruction, set())  # type: ignore[arg-type]
 
     def _needed(self, df: Dockerfile, final: Stage) -> list[Stage]:
-        """The stages `final` depends on (FROM a stage, COPY --from a stage), in order."""
+        """The stages `final` depends on (FROM a stage, COPY --from or RUN --mount from= a
+        stage), in order."""
         need = {final.index}
         todo = [final]
         while todo:
             s = todo.pop()
             refs = [self._base_ref(s)] + [i.flags["from"] for i in s.instructions
                                           if i.cmd == "COPY" and "from" in i.flags]
+            refs += [r for i in s.instructions for r in mounts.from_refs(i.mounts)]
             for ref in refs:
                 dep = df.stage(ref)
                 if dep is not None and dep.index < s.index and dep.index not in need:
@@ -534,7 +536,7 @@ class Builder:
             try:
                 with self._at(inst):
                     mounted = step_mounts.enter(root) if step_mounts is not None else []
-                    run_env.update(step_mounts.env if step_mounts is not None else {})
+                    run_env.update(step_mounts.variables if step_mounts is not None else {})
                 res = sandbox.run(sandbox.RunSpec(root, argv, run_env, workdir, uid, gid,
                                                   groups, files, tuple(mounted), network),
                                   self.on_output)
@@ -730,22 +732,23 @@ class Builder:
         return out
 
     def _from_layer(self, ref: str, states: dict[int, _State], inst: Instruction) -> bytes:
+        flag = "RUN --mount from" if inst.cmd == "RUN" else "COPY --from"
         dep = self.df.stage(ref)
         if dep is not None:
             state = states.get(dep.index)
             if state is None:
-                raise DockerfileError(f"COPY --from={ref}: that stage comes later",
+                raise DockerfileError(f"{flag}={ref}: that stage comes later",
                                       inst.line, self.df.path)
             if state.layer is None:
-                raise DockerfileError(f"COPY --from={ref}: that stage has no files",
+                raise DockerfileError(f"{flag}={ref}: that stage has no files",
                                       inst.line, self.df.path)
             return state.layer
         if is_reference(ref):
-            return self._pull(ref, f"{self.df.path}:{inst.line}: COPY --from={ref}")[0]
+            return self._pull(ref, f"{self.df.path}:{inst.line}: {flag}={ref}")[0]
         try:
             return self.layers.resolve(ref)
         except NotFound:
-            raise NotFound(f"{self.df.path}:{inst.line}: COPY --from={ref}: no stage, tag "
+            raise NotFound(f"{self.df.path}:{inst.line}: {flag}={ref}: no stage, tag "
                            "or layer of that name") from None
 
     def _view(self, layer: bytes) -> tuple[tuple[str, str], Path]:

@@ -87,15 +87,16 @@ class MountSpec:
     mode: int | None = None
     size: int | None = None
     required: bool = False
-    env: str | None = None
+    variable: str | None = None  # env=
 
     def key(self) -> dict:
         """What of the mount is in the step's key (never a secret's or cache's content)."""
         out: dict = {"type": self.type}
-        for name in ("target", "source", "from_", "id", "env"):
-            value = getattr(self, name)
+        for name, field_name in (("target", "target"), ("source", "source"),
+                                 ("from", "from_"), ("id", "id"), ("env", "variable")):
+            value = getattr(self, field_name)
             if value is not None:
-                out[name.rstrip("_")] = value
+                out[name] = value
         if self.type == "cache":
             out["sharing"] = self.sharing
         if self.readonly is not None:
@@ -196,7 +197,7 @@ def parse_mount(text: str) -> MountSpec:
         else:
             if not value:
                 raise MountError(f"--mount: {key}= is empty")
-            setattr(spec, name, value)
+            setattr(spec, "variable" if name == "env" else name, value)
     if kind == "cache" and (spec.from_ is not None or spec.source is not None):
         raise MountError("--mount type=cache: from= and source= (a cache seeded from a "
                          "stage) are not supported by pylayers build")
@@ -205,11 +206,25 @@ def parse_mount(text: str) -> MountSpec:
             raise MountError("--mount type=secret needs id= (or a target to take it from)")
         if spec.id is None:
             spec.id = os.path.basename(spec.target.rstrip("/"))  # type: ignore[union-attr]
-        if spec.target is None and spec.env is None:
+        if spec.target is None and spec.variable is None:
             spec.target = f"/run/secrets/{spec.id}"
     elif spec.target is None:
         raise MountError(f"--mount type={kind} needs target=")
     return spec
+
+
+def from_refs(specs: list[str]) -> list[str]:
+    """The `from=` of each RUN --mount as written (the stages it needs built first);
+    malformed ones are left for the step to refuse."""
+    out = []
+    for text in specs:
+        try:
+            spec = parse_mount(text)
+        except InvalidArgument:
+            continue
+        if spec.from_ is not None:
+            out.append(spec.from_)
+    return out
 
 
 def parse_network(value: str) -> str:
@@ -257,7 +272,7 @@ class StepMounts:
     specs: list[MountSpec]
     workdir: str
     sources: Sources
-    env: dict[str, str] = field(default_factory=dict)  # secrets given as variables
+    variables: dict[str, str] = field(default_factory=dict)  # secrets given as env=
     _cleanup: list[Callable[[], None]] = field(default_factory=list)
 
     def target(self, spec: MountSpec) -> str:
@@ -294,8 +309,8 @@ class StepMounts:
                         raise MountError(f"secret {spec.id!r} is required but was not "
                                          f"given (--secret id={spec.id},src=FILE)")
                     continue
-                if spec.env is not None:
-                    self.env[spec.env] = data.decode("utf-8", "surrogateescape")
+                if spec.variable is not None:
+                    self.variables[spec.variable] = data.decode("utf-8", "surrogateescape")
                 if spec.target is None:
                     continue
                 src = self._secret_file(data, spec)
@@ -451,5 +466,5 @@ def _ignore(skip: Callable[[bytes], bool] | None):
     return ignore
 
 
-__all__ = ["MountError", "MountNotFound", "MountSpec", "Sources", "StepMounts", "parse_mount",
-           "parse_network"]
+__all__ = ["MountError", "MountNotFound", "MountSpec", "Sources", "StepMounts", "from_refs",
+           "parse_mount", "parse_network"]

@@ -199,7 +199,9 @@ def run(spec: RunSpec, output: Callable[[bytes], None] | None = None) -> RunResu
     if not spec.argv:
         raise PylayersError("cannot run an empty command")
     tail = bytearray()
-    fd, payload_path = tempfile.mkstemp(prefix="pylayers-step-", suffix=".json")
+    # in memory where there is /dev/shm: it may hold secrets given as variables
+    fd, payload_path = tempfile.mkstemp(prefix="pylayers-step-", suffix=".json",
+                                        dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload(spec))
