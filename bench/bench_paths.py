@@ -8,13 +8,15 @@
   the same change (each tool sees its own fresh 1%: the same count, other files);
   with the peak RSS of each;
 - checkout: a tree restored onto tmpfs, against `zstd -dc image.tar.zst | tar -x`
-  of a full image of the same tree (zstd -3), and `pylayers checkout --link`.
+  of a full image of the same tree (zstd -3), and `pylayers checkout --link`;
+- chain (not by default): the same for the last of the six versions of the wheels
+  chain (bench/pyenv_wheels.py), from a store holding all six (deltas included).
 
 Each measured command is its own process, the tools alternate, medians are reported
 with their ratio to the baseline (peak RSS by GNU time when installed).
 
     python -m bench.bench_paths [--files 100000] [--tree DIR] [--repeat 5] [--out FILE]
-        [--only unchanged,smallfiles,checkout] [--work DIR]
+        [--only unchanged,smallfiles,checkout,chain] [--work DIR] [--wheel-cache DIR]
 
 --tree: a real directory to use for `unchanged` and `checkout` (default: a generated
 tree of --files files of 1-8 KiB). The work directory defaults to /dev/shm.
@@ -161,10 +163,34 @@ def smallfiles(work: Path, files: int, repeat: int) -> dict:
             "peak_rss_mib": max(rss) / 1024, "runs": {"pylayers": pl, "git": git}}
 
 
-def checkout(work: Path, tree: Path, repeat: int) -> dict:
-    store = work / "store-checkout"
-    _checked(pylayers(store, "snapshot", os.fspath(tree), "--tag", "img"))
-    image = work / "image.tar.zst"
+def wheels_chain(work: Path, cache: Path) -> tuple[Path, Path, str]:
+    """The realistic chain (bench/pyenv_wheels.py: six versions of a pip-built env, each
+    upgrading a few packages) snapshotted version after version into one store, as a
+    user's store would hold it: (store, the last version's tree, its tag)."""
+    from .pyenv_wheels import VERSIONS, have_all, install_version
+    if not have_all(cache):
+        raise SystemExit(f"--chain: the wheels are not all in {cache}: run "
+                         "`python -m bench.pyenv_wheels fetch` first")
+    site = work / "chain-site"
+    store = work / "store-chain"
+    for v in range(len(VERSIONS)):
+        install_version(cache, site, v)
+        args = ["snapshot", os.fspath(site), "--tag", f"v{v}"]
+        _checked(pylayers(store, *(args + (["--parent", f"v{v - 1}"] if v else []))))
+    return store, site, f"v{len(VERSIONS) - 1}"
+
+
+def checkout(work: Path, tree: Path, repeat: int, store: Path | None = None,
+             tag: str = "img") -> dict:
+    """`pylayers checkout` of `tree` (snapshotted into a new store, or already stored in
+    `store` as `tag`: the chain's last version) against `zstd -dc | tar -x` of a full
+    image of the same tree, and `checkout --link`: alternating in one run. The ratios
+    are of medians, and the median of each repeat's ratio (neighbours in time, so
+    steadier on a shared machine)."""
+    if store is None:
+        store = work / "store-checkout"
+        _checked(pylayers(store, "snapshot", os.fspath(tree), "--tag", tag))
+    image = work / f"image-{tag}.tar.zst"
     _checked(Cmd(f"tar --xattrs -cf - -C '{tree}' . | zstd -3 -q -c > '{image}'"))
     dest_root = Path(tempfile.mkdtemp(prefix="co-", dir="/dev/shm"))
     pl, tar, link = [], [], []
@@ -173,11 +199,11 @@ def checkout(work: Path, tree: Path, repeat: int) -> dict:
     try:
         for r in range(repeat):
             cmds = [
-                ("pl", pylayers(store, "checkout", "img", os.fspath(dest_root / f"pl{r}"))),
+                ("pl", pylayers(store, "checkout", tag, os.fspath(dest_root / f"pl{r}"))),
                 ("tar", Cmd(f"mkdir -p '{dest_root}/tar{r}' && zstd -dcq '{image}' | tar "
                             f"--xattrs --xattrs-include='*' --numeric-owner -xf - -C "
                             f"'{dest_root}/tar{r}'")),
-                ("link", pylayers(store, "checkout", "--link", "img",
+                ("link", pylayers(store, "checkout", "--link", tag,
                                   os.fspath(dest_root / f"link{r}"))),
             ][: 3 if has_link else 2]
             for key, cmd in (cmds if r % 2 == 0 else cmds[::-1]):
@@ -188,12 +214,15 @@ def checkout(work: Path, tree: Path, repeat: int) -> dict:
                 shutil.rmtree(d)
     finally:
         shutil.rmtree(dest_root, ignore_errors=True)
-    return {"pylayers_s": med(pl), "tar_zstd_s": med(tar), "link_s": med(link),
+    paired = [a / b for a, b in zip(pl, tar, strict=True)]
+    paired_cpu = [a / b for a, b in zip(cpu["pl"], cpu["tar"], strict=True) if b]
+    return {"tag": tag, "pylayers_s": med(pl), "tar_zstd_s": med(tar), "link_s": med(link),
             "ratio_vs_tar": med(pl) / med(tar), "link_ratio_vs_tar": med(link) / med(tar),
-            "image_bytes": image.stat().st_size,
+            "paired_ratio_vs_tar": med(paired), "image_bytes": image.stat().st_size,
             "cpu_s": {k: med(v) for k, v in cpu.items()},
             "cpu_ratio_vs_tar": med(cpu["pl"]) / med(cpu["tar"]),
-            "runs": {"pylayers": pl, "tar": tar, "link": link}}
+            "paired_cpu_ratio_vs_tar": med(paired_cpu),
+            "runs": {"pylayers": pl, "tar": tar, "link": link, "cpu": cpu}}
 
 
 def main() -> None:
@@ -202,7 +231,11 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=100_000)
     ap.add_argument("--tree", type=Path, help="a real tree for unchanged and checkout")
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--only", default="unchanged,smallfiles,checkout")
+    ap.add_argument("--only", default="unchanged,smallfiles,checkout",
+                    help="also: chain (checkout of the wheels chain's last version, from a "
+                         "store holding all six; needs the wheel cache)")
+    ap.add_argument("--wheel-cache", type=Path, help="wheels for --only chain "
+                    "(default: bench/pyenv_wheels.py's)")
     ap.add_argument("--work", type=Path)
     ap.add_argument("--out", type=Path, default=Path("bench/out/paths.json"))
     args = ap.parse_args()
@@ -225,6 +258,11 @@ def main() -> None:
         if "checkout" in only:
             results["checkout"] = checkout(work, tree, args.repeat)
             print(json.dumps(results["checkout"]), file=sys.stderr)
+        if "chain" in only:
+            from .pyenv_wheels import DEFAULT_CACHE
+            store, site, tag = wheels_chain(work, args.wheel_cache or DEFAULT_CACHE)
+            results["chain_checkout"] = checkout(work, site, args.repeat, store, tag)
+            print(json.dumps(results["chain_checkout"]), file=sys.stderr)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

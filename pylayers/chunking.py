@@ -45,12 +45,31 @@ def cut_points(
     Zero-copy on any object with the buffer protocol; returns an `array('Q')`.
     An empty buffer has no chunks.
     """
+    n = len(buffer) if isinstance(buffer, bytes) else memoryview(buffer).nbytes
+    if n <= min_size:  # no cut before min_size: one chunk, or none (FastCDC's skip)
+        _params(min_size, avg_size, max_size)  # the sizes are checked all the same
+        return array("Q", [n] if n else [])
     chunker = Chunker(min_size=min_size, avg_size=avg_size, max_size=max_size)
     cuts = chunker.feed(buffer)
     tail = chunker.finish()
     if tail is not None:
         cuts.append(tail)
     return cuts
+
+
+_PARAMS: dict[tuple[int, int, int], object] = {}
+
+
+def _params(min_size: int, avg_size: int, max_size: int):
+    """The validated C parameters for these sizes, made once (read-only for the scan:
+    every chunker of a store shares them)."""
+    key = (min_size, avg_size, max_size)
+    params = _PARAMS.get(key)
+    if params is None:
+        params = new_params(min_size, avg_size, max_size)
+        if len(_PARAMS) < 64:
+            _PARAMS[key] = params
+    return params
 
 
 class Chunker:
@@ -66,7 +85,7 @@ class Chunker:
         avg_size: int = DEFAULT_AVG,
         max_size: int = DEFAULT_MAX,
     ) -> None:
-        self._params = new_params(min_size, avg_size, max_size)
+        self._params = _params(min_size, avg_size, max_size)
         self._state = new_state()
         self._min = min_size
         self._offset = 0  # stream offset of the next byte to feed

@@ -384,3 +384,20 @@ def test_chunks_of_a_stream_with_short_reads(file_data: bytes, seed: int) -> Non
 
 def test_chunks_of_an_empty_file() -> None:
     assert list(Chunker().chunks(io.BytesIO(b""))) == []
+
+
+def test_buffers_up_to_min_size_are_one_chunk_as_the_scan_makes_them() -> None:
+    """cut_points answers a buffer of at most min_size bytes without the C scan (no cut
+    can fall before min_size): the same cuts as the reference and as a streaming
+    Chunker, which always scans, at every size around the limit."""
+    rnd = random.Random(5)
+    for lo, avg, hi in ((64, 256, 1024), (16384, 65536, 262144), (4096, 4096, 4096)):
+        for n in {0, 1, lo - 1, lo, lo + 1, lo + 2, rnd.randint(1, lo), 2 * lo}:
+            for data in (rnd.randbytes(n), bytes(n)):
+                expected = ref.cut_points(data, lo, avg, hi)
+                assert list(cut_points(data, min_size=lo, avg_size=avg, max_size=hi)) \
+                    == expected, (n, lo)
+                ch = Chunker(min_size=lo, avg_size=avg, max_size=hi)
+                streamed = list(ch.feed(data))
+                tail = ch.finish()
+                assert streamed + ([tail] if tail is not None else []) == expected
