@@ -99,6 +99,12 @@ def test_unclosed_heredoc_is_an_error_naming_its_line(text, line):
     assert str(ei.value).startswith(f"Dfile:{line}: ")
 
 
+def test_onbuild_trigger_with_a_heredoc_refused():
+    with pytest.raises(DockerfileError) as ei:
+        parse("FROM scratch\nONBUILD RUN <<EOF\necho hi\nEOF\n", "Dfile")
+    assert ei.value.line == 2 and "here-document is not supported" in str(ei.value)
+
+
 def test_copy_body_expansion_is_a_shell_heredoc():
     used: set[str] = set()
     got = expand_heredoc('a=$A b=${B:-dflt} "$A" \'$A\' \\$A \\\\ \\x c\\\nd\n',

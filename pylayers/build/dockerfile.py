@@ -147,6 +147,10 @@ def _logical_lines(text: str, escape: str, first: int,
             joined = "".join(buf)
             buf = []
             docs = _heredocs(joined, escape)
+            keyword, _, inner = re.sub(r"\s", " ", joined.strip(), count=1).partition(" ")
+            if keyword.upper() == "ONBUILD" and _heredocs(inner, escape):
+                raise DockerfileError("ONBUILD: a trigger with a here-document is not "
+                                      "supported by pylayers build", start, path)
             if docs:
                 end = read_bodies(docs, lines, i)
                 if isinstance(end, str):
