@@ -397,9 +397,12 @@ class PackReader:
                         os.close(old)
                     self._retired.clear()
 
-    def frame_raw(self, loc: Location, delta_ok: bool = True) -> bytes:
+    def frame_raw(self, loc: Location, delta_ok: bool = True,
+                  base_reader: Callable[[list[bytes]], bytes] | None = None) -> bytes:
         """The frame's raw bytes. `delta_ok` False: a delta frame is an error (reading
-        a base, which is never a delta: a damaged index must not make reads recurse)."""
+        a base, which is never a delta: a damaged index must not make reads recurse).
+        `base_reader`: reads a delta frame's base instead of the reader's own (a
+        checkout's, from the frames it holds decompressed)."""
         key = (loc.pack, loc.offset)
         with self._lock:
             raw = self._frames.get(key)
@@ -413,7 +416,7 @@ class PackReader:
             if not delta_ok:
                 raise CorruptData(f"pack {loc.pack}: the frame at offset {loc.offset} is "
                                   "a delta but is read as the base of another")
-            base = self._base(frame.base)
+            base = self._base(frame.base, base_reader)
         raw = frame.raw(base)
         with self._lock:
             self._frames[key] = raw
@@ -453,16 +456,18 @@ class PackReader:
             raise CorruptData(f"frame at offset {loc.offset}: wrong decompressed length")
         return out
 
-    def _base(self, ids: list[bytes]) -> bytes:
+    def _base(self, ids: list[bytes],
+              base_reader: Callable[[list[bytes]], bytes] | None = None) -> bytes:
         key = tuple(ids)
         with self._lock:
             base = self._bases.get(key)
             if base is not None:
                 self._bases.move_to_end(key)
                 return base
-        if self.base_reader is None:
+        base_reader = base_reader or self.base_reader
+        if base_reader is None:
             raise CorruptData("a delta frame cannot be read here (no base reader)")
-        base = self.base_reader(ids)
+        base = base_reader(ids)
         with self._lock:
             self._bases[key] = base
             if len(self._bases) > 2:

@@ -110,7 +110,7 @@ def verified_chunks(store: Store, ids: list[bytes]) -> Iterator[bytes | memoryvi
     last = {cid: i for i, cid in enumerate(ids)}  # each id's last position
     kept: dict[bytes, bytes] = {}
     kept_bytes = 0
-    frames = _Frames(store.reader)
+    frames = _Frames(store)
     hasher = blake3.blake3
     unpack = LOCATION_STRUCT.unpack
     frame_pack, frame_offset = b"", -1
@@ -159,8 +159,9 @@ class _Frames:
     frames (one file's new chunks, read once) are not kept: the frames around them
     are."""
 
-    def __init__(self, reader: PackReader, frames: int = FRAME_CACHE) -> None:
-        self.reader = reader
+    def __init__(self, store: Store, frames: int = FRAME_CACHE) -> None:
+        self.store = store
+        self.reader: PackReader = store.reader
         self.frames = frames
         self._lru: OrderedDict[tuple[str, int], tuple[memoryview, bytearray]] = OrderedDict()
         self._spare: bytearray | None = None
@@ -168,7 +169,7 @@ class _Frames:
     def get(self, loc: Location) -> memoryview:
         """The frame's raw bytes, good until `frames` other frames were asked for."""
         if loc.delta:
-            return memoryview(self.reader.frame_raw(loc))
+            return memoryview(self.reader.frame_raw(loc, base_reader=self._base))
         key = (loc.pack, loc.offset)
         hit = self._lru.get(key)
         if hit is not None:
@@ -186,3 +187,34 @@ class _Frames:
             raise
         self._lru[key] = (view, buf)
         return view
+
+    def _base(self, ids: list[bytes]) -> bytes:
+        """A delta frame's base (`Store.read_base`, the same checks and words), its
+        chunks sliced from the frames kept here: the frames a checkout reads anyway
+        are not decompressed a second time in the pack reader's own cache."""
+        with self.store.read() as t:
+            raws = t.chunks.encoded_many(ids)
+        out = bytearray()
+        for cid, raw in zip(ids, raws, strict=True):
+            if raw is None:
+                raise CorruptData(f"chunk {cid.hex()}, the base of a delta, is missing "
+                                  "from the store")
+            loc = Location.decode(raw)
+            if loc.delta:
+                raise CorruptData(f"chunk {cid.hex()}, the base of a delta, cannot be "
+                                  f"read: pack {loc.pack}: the frame at offset "
+                                  f"{loc.offset} is a delta but is read as the base of "
+                                  "another")
+            try:
+                frame = self.get(loc)
+            except CorruptData as e:
+                raise CorruptData(f"chunk {cid.hex()}, the base of a delta, cannot be "
+                                  f"read: {e}") from None
+            piece = frame[loc.start : loc.start + loc.length]
+            if loc.start + loc.length > len(frame) or \
+                    blake3.blake3(piece).digest() != cid:
+                raise CorruptData(f"chunk {cid.hex()}, the base of a delta, is damaged "
+                                  f"(pack {loc.pack}, offset {loc.offset}): its bytes do "
+                                  "not match its id")
+            out += piece  # copied now: a later base chunk may evict this frame
+        return bytes(out)
