@@ -24,6 +24,7 @@ to `on_output`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -33,6 +34,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import InvalidArgument, NotFound, PylayersError
 from ..layers.manifest import DIR, SYMLINK
@@ -140,6 +142,20 @@ def _env_dict(items: list[str] | None) -> dict[str, str]:
     return out
 
 
+def _waits_for_removals(method: Callable[..., BuildResult]) -> Callable[..., BuildResult]:
+    """A build returns (or fails) once the snapshot directories its steps left are
+    deleted: the Snapshotter deletes them in the background while later steps run."""
+
+    @functools.wraps(method)
+    def build(self: Builder, *args: Any, **kwargs: Any) -> BuildResult:
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.snapshots.wait_removals()
+
+    return build
+
+
 class Builder:
     def __init__(self, layers: Layers, *, driver: str | None = None,
                  on_event: Callable[[StepEvent], None] | None = None,
@@ -148,7 +164,7 @@ class Builder:
         self.layers = layers
         self.registry = registry
         self.store = layers.store
-        self.snapshots = Snapshotter(layers, driver)
+        self.snapshots = Snapshotter(layers, driver, background_removal=True)
         self.driver = driver
         self.cache = BuildCache(self.store)
         self.remote = None  # a registrycache.RegistryCache while it runs a build
@@ -156,6 +172,7 @@ class Builder:
         self.on_output = on_output
 
     # -- the build ---------------------------------------------------------------------
+    @_waits_for_removals
     def build(self, context: str | os.PathLike[str], dockerfile: str | None = None, *,
               dockerfile_text: str | None = None, tags: tuple[str, ...] = (),
               target: str | None = None, build_args: Mapping[str, str] | None = None,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,10 +43,17 @@ SNAPSHOT_REF = "snapshot"  # the `refs` owner name of a snapshot record
 
 class Snapshotter:
     def __init__(self, layers: Layers, driver: str | None = None,
-                 drivers: DriverTable = DRIVERS) -> None:
+                 drivers: DriverTable = DRIVERS, *, background_removal: bool = False) -> None:
         """`driver`: the default driver's name (None: the best available here);
-        `drivers`: the drivers by name (the registry's, unless given)."""
+        `drivers`: the drivers by name (the registry's, unless given).
+        `background_removal`: a committed or removed snapshot's directory is renamed out
+        of the way at once and deleted by a background thread (a builder: deleting the
+        tens of thousands of files a large COPY left in an upper directory is slow, and
+        need not hold up the next step); `wait_removals()` waits for those. A crash
+        leaves the renamed directory to `cleanup`, as any orphan."""
         self.layers = layers
+        self.background_removal = background_removal
+        self._removals: list[threading.Thread] = []
         self.drivers = drivers
         self.store = layers.store
         # absolute: mounts are data, performed wherever their user runs
@@ -231,7 +239,7 @@ class Snapshotter:
             _delete_in(t, current)
             t.snapshots.put(final, committed.encode())
             _add_refs(t, committed)
-        drv.remove(self.root / info.dir_id)
+        self._remove_dir(drv, info.dir_id)
         return layer_id
 
     def remove(self, key: str) -> None:
@@ -261,7 +269,34 @@ class Snapshotter:
             if current is not None and current.dir_id == info.dir_id:
                 _delete_in(t, current)
         if info.kind != Kind.COMMITTED and info.dir_id:
-            self._driver(info.driver).remove(self.root / info.dir_id)
+            self._remove_dir(self._driver(info.driver), info.dir_id)
+
+    def _remove_dir(self, drv: Driver, dir_id: str) -> None:
+        """Remove a snapshot directory whose record is gone: at once, or (with
+        `background_removal`) renamed to `.removing-<dir_id>` (an orphan name no record
+        can hold) and deleted by a thread."""
+        sdir = self.root / dir_id
+        if not self.background_removal:
+            drv.remove(sdir)
+            return
+        gone = self.root / f".removing-{dir_id}"
+        try:
+            os.rename(sdir, gone)
+        except FileNotFoundError:
+            return
+        except OSError:
+            drv.remove(sdir)
+            return
+        self._removals = [t for t in self._removals if t.is_alive()]
+        thread = threading.Thread(target=_delete, args=(drv, gone),
+                                  name=f"pylayers-remove-{dir_id}")
+        thread.start()
+        self._removals.append(thread)
+
+    def wait_removals(self) -> None:
+        """Wait until the directories being deleted in the background are gone."""
+        while self._removals:
+            self._removals.pop().join()
 
     def usage(self, key: str) -> Usage:
         info = self.stat(key)
@@ -322,6 +357,15 @@ class Snapshotter:
                 path.unlink(missing_ok=True)
             removed.append(name)
         return removed
+
+
+def _delete(drv: Driver, path: Path) -> None:
+    """A background removal: the driver's, and what is left of it if that fails (gc's
+    `cleanup` may be deleting the same orphan)."""
+    try:
+        drv.remove(path)
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _get_in(t: Tables, key: str) -> Info | None:
