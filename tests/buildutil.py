@@ -12,6 +12,10 @@ from pathlib import Path
 import pytest
 
 BUSYBOX = Path("/bin/busybox")
+# The base image the build tests start from: busybox and its applet links, FROM scratch
+# (a test's context holds a copy of BUSYBOX named `busybox`).
+BUSYBOX_BASE = ('FROM scratch\nCOPY busybox /bin/busybox\n'
+                'RUN ["/bin/busybox", "--install", "-s", "/bin"]\n')
 
 
 def build_missing() -> str | None:

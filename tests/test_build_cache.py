@@ -24,11 +24,11 @@ from pylayers.mounts.registry import DRIVERS
 from pylayers.oci import export_image
 
 sys.path.insert(0, os.path.dirname(__file__))
-from buildutil import BUSYBOX, needs_build  # noqa: E402
+from buildutil import BUSYBOX, BUSYBOX_BASE, needs_build  # noqa: E402
 
 pytestmark = needs_build
 
-BASE = 'FROM scratch\nCOPY busybox /bin/busybox\nRUN ["/bin/busybox", "--install", "-s", "/bin"]\n'
+BASE = BUSYBOX_BASE
 
 
 class Run:

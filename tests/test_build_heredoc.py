@@ -15,14 +15,10 @@ from pylayers.build.dockerfile import DockerfileError, expand_heredoc, parse
 from pylayers.build.heredoc import parse_marker
 
 sys.path.insert(0, os.path.dirname(__file__))
-from buildutil import needs_build  # noqa: E402
+from buildutil import BUSYBOX_BASE, needs_build  # noqa: E402
 from test_build import Run, cached, cli, context, ran  # noqa: E402
 
-BASE = """\
-FROM scratch
-COPY busybox /bin/busybox
-RUN ["/bin/busybox", "--install", "-s", "/bin"]
-"""
+BASE = BUSYBOX_BASE
 
 
 @pytest.fixture

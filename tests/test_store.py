@@ -431,75 +431,48 @@ def test_a_version_1_store_is_refused_by_every_command(base_store, tmp_path: Pat
     assert b"fingerprints" not in names and b"refs" not in names
 
 
-def test_a_version_2_store_is_refused_by_every_command(base_store, tmp_path: Path) -> None:
-    """Version 2 had no delta frames, `flags` byte or `paths` table: such a store (config
-    and index both saying 2) is refused with one line by every command, unchanged."""
+# An earlier version's store, as it differed from this version's: (what it lacked or
+# had, as tables to drop and (table, key, value) to put), and how its index looks after
+# every command refused it (nothing created or changed in it).
+OLD_VERSIONS = {
+    # no delta frames, `flags` byte or `paths` table
+    2: ((b"paths",), (), lambda names: b"paths" not in names),
+    # a per-inode `statcache` table and no `walkcache`
+    3: ((b"walkcache",), ((b"statcache", b"\x01" * 16, bytes(56)),),
+        lambda names: b"walkcache" not in names and b"statcache" in names),
+    # one image config per top layer, no `layer_configs`, tags without a config digest
+    4: ((b"layer_configs",), (), lambda names: b"layer_configs" not in names),
+}
+
+
+@pytest.mark.parametrize("version", sorted(OLD_VERSIONS))
+def test_an_earlier_version_store_is_refused_by_every_command(
+        base_store, tmp_path: Path, version: int) -> None:
+    """A store whose config and index both say an earlier version (its index as that
+    version had it, OLD_VERSIONS) is refused with one line by every command, and
+    nothing is created or changed in its index."""
+    drop, put, untouched = OLD_VERSIONS[version]
     store, src = base_store
     cfg = json.loads((store / CONFIG_FILE).read_text())
-    cfg["version"] = 2
+    cfg["version"] = version
     (store / CONFIG_FILE).write_text(json.dumps(cfg))
     env = lmdb.open(str(store / "index"), max_dbs=16)
     with env.begin(write=True) as txn:
-        txn.drop(env.open_db(b"paths", txn=txn), delete=True)
-        txn.put(b"format_version", b"2", db=env.open_db(b"meta", txn=txn))
+        for name in drop:
+            txn.drop(env.open_db(name, txn=txn), delete=True)
+        for name, key, value in put:
+            txn.put(key, value, db=env.open_db(name, txn=txn))
+        txn.put(b"format_version", str(version).encode(), db=env.open_db(b"meta", txn=txn))
     env.close()
-    _every_command_refuses(store, src, tmp_path, "version 2", "earlier pylayers")
-    want = f"version 2; this pylayers reads version {FORMAT_VERSION}"
+    _every_command_refuses(store, src, tmp_path, f"version {version}", "earlier pylayers")
+    want = f"version {version}; this pylayers reads version {FORMAT_VERSION}"
     with pytest.raises(StoreError, match=want):
         Store.open(store)
     env = lmdb.open(str(store / "index"), max_dbs=16, readonly=True)
     with env.begin() as txn:
         names = {bytes(k) for k in txn.cursor().iternext(values=False)}
     env.close()
-    assert b"paths" not in names  # nothing was created in it
-
-
-def test_a_version_3_store_is_refused_by_every_command(base_store, tmp_path: Path) -> None:
-    """Version 3 kept a per-inode `statcache` table and no `walkcache`: such a store is
-    refused with one line by every command, and nothing is created in its index."""
-    store, src = base_store
-    cfg = json.loads((store / CONFIG_FILE).read_text())
-    cfg["version"] = 3
-    (store / CONFIG_FILE).write_text(json.dumps(cfg))
-    env = lmdb.open(str(store / "index"), max_dbs=16)
-    with env.begin(write=True) as txn:
-        txn.drop(env.open_db(b"walkcache", txn=txn), delete=True)
-        txn.put(b"\x01" * 16, bytes(56), db=env.open_db(b"statcache", txn=txn))
-        txn.put(b"format_version", b"3", db=env.open_db(b"meta", txn=txn))
-    env.close()
-    _every_command_refuses(store, src, tmp_path, "version 3", "earlier pylayers")
-    want = f"version 3; this pylayers reads version {FORMAT_VERSION}"
-    with pytest.raises(StoreError, match=want):
-        Store.open(store)
-    env = lmdb.open(str(store / "index"), max_dbs=16, readonly=True)
-    with env.begin() as txn:
-        names = {bytes(k) for k in txn.cursor().iternext(values=False)}
-    env.close()
-    assert b"walkcache" not in names and b"statcache" in names  # nothing was changed
-
-
-def test_a_version_4_store_is_refused_by_every_command(base_store, tmp_path: Path) -> None:
-    """Version 4 kept one image config per top layer (`image_configs` keyed by layer id,
-    no `layer_configs`, tags without a config digest): such a store is refused with one
-    line by every command, and nothing is created in its index."""
-    store, src = base_store
-    cfg = json.loads((store / CONFIG_FILE).read_text())
-    cfg["version"] = 4
-    (store / CONFIG_FILE).write_text(json.dumps(cfg))
-    env = lmdb.open(str(store / "index"), max_dbs=16)
-    with env.begin(write=True) as txn:
-        txn.drop(env.open_db(b"layer_configs", txn=txn), delete=True)
-        txn.put(b"format_version", b"4", db=env.open_db(b"meta", txn=txn))
-    env.close()
-    _every_command_refuses(store, src, tmp_path, "version 4", "earlier pylayers")
-    want = f"version 4; this pylayers reads version {FORMAT_VERSION}"
-    with pytest.raises(StoreError, match=want):
-        Store.open(store)
-    env = lmdb.open(str(store / "index"), max_dbs=16, readonly=True)
-    with env.begin() as txn:
-        names = {bytes(k) for k in txn.cursor().iternext(values=False)}
-    env.close()
-    assert b"layer_configs" not in names  # nothing was created in it
+    assert untouched(names)
 
 
 @pytest.mark.parametrize("value", [b"abc", b"0", b""])
