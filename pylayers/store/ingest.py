@@ -9,6 +9,7 @@ packs and indexes them on `commit`, after the packs are durable (restic's archiv
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import re
@@ -59,10 +60,15 @@ def path_key(path: bytes) -> bytes:
     (3) and its path (3), so that a new path finds its base by key prefix among the
     files nearest it (`PathTable.near`; docs/format.md, "Delta frames")."""
     directory, _, name = path.rpartition(b"/")
-    return (blake3.blake3(normalise_name(name)).digest()[:6]
-            + blake3.blake3(normalise_name(directory)).digest()[:4]
-            + blake3.blake3(name).digest()[:3]
-            + blake3.blake3(path).digest()[:3])
+    return (blake3.blake3(normalise_name(name)).digest()[:6] + _directory_key(directory)
+            + blake3.blake3(name).digest()[:3] + blake3.blake3(path).digest()[:3])
+
+
+@functools.lru_cache(maxsize=256)
+def _directory_key(directory: bytes) -> bytes:
+    """`path_key`'s directory part: the same for every file of a directory, which a
+    walk gives one after another."""
+    return blake3.blake3(normalise_name(directory)).digest()[:4]
 
 
 @dataclass
