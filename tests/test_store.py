@@ -168,6 +168,48 @@ def test_pack_writer_frames_and_iter_frames(tmp_path: Path) -> None:
     assert frames[0].offset == PACK_HEADER.size
 
 
+def test_pack_writer_copies_chunks_as_they_are_added(tmp_path: Path) -> None:
+    """Chunks given as views of a buffer the caller then reuses (a file's read buffer)
+    are stored as they were when added, across frames whose buffers the writer reuses,
+    and a chunk that overflows a frame's buffer (a store of large chunks) grows it; the
+    frames are the ones `encode_frame` makes of the same chunks."""
+    src = bytearray(text_bytes(3 * packs.FRAME_TARGET, seed=5))
+    big = text_bytes(packs.FRAME_BUFFER - packs.FRAME_TARGET + 100_000, seed=9)
+    step = 200_000
+    expected = []
+    w = PackWriter(tmp_path, 3)
+    try:
+        for _ in range(2):  # twice the frames the writer keeps buffers for: reused
+            for i in range(0, len(src), step):
+                piece = bytes(src[i:i + step])
+                with memoryview(src) as view:
+                    w.add(cid(piece), view[i:i + step])
+                src[i:i + step] = bytes(len(piece))  # the caller's buffer, reused
+                expected.append(piece)
+                if len(expected) == 20:  # near a frame's end: past its buffer
+                    w.add(cid(big), memoryview(big))
+                    expected.append(big)
+            src[:] = text_bytes(len(src), seed=6)
+        written = w.flush()
+        w.keep(written)
+    finally:
+        w.close()
+    (pack,) = tmp_path.glob("*/*.pack")
+    frames = list(iter_frames(pack))
+    assert len(frames) >= 6
+    got = []
+    for fr in frames:
+        raw, start = fr.raw(), 0
+        chunks = []
+        for c, n in fr.table:
+            chunks.append((c, raw[start:start + n]))
+            start += n
+        assert pack.read_bytes()[fr.offset:fr.offset + fr.length] == encode_frame(chunks, 3)
+        got += [d for _, d in chunks]
+    assert got == expected
+    assert [cid(d) for d in got] == [c for fr in frames for c, _ in fr.table]
+
+
 def test_pack_writer_removes_what_was_never_indexed(tmp_path: Path) -> None:
     """close() deletes a pack nothing was kept of, and cuts a pack back to its last kept
     frame: a failed job leaves no dead data."""

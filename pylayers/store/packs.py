@@ -42,6 +42,8 @@ CODECS = (CODEC_RAW, CODEC_ZSTD, CODEC_DELTA)
 # pip-built env within 0.3% of one `tar | zstd -3` stream, 3.5% smaller than 1 MiB
 # frames (bench/bench_compression.py; docs/format.md, "Packs").
 FRAME_TARGET = 4 << 20
+# A frame buffer's size: the target and one chunk of the default chunker's largest.
+FRAME_BUFFER = FRAME_TARGET + (256 << 10)
 PACK_TARGET = 512 << 20  # start a new pack past this size
 # Start writeback every so often, on a thread, so the final fsync does not wait for
 # gigabytes of dirty pages (the kernel would otherwise hold them for up to 30 s).
@@ -131,29 +133,46 @@ def incompressible(raw: bytes) -> bool:
                for i in range(TRIAL_SAMPLES))
 
 
-def _assemble(codec: int, chunks: list[tuple[bytes, bytes]], raw_len: int, payload: bytes,
+def _assemble(codec: int, table: list[tuple[bytes, int]], raw_len: int, payload,
               base_ids: list[bytes] = ()) -> bytes:
-    table = b"".join(TABLE_ENTRY.pack(cid, len(data)) for cid, data in chunks)
+    """A frame's bytes: header, table of (chunk id, length), base ids, payload (any
+    buffer)."""
+    entries = b"".join(TABLE_ENTRY.pack(cid, length) for cid, length in table)
     bases = b"".join(base_ids)
-    head = FRAME_HEADER.pack(FRAME_MAGIC, codec, len(base_ids), len(chunks), raw_len,
+    head = FRAME_HEADER.pack(FRAME_MAGIC, codec, len(base_ids), len(table), raw_len,
                              len(payload), 0)
-    crc = zlib.crc32(head[:-4] + table + bases)
-    return head[:-4] + struct.pack("<I", crc) + table + bases + payload
+    crc = zlib.crc32(head[:-4] + entries + bases)
+    return b"".join((head[:-4], struct.pack("<I", crc), entries, bases, payload))
 
 
 def encode_frame(chunks: list[tuple[bytes, bytes]], level: int) -> bytes:
-    """One frame: header, table of (id, length), payload (zstd, or raw if that is
-    smaller or a fast trial finds nothing to compress); verified (`verify_frame`)
-    before it is returned to be written."""
+    """One frame of `chunks`: see `encode_raw_frame`."""
     raw = b"".join(data for _, data in chunks)
+    return encode_raw_frame(raw, [(cid, len(data)) for cid, data in chunks], level)
+
+
+def encode_raw_frame(raw, table: list[tuple[bytes, int]], level: int) -> bytes:
+    """One frame of the chunks `table` lists, whose bytes, concatenated, are `raw` (any
+    buffer: a writer's reused frame buffer): header, table of (id, length), payload
+    (zstd, or raw if that is smaller or a fast trial finds nothing to compress);
+    verified (`verify_frame`) before it is returned to be written."""
+    raw_len = len(raw)
     codec, payload = CODEC_RAW, raw
-    if level > 0 and raw and not incompressible(raw):
+    if level > 0 and raw_len and not incompressible(raw):
         packed = _compressor(level).compress(raw)
-        if len(packed) < len(raw) * (1 - MIN_SAVING):
+        if len(packed) < raw_len * (1 - MIN_SAVING):
             codec, payload = CODEC_ZSTD, packed
-    frame = _assemble(codec, chunks, len(raw), payload)
+    frame = _assemble(codec, table, raw_len, payload)
     verify_frame(frame, raw)
     return frame
+
+
+def _encode_buffer(buf: bytearray, n: int, table: list[tuple[bytes, int]],
+                   level: int) -> bytes:
+    """`encode_raw_frame` of `buf[:n]`, without copying it; no view of `buf` outlives
+    the call, so the writer can reuse it."""
+    with memoryview(buf) as whole, whole[:n] as raw:
+        return encode_raw_frame(raw, table, level)
 
 
 # Deltas (docs/format.md, "Delta frames"): a file's new chunks compressed with its
@@ -208,23 +227,64 @@ def encode_delta_frame(chunks: list[tuple[bytes, bytes]], base_ids: list[bytes],
         alone = len(_compressor(max(level, 1)).compress(raw))
         if len(payload) + BASE_ENTRY * len(base_ids) > DELTA_KEEP * min(alone, len(raw)):
             return None
-    frame = _assemble(CODEC_DELTA, chunks, len(raw), payload, base_ids)
+    frame = _assemble(CODEC_DELTA, [(cid, len(data)) for cid, data in chunks], len(raw),
+                      payload, base_ids)
     verify_frame(frame, raw, base)
     return frame
 
 
-def verify_frame(frame: bytes, raw: bytes, base: bytes | None = None) -> None:
+def verify_frame(frame: bytes, raw, base: bytes | None = None) -> None:
     """Parse and decompress a frame just encoded, and compare it with the bytes it must
-    hold (restic's verifyCiphertext): a compressor or memory fault must be caught while
-    the source is still at hand, not by a later read or fsck. StoreError if not."""
+    hold (`raw`, any buffer; restic's verifyCiphertext): a compressor or memory fault
+    must be caught while the source is still at hand, not by a later read or fsck.
+    StoreError if not. A zstd frame is decompressed into this thread's reused buffer
+    (a new 4 MiB buffer a frame cost a page fault per 4 KiB)."""
     try:
-        got = decode_frame(frame, 0, "a frame just encoded").raw(base)
+        frame_ = decode_frame(frame, 0, "a frame just encoded")
+        if frame_.codec == CODEC_ZSTD:
+            got = _decompress_into(frame_, _scratch(frame_.raw_len))
+        else:
+            got = frame_.raw(base)
     except CorruptData as e:
         raise StoreError(f"a frame just encoded does not decode ({e}); "
                          "nothing was stored") from None
-    if got != raw:
+    # startswith: a memcmp (comparing two memoryviews goes byte by byte, 15x slower);
+    # a view from _decompress_into starts at its buffer's start
+    whole = got.obj if isinstance(got, memoryview) else got
+    if len(got) != len(raw) or not whole.startswith(raw):
         raise StoreError("a frame just encoded does not decompress to the data it was made "
                          "of; nothing was stored")
+
+
+def _scratch(n: int) -> bytearray:
+    """This thread's reusable buffer for decompressing, at least `n` bytes."""
+    buf = getattr(_zstd, "scratch", None)
+    if buf is None or len(buf) < n:
+        buf = _zstd.scratch = bytearray(max(n, FRAME_BUFFER))
+    return buf
+
+
+def _decompress_into(frame: Frame, scratch: bytearray) -> memoryview:
+    """A zstd frame's raw bytes, decompressed into `scratch` when it is large enough
+    (else into a new buffer). CorruptData if they are not exactly `raw_len` bytes."""
+    import zstandard
+
+    n = frame.raw_len
+    out = memoryview(scratch if len(scratch) >= n else bytearray(n))[:n]
+    got = 0
+    try:
+        with _decompressor().stream_reader(frame.payload) as r:
+            while got < n:
+                k = r.readinto(out[got:])
+                if not k:
+                    break
+                got += k
+            extra = r.read(1)
+    except zstandard.ZstdError as e:
+        raise CorruptData(f"frame at offset {frame.offset}: cannot decompress: {e}") from None
+    if got != n or extra:
+        raise CorruptData(f"frame at offset {frame.offset}: wrong decompressed length")
+    return out
 
 
 @dataclass
@@ -437,24 +497,7 @@ class PackReader:
         frame = decode_frame(buf, loc.offset, f"pack {loc.pack}")
         if frame.codec != CODEC_ZSTD:
             return memoryview(frame.raw())  # raw; or a delta the index does not know of
-        import zstandard
-
-        n = frame.raw_len
-        out = memoryview(scratch if len(scratch) >= n else bytearray(n))[:n]
-        got = 0
-        try:
-            with _decompressor().stream_reader(frame.payload) as r:
-                while got < n:
-                    k = r.readinto(out[got:])
-                    if not k:
-                        break
-                    got += k
-                extra = r.read(1)
-        except zstandard.ZstdError as e:
-            raise CorruptData(f"frame at offset {loc.offset}: cannot decompress: {e}") from None
-        if got != n or extra:
-            raise CorruptData(f"frame at offset {loc.offset}: wrong decompressed length")
-        return out
+        return _decompress_into(frame, scratch)
 
     def _base(self, ids: list[bytes],
               base_reader: Callable[[list[bytes]], bytes] | None = None) -> bytes:
@@ -508,14 +551,21 @@ class PackWriter:
         self.root = root
         self.level = level
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pylayers-zstd")
-        # (frame being encoded, its table, and for a delta: its chunks, stored in plain
-        # frames instead when the delta is not worth it)
+        # (frame being encoded, its table, for a delta: its chunks, stored in plain
+        # frames instead when the delta is not worth it; else the frame's buffer)
         self._pending: deque[tuple[Future, list[tuple[bytes, int]],
-                                   list[tuple[bytes, bytes]] | None]] = deque()
+                                   list[tuple[bytes, bytes]] | None,
+                                   bytearray | None]] = deque()
         self.delta_frames = 0  # delta frames written
         self.delta_declined = 0  # delta attempts stored plain instead
-        self._frame: list[tuple[bytes, bytes]] = []
-        self._frame_bytes = 0
+        # The open frame: its chunks' bytes, copied into a buffer as they are added (no
+        # bytes object a chunk, no join), its table. Buffers are reused once their frame
+        # is written: a new 4 MiB buffer a frame cost a page fault per 4 KiB, 10% of a
+        # first snapshot's CPU time.
+        self._buf: bytearray | None = None
+        self._fill = 0
+        self._table: list[tuple[bytes, int]] = []
+        self._spare: list[bytearray] = []
         self._file = None
         self._pack = ""
         self._offset = 0
@@ -533,14 +583,24 @@ class PackWriter:
         what = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         return StoreError(f"cannot write to the store at {self.root.parent}: {what}")
 
-    def add(self, cid: bytes, data: bytes) -> None:
-        self._frame.append((cid, bytes(data)))
-        self._frame_bytes += len(data)
-        if self._frame_bytes >= FRAME_TARGET:
+    def add(self, cid: bytes, data) -> None:
+        """Add one chunk (`data`: bytes or a byte memoryview, copied at once)."""
+        self._append(cid, data)
+        if self._fill >= FRAME_TARGET:
             try:
                 self._close_frame()
             except OSError as e:
                 raise self._error(e) from None
+
+    def _append(self, cid: bytes, data) -> None:
+        buf = self._buf
+        if buf is None:
+            buf = self._buf = self._spare.pop() if self._spare else bytearray(FRAME_BUFFER)
+        start = self._fill
+        end = start + len(data)
+        buf[start:end] = data  # grows the buffer if it must (a frame past FRAME_BUFFER)
+        self._fill = end
+        self._table.append((cid, end - start))
 
     def add_delta(self, chunks: list[tuple[bytes, bytes]], base_ids: list[bytes],
                   base: bytes, force: bool = False) -> None:
@@ -550,7 +610,7 @@ class PackWriter:
         chunks = [(cid, bytes(data)) for cid, data in chunks]
         table = [(cid, len(data)) for cid, data in chunks]
         fut = self._pool.submit(encode_delta_frame, chunks, base_ids, base, self.level, force)
-        self._pending.append((fut, table, chunks))
+        self._pending.append((fut, table, chunks, None))
         try:
             while len(self._pending) > self._max_pending:
                 self._write_one()
@@ -558,11 +618,12 @@ class PackWriter:
             raise self._error(e) from None
 
     def _close_frame(self) -> None:
-        if not self._frame:
+        if not self._table:
             return
-        chunks, self._frame, self._frame_bytes = self._frame, [], 0
-        table = [(cid, len(data)) for cid, data in chunks]
-        self._pending.append((self._pool.submit(encode_frame, chunks, self.level), table, None))
+        buf, fill, table = self._buf, self._fill, self._table
+        self._buf, self._fill, self._table = None, 0, []
+        fut = self._pool.submit(_encode_buffer, buf, fill, table, self.level)
+        self._pending.append((fut, table, None, buf))
         while len(self._pending) > self._max_pending:
             self._write_one()
 
@@ -584,13 +645,14 @@ class PackWriter:
             job.result()
 
     def _write_one(self) -> None:
-        fut, table, delta_chunks = self._pending.popleft()
+        fut, table, delta_chunks, buf = self._pending.popleft()
         frame = fut.result()
+        if buf is not None and len(self._spare) < self._max_pending:
+            self._spare.append(buf)  # the worker is done with it
         if frame is None:  # a delta not worth it: the chunks go into plain frames
             self.delta_declined += 1
             for cid, data in delta_chunks:
-                self._frame.append((cid, data))
-                self._frame_bytes += len(data)
+                self._append(cid, data)
             return
         delta = delta_chunks is not None
         self.delta_frames += delta
@@ -622,7 +684,7 @@ class PackWriter:
                 self._close_frame()
                 while self._pending:
                     self._write_one()
-                if not self._frame:  # declined deltas may have refilled it
+                if not self._table:  # declined deltas may have refilled it
                     break
             self._wait_sync()
             if self._file is not None:
@@ -648,10 +710,11 @@ class PackWriter:
                 self._kept[loc.pack] = end
 
     def close(self) -> None:
-        for fut, _, _ in self._pending:
+        for fut, _, _, _ in self._pending:
             fut.cancel()
         self._pending.clear()
         self._pool.shutdown(wait=True)
+        self._buf, self._fill, self._table, self._spare = None, 0, [], []
         self._syncer.shutdown(wait=True)
         self._sync_job = None
         if self._file is not None:
