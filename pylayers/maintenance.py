@@ -178,8 +178,9 @@ class DiskUsage:
 
     `logical_bytes`: the file content all layers' own entries hold (what a tar of each
     layer's diff would hold, uncompressed). `data_bytes`: the distinct file chunks that
-    content needs, uncompressed; `manifest_bytes`: the distinct manifest chunks
-    (metadata). `stored_bytes`: every byte the store directory occupies on disk, of
+    content needs, uncompressed, and the small files' bytes the manifests hold (once per
+    layer that holds them); `manifest_bytes`: the distinct manifest chunks (metadata,
+    and those small files). `stored_bytes`: every byte the store directory occupies on disk, of
     which `pack_bytes` are chunks (compressed), `index_bytes` the LMDB index (mostly
     fixed costs on a small store), `cache_bytes` the drivers' caches (rebuilt on
     demand), and `other_bytes` the rest (snapshot directories, config, lock).
@@ -222,7 +223,7 @@ def du(store: Store) -> DiskUsage:
         manifests.update(layers.record(lid).manifest)
     raw = sum(loc.length for _cid, loc in store.iter_chunk_locations())
     manifest = sum(manifests.values())
-    data = max(0, raw - manifest)
+    data = max(0, raw - manifest) + usage["inline_bytes"]
     index = bytes_on_disk(store.path / "index")
     cache = driver_cache_bytes(layers)
     logical = usage["logical_bytes"]

@@ -19,15 +19,19 @@ from pylayers.layers.manifest import BLK, CHR, HARDLINK, REG, SYMLINK, Entry
 from pylayers.layers.repo import LayerRecord
 from pylayers.store.repository import Store
 
-MAGIC = b"PLYRMAN1"
+MAGIC = b"PLYRMAN2"
+INLINE_MAX = 1024  # docs/format.md: a file of at most this many bytes is held inline
 
 
 def raw_entry(e: Entry) -> bytes:
     """One entry's bytes, whatever its fields hold (a file's content id is written as
-    given, even if it is not 32 bytes)."""
+    given, even if it is not 32 bytes; a small file's data as given, whatever its
+    size says)."""
     out = [struct.pack("<HBBIIIqQ", len(e.path), e.kind, e.flags, e.mode, e.uid, e.gid,
                        e.mtime_ns, e.size), e.path]
-    if e.kind == REG:
+    if e.kind == REG and e.size <= INLINE_MAX:
+        out.append(e.data)
+    elif e.kind == REG:
         out += [e.content, struct.pack("<I", len(e.chunks) // 36), e.chunks]
     elif e.kind in (SYMLINK, HARDLINK):
         out += [struct.pack("<H", len(e.target)), e.target]
@@ -64,6 +68,18 @@ def store_manifest(store: Store, data: bytes, parent: bytes | None = None,
 
         writer.commit(extra)
     return layer_id
+
+
+def fill_file(store: Store, e: Entry, data: bytes) -> Entry:
+    """Give the file entry `e` the content `data`: in the entry if it is at most
+    INLINE_MAX bytes, else as one chunk put into the store."""
+    e.size, e.content = len(data), blake3.blake3(data).digest()
+    if len(data) <= INLINE_MAX:
+        e.data, e.chunks = data, b""
+    else:
+        e.data = b""
+        e.content, e.chunks = store_file(store, data)
+    return e
 
 
 def store_file(store: Store, data: bytes) -> tuple[bytes, bytes]:

@@ -276,7 +276,7 @@ def test_hostile_manifest_in_artifact_refused(tmp_path, puller):
     """A pusher can make a valid artifact for any manifest bytes: a path with `..`
     is refused by the manifest decoder and nothing is written."""
     remote = LayoutRemote(tmp_path / "remote")
-    content = b"payload"
+    content = b"payload" * 200  # too big to be held in the manifest: a chunk
     from pylayers.store.ingest import chunk_id
 
     cid = chunk_id(content)

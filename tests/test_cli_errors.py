@@ -23,7 +23,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from hostile import raw_manifest, store_file, store_manifest  # noqa: E402
+from hostile import fill_file, raw_manifest, store_manifest  # noqa: E402
 from treeutil import run_cli, snapshot  # noqa: E402
 
 import pylayers  # noqa: E402
@@ -414,8 +414,7 @@ def _store_layer(store: Path, entries: list[Entry], files: dict[bytes, bytes]) -
     with pylayers.Store.open(store) as st:
         for e in entries:
             if e.kind == REG:
-                e.content, e.chunks = store_file(st, files[e.path])
-                e.size = len(files[e.path])
+                fill_file(st, e, files[e.path])
         return store_manifest(st, raw_manifest(None, entries)).hex()
 
 

@@ -54,7 +54,7 @@ def assert_fsck_ok(store: Path) -> subprocess.CompletedProcess:
 def manifest_file_chunks(data: bytes) -> set[bytes]:
     """The chunk ids of the regular files of a manifest, parsed here as docs/format.md
     ("Manifest") lays it out, not with pylayers' decoder (whose bugs gc would share)."""
-    assert data[:8] == b"PLYRMAN1", data[:8]
+    assert data[:8] == b"PLYRMAN2", data[:8]
     pos = 8 + 32
     (count,) = struct.unpack_from("<I", data, pos)
     pos += 4
@@ -63,7 +63,9 @@ def manifest_file_chunks(data: bytes) -> set[bytes]:
         pathlen, kind, _flags, _mode, _uid, _gid, _mtime, size = struct.unpack_from(
             "<HBBIIIqQ", data, pos)
         pos += 32 + pathlen
-        if kind == 1:  # file: content_id[32] u32 nchunks (chunk_id[32] u32 length)*
+        if kind == 1 and size <= 1024:  # a small file: data[size], no chunks
+            pos += size
+        elif kind == 1:  # file: content_id[32] u32 nchunks (chunk_id[32] u32 length)*
             (nchunks,) = struct.unpack_from("<I", data, pos + 32)
             pos += 36
             total = 0

@@ -270,7 +270,9 @@ def test_full_disk_small_room(tmp_path: Path, small_tmpfs: Path, room_kb: int) -
     many = tmp_path / "many"
     many.mkdir()
     for i in range(3000):
-        (many / f"f{i:05d}").write_bytes(os.urandom(64) + b"%d" % i)
+        # each too big for its manifest entry (INLINE_MAX): 3000 chunks, which
+        # compress to little (zeros) but each take an index entry
+        (many / f"f{i:05d}").write_bytes(bytes(1024) + os.urandom(64) + b"%d" % i)
     filler = small_tmpfs / "filler"
     fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:

@@ -60,6 +60,7 @@ from treeutil import (  # noqa: E402
 )
 
 import pylayers  # noqa: E402
+from pylayers.layers.manifest import HARDLINK, REG  # noqa: E402
 
 # As root the random rounds chown to any ids and set trusted.* xattrs; as another user
 # they chown among the user's own ids (a change only where the user has several groups),
@@ -275,12 +276,26 @@ def chunk_ids(store: Path) -> dict[bytes, int]:
 
 
 def stored_file_bytes(store: Path, layer: str, before: dict[bytes, int]) -> int:
-    """File data (not manifest) the layer added to the store, given the chunks before."""
+    """File data the layer added to the store, given the chunks before: new chunks (not
+    the manifest's own), and the bytes of small files its manifest holds whose content
+    is not the parent's at that path (a file named again, or made a hardlink group's
+    first name, adds its bytes to the manifest again, but no new content)."""
     with pylayers.Store.open(store, create=False) as s:
-        rec = pylayers.Layers(s).record(bytes.fromhex(layer))
+        layers = pylayers.Layers(s)
+        lid = bytes.fromhex(layer)
+        rec = layers.record(lid)
+        parent = {e.path: e for e in layers.tree(rec.parent)} if rec.parent else {}
+        inline = 0
+        for e in layers.entries(lid):
+            old = parent.get(e.path)
+            if old is not None and old.kind == HARDLINK:  # its group's file
+                old = parent[old.target]
+            if e.kind == REG and e.inline and not (
+                    old is not None and old.kind == REG and old.content == e.content):
+                inline += e.size
     manifest = {cid for cid, _ in rec.manifest}
     now = chunk_ids(store)
-    return sum(n for cid, n in now.items() if cid not in before and cid not in manifest)
+    return inline + sum(n for cid, n in now.items() if cid not in before and cid not in manifest)
 
 
 # -- the random tree and its mutations -----------------------------------------------------

@@ -21,7 +21,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from hostile import raw_manifest, store_file, store_manifest  # noqa: E402
+from hostile import fill_file, raw_manifest, store_manifest  # noqa: E402
 
 import pylayers  # noqa: E402
 from pylayers.layers.manifest import DIR, REG, SYMLINK, Entry  # noqa: E402
@@ -47,8 +47,7 @@ def refused(proc: subprocess.CompletedProcess) -> str:
 
 
 def _file(st: pylayers.Store, path: bytes, data: bytes) -> Entry:
-    cid, chunks = store_file(st, data)
-    return Entry(path, REG, 0o644, size=len(data), content=cid, chunks=chunks)
+    return fill_file(st, Entry(path, REG, 0o644), data)
 
 
 @pytest.fixture

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import lmdb
 import pytest
+import zstandard
 
+from pylayers.layers.manifest import INLINE_MAX
 from pylayers.layers.repo import Layers
 from pylayers.store import index, ingest
 from pylayers.store.index import COMPACT_DIR
@@ -40,13 +42,14 @@ def assert_fsck_ok(store: Path) -> None:
 
 
 def many_files(root: Path, n: int, seed: int) -> Path:
-    """`n` small files of distinct content: each snapshot adds `n` chunks at random
-    places in the chunk index, so its commit rewrites most of the index's pages."""
+    """`n` files of distinct content, each too big to be held in its manifest entry
+    (INLINE_MAX): each snapshot adds `n` chunks at random places in the chunk index, so
+    its commit rewrites most of the index's pages."""
     rnd = random.Random(seed)
     for i in range(n):
         d = root / f"d{i % 20}"
         d.mkdir(parents=True, exist_ok=True)
-        (d / f"f{i}").write_bytes(rnd.randbytes(rnd.randrange(50, 3000)))
+        (d / f"f{i}").write_bytes(rnd.randbytes(rnd.randrange(INLINE_MAX + 1, 3000)))
     return root
 
 
@@ -116,6 +119,46 @@ def test_the_walk_cache_costs_a_few_bytes_a_file(tmp_path: Path) -> None:
     assert len(value) / 5000 <= 32, len(value) / 5000  # bytes a file (11-20 measured)
 
 
+def test_small_files_live_in_the_manifest_not_the_index(tmp_path: Path) -> None:
+    """A file of at most INLINE_MAX bytes is held in its manifest entry: no chunk, no
+    chunk-index entry, no pack table record. 5,000 files of 32-256 bytes cost at most
+    64 bytes of index a file (walk cache and all), and the store (index and packs) at
+    most twice `tar | zstd -3` of the same tree; every file reads back."""
+    src = tiny_tree(tmp_path / "src", 5000)
+    (src / "edge").write_bytes(b"e" * INLINE_MAX)  # inline
+    (src / "over").write_bytes(b"o" * (INLINE_MAX + 1))  # one chunk
+    time.sleep(1.1)
+    store_path = tmp_path / "store"
+    with Store.open(store_path) as store:
+        layers = Layers(store)
+        res = layers.snapshot(src)
+        rec = layers.record(res.layer_id)
+        tree = {e.path: e for e in layers.tree(res.layer_id)}
+        assert tree[b"edge"].inline and not tree[b"edge"].chunks
+        assert not tree[b"over"].inline and tree[b"over"].chunk_count() == 1
+        # the file chunk of "over", and the manifest's own chunks: nothing else
+        assert store.chunk_count() == 1 + len(rec.manifest)
+        for p in (src / "d003").iterdir():
+            assert layers.read_file(tree[p.relative_to(src).as_posix().encode()]) \
+                == p.read_bytes()
+    env = _raw_index(store_path)
+    try:
+        with env.begin() as txn:
+            used = 0
+            for name, _ in txn.cursor():
+                for k, v in txn.cursor(db=env.open_db(name, txn=txn, create=False)):
+                    used += len(k) + len(v)
+    finally:
+        env.close()
+    assert used / 5000 <= 64, used / 5000
+    tar = subprocess.run(["tar", "-cf", "-", "-C", str(src), "."], capture_output=True,
+                         check=True).stdout
+    zstd_size = len(zstandard.ZstdCompressor(level=3).compress(tar))
+    stored = data_mdb(store_path).stat().st_size + sum(
+        f.stat().st_size for f in (store_path / "packs").rglob("*") if f.is_file())
+    assert stored <= 2 * zstd_size, (stored, zstd_size)
+
+
 def test_a_resnapshot_reads_only_what_changed(tmp_path: Path) -> None:
     src = tiny_tree(tmp_path / "src", 500)
     (src / "big").write_bytes(random.Random(1).randbytes(1 << 20))  # several chunks
@@ -141,9 +184,9 @@ def test_a_resnapshot_reads_only_what_changed(tmp_path: Path) -> None:
 
 def test_a_snapshot_indexes_its_chunks_as_it_goes(tmp_path: Path, monkeypatch) -> None:
     """The chunk writer commits every COMMIT_CHUNKS new chunks (what it has yet to
-    index is held in memory: a tree of a million tiny files is a million chunks); the
+    index is held in memory: a tree of a million small files is a million chunks); the
     layer is the same as one committed at once, and whole."""
-    src = tiny_tree(tmp_path / "src", 300)
+    src = many_files(tmp_path / "src", 300, seed=3)
     with Store.open(tmp_path / "one") as store:
         once = Layers(store).snapshot(src).layer_id
     monkeypatch.setattr(ingest, "COMMIT_CHUNKS", 7)
@@ -154,8 +197,8 @@ def test_a_snapshot_indexes_its_chunks_as_it_goes(tmp_path: Path, monkeypatch) -
     assert_fsck_ok(tmp_path / "many")
     proc = run_cli(tmp_path / "many", "checkout", once.hex(), str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.read_bytes() for p in (tmp_path / "out").rglob("*.js")) == \
-        sorted(p.read_bytes() for p in src.rglob("*.js"))
+    assert sorted(p.read_bytes() for p in (tmp_path / "out").rglob("f*")) == \
+        sorted(p.read_bytes() for p in src.rglob("f*"))
 
 
 # -- compaction ------------------------------------------------------------------------

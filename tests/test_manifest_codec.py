@@ -42,6 +42,7 @@ from pylayers.layers.manifest import (  # noqa: E402
     DIR,
     FIFO,
     HARDLINK,
+    INLINE_MAX,
     OPAQUE,
     REG,
     SYMLINK,
@@ -59,9 +60,16 @@ from pylayers.store.repository import Store  # noqa: E402
 
 T = 1_600_000_000_123_456_789
 PARENT = b"\x99" * 32
-# blake3 of encode_manifest(PARENT, valid()) as the codec wrote it before it checked
-# anything (commit 668fe93): valid manifests keep their bytes, so layer ids stay.
-GOLDEN_ID = "9050458e5b3256fd4d2a03929f30e6dca7d95be042b003b463869a8461c512ee"
+# blake3 of encode_manifest(PARENT, valid()) as store format 6 (PLYRMAN2, small files
+# inline) first wrote it: valid manifests keep their bytes, so layer ids stay.
+GOLDEN_ID = "cc28e70f25dda0c64ad552156a60ab5b7e35f66bc122aaed4dd0efb48aba24a5"
+
+
+def small(path: bytes, data: bytes, *args, **kw) -> Entry:
+    """A file of at most INLINE_MAX bytes: its content is in the entry."""
+    e = Entry(path, REG, *args, **kw)
+    e.set_inline(data)
+    return e
 
 
 def valid() -> list[Entry]:
@@ -69,18 +77,22 @@ def valid() -> list[Entry]:
     es = [
         Entry(b"", DIR, 0o755, 0, 0, T, xattrs=((b"trusted.x", b"1"), (b"user.a", b"\x00\xff"))),
         Entry(b"d", DIR, 0o1777, 1, 2, T, flags=OPAQUE),
-        Entry(b"d/f", REG, 0o4755, 1000, 1000, T, 5, b"\x33" * 32,
-              pack_chunks([(b"\x11" * 32, 2), (b"\x22" * 32, 3)]),
+        Entry(b"d/f", REG, 0o4755, 1000, 1000, T, 5000, b"\x33" * 32,
+              pack_chunks([(b"\x11" * 32, 2000), (b"\x22" * 32, 3000)]),
               xattrs=((b"security.capability", b"\x01\x00\x00\x02"),)),
         Entry(b"d/g", HARDLINK, 0o4755, 1000, 1000, T, target=b"d/f"),
         Entry(b"d/z", WHITEOUT),
         Entry(b"d.x", SYMLINK, 0o777, 0, 0, -T, target=b"../../etc/passwd"),
         Entry(b"dev", CHR, 0o600, rdev=(1, 3)),
         Entry(b"disk", BLK, 0o660, 0, 6, rdev=(4095, 1048575)),
-        Entry(b"empty", REG, 0o644, content=blake3.blake3(b"").digest()),
+        small(b"empty", b"", 0o644),
+        small(b"edge", b"x" * 1024, 0o600),  # INLINE_MAX bytes: inline; 1025: chunks
+        Entry(b"edge2", REG, 0o600, 0, 0, 0, 1025, b"\x77" * 32,
+              pack_chunks([(b"\x78" * 32, 1025)])),
         Entry(b"fifo", FIFO, 0o644, 65534, 65534),
-        Entry(b"name\nwith\xffodd \xe2\x80\xa8", REG, 0o600, 2**32 - 2, 0, 0, 7, b"\x44" * 32,
-              pack_chunks([(b"\x55" * 32, 7)])),
+        Entry(b"name\nwith\xffodd \xe2\x80\xa8", REG, 0o600, 2**32 - 2, 0, 0, 7000,
+              b"\x44" * 32, pack_chunks([(b"\x55" * 32, 7000)])),
+        small(b"small", b"hello\x00\xffworld\n", 0o640, 7, 8, T, xattrs=((b"user.k", b"v"),)),
     ]
     return sorted(es, key=lambda e: e.key)
 
@@ -131,8 +143,7 @@ def _add(*new: Entry) -> Callable[[list[Entry]], list[Entry]]:
 
 
 def _file(path: bytes, **kw) -> Entry:
-    return Entry(path, REG, 0o644, size=1, content=b"\x01" * 32,
-                 chunks=pack_chunks([(b"\x02" * 32, 1)]), **kw)
+    return small(path, b"\x01", 0o644, **kw)
 
 
 # Entry lists each rule refuses; the paths are re-sorted, so order is never the only
@@ -170,10 +181,15 @@ REFUSED: list[tuple[str, Callable[[list[Entry]], list[Entry]], bool]] = [
     ("size-on-whiteout", _edit(b"d/z", size=1), False),
     ("metadata-on-whiteout", _edit(b"d/z", mode=0o644), False),
     ("xattrs-on-whiteout", _edit(b"d/z", xattrs=((b"user.a", b"1"),)), False),
-    ("chunks-short-of-size", _edit(b"d/f", size=6), False),
-    ("chunks-past-size", _edit(b"d/f", size=4), False),
-    ("empty-chunk", _edit(b"d/f", size=5, chunks=pack_chunks(
-        [(b"\x11" * 32, 2), (b"\x66" * 32, 0), (b"\x22" * 32, 3)])), False),
+    ("chunks-short-of-size", _edit(b"d/f", size=5001), False),
+    ("chunks-past-size", _edit(b"d/f", size=4999), False),
+    ("empty-chunk", _edit(b"d/f", size=5000, chunks=pack_chunks(
+        [(b"\x11" * 32, 2000), (b"\x66" * 32, 0), (b"\x22" * 32, 3000)])), False),
+    # a small file's bytes are as many as its size says: fewer or more misparse
+    ("inline-data-short", _edit(b"small", data=b"hello"), False),
+    ("inline-data-long", _edit(b"small", data=b"hello\x00\xffworld\n!"), False),
+    # a file of 1025 bytes or more is chunks, never inline
+    ("big-file-without-chunks", _edit(b"edge2", chunks=b""), False),
     ("type-bits-in-mode", _edit(b"d/f", mode=0o100755), False),
     ("owner-minus-one", _edit(b"fifo", uid=2**32 - 1), False),
     ("group-minus-one", _edit(b"fifo", gid=2**32 - 1), False),
@@ -240,6 +256,14 @@ def test_xattrs_in_either_order_never_give_two_ids() -> None:
     Entry(b"f", REG, 0o644),  # the default content=b"": not a 32-byte id
     Entry(b"f", REG, 0o644, content=b"\x01" * 31),
     Entry(b"f", REG, 0o644, content=b"\x01" * 32, chunks=b"\x02" * 35, size=0),
+    # a small file held as chunks, or with a content id that is not its data's
+    Entry(b"f", REG, 0o644, content=blake3.blake3(b"ab").digest(), size=2,
+          chunks=pack_chunks([(blake3.blake3(b"ab").digest(), 2)])),
+    Entry(b"f", REG, 0o644, content=blake3.blake3(b"ab").digest(), size=2, data=b"ac"),
+    # a big file with inline data beside its chunks
+    Entry(b"f", REG, 0o644, content=b"\x01" * 32, size=2000, data=b"x" * 2000,
+          chunks=pack_chunks([(b"\x02" * 32, 2000)])),
+    Entry(b"d", DIR, 0o755, data=b"x"),
     Entry(b"d", DIR, 0o755, content=b"\x01" * 32),
     Entry(b"d", DIR, 0o755, chunks=pack_chunks([(b"\x02" * 32, 1)])),
     Entry(b"f", FIFO, 0o644, target=b"x"),
@@ -266,7 +290,7 @@ def test_encoder_refuses_a_stale_sort_key() -> None:
     # bytes after a kind that has no body: the next entry's header is read from them
     ("content-on-dir", raw_entry(Entry(b"a", DIR, 0o755)).replace(
         b"a\x00\x00", b"a" + b"\x01" * 32 + b"\x00\x00")),
-    ("file-without-content-id", raw_entry(Entry(b"a", REG, 0o644))),
+    ("file-without-content-id", raw_entry(Entry(b"a", REG, 0o644, size=2000))),
     ("rdev-on-fifo", raw_entry(Entry(b"a", FIFO, 0o644))[:-2] + struct.pack("<II", 1, 3)
      + b"\x00\x00"),
     ("target-on-file-for-size", raw_entry(_file(b"a"))[:-2] + b"\x01\x00x\x00\x00"),
@@ -372,10 +396,11 @@ def pool(tmp_path_factory):
         with store.writer() as w:
             for data in CONTENTS:
                 cid = blake3.blake3(data).digest()
-                if data:
-                    w.put(cid, data)
-                chunks.append((cid, pack_chunks([(cid, len(data))]) if data else b"",
-                               len(data)))
+                if len(data) <= INLINE_MAX:  # held in the entry
+                    chunks.append((cid, b"", len(data), data))
+                    continue
+                w.put(cid, data)
+                chunks.append((cid, pack_chunks([(cid, len(data))]), len(data), b""))
             w.commit()
         sandbox = root / "sandbox"
         (sandbox / "OUT").mkdir(parents=True)
@@ -404,7 +429,7 @@ def entry_strategy(chunks) -> st.SearchStrategy[Entry]:
         e = Entry(draw(paths), kind, draw(st.sampled_from([0o755, 0o644, 0o4755, 0])),
                   draw(st.sampled_from([0, 1000])), 0, T, xattrs=draw(xattrs))
         if kind == REG:
-            e.content, e.chunks, e.size = draw(st.sampled_from(chunks))
+            e.content, e.chunks, e.size, e.data = draw(st.sampled_from(chunks))
         elif kind in (SYMLINK, HARDLINK):
             e.target = draw(targets)
         elif kind == CHR:
@@ -447,7 +472,7 @@ def manifests(draw, chunks, out: bytes) -> bytes:
         if draw(st.booleans()):
             e.kind, e.target = SYMLINK, draw(st.sampled_from([b"..", b"../..", out]))
         else:
-            e.kind, (e.content, e.chunks, e.size) = REG, draw(st.sampled_from(chunks))
+            e.kind, (e.content, e.chunks, e.size, e.data) = REG, draw(st.sampled_from(chunks))
     if entries and draw(st.sampled_from([False] * 19 + [True])):  # a repeated path
         entries.append(entries[-1])
     data = raw_manifest(None, entries)
@@ -558,3 +583,30 @@ def test_xattr_names_that_are_not_utf8_snapshot_in_bytewise_order(tmp_path: Path
     out = os.fsencode(tmp_path / "out" / "f")
     assert os.getxattr(out, b"user.\x80") == b"1"
     assert os.getxattr(out, b"user.\xc3\xa9") == b"2"
+
+
+def test_a_manifest_of_an_earlier_encoding_is_refused_by_name() -> None:
+    """Store format 5's manifests (PLYRMAN1: every file as chunks) differ in bytes and
+    id; one arriving from elsewhere (a chunk artifact an earlier pylayers pushed) is
+    refused in one line that says so, not taken for garbage or misread."""
+    data = b"PLYRMAN1" + encode_manifest(PARENT, valid())[8:]
+    with pytest.raises(CorruptData, match="earlier pylayers' encoding") as info:
+        decode_manifest(data)
+    one_line(info.value)
+    with pytest.raises(CorruptData, match="bad magic"):
+        decode_manifest(b"PLYRMANX" + data[8:])
+
+
+def test_inline_files_are_exactly_those_of_at_most_inline_max_bytes() -> None:
+    """The size alone decides (one encoding): INLINE_MAX bytes are the entry's body,
+    one byte more is chunks; a decoded small file's content id is its data's BLAKE3."""
+    data = encode_manifest(None, [Entry(b"", DIR, 0o755), small(b"a", b"z" * INLINE_MAX)])
+    assert data.endswith(b"a" + b"z" * INLINE_MAX + b"\x00\x00")
+    (e,) = decode_manifest(data)[1][1:]
+    assert e.inline and e.data == b"z" * INLINE_MAX and not e.chunks
+    assert e.content == blake3.blake3(b"z" * INLINE_MAX).digest()
+    big = Entry(b"a", REG, 0o644, size=INLINE_MAX + 1, content=b"\x01" * 32,
+                chunks=pack_chunks([(b"\x02" * 32, INLINE_MAX + 1)]))
+    assert not big.inline
+    (e,) = decode_manifest(encode_manifest(None, [Entry(b"", DIR, 0o755), big]))[1][1:]
+    assert e == big and e.data == b""

@@ -165,8 +165,8 @@ def test_commit_refuses_a_layer_naming_an_unindexed_chunk(tmp_path: Path) -> Non
     indexed: a caller handing it a wrong chunk list gets CorruptData and no layer."""
     missing = blake3.blake3(b"never stored").digest()
     root = Entry(b"", DIR, 0o755, 0, 0, 0)
-    f = Entry(b"f", REG, 0o644, 0, 0, 0, size=12, content=missing,
-              chunks=missing + (12).to_bytes(4, "little"))
+    f = Entry(b"f", REG, 0o644, 0, 0, 0, size=5000, content=missing,
+              chunks=missing + (5000).to_bytes(4, "little"))
     with Store.open(tmp_path / "store") as s:
         layers = Layers(s)
         with s.writer() as w, pytest.raises(CorruptData, match="not in the store"):

@@ -484,6 +484,8 @@ OLD_VERSIONS = {
         lambda names: b"walkcache" not in names and b"statcache" in names),
     # one image config per top layer, no `layer_configs`, tags without a config digest
     4: ((b"layer_configs",), (), lambda names: b"layer_configs" not in names),
+    # manifests with every file as chunks (PLYRMAN1): the tables are version 6's
+    5: ((), (), lambda names: b"layer_configs" in names and b"paths" in names),
 }
 
 

@@ -148,6 +148,7 @@ def cat(ctx: click.Context, ref: str, path: str) -> None:
             raise InvalidArgument(f"{display_path(e.path)} is a {KIND_NAMES[e.kind]}, "
                                   "not a regular file")
         out = sys.stdout.buffer
+        out.write(e.data)  # a small file's content is in its entry (no chunks)
         for cid, _ in e.chunk_list():
             out.write(layers.store.read_chunk(cid))
         out.flush()

@@ -228,7 +228,7 @@ class _Writer:
                 self._linked(e, dir_fd, name)
             elif len(e.chunks) <= _ONE_CHUNK and not e.xattrs:
                 # most files: one chunk (or none), no xattrs: one C call makes it
-                data = next(self.stream) if e.chunks else b""
+                data = next(self.stream) if e.chunks else e.data  # inline if no chunks
                 rc, step = write_file(dir_fd, name, e.mode, e.uid, e.gid, e.mtime_ns, data)
                 if rc:
                     try:

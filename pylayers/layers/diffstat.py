@@ -74,7 +74,8 @@ class DiffStat:
     or re-contented paths in the new tree; `bytes_removed`: of deleted or replaced paths
     in the old tree (a deleted directory: all its files); a chmod, chown or touch moves
     none. `new_bytes`: chunk bytes the new tree holds that the old one (a layer) or the
-    store (a directory) does not: what storing the new tree on the old would add."""
+    store (a directory) does not, and the bytes of small files (held in the manifest)
+    added or changed: what storing the new tree on the old would add."""
 
     added: int
     changed: int
@@ -122,6 +123,8 @@ def diff_stat(old: list[Entry], changes: list[Change],
             if c.new is not None and c.new.kind == REG:
                 fresh.update((cid, n) for cid, n in c.new.chunk_list() if cid not in have)
         new_bytes = sum(fresh.values())
+    # small files' bytes go into the new layer's manifest, not into chunks
+    new_bytes += sum(c.new.size for c in moved if c.new is not None and c.new.inline)
     return DiffStat(sum(c.change == "A" for c in changes),
                     sum(c.change == "C" for c in changes),
                     sum(c.change == "D" for c in changes), added, removed, new_bytes)

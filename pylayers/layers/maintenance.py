@@ -96,7 +96,7 @@ def fsck(store: Store) -> FsckReport:
                 continue
             decoded[lid] = (parent, entries)
             for e in entries:
-                if e.kind != REG:
+                if e.kind != REG or e.inline:  # inline: the manifest holds its bytes
                     continue
                 chunks = e.chunk_list()
                 bad = [cid for cid, _ in chunks if not present(cid)]
@@ -120,15 +120,18 @@ def fsck(store: Store) -> FsckReport:
 
 
 def disk_usage(store: Store) -> dict:
-    logical = 0
+    logical = inline = 0
     layers = 0
     with store.read() as t:
         for _lid, raw in t.layers.items():
-            logical += LayerRecord.decode(raw).file_bytes
+            rec = LayerRecord.decode(raw)
+            logical += rec.file_bytes
+            inline += rec.inline_bytes
             layers += 1
     stored = store.disk_usage()
     return {
         "layers": layers,
+        "inline_bytes": inline,
         "chunks": store.chunk_count(),
         "logical_bytes": logical,
         "stored_bytes": stored,

@@ -13,10 +13,17 @@ import stat
 import struct
 from array import array
 
+import blake3
+
 from ..errors import PATH_MAX, CorruptData, InvalidArgument, UnsafePath, short_path
 
-MANIFEST_MAGIC = b"PLYRMAN1"
+MANIFEST_MAGIC = b"PLYRMAN2"
+OLD_MAGICS = (b"PLYRMAN1",)  # manifests of earlier pylayers, refused by name
 NO_PARENT = bytes(32)
+# A file of at most this many bytes is stored in its manifest entry, not as chunks
+# (docs/format.md, "Manifest"): no chunk-index entry, no pack table record, no content
+# id of its own in the manifest. Fixed by the format, so a tree has one encoding.
+INLINE_MAX = 1024
 
 # entry kinds
 REG, DIR, SYMLINK, HARDLINK, CHR, BLK, FIFO, WHITEOUT = 1, 2, 3, 4, 5, 6, 7, 8
@@ -43,13 +50,13 @@ class Entry:
     hundreds of thousands of these and decoding speed matters."""
 
     __slots__ = ("path", "kind", "mode", "uid", "gid", "mtime_ns", "size", "content",
-                 "chunks", "target", "rdev", "xattrs", "flags", "key")
+                 "chunks", "target", "rdev", "xattrs", "flags", "key", "data")
 
     def __init__(self, path: bytes, kind: int, mode: int = 0, uid: int = 0, gid: int = 0,
                  mtime_ns: int = 0, size: int = 0, content: bytes = b"", chunks: bytes = b"",
                  target: bytes = b"", rdev: tuple[int, int] = (0, 0),
                  xattrs: tuple[tuple[bytes, bytes], ...] = (), flags: int = 0,
-                 key: bytes | None = None) -> None:
+                 key: bytes | None = None, data: bytes = b"") -> None:
         self.path = path
         self.kind = kind
         self.mode = mode  # permission bits incl. setuid/setgid/sticky (S_IMODE)
@@ -59,6 +66,7 @@ class Entry:
         self.size = size  # regular files: content length
         self.content = content  # regular files: BLAKE3 of the whole content
         self.chunks = chunks  # regular files: packed (id, length) records
+        self.data = data  # regular files of at most INLINE_MAX bytes: the content
         self.target = target  # symlink target, or hardlink target path
         self.rdev = rdev  # devices: (major, minor)
         self.xattrs = xattrs
@@ -67,7 +75,8 @@ class Entry:
 
     def _fields(self) -> tuple:
         return (self.path, self.kind, self.mode, self.uid, self.gid, self.mtime_ns, self.size,
-                self.content, self.chunks, self.target, self.rdev, self.xattrs, self.flags)
+                self.content, self.chunks, self.target, self.rdev, self.xattrs, self.flags,
+                self.data)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Entry):
@@ -86,6 +95,16 @@ class Entry:
     @property
     def opaque(self) -> bool:
         return bool(self.flags & OPAQUE)
+
+    @property
+    def inline(self) -> bool:
+        """A regular file whose content is `data`, in the manifest: no chunks."""
+        return self.kind == REG and self.size <= INLINE_MAX
+
+    def set_inline(self, data: bytes) -> None:
+        """Make this a file of the content `data` (at most INLINE_MAX bytes)."""
+        self.data, self.size, self.chunks = data, len(data), b""
+        self.content = blake3.blake3(data).digest()
 
     def chunk_count(self) -> int:
         return len(self.chunks) // _CHUNK.size
@@ -170,6 +189,14 @@ def entry_problem(e: Entry, prev_key: bytes | None) -> str | None:
     if kind == REG:
         if len(e.content) != 32:
             return f"a file's content id is {len(e.content)} bytes, not 32"
+        if e.size <= INLINE_MAX:
+            if e.chunks or len(e.data) != e.size:
+                return (f"a file of {e.size} bytes (at most {INLINE_MAX}) holds "
+                        f"{len(e.data)} bytes of data and {len(e.chunks) // _CHUNK.size} "
+                        "chunks, not its content and none")
+            return _xattrs_problem(e)
+        if e.data:
+            return f"a file of {e.size} bytes (more than {INLINE_MAX}) holds inline data"
         lengths = _lengths(e.chunks)
         if 0 in lengths:
             return "it lists a chunk of length 0"
@@ -192,6 +219,10 @@ def entry_problem(e: Entry, prev_key: bytes | None) -> str | None:
                     "below 4096, a minor below 1048576)")
     elif kind == WHITEOUT and (e.mode, e.uid, e.gid, e.mtime_ns, e.xattrs) != (0, 0, 0, 0, ()):
         return "a whiteout has metadata (mode, owner, mtime and xattrs are all 0 or none)"
+    return _xattrs_problem(e)
+
+
+def _xattrs_problem(e: Entry) -> str | None:
     prev_name = None
     for xname, _value in e.xattrs:
         if not xname or b"\x00" in xname or len(xname) > XATTR_NAME_MAX:
@@ -222,8 +253,10 @@ def _unencoded_problem(e: Entry) -> str | None:
     """Fields set on an Entry that its kind does not encode: they would be lost, and
     the decoded entry would differ from the one encoded."""
     kind = e.kind
-    if kind != REG and (e.content or e.chunks):
-        return "content or chunks on an entry that is not a file"
+    if kind != REG and (e.content or e.chunks or e.data):
+        return "content, chunks or data on an entry that is not a file"
+    if kind == REG and e.size <= INLINE_MAX and blake3.blake3(e.data).digest() != e.content:
+        return "its content id is not the BLAKE3 of its inline data"
     if kind == REG and len(e.chunks) % _CHUNK.size:
         return f"its chunk list is not a whole number of {_CHUNK.size}-byte records"
     if kind not in (SYMLINK, HARDLINK) and e.target:
@@ -256,6 +289,7 @@ class ManifestEncoder:
         self._prev: bytes | None = None
         self.count = 0
         self.file_bytes = 0  # regular-file bytes of the entries
+        self.inline_bytes = 0  # of those, the bytes of small files held inline
         self.file_chunks = bytearray()  # the files' packed chunk lists, concatenated
         self.file_paths = array("Q")  # where each file's path starts in the bytes
         self.file_ends = array("Q")  # where each file's chunks end in file_chunks
@@ -280,7 +314,10 @@ class ManifestEncoder:
         parts = [_HEAD.pack(len(e.path), e.kind, e.flags, e.mode, e.uid, e.gid,
                             e.mtime_ns, e.size)]
         if e.kind == REG:
-            parts += (e.path, e.content, _U32.pack(len(e.chunks) // _CHUNK.size), e.chunks)
+            if e.size <= INLINE_MAX:
+                parts += (e.path, e.data)
+            else:
+                parts += (e.path, e.content, _U32.pack(len(e.chunks) // _CHUNK.size), e.chunks)
         elif e.kind in (SYMLINK, HARDLINK):
             parts += (e.path, _U16.pack(len(e.target)), e.target)
         elif e.kind in (CHR, BLK):
@@ -295,6 +332,8 @@ class ManifestEncoder:
         if e.kind == REG:
             self.file_paths.append(at + _HEAD.size)
             self.file_bytes += e.size
+            if e.size <= INLINE_MAX:
+                self.inline_bytes += e.size
             self.file_chunks += e.chunks
             self.file_ends.append(len(self.file_chunks))
 
@@ -323,6 +362,10 @@ def decode_manifest(data: bytes) -> tuple[bytes | None, list[Entry]]:
 
 def _decode(mv: memoryview) -> tuple[bytes | None, list[Entry]]:
     if bytes(mv[:8]) != MANIFEST_MAGIC:
+        if bytes(mv[:8]) in OLD_MAGICS:
+            raise CorruptData(f"manifest in an earlier pylayers' encoding "
+                              f"({bytes(mv[:8]).decode()}); this pylayers reads "
+                              f"{MANIFEST_MAGIC.decode()}")
         raise CorruptData("not a manifest (bad magic)")
     parent = bytes(mv[8:40])
     (n,) = _U32.unpack_from(mv, 40)
@@ -331,6 +374,7 @@ def _decode(mv: memoryview) -> tuple[bytes | None, list[Entry]]:
     prev = None
     head = _HEAD.unpack_from
     check = entry_problem
+    hash_ = blake3.blake3
     for _ in range(n):
         plen, kind, flags, mode, uid, gid, mtime, size = head(mv, pos)
         pos += _HEAD.size
@@ -338,9 +382,15 @@ def _decode(mv: memoryview) -> tuple[bytes | None, list[Entry]]:
         if len(path) != plen:
             raise CorruptData("manifest is truncated")
         pos += plen
-        content = chunks = target = b""
+        content = chunks = target = data = b""
         rdev = (0, 0)
-        if kind == REG:
+        if kind == REG and size <= INLINE_MAX:
+            data = bytes(mv[pos : pos + size])
+            if len(data) != size:
+                raise CorruptData("manifest is truncated")
+            pos += size
+            content = hash_(data).digest()
+        elif kind == REG:
             content = bytes(mv[pos : pos + 32])
             (nch,) = _U32.unpack_from(mv, pos + 32)
             pos += 36
@@ -372,13 +422,16 @@ def _decode(mv: memoryview) -> tuple[bytes | None, list[Entry]]:
             xattrs = tuple(xl)
         key = path.replace(b"/", b"\x00")
         e = Entry(path, kind, mode, uid, gid, mtime, size, content, chunks, target, rdev,
-                  xattrs, flags, key)
-        # Most entries are files of one chunk, no xattrs, a plain path: the checks
-        # `entry_problem` makes of those, inline (it is called for the rest, and for any
-        # of these that fails one); what passes here passes there.
-        if (kind == REG and not flags and not nx and len(chunks) == _CHUNK.size
+                  xattrs, flags, key, data)
+        # Most entries are small files held inline or files of one chunk, no xattrs, a
+        # plain path: the checks `entry_problem` makes of those, inline (it is called
+        # for the rest, and for any of these that fails one); what passes here passes
+        # there.
+        if (kind == REG and not flags and not nx
+                and (size <= INLINE_MAX or (
+                    len(chunks) == _CHUNK.size and len(content) == 32
+                    and size > INLINE_MAX and _U32.unpack_from(chunks, 32)[0] == size))
                 and mode <= 0o7777 and uid != NO_OWNER and gid != NO_OWNER
-                and len(content) == 32 and size and _U32.unpack_from(chunks, 32)[0] == size
                 and (prev is None or key > prev) and 0 < plen <= 255
                 and path[0] != 0x2F and path[0] != 0x2E and path[-1] != 0x2F
                 and b"//" not in path and b"/." not in path and b"\x00" not in path):

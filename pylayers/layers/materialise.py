@@ -186,13 +186,15 @@ def write_file_from(path: bytes, e: Entry, chunks: Iterable[bytes | memoryview],
     again."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  e.mode & 0o777, dir_fd=dir_fd)
+    if e.inline:  # the content is in the entry: there are no chunks to read
+        chunks = (e.data,)
     try:
         # made with the entry's permission bits (less the umask, or a default ACL's):
         # its owner and mode are set only where they differ, which, for a tree owned
         # by whoever checks it out, is nowhere (two system calls a file fewer)
         st = os.fstat(fd)
         block = max(st.st_blksize, 512)
-        if e.chunk_count() == 1:  # most files: one chunk, and often nothing to skip
+        if e.inline or e.chunk_count() == 1:  # most files: one piece, often nothing to skip
             (data,) = chunks
             if not isinstance(data, bytes):
                 data = bytes(data)

@@ -82,6 +82,7 @@ class LayerRecord:
     file_bytes: int  # bytes of regular-file content in this layer's own entries
     new_bytes: int  # chunk bytes this layer added to the store
     kept: bool = False  # made (or made again) by `snapshot`: the snapshotter never collects it
+    inline_bytes: int = 0  # of file_bytes, those of small files held in the manifest
 
     def encode(self) -> bytes:
         d = {
@@ -92,6 +93,8 @@ class LayerRecord:
         }
         if self.kept:
             d["kept"] = True
+        if self.inline_bytes:
+            d["inline_bytes"] = self.inline_bytes
         return json.dumps(d, sort_keys=True).encode()
 
     @classmethod
@@ -101,7 +104,7 @@ class LayerRecord:
             return cls(bytes.fromhex(d["parent"]) if d["parent"] else None,
                        [(bytes.fromhex(c), n) for c, n in d["manifest"]], d["created"],
                        d["message"], d["entries"], d["file_bytes"], d["new_bytes"],
-                       d.get("kept") is True)
+                       d.get("kept") is True, int(d.get("inline_bytes", 0)))
         except (ValueError, KeyError, TypeError) as e:
             raise CorruptData(f"layer record is malformed: {e}") from None
 
@@ -236,6 +239,8 @@ class Layers:
         return tree
 
     def read_file(self, e: Entry) -> bytes:
+        if e.inline:
+            return e.data
         return b"".join(self.store.read_chunk(cid) for cid, _ in e.chunk_list())
 
     def checkout(self, layer_id: bytes, dest: Path, progress=None, link: bool = False,
@@ -312,68 +317,83 @@ class Layers:
                   fp_settled: bool, wc_key: bytes | None = None,
                   settled_before: int = 0) -> SnapshotResult:
         with self.store.writer() as writer:
-            same_as = self._unchanged_since(fp, fp_key)
-            if same_as is not None:
-                # The directory holds exactly the tree of layer `same_as`.
-                stats = ScanStats(unchanged_since=same_as)
-                rec = self.record(same_as)
-                if rec.parent == parent and self._recommit(writer, same_as, tag, kept):
-                    # That very layer again (layer ids are of the manifest, which a
-                    # snapshot derives from the tree and the parent alone): nothing to
-                    # decode, diff or store.
-                    return SnapshotResult(same_as, stats, rec.entries, True)
-                if parent is not None and self._same_tree(parent, same_as):
-                    own: list[Entry] = []
-                else:
-                    tree = self.tree(same_as)
-                    own = diff_layer(self.tree(parent), tree) if parent is not None else tree
-                # the fingerprint now names the new layer (the same tree): the next
-                # snapshot onto it finds it, and takes the `_recommit` path above
-                assert fp is not None and fp_key is not None
-                rekeyed = self._rekeyed(wc_key, same_as)
-                layer_id, count, existed = self._commit(
-                    writer, parent, own, tag, message, (fp_key, fp), kept=kept,
-                    walk_cache=(rekeyed[0], lambda: rekeyed[1]) if rekeyed else None)
-                return SnapshotResult(layer_id, stats, count, existed)
-            cmp = self._walk_comparison(wc_key, records)
-            record_fp = fp is not None and fp_key is not None and fp_settled
-            tree_fp = (fp_key, fp) if record_fp else None
-            root = os.path.realpath(os.fsencode(os.path.abspath(directory)))
-            if cmp is not None and records is not None and cmp.layer_id == parent \
-                    and not exclude and not _holds(directory, self.store.path):
-                scanner = self._scanner(writer, progress, allow_changing, exclude,
-                                        None, settled_before)
-                try:
-                    own = self._changes(scanner, parent, root, records, cmp)
-                except _Fallback:
-                    pass  # a changed path left out: the whole scan below decides
-                else:
-                    layer_id, count, existed = self._commit(
-                        writer, parent, own, tag, message, tree_fp, kept=kept,
-                        walk_cache=(wc_key, lambda: scanner.keep_records(records)))  # type: ignore[arg-type]
-                    return SnapshotResult(layer_id, scanner.stats, count, existed)
-            # which entries have xattrs: found in C on another core while the parent's
-            # tree is decoded here
-            probe = XattrProbe(directory, records) if records is not None else None
+            res = self._snapshot_into(writer, directory, parent, tag, message, progress, kept,
+                                      allow_changing, ephemeral, exclude, records, fp,
+                                      fp_key, fp_settled, wc_key, settled_before)
+            # what the layer added to the store: file chunks, and the manifest, which
+            # holds small files' bytes
+            res.stats.new_bytes = writer.new_bytes
+            return res
+
+    def _snapshot_into(self, writer: ChunkWriter, directory: str | Path,
+                       parent: bytes | None, tag: str | None, message: str,
+                       progress: Callable[[int], None] | None, kept: bool,
+                       allow_changing: bool, ephemeral: bool, exclude: Exclusions | None,
+                       records: memoryview | None, fp: bytes | None, fp_key: bytes | None,
+                       fp_settled: bool, wc_key: bytes | None,
+                       settled_before: int) -> SnapshotResult:
+        same_as = self._unchanged_since(fp, fp_key)
+        if same_as is not None:
+            # The directory holds exactly the tree of layer `same_as`.
+            stats = ScanStats(unchanged_since=same_as)
+            rec = self.record(same_as)
+            if rec.parent == parent and self._recommit(writer, same_as, tag, kept):
+                # That very layer again (layer ids are of the manifest, which a
+                # snapshot derives from the tree and the parent alone): nothing to
+                # decode, diff or store.
+                return SnapshotResult(same_as, stats, rec.entries, True)
+            if parent is not None and self._same_tree(parent, same_as):
+                own: list[Entry] = []
+            else:
+                tree = self.tree(same_as)
+                own = diff_layer(self.tree(parent), tree) if parent is not None else tree
+            # the fingerprint now names the new layer (the same tree): the next
+            # snapshot onto it finds it, and takes the `_recommit` path above
+            assert fp is not None and fp_key is not None
+            rekeyed = self._rekeyed(wc_key, same_as)
+            layer_id, count, existed = self._commit(
+                writer, parent, own, tag, message, (fp_key, fp), kept=kept,
+                walk_cache=(rekeyed[0], lambda: rekeyed[1]) if rekeyed else None)
+            return SnapshotResult(layer_id, stats, count, existed)
+        cmp = self._walk_comparison(wc_key, records)
+        record_fp = fp is not None and fp_key is not None and fp_settled
+        tree_fp = (fp_key, fp) if record_fp else None
+        root = os.path.realpath(os.fsencode(os.path.abspath(directory)))
+        if cmp is not None and records is not None and cmp.layer_id == parent \
+                and not exclude and not _holds(directory, self.store.path):
+            scanner = self._scanner(writer, progress, allow_changing, exclude,
+                                    None, settled_before)
             try:
-                base = self.tree(parent) if parent is not None else []
-            finally:
-                if probe is not None:
-                    probe.marks()  # joined before anything can free the walk's buffer
-            reuse = None
-            if cmp is not None:
-                reuse = (cmp, lambda: self.tree(cmp.layer_id))
-            scanner = self._scanner(writer, progress, allow_changing, exclude, reuse,
-                                    settled_before)
-            # the scan goes straight into the diff (only what differs is kept), or with
-            # no parent straight into the manifest's encoding (nothing is kept)
-            scanned = scanner.iter_scan(directory, records, probe)
-            own = diff_layer(base, scanned) if parent is not None else scanned
-            keep = None
-            if wc_key is not None and records is not None:
-                keep = (wc_key, lambda: scanner.keep_records(records))
-            layer_id, count, existed = self._commit(writer, parent, own, tag, message,
-                                                    tree_fp, kept=kept, walk_cache=keep)
+                own = self._changes(scanner, parent, root, records, cmp)
+            except _Fallback:
+                pass  # a changed path left out: the whole scan below decides
+            else:
+                layer_id, count, existed = self._commit(
+                    writer, parent, own, tag, message, tree_fp, kept=kept,
+                    walk_cache=(wc_key, lambda: scanner.keep_records(records)))  # type: ignore[arg-type]
+                return SnapshotResult(layer_id, scanner.stats, count, existed)
+        # which entries have xattrs: found in C on another core while the parent's
+        # tree is decoded here
+        probe = XattrProbe(directory, records) if records is not None else None
+        try:
+            base = self.tree(parent) if parent is not None else []
+        finally:
+            if probe is not None:
+                probe.marks()  # joined before anything can free the walk's buffer
+        reuse = None
+        if cmp is not None:
+            reuse = (cmp, lambda: self.tree(cmp.layer_id))
+        scanner = self._scanner(writer, progress, allow_changing, exclude, reuse,
+                                settled_before)
+        # the scan goes straight into the diff (only what differs is kept), or with
+        # no parent straight into the manifest's encoding (nothing is kept)
+        scanned = scanner.iter_scan(directory, records, probe)
+        own = diff_layer(base, scanned) if parent is not None else scanned
+        keep = None
+        if wc_key is not None and records is not None:
+            keep = (wc_key, lambda: scanner.keep_records(records))
+        layer_id, count, existed = self._commit(writer, parent, own, tag, message,
+                                                tree_fp, kept=kept, walk_cache=keep)
         return SnapshotResult(layer_id, scanner.stats, count, existed)
 
     def _scanner(self, writer: ChunkWriter, progress, allow_changing: bool,
@@ -540,7 +560,7 @@ class Layers:
         new_bytes = writer.new_bytes
         del data
         rec = LayerRecord(parent, manifest, time.time(), message, enc.count,
-                          enc.file_bytes, new_bytes, kept)
+                          enc.file_bytes, new_bytes, kept, enc.inline_bytes)
         cache_value = None
         if walk_cache is not None:
             cache_value = walkcache.WalkCache(layer_id, walk_cache[1]()).encode()

@@ -24,7 +24,7 @@ from ..chunking import ChunkerParams
 from ..errors import InvalidArgument, NotFound, SourceChanged, os_error_reason, short_path
 from ..store.ingest import ContentReader, IngestStats
 from ..store.repository import Store
-from .manifest import BLK, CHR, DIR, FIFO, HARDLINK, REG, SYMLINK, Entry
+from .manifest import BLK, CHR, DIR, FIFO, HARDLINK, INLINE_MAX, REG, SYMLINK, Entry
 from .walkcache import Comparison
 
 # An entry is trusted by the next snapshot's walk cache only if its ctime is this much
@@ -538,8 +538,13 @@ class Scanner:
         try:
             fst = os.fstat(fd)
             try:
-                e.content, e.chunks, e.size = self.reader.read(fd, st.st_size, self.progress,
-                                                               e.path)
+                if st.st_size <= INLINE_MAX:
+                    e.set_inline(self.reader.read_inline(fd, st.st_size, self.progress))
+                else:
+                    e.content, e.chunks, e.size = self.reader.read(fd, st.st_size,
+                                                                   self.progress, e.path)
+                    if e.size <= INLINE_MAX:  # it shrank as we read it: held inline
+                        e.set_inline(os.pread(fd, e.size, 0))
             except OSError as err:
                 raise InvalidArgument(
                     f"cannot read {short_path(path)}: {os_error_reason(err, path)}") from None

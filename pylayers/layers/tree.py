@@ -249,7 +249,7 @@ def relink_survivors(tree: list[Entry], base: dict[bytes, Entry],
             continue
         first = survivors[0].path
         extra.append(Entry(first, REG, old.mode, old.uid, old.gid, old.mtime_ns, old.size,
-                           old.content, old.chunks, xattrs=old.xattrs))
+                           old.content, old.chunks, xattrs=old.xattrs, data=old.data))
         extra.extend(Entry(e.path, HARDLINK, old.mode, old.uid, old.gid, old.mtime_ns,
                            target=first, xattrs=old.xattrs) for e in survivors[1:])
     if not extra:

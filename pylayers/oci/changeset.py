@@ -171,7 +171,7 @@ class Changeset:
             f = self.inodes[n]
             first = names[0]
             own[first] = Entry(first, REG, f.mode, f.uid, f.gid, f.mtime_ns, f.size,
-                               f.content, f.chunks, xattrs=f.xattrs)
+                               f.content, f.chunks, xattrs=f.xattrs, data=f.data)
             for p in names[1:]:
                 own[p] = Entry(p, HARDLINK, f.mode, f.uid, f.gid, f.mtime_ns, target=first,
                                xattrs=f.xattrs)

@@ -23,7 +23,7 @@ import blake3
 
 from ..chunking import Chunker, ChunkerParams, cut_points
 from ..errors import CorruptData, UnsafePath
-from ..layers.manifest import BLK, CHR, DIR, FIFO, HARDLINK, REG, SYMLINK, Entry
+from ..layers.manifest import BLK, CHR, DIR, FIFO, HARDLINK, INLINE_MAX, REG, SYMLINK, Entry
 
 MAX_HEADER = 1 << 20  # bytes of one PAX or GNU long-name header (Go's archive/tar: 1 MiB)
 MAX_NAME = 4096
@@ -296,15 +296,23 @@ def _member(tf: tarfile.TarFile, info: tarfile.TarInfo, params: ChunkerParams,
         e.kind = REG
         f = tf.extractfile(info)
         assert f is not None
-        if on_file is not None:
-            on_file(path, info.size)
-        try:
-            e.content, e.chunks, e.size = store_content(f, params, sink, progress)
-        except tarfile.TarError as err:
-            raise CorruptData(f"layer tar is corrupt ({err})") from None
-        finally:
+        if info.size <= INLINE_MAX:  # held in the manifest entry: nothing to store
+            try:
+                e.set_inline(f.read(info.size))
+            except tarfile.TarError as err:
+                raise CorruptData(f"layer tar is corrupt ({err})") from None
+            if progress is not None:
+                progress(e.size)
+        else:
             if on_file is not None:
-                on_file(None, 0)
+                on_file(path, info.size)
+            try:
+                e.content, e.chunks, e.size = store_content(f, params, sink, progress)
+            except tarfile.TarError as err:
+                raise CorruptData(f"layer tar is corrupt ({err})") from None
+            finally:
+                if on_file is not None:
+                    on_file(None, 0)
         if e.size != info.size:
             raise CorruptData(f"layer tar is truncated (in {path!r})")
     else:

@@ -116,7 +116,11 @@ def write_layer(write: Callable[[bytes], object], own: list[Entry],
     chunks = iter(read_chunks(cid for e in files for cid, _n in e.chunk_list()))
     for e, name in items:
         write(header(e, source_date_epoch, name))
-        if e.kind == REG and e.size:
+        if e.kind == REG and e.inline:
+            write(e.data)
+            if e.size % 512:
+                write(bytes(512 - e.size % 512))
+        elif e.kind == REG and e.size:
             left = e.size
             for _ in range(e.chunk_count()):
                 piece = next(chunks)

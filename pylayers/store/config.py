@@ -12,7 +12,7 @@ from ..chunking import ChunkerParams
 from ..errors import StoreError
 
 FORMAT_NAME = "pylayers-store"
-FORMAT_VERSION = 5  # docs/format.md, "Versions"
+FORMAT_VERSION = 6  # docs/format.md, "Versions"
 CHUNKER_ALGORITHM = "fastcdc-gear64-v1"
 CONFIG_FILE = "config.json"
 

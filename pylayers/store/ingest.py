@@ -127,6 +127,15 @@ class ContentReader:
             if hint is not None:
                 hint(None, 0)
 
+    def read_inline(self, fd: int, size: int, progress=None) -> bytes:
+        """The content of the small open file `fd` (at most `size` bytes), for its
+        manifest entry: nothing is chunked or stored."""
+        data = _read_upto(fd, size)
+        self.stats.bytes_read += len(data)
+        if progress is not None:
+            progress(len(data))
+        return data
+
     def _read_small(self, data: bytes, progress) -> tuple[bytes, bytes, int]:
         p = self.params
         out: list[bytes] = []
