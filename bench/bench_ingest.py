@@ -18,8 +18,8 @@ the stores; for a store, a digest of its packs, equal when two stores hold the s
 frames). Reported as medians of `--repeat`, with the tree's bytes per CPU second
 and per wall second as ratios to `zstd -1 -T1` (tar's CPU included, and not), and the
 output size as a ratio to `tar | zstd -3`. The page cache is warmed first (one tar
-read), so no command pays for the disk. `--profile FILE` also writes the first
-snapshot's `perf record` summary (per thread) to FILE, when perf is installed.
+read), so no command pays for the disk. `--profile FILE` also writes the last
+`--pylayers` snapshot's `perf record` summary (per thread) to FILE, when perf is installed.
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ def main() -> None:
         subprocess.run(f"tar -C {q(tree)} -cf - . > /dev/null", shell=True, check=True)
         res = measure(tree, work, args.repeat, pythons)
         if args.profile and shutil.which("perf"):
-            name = next(iter(pythons))
+            name = list(pythons)[-1]
             store = work / "store-profile"
             perf_summary([pythons[name], "-m", "pylayers", "--store", os.fspath(store),
                           "snapshot", "-q", os.fspath(tree)], args.profile, work)

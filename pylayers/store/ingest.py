@@ -23,7 +23,7 @@ import blake3
 
 from ..chunking import Chunker, ChunkerParams, cut_points
 from ..errors import CorruptData, StoreError
-from .packs import DELTA_MAX, DELTA_MIN, PackWriter
+from .packs import DELTA_MAX, DELTA_MIN, Location, PackWriter
 
 if TYPE_CHECKING:
     from .repository import Store
@@ -272,6 +272,9 @@ class ChunkWriter:
 
     def _begin_read(self) -> None:
         self._txn, self._tables = self.store._index.begin()
+        # no base to look for while the table is empty (a first snapshot into a new
+        # store): no lookups a file
+        self._no_paths = self._tables.paths.count() == 0
 
     def has(self, cid: bytes) -> bool:
         return cid in self._pending or self._tables.chunks.has(cid)
@@ -303,6 +306,8 @@ class ChunkWriter:
         is within 4x of the file's."""
         if f.base is None:
             f.base = False
+            if self._no_paths:
+                return False
             for ids, own in itertools.islice(self._tables.paths.near(f.key), NEAR_TRIES):
                 locs = [self._tables.chunks.get(cid) for cid in ids]
                 if not all(loc is not None and not loc.delta for loc in locs):
@@ -347,9 +352,8 @@ class ChunkWriter:
         self._txn.abort()
         try:
             with self.store.write() as t:
-                for cid, loc in written:
-                    t.chunks.add(cid, loc)
-                _update_paths(t, candidates)
+                fresh = {cid: loc for cid, loc in written if t.chunks.add(cid, loc)}
+                _update_paths(t, candidates, fresh)
                 if extra is not None:
                     extra(t)
         except BaseException:
@@ -375,13 +379,15 @@ class ChunkWriter:
         self.close()
 
 
-def _update_paths(t: Tables, candidates: list[tuple[bytes, list[bytes]]]) -> None:
+def _update_paths(t: Tables, candidates: list[tuple[bytes, list[bytes]]],
+                  fresh: dict[bytes, Location]) -> None:
     """Each candidate file (its path key, its chunk ids) stored without deltas becomes
-    the base for its path's next version."""
+    the base for its path's next version. `fresh`: the locations this transaction
+    indexed (no need to look them up)."""
     for key, ids in candidates:
         total = 0
         for cid in ids:
-            loc = t.chunks.get(cid)
+            loc = fresh.get(cid) or t.chunks.get(cid)
             if loc is None or loc.delta:
                 break
             total += loc.length
