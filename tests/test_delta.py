@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import blake3
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -545,3 +546,42 @@ def test_path_keys_group_versions_of_a_name() -> None:
     assert path_key(b"a/x.py") != path_key(b"a/y.py")
     assert normalise_name(b"cafe.py") == b"cafe.py"  # a word, not a hash
     assert normalise_name(b"libz-1a2b3c4d.so.1.3") == b"libz-#.so.#"
+
+
+def _put_file(w, path: str, data: bytes) -> None:
+    """One file through the chunk writer, as a scan gives it: its path, then its
+    chunks (here one)."""
+    w.file_hint(path.encode(), len(data))
+    w.put(blake3.blake3(data).digest(), data)
+    w.file_hint(None)
+
+
+def test_near_bases_are_tried_only_while_they_pay(tmp_path: Path) -> None:
+    """Unrelated files of one name in like directories (index.js in every package of
+    a node_modules, a first snapshot of random files) make near deltas that are never
+    kept, and each costs a base read (a whole frame decompressed): after a few the
+    writer stops trying them but for one file in NEAR_RETRY. Files that are versions
+    of one another make near deltas that pay, and the writer takes them up again."""
+    rnd = random.Random(3)
+    with Store.open(tmp_path / "store") as store:
+        with store.writer() as w:
+            for i in range(64):
+                _put_file(w, f"p{i}/index.js", rnd.randbytes(3000))
+            text = module_source(6000, 1)
+            for i in range(64):
+                _put_file(w, f"a{i}/lib.js", text + b"# base %d\n" % i)
+            w.commit()
+        with store.writer() as w:
+            for i in range(600):  # unrelated: every near delta is declined
+                _put_file(w, f"p{1000 + i}/index.js", rnd.randbytes(3000))
+            tried = w.pack.delta_declined + w.pack.delta_frames
+            assert w.pack.delta_frames == 0
+            # 14 declined bring the share of kept deltas under NEAR_MIN_RATE; a few
+            # more are on their way meanwhile; then one in NEAR_RETRY
+            assert 10 <= tried <= 14 + 600 // ingest_mod.NEAR_RETRY + 8, tried
+            for i in range(800):  # versions of one text: near deltas pay
+                _put_file(w, f"a{1000 + i}/lib.js", text + b"# edit %d\n" % i)
+            w.commit()
+            # taken up again by the first retry (within NEAR_RETRY files) that pays
+            assert w.pack.delta_frames >= 800 - ingest_mod.NEAR_RETRY - 20, (
+                w.pack.delta_frames, w.pack.delta_declined)

@@ -33,6 +33,17 @@ BLOCK = 4 << 20  # bytes read from a file at a time
 CHUNK_REF = struct.Struct("<32sI")  # a packed chunk list's item: chunk id, length
 COMMIT_EVERY = 256 << 20  # bytes of new chunk data between index commits
 NEAR_TRIES = 8  # `paths` entries looked at for a file's base
+# A base that is not the path's own (a file of the same name nearby) is tried only
+# while such deltas pay: reading a base decompresses its whole frame (4 MiB for a 2 KiB
+# file), which on a tree of unrelated same-named files (node_modules' index.js, a
+# first snapshot of random files) cost 27 s of a 100k-file snapshot's 28 s of CPU and
+# saved nothing. The share of near deltas kept is a moving average (each attempt
+# weighs NEAR_WEIGHT, and one kept lifts it to twice NEAR_MIN_RATE at least); below
+# NEAR_MIN_RATE only one file in NEAR_RETRY tries one, so the writer notices when they
+# start to pay again.
+NEAR_WEIGHT = 0.1
+NEAR_MIN_RATE = 0.25
+NEAR_RETRY = 256
 # ... or this many new chunks: what a commit has yet to index is held in memory (an id
 # and a location each, about 300 bytes), and a tree of a million tiny files is a
 # million chunks of 150 MB
@@ -238,7 +249,8 @@ class _File:
         self.ids: list[bytes] = []  # every chunk of the file, in order
         self.group: list[tuple[bytes, bytes]] = []  # new chunks held for a delta
         self.group_bytes = 0
-        self.base: tuple[list[bytes], bytes] | None | bool = None  # None: not looked up
+        # (base ids, base bytes, whether it is the path's own); None: not looked up
+        self.base: tuple[list[bytes], bytes, bool] | None | bool = None
         self.new = False  # a chunk of it was new
         self.partial = False  # a commit came in the middle of it
 
@@ -268,6 +280,8 @@ class ChunkWriter:
         self.new_bytes = 0
         self._file: _File | None = None
         self._path_candidates: list[tuple[bytes, list[bytes]]] = []
+        self._near_rate = 1.0  # the moving share of near deltas kept (NEAR_WEIGHT)
+        self._near_skipped = 0
         self._begin_read()
 
     def _begin_read(self) -> None:
@@ -296,19 +310,37 @@ class ChunkWriter:
 
     def _flush_group(self, f: _File) -> None:
         if f.group:
-            ids, base = f.base
+            ids, base, own = f.base
             group, f.group, f.group_bytes = f.group, [], 0
-            self.pack.add_delta(group, ids, base)
+            self.pack.add_delta(group, ids, base,
+                                on_result=None if own else self._near_result)
+
+    def _near_result(self, kept: bool) -> None:
+        self._near_rate += NEAR_WEIGHT * (kept - self._near_rate)
+        if kept:  # one that pays opens the way again at once (7 failures close it)
+            self._near_rate = max(self._near_rate, 2 * NEAR_MIN_RATE)
+
+    def _near_worth(self) -> bool:
+        """Whether to try a near base (not the path's own) for this file."""
+        if self._near_rate >= NEAR_MIN_RATE:
+            return True
+        self.pack.poll()  # the outcome of deltas tried meanwhile
+        if self._near_rate >= NEAR_MIN_RATE:
+            return True
+        self._near_skipped += 1
+        return self._near_skipped % NEAR_RETRY == 0
 
     def _base_of(self, f: _File) -> bool:
         """Look up (once per file) the base for the file's new chunks: the last version
-        at its path, else (among the first few of the same name nearby) one whose size
-        is within 4x of the file's."""
+        at its path, else (among the first few of the same name nearby, while such
+        deltas pay) one whose size is within 4x of the file's."""
         if f.base is None:
             f.base = False
             if self._no_paths:
                 return False
             for ids, own in itertools.islice(self._tables.paths.near(f.key), NEAR_TRIES):
+                if not own and not self._near_worth():
+                    break  # the path's own comes first: the rest are near ones
                 locs = [self._tables.chunks.get(cid) for cid in ids]
                 if not all(loc is not None and not loc.delta for loc in locs):
                     continue
@@ -316,7 +348,7 @@ class ChunkWriter:
                 if total > DELTA_MAX or not (own or f.size <= 4 * total <= 16 * f.size):
                     continue
                 try:
-                    f.base = (ids, self.store.read_base(ids))
+                    f.base = (ids, self.store.read_base(ids), own)
                 except CorruptData:
                     pass  # a damaged base: store the file without a delta
                 break

@@ -552,10 +552,12 @@ class PackWriter:
         self.level = level
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pylayers-zstd")
         # (frame being encoded, its table, for a delta: its chunks, stored in plain
-        # frames instead when the delta is not worth it; else the frame's buffer)
+        # frames instead when the delta is not worth it; else the frame's buffer; for a
+        # delta, who to tell whether it was kept)
         self._pending: deque[tuple[Future, list[tuple[bytes, int]],
                                    list[tuple[bytes, bytes]] | None,
-                                   bytearray | None]] = deque()
+                                   bytearray | None,
+                                   Callable[[bool], None] | None]] = deque()
         self.delta_frames = 0  # delta frames written
         self.delta_declined = 0  # delta attempts stored plain instead
         # The open frame: its chunks' bytes, copied into a buffer as they are added (no
@@ -603,16 +605,26 @@ class PackWriter:
         self._table.append((cid, end - start))
 
     def add_delta(self, chunks: list[tuple[bytes, bytes]], base_ids: list[bytes],
-                  base: bytes, force: bool = False) -> None:
+                  base: bytes, force: bool = False,
+                  on_result: Callable[[bool], None] | None = None) -> None:
         """Store `chunks` (one file's new chunks) as one delta frame against `base`
         (the bytes of the non-delta chunks `base_ids`), or, when that is not worth it
-        (see `encode_delta_frame`; never with `force`), in plain frames."""
+        (see `encode_delta_frame`; never with `force`), in plain frames. `on_result`
+        is told which, once the frame is written (a few frames later)."""
         chunks = [(cid, bytes(data)) for cid, data in chunks]
         table = [(cid, len(data)) for cid, data in chunks]
         fut = self._pool.submit(encode_delta_frame, chunks, base_ids, base, self.level, force)
-        self._pending.append((fut, table, chunks, None))
+        self._pending.append((fut, table, chunks, None, on_result))
         try:
             while len(self._pending) > self._max_pending:
+                self._write_one()
+        except OSError as e:
+            raise self._error(e) from None
+
+    def poll(self) -> None:
+        """Write out the frames already encoded, in order, without waiting for any."""
+        try:
+            while self._pending and self._pending[0][0].done():
                 self._write_one()
         except OSError as e:
             raise self._error(e) from None
@@ -623,7 +635,7 @@ class PackWriter:
         buf, fill, table = self._buf, self._fill, self._table
         self._buf, self._fill, self._table = None, 0, []
         fut = self._pool.submit(_encode_buffer, buf, fill, table, self.level)
-        self._pending.append((fut, table, None, buf))
+        self._pending.append((fut, table, None, buf, None))
         while len(self._pending) > self._max_pending:
             self._write_one()
 
@@ -645,8 +657,10 @@ class PackWriter:
             job.result()
 
     def _write_one(self) -> None:
-        fut, table, delta_chunks, buf = self._pending.popleft()
+        fut, table, delta_chunks, buf, on_result = self._pending.popleft()
         frame = fut.result()
+        if on_result is not None:
+            on_result(frame is not None)
         if buf is not None and len(self._spare) < self._max_pending:
             self._spare.append(buf)  # the worker is done with it
         if frame is None:  # a delta not worth it: the chunks go into plain frames
@@ -710,7 +724,7 @@ class PackWriter:
                 self._kept[loc.pack] = end
 
     def close(self) -> None:
-        for fut, _, _, _ in self._pending:
+        for fut, *_ in self._pending:
             fut.cancel()
         self._pending.clear()
         self._pool.shutdown(wait=True)
