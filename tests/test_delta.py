@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from pylayers.layers.repo import Layers
 from pylayers.store import Store
 from pylayers.store import ingest as ingest_mod
+from pylayers.store import packs as packs_mod
 from pylayers.store.ingest import path_key
 from pylayers.store.packs import CODEC_DELTA, FRAME_HEADER, TABLE_ENTRY, iter_frames
 
@@ -593,3 +594,37 @@ def test_near_bases_are_tried_only_while_they_pay(tmp_path: Path) -> None:
                 _put_file(w, f"a{2000 + i}/lib.js", text + b"# again %d\n" % i)
             w.commit()
             assert w.pack.delta_frames == kept + 500, w.pack.delta_declined
+
+
+def test_a_sparse_edit_reads_few_base_frames(tmp_path: Path, monkeypatch) -> None:
+    """Reading a base decompresses its whole frame: a file's delta may spend at most
+    BASE_READ_RATIO times its size on frames the reader does not hold. An edit of one
+    file a frame stores most of them whole (it would decompress every frame for a few
+    hundred bytes each); an edit of every file (a rebuild) reads each frame once and
+    stores every file as a delta. Frames here are 256 KiB, not 4 MiB."""
+    monkeypatch.setattr(packs_mod, "FRAME_TARGET", 256 << 10)
+    monkeypatch.setattr(ingest_mod, "FRAME_TARGET", 256 << 10)
+    src = tmp_path / "src"
+    names = [f"m{i:03}/mod.py" for i in range(400)]
+    for i, rel in enumerate(names):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(module_source(4000, i))
+    with Store.open(tmp_path / "store") as store:
+        layers = Layers(store)
+        first = layers.snapshot(src).layer_id
+        before = len(delta_frames(tmp_path / "store"))
+        for rel in names[::64]:  # 7 files, one in each of 7 frames
+            with open(src / rel, "ab") as f:
+                f.write(b"# sparse edit\n")
+        sparse = layers.snapshot(src, parent=first).layer_id
+        made = len(delta_frames(tmp_path / "store")) - before
+        # the first frame is free, then each file pays a quarter of one
+        assert 1 <= made <= 3, made
+        for rel in names:
+            with open(src / rel, "ab") as f:
+                f.write(b"# dense edit\n")
+        dense = layers.snapshot(src, parent=sparse).layer_id
+        assert len(delta_frames(tmp_path / "store")) - before - made == len(names)
+        tree = {e.path: e for e in layers.tree(dense)}
+        for rel in names[::50]:
+            assert layers.read_file(tree[rel.encode()]) == (src / rel).read_bytes()

@@ -457,6 +457,11 @@ class PackReader:
                         os.close(old)
                     self._retired.clear()
 
+    def holds(self, loc: Location) -> bool:
+        """Whether the frame at `loc` is decompressed in the cache (reading it is free)."""
+        with self._lock:
+            return (loc.pack, loc.offset) in self._frames
+
     def frame_raw(self, loc: Location, delta_ok: bool = True,
                   base_reader: Callable[[list[bytes]], bytes] | None = None) -> bytes:
         """The frame's raw bytes. `delta_ok` False: a delta frame is an error (reading
