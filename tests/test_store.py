@@ -170,9 +170,10 @@ def test_pack_writer_frames_and_iter_frames(tmp_path: Path) -> None:
 
 def test_pack_writer_copies_chunks_as_they_are_added(tmp_path: Path) -> None:
     """Chunks given as views of a buffer the caller then reuses (a file's read buffer)
-    are stored as they were when added, across frames whose buffers the writer reuses,
-    and a chunk that overflows a frame's buffer (a store of large chunks) grows it; the
-    frames are the ones `encode_frame` makes of the same chunks."""
+    are stored as they were when added, across frames whose buffers the writer reuses
+    (compressed frames, and raw ones written from the buffer itself), and a chunk that
+    overflows a frame's buffer (a store of large chunks) grows it; the frames are the
+    ones `encode_frame` makes of the same chunks."""
     src = bytearray(text_bytes(3 * packs.FRAME_TARGET, seed=5))
     big = text_bytes(packs.FRAME_BUFFER - packs.FRAME_TARGET + 100_000, seed=9)
     step = 200_000
@@ -189,7 +190,8 @@ def test_pack_writer_copies_chunks_as_they_are_added(tmp_path: Path) -> None:
                 if len(expected) == 20:  # near a frame's end: past its buffer
                     w.add(cid(big), memoryview(big))
                     expected.append(big)
-            src[:] = text_bytes(len(src), seed=6)
+            src[:] = os.urandom(len(src))  # incompressible: raw frames, whose payload
+            # the writer writes from its buffer
         written = w.flush()
         w.keep(written)
     finally:
@@ -197,6 +199,7 @@ def test_pack_writer_copies_chunks_as_they_are_added(tmp_path: Path) -> None:
     (pack,) = tmp_path.glob("*/*.pack")
     frames = list(iter_frames(pack))
     assert len(frames) >= 6
+    assert {fr.codec for fr in frames} == {CODEC_RAW, CODEC_ZSTD}
     got = []
     for fr in frames:
         raw, start = fr.raw(), 0

@@ -133,16 +133,22 @@ def incompressible(raw: bytes) -> bool:
                for i in range(TRIAL_SAMPLES))
 
 
-def _assemble(codec: int, table: list[tuple[bytes, int]], raw_len: int, payload,
-              base_ids: list[bytes] = ()) -> bytes:
-    """A frame's bytes: header, table of (chunk id, length), base ids, payload (any
-    buffer)."""
+def _frame_parts(codec: int, table: list[tuple[bytes, int]], raw_len: int, payload,
+                 base_ids: list[bytes] = ()) -> tuple[bytes, object]:
+    """A frame as two parts, written one after the other: its header, table of (chunk
+    id, length) and base ids; and its payload (any buffer)."""
     entries = b"".join(TABLE_ENTRY.pack(cid, length) for cid, length in table)
     bases = b"".join(base_ids)
     head = FRAME_HEADER.pack(FRAME_MAGIC, codec, len(base_ids), len(table), raw_len,
                              len(payload), 0)
     crc = zlib.crc32(head[:-4] + entries + bases)
-    return b"".join((head[:-4], struct.pack("<I", crc), entries, bases, payload))
+    return b"".join((head[:-4], struct.pack("<I", crc), entries, bases)), payload
+
+
+def _assemble(codec: int, table: list[tuple[bytes, int]], raw_len: int, payload,
+              base_ids: list[bytes] = ()) -> bytes:
+    """A frame's bytes (`_frame_parts`, joined)."""
+    return b"".join(_frame_parts(codec, table, raw_len, payload, base_ids))
 
 
 def encode_frame(chunks: list[tuple[bytes, bytes]], level: int) -> bytes:
@@ -153,26 +159,31 @@ def encode_frame(chunks: list[tuple[bytes, bytes]], level: int) -> bytes:
 
 def encode_raw_frame(raw, table: list[tuple[bytes, int]], level: int) -> bytes:
     """One frame of the chunks `table` lists, whose bytes, concatenated, are `raw` (any
-    buffer: a writer's reused frame buffer): header, table of (id, length), payload
-    (zstd, or raw if that is smaller or a fast trial finds nothing to compress);
-    verified (`verify_frame`) before it is returned to be written."""
+    buffer): header, table of (id, length), payload (zstd, or raw if that is smaller or
+    a fast trial finds nothing to compress); verified (`verify_frame`) before it is
+    returned to be written."""
+    return b"".join(_encode_parts(raw, table, level))
+
+
+def _encode_parts(raw, table: list[tuple[bytes, int]], level: int) -> tuple[bytes, object]:
+    """`encode_raw_frame` as `_frame_parts`: a raw frame's payload is `raw` itself, not
+    a copy."""
     raw_len = len(raw)
     codec, payload = CODEC_RAW, raw
     if level > 0 and raw_len and not incompressible(raw):
         packed = _compressor(level).compress(raw)
         if len(packed) < raw_len * (1 - MIN_SAVING):
             codec, payload = CODEC_ZSTD, packed
-    frame = _assemble(codec, table, raw_len, payload)
-    verify_frame(frame, raw)
-    return frame
+    head, payload = _frame_parts(codec, table, raw_len, payload)
+    _verify(head, payload, raw)
+    return head, payload
 
 
-def _encode_buffer(buf: bytearray, n: int, table: list[tuple[bytes, int]],
-                   level: int) -> bytes:
-    """`encode_raw_frame` of `buf[:n]`, without copying it; no view of `buf` outlives
-    the call, so the writer can reuse it."""
-    with memoryview(buf) as whole, whole[:n] as raw:
-        return encode_raw_frame(raw, table, level)
+def _encode_buffer(buf: bytearray, n: int,
+                   table: list[tuple[bytes, int]], level: int) -> tuple[bytes, object]:
+    """`_encode_parts` of `buf[:n]`, without copying it. A raw frame's payload is a view
+    of `buf`: the writer reuses `buf` only once the frame is written."""
+    return _encode_parts(memoryview(buf)[:n], table, level)
 
 
 # Deltas (docs/format.md, "Delta frames"): a file's new chunks compressed with its
@@ -237,17 +248,34 @@ def verify_frame(frame: bytes, raw, base: bytes | None = None) -> None:
     """Parse and decompress a frame just encoded, and compare it with the bytes it must
     hold (`raw`, any buffer; restic's verifyCiphertext): a compressor or memory fault
     must be caught while the source is still at hand, not by a later read or fsck.
-    StoreError if not. A zstd frame is decompressed into this thread's reused buffer
-    (a new 4 MiB buffer a frame cost a page fault per 4 KiB)."""
+    StoreError if not."""
+    _verify(frame, None, raw, base)
+
+
+def _verify(head: bytes, payload, raw, base: bytes | None = None) -> None:
+    """`verify_frame` of the frame `head` + `payload` (`_frame_parts`), or of `head`
+    alone when `payload` is None. A zstd frame is decompressed into this thread's
+    reused buffer (a new 4 MiB buffer a frame cost a page fault per 4 KiB)."""
+    where = "a frame just encoded"
     try:
-        frame_ = decode_frame(frame, 0, "a frame just encoded")
-        if frame_.codec == CODEC_ZSTD:
-            got = _decompress_into(frame_, _scratch(frame_.raw_len))
+        if payload is None:
+            frame = decode_frame(head, 0, where)
         else:
-            got = frame_.raw(base)
+            frame, start = _decode_head(head, 0, where, len(head) + len(payload))
+            if start != len(head) or frame.length != start + len(payload):
+                raise CorruptData(f"{where}: its payload does not follow its table")
+            frame.payload = payload
+        if frame.codec == CODEC_ZSTD:
+            got = _decompress_into(frame, _scratch(frame.raw_len))
+        elif frame.codec == CODEC_RAW and frame.payload is raw:
+            got = raw  # the frame's payload is the very buffer: nothing to compare
+        else:
+            got = frame.raw(base)
     except CorruptData as e:
         raise StoreError(f"a frame just encoded does not decode ({e}); "
                          "nothing was stored") from None
+    if got is raw:
+        return
     # startswith: a memcmp (comparing two memoryviews goes byte by byte, 15x slower);
     # a view from _decompress_into starts at its buffer's start
     whole = got.obj if isinstance(got, memoryview) else got
@@ -324,6 +352,15 @@ class Frame:
 
 def decode_frame(buf: bytes, offset: int, where: str) -> Frame:
     """Parse the frame starting at buf[0] (which is at `offset` in its pack)."""
+    frame, start = _decode_head(buf, offset, where, len(buf))
+    frame.payload = bytes(buf[start : frame.length])
+    return frame
+
+
+def _decode_head(buf: bytes, offset: int, where: str, size: int) -> tuple[Frame, int]:
+    """Parse the header, table and base of the frame starting at buf[0], whose bytes
+    from there on are `size` long (`buf` may end after the base): the frame, its
+    payload left empty, and where its payload starts."""
     if len(buf) < FRAME_HEADER.size:
         raise CorruptData(f"{where}: truncated frame header at offset {offset}")
     magic, codec, nbase, n, raw_len, stored_len, crc = FRAME_HEADER.unpack_from(buf)
@@ -331,7 +368,7 @@ def decode_frame(buf: bytes, offset: int, where: str) -> Frame:
         raise CorruptData(f"{where}: no frame at offset {offset}")
     tend = FRAME_HEADER.size + n * TABLE_ENTRY.size
     bend = tend + nbase * BASE_ENTRY
-    if len(buf) < bend + stored_len:
+    if len(buf) < bend or size < bend + stored_len:
         raise CorruptData(f"{where}: truncated frame at offset {offset}")
     if zlib.crc32(buf[: FRAME_HEADER.size - 4] + buf[FRAME_HEADER.size : bend]) != crc:
         raise CorruptData(f"{where}: frame header checksum mismatch at offset {offset}")
@@ -344,8 +381,7 @@ def decode_frame(buf: bytes, offset: int, where: str) -> Frame:
         raise CorruptData(f"{where}: frame table disagrees with its length at offset {offset}")
     base = [bytes(buf[tend + i * BASE_ENTRY : tend + (i + 1) * BASE_ENTRY])
             for i in range(nbase)]
-    payload = bytes(buf[bend : bend + stored_len])
-    return Frame(offset, bend + stored_len, codec, raw_len, table, payload, base)
+    return Frame(offset, bend + stored_len, codec, raw_len, table, b"", base), bend
 
 
 def frame_raw_len(f, offset: int) -> int | None:
@@ -605,7 +641,12 @@ class PackWriter:
             buf = self._buf = self._spare.pop() if self._spare else bytearray(FRAME_BUFFER)
         start = self._fill
         end = start + len(data)
-        buf[start:end] = data  # grows the buffer if it must (a frame past FRAME_BUFFER)
+        if end > len(buf):  # a frame past FRAME_BUFFER: a larger buffer, never resized
+            # in place (a view of it may outlive its frame's write)
+            buf = bytearray(max(end, 2 * len(buf)))
+            buf[:start] = memoryview(self._buf)[:start]
+            self._buf = buf
+        buf[start:end] = data
         self._fill = end
         self._table.append((cid, end - start))
 
@@ -663,11 +704,12 @@ class PackWriter:
 
     def _write_one(self) -> None:
         fut, table, delta_chunks, buf, on_result = self._pending.popleft()
+        # a delta frame's bytes, or a plain frame's two parts (a raw payload is a view
+        # of `buf`, reused once it is written)
         frame = fut.result()
+        del fut
         if on_result is not None:
             on_result(frame is not None)
-        if buf is not None and len(self._spare) < self._max_pending:
-            self._spare.append(buf)  # the worker is done with it
         if frame is None:  # a delta not worth it: the chunks go into plain frames
             self.delta_declined += 1
             for cid, data in delta_chunks:
@@ -677,18 +719,23 @@ class PackWriter:
         self.delta_frames += delta
         if self._file is None:
             self._open_pack()
-        self._file.write(frame)
+        parts = (frame,) if delta else frame
+        for part in parts:
+            self._file.write(part)
+        frame_len = sum(len(part) for part in parts)
+        del frame, parts
+        if buf is not None and len(self._spare) < self._max_pending:
+            self._spare.append(buf)
         start = 0
-        header_len = FRAME_HEADER.size + len(table) * TABLE_ENTRY.size
-        assert len(frame) >= header_len
+        assert frame_len >= FRAME_HEADER.size + len(table) * TABLE_ENTRY.size
         for cid, length in table:
             self._written.append(
-                (cid, Location(self._pack, self._offset, len(frame), start, length, delta))
+                (cid, Location(self._pack, self._offset, frame_len, start, length, delta))
             )
             start += length
-        self._offset += len(frame)
-        self.bytes_written += len(frame)
-        self._unsynced += len(frame)
+        self._offset += frame_len
+        self.bytes_written += frame_len
+        self._unsynced += frame_len
         if self._unsynced >= SYNC_EVERY and (self._sync_job is None or self._sync_job.done()):
             self._wait_sync()
             self._file.flush()
