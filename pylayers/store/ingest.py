@@ -298,12 +298,15 @@ class ChunkWriter:
 
     def _begin_read(self) -> None:
         self._txn, self._tables = self.store._index.begin()
-        # no base to look for while the table is empty (a first snapshot into a new
-        # store): no lookups a file
+        # nothing to look up in an empty table (a first snapshot into a new store): no
+        # base to look for a file, no index lookup a chunk
         self._no_paths = self._tables.paths.count() == 0
+        self._index_has = None if self._tables.chunks.count() == 0 else self._tables.chunks.has
 
     def has(self, cid: bytes) -> bool:
-        return cid in self._pending or self._tables.chunks.has(cid)
+        if cid in self._pending:
+            return True
+        return self._index_has is not None and self._index_has(cid)
 
     def file_hint(self, path: bytes | None, size: int = 0) -> None:
         """The chunks `put` from now until the next call are the content of the file
