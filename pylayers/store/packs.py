@@ -202,6 +202,7 @@ DELTA_HASH_LOG = 22
 # 0.9 and 1.0, and the 5 between 0.75 and 0.9 were large shared libraries that a delta
 # still made 20% smaller (0.56 MB of 2.9).
 DELTA_KEEP = 0.9
+DELTA_EARLY = 16
 
 
 def _delta_params(level: int, base_len: int, raw_len: int):
@@ -230,13 +231,20 @@ def encode_delta_frame(chunks: list[tuple[bytes, bytes]], base_ids: list[bytes],
     import zstandard
 
     raw = b"".join(data for _, data in chunks)
-    cctx = zstandard.ZstdCompressor(dict_data=_raw_dict(base),
-                                    compression_params=_delta_params(level, len(base),
-                                                                     len(raw)))
+    # The base does most of the work: at the default levels a delta is compressed at
+    # level 1 (loading the base into the match finder is the cost). On the pip env's
+    # first upgrade (746 deltas, 35.7 MB against 47.4 MB of bases): 0.35 s of CPU
+    # instead of 0.58 s, payloads 3.19 MB instead of 3.08 MB.
+    cctx = zstandard.ZstdCompressor(
+        dict_data=_raw_dict(base),
+        compression_params=_delta_params(1 if level <= 3 else level, len(base), len(raw)))
     payload = cctx.compress(raw)
-    if not force:
+    cost = len(payload) + BASE_ENTRY * len(base_ids)
+    # a delta of at most 1/16 of its bytes is kept without compressing them alone to
+    # compare: only data that compresses 16x alone could beat it, by a few bytes
+    if not force and cost * DELTA_EARLY > len(raw):
         alone = len(_compressor(max(level, 1)).compress(raw))
-        if len(payload) + BASE_ENTRY * len(base_ids) > DELTA_KEEP * min(alone, len(raw)):
+        if cost > DELTA_KEEP * min(alone, len(raw)):
             return None
     frame = _assemble(CODEC_DELTA, [(cid, len(data)) for cid, data in chunks], len(raw),
                       payload, base_ids)
