@@ -122,7 +122,10 @@ class Store:
         if path.exists() and not path.is_dir():
             raise StoreError(f"{path} is not a directory")
         if not cfg_path.exists():
-            if path.is_dir() and not cls._empty_or_initialising(path):
+            # (config.json may appear meanwhile: another process creating the store
+            # writes it last, and a third may already be storing packs in it)
+            if path.is_dir() and not cls._empty_or_initialising(path) \
+                    and not cfg_path.exists():
                 raise StoreError(f"{path} is not a pylayers store (no {CONFIG_FILE})")
             if not create:
                 raise StoreError(f"no store at {path} (run `pylayers init`)")
@@ -170,6 +173,8 @@ class Store:
         if (path / CONFIG_FILE).exists():
             raise AlreadyExists(f"a store exists at {path}")
         if path.is_dir() and not cls._empty_or_initialising(path):
+            if (path / CONFIG_FILE).exists():  # made meanwhile (see `open`)
+                raise AlreadyExists(f"a store exists at {path}")
             raise StoreError(f"{path} is not a pylayers store (no {CONFIG_FILE})")
         if not cls._init(path, config or StoreConfig()):
             raise AlreadyExists(f"a store exists at {path}")
