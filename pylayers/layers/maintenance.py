@@ -13,7 +13,7 @@ from ..store.check import verify_chunks
 from ..store.repository import Store
 from . import fingerprint
 from .manifest import REG, decode_manifest
-from .repo import LAYER_REF, LayerRecord
+from .repo import LAYER_REF, LayerRecord, read_manifest
 from .tree import tree_problems
 
 
@@ -21,10 +21,10 @@ def live_chunks(store: Store, extra_roots: set[bytes] | None = None) -> set[byte
     """Every chunk a layer needs: its manifest's chunks and its files' chunks."""
     live: set[bytes] = set(extra_roots or ())
     with store.read() as t:
-        records = [LayerRecord.decode(raw) for _lid, raw in t.layers.items()]
-    for rec in records:
+        records = [(bytes(lid), LayerRecord.decode(raw)) for lid, raw in t.layers.items()]
+    for lid, rec in records:
         live.update(cid for cid, _ in rec.manifest)
-        data = b"".join(store.read_chunk(cid) for cid, _ in rec.manifest)
+        data = read_manifest(store, lid, rec.manifest)
         for e in decode_manifest(data)[1]:
             if e.kind == REG:
                 c = e.chunks
@@ -85,7 +85,7 @@ def fsck(store: Store) -> FsckReport:
                                       "missing or damaged")
                 continue
             try:
-                data = b"".join(store.read_chunk(cid) for cid, _ in rec.manifest)
+                data = read_manifest(store, lid, rec.manifest)
                 if blake3.blake3(data).digest() != lid:
                     raise CorruptData("manifest does not match the layer id")
                 parent, entries = decode_manifest(data)

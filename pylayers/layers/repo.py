@@ -109,6 +109,23 @@ class LayerRecord:
             raise CorruptData(f"layer record is malformed: {e}") from None
 
 
+def read_manifest(store: Store, layer_id: bytes, manifest: list[tuple[bytes, int]]
+                  ) -> bytearray:
+    """A layer's manifest bytes, its chunks (`LayerRecord.manifest`) read into one
+    buffer: a join would hold the list of chunks and their concatenation at once
+    (twice a 1M-entry manifest's 200 MB)."""
+    data = bytearray(sum(n for _, n in manifest))
+    at = 0
+    for cid, n in manifest:
+        chunk = store.read_chunk(cid)
+        if len(chunk) != n:
+            raise CorruptData(f"manifest of layer {layer_id.hex()}: chunk {cid.hex()} is "
+                              f"{len(chunk)} bytes, its record says {n}")
+        data[at : at + n] = chunk
+        at += n
+    return data
+
+
 @dataclass
 class SnapshotResult:
     layer_id: bytes
@@ -192,24 +209,10 @@ class Layers:
         return refs.resolve_in(t, ref, lambda lid: self.record_in(t, lid).parent)
 
     # -- reading -------------------------------------------------------------------
-    def manifest_bytes(self, layer_id: bytes) -> bytes:
-        rec = self.record(layer_id)
-        return b"".join(self.store.read_chunk(cid) for cid, _ in rec.manifest)
-
     def entries(self, layer_id: bytes) -> list[Entry]:
         """The layer's own entries (a diff against its parent)."""
         rec = self.record(layer_id)
-        # into one buffer as the chunks are read: a join would hold the list of chunks
-        # and their concatenation at once (twice a 1M-entry manifest's 200 MB)
-        data = bytearray(sum(n for _, n in rec.manifest))
-        at = 0
-        for cid, n in rec.manifest:
-            chunk = self.store.read_chunk(cid)
-            if len(chunk) != n:
-                raise CorruptData(f"manifest of layer {layer_id.hex()}: chunk {cid.hex()} "
-                                  f"is {len(chunk)} bytes, its record says {n}")
-            data[at : at + n] = chunk
-            at += n
+        data = read_manifest(self.store, layer_id, rec.manifest)
         if blake3.blake3(data).digest() != layer_id:
             raise CorruptData(f"manifest of layer {layer_id.hex()} does not match its id")
         parent, own = decode_manifest(data)
