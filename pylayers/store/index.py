@@ -12,7 +12,6 @@ lock keeps writers from reusing pages under such a reader (docs/format.md, "Lock
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 from pathlib import Path
 
@@ -214,6 +213,8 @@ class Index:
         tmp = self.store_path / COMPACT_DIR
         if not _sole_user(index):
             return 0
+        import shutil
+
         shutil.rmtree(tmp, ignore_errors=True)
         psize, total, used = self.pages()
         if (total - used) * psize < min_free:

@@ -15,7 +15,6 @@ import os
 import re
 import struct
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,6 +25,8 @@ from ..errors import CorruptData, StoreError
 from .packs import DELTA_MAX, DELTA_MIN, FRAME_TARGET, Location, PackWriter
 
 if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
     from .repository import Store
     from .tables import Tables
 
@@ -180,6 +181,8 @@ class ContentReader:
         whole file and another hashes block k-1's chunks (blake3 and the C scan release
         the GIL); chunks reach the sink in order, from this thread."""
         if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
             self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pylayers-hash")
         pool = self._pool
         chunker = Chunker.from_params(self.params)

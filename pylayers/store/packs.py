@@ -16,13 +16,15 @@ import threading
 import zlib
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..errors import CorruptData, StoreError
 from .fsutil import fsync_dir
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 PACK_MAGIC = b"PLYRPACK"
 PACK_VERSION = 1
@@ -599,7 +601,10 @@ class PackWriter:
     def __init__(self, root: Path, level: int, threads: int = 2) -> None:
         self.root = root
         self.level = level
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pylayers-zstd")
+        self._threads = threads
+        # made at the first frame: a writer that stores nothing (an unchanged tree's
+        # empty layer) does not import concurrent.futures (3 ms of its start-up)
+        self._pool_: ThreadPoolExecutor | None = None
         # (frame being encoded, its table, for a delta: its chunks, stored in plain
         # frames instead when the delta is not worth it; else the frame's buffer; for a
         # delta, who to tell whether it was kept)
@@ -623,12 +628,30 @@ class PackWriter:
         self._written: list[tuple[bytes, Location]] = []
         self.bytes_written = 0
         self._max_pending = threads * 2
-        self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pylayers-sync")
+        self._syncer_: ThreadPoolExecutor | None = None
         self._sync_job: Future | None = None
         self._unsynced = 0
         self._dirty_dirs: set[Path] = set()
         self._created: list[str] = []  # packs this writer created, in order
         self._kept: dict[str, int] = {}  # pack -> end of the data the index points at
+
+    @property
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._pool_ is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool_ = ThreadPoolExecutor(max_workers=self._threads,
+                                             thread_name_prefix="pylayers-zstd")
+        return self._pool_
+
+    @property
+    def _syncer(self) -> ThreadPoolExecutor:
+        if self._syncer_ is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._syncer_ = ThreadPoolExecutor(max_workers=1,
+                                               thread_name_prefix="pylayers-sync")
+        return self._syncer_
 
     def _error(self, e: OSError) -> StoreError:
         what = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
@@ -787,9 +810,11 @@ class PackWriter:
         for fut, *_ in self._pending:
             fut.cancel()
         self._pending.clear()
-        self._pool.shutdown(wait=True)
+        if self._pool_ is not None:
+            self._pool_.shutdown(wait=True)
         self._buf, self._fill, self._table, self._spare = None, 0, [], []
-        self._syncer.shutdown(wait=True)
+        if self._syncer_ is not None:
+            self._syncer_.shutdown(wait=True)
         self._sync_job = None
         if self._file is not None:
             f, self._file = self._file, None
