@@ -628,3 +628,39 @@ def test_a_sparse_edit_reads_few_base_frames(tmp_path: Path, monkeypatch) -> Non
         tree = {e.path: e for e in layers.tree(dense)}
         for rel in names[::50]:
             assert layers.read_file(tree[rel.encode()]) == (src / rel).read_bytes()
+
+
+def test_a_writer_queues_deltas_by_bytes(tmp_path: Path) -> None:
+    """Deltas are encoded on worker threads, their bases read there too. Small ones
+    queue up behind a large one instead of stopping the caller, but what the queue
+    holds stays bounded (the frame buffers of before, or one job however large), and
+    every frame comes out in order, each delta decoding against its base."""
+    with Store.open(tmp_path / "store") as store:
+        w = packs_mod.PackWriter(store.packs_root, level=3)
+        base = module_source(200_000, 1)
+        reads: list[int] = []
+
+        def read_base() -> bytes:
+            reads.append(1)
+            return base
+
+        expect: dict[bytes, bytes] = {}
+        sizes = [3000] * 150 + [8 << 20] + [3000] * 150
+        for i, n in enumerate(sizes):
+            data = (module_source(n, 1)[:-40] + b"# edit %d\n" % i).ljust(n, b"x")
+            cid = blake3.blake3(data).digest()
+            expect[cid] = data
+            w.add_delta([(cid, data)], [b"b" * 32], read_base, force=True,
+                        base_len=len(base))
+            assert len(w._pending) <= packs_mod.PENDING_MAX
+            assert len(w._pending) == 1 or w._pending_bytes <= w._max_pending_bytes
+        written = w.flush()
+        w.keep(written)  # else close() removes what no index points at
+        w.close()
+    assert len(reads) == len(sizes)  # each base read once, by a worker
+    assert [cid for cid, _ in written] == list(expect)
+    assert w.delta_frames == len(sizes)
+    frames = [f for p in sorted((tmp_path / "store").rglob("*.pack")) for f in iter_frames(p)]
+    assert all(f.codec == CODEC_DELTA for f in frames)
+    got = b"".join(f.raw(base) for f in frames)
+    assert got == b"".join(expect.values())

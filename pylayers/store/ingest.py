@@ -14,6 +14,7 @@ import itertools
 import os
 import re
 import struct
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING
 import blake3
 
 from ..chunking import Chunker, ChunkerParams, cut_points
-from ..errors import CorruptData, StoreError
+from ..errors import StoreError
 from .packs import DELTA_MAX, DELTA_MIN, FRAME_TARGET, Location, PackWriter
 
 if TYPE_CHECKING:
@@ -262,8 +263,8 @@ class _File:
         self.ids: list[bytes] = []  # every chunk of the file, in order
         self.group: list[tuple[bytes, bytes]] = []  # new chunks held for a delta
         self.group_bytes = 0
-        # (base ids, base bytes, whether it is the path's own); None: not looked up
-        self.base: tuple[list[bytes], bytes, bool] | None | bool = None
+        # (base ids, base length, whether it is the path's own); None: not looked up
+        self.base: tuple[list[bytes], int, bool] | None | bool = None
         self.new = False  # a chunk of it was new
         self.partial = False  # a commit came in the middle of it
 
@@ -294,7 +295,10 @@ class ChunkWriter:
         self._file: _File | None = None
         self._path_candidates: list[tuple[bytes, list[bytes]]] = []
         self._near_rate = 1.0  # the moving share of near deltas kept (NEAR_WEIGHT)
+        self._near_pending = 0  # near deltas whose outcome is not in yet
         self._base_budget = FRAME_TARGET  # bytes of frames base reads may decompress
+        # the frames of the bases last paid for, as many as the reader keeps
+        self._charged: OrderedDict[tuple[str, int], None] = OrderedDict()
         self.bases_skipped = 0  # files stored whole: their base's frames cost too much
         self._near_skipped = 0
         self._begin_read()
@@ -328,21 +332,38 @@ class ChunkWriter:
 
     def _flush_group(self, f: _File) -> None:
         if f.group:
-            ids, base, own = f.base
+            ids, base_len, own = f.base
             group, f.group, f.group_bytes = f.group, [], 0
-            self.pack.add_delta(group, ids, base,
-                                on_result=None if own else self._near_result)
+            # the base is read on the writer's worker thread, beside this one (its
+            # frames' decompression was a sixth of an upgrade's CPU, all on this thread)
+            if not own:
+                self._near_pending += 1
+            self.pack.add_delta(group, ids, functools.partial(self.store.read_base, ids),
+                                on_result=None if own else self._near_result,
+                                base_len=base_len)
 
     def _near_result(self, kept: bool) -> None:
+        self._near_pending -= 1
         self._near_rate += NEAR_WEIGHT * (kept - self._near_rate)
         if kept:  # one that pays opens the way again at once (7 failures close it)
             self._near_rate = max(self._near_rate, 2 * NEAR_MIN_RATE)
 
+    def _near_hopeful(self) -> bool:
+        """Whether near deltas would still be worth trying if every one whose outcome
+        is not in yet failed."""
+        return self._near_rate * (1 - NEAR_WEIGHT) ** self._near_pending >= NEAR_MIN_RATE
+
     def _near_worth(self) -> bool:
-        """Whether to try a near base (not the path's own) for this file."""
-        if self._near_rate >= NEAR_MIN_RATE:
+        """Whether to try a near base (not the path's own) for this file. Deltas are
+        made on worker threads, dozens of files behind: while the attempts not yet
+        decided could bring the share under NEAR_MIN_RATE, wait for their outcomes
+        (a tree of unrelated same-named files then tries about as many as when each
+        outcome came at once)."""
+        if self._near_hopeful():
             return True
         self.pack.poll()  # the outcome of deltas tried meanwhile
+        while self._near_pending and not self._near_hopeful():
+            self.pack.write_oldest()
         if self._near_rate >= NEAR_MIN_RATE:
             return True
         self._near_skipped += 1
@@ -367,17 +388,23 @@ class ChunkWriter:
                 total = sum(loc.length for loc in locs)
                 if total > DELTA_MAX or not (own or f.size <= 4 * total <= 16 * f.size):
                     continue
-                reader = self.store.reader
-                cost = FRAME_TARGET * len({(loc.pack, loc.offset) for loc in locs
-                                           if not reader.holds(loc)})
+                reader, charged = self.store.reader, self._charged
+                frames = {(loc.pack, loc.offset) for loc in locs
+                          if (loc.pack, loc.offset) not in charged and not reader.holds(loc)}
+                cost = FRAME_TARGET * len(frames)
                 if cost > self._base_budget:
                     self.bases_skipped += 1
                     break
                 self._base_budget -= cost
-                try:
-                    f.base = (ids, self.store.read_base(ids), own)
-                except CorruptData:
-                    pass  # a damaged base: store the file without a delta
+                # read on a worker a little later: paid for now (and not again while
+                # the reader can still hold them)
+                for key in frames:
+                    charged[key] = None
+                while len(charged) > reader.cache_frames:
+                    charged.popitem(last=False)
+                # read when the delta is made (a damaged base: no delta, see
+                # PackWriter.add_delta)
+                f.base = (ids, total, own)
                 break
         return f.base is not False
 

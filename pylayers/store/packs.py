@@ -197,13 +197,19 @@ DELTA_MAX = 16 << 20
 # base chunk) and the file's `paths` entry (about 70 bytes of index) cost about what
 # a delta saves on them; and trees of many tiny files keep no index entry per file.
 DELTA_MIN = 512
-DELTA_HASH_LOG = 22
+# 2^20 entries: on the pip env's v4 -> v5 upgrade (2508 deltas, 109 MB of new chunks
+# against 126 MB of bases) 2^22 took 0.60 s of CPU, 2^20 0.38-0.42 s for 0.5% more
+# payload (7.50 MB instead of 7.46), 2^19 0.36-0.39 s for 24% more: a larger table
+# costs cache misses and its clearing per delta, and matches are found without it.
+DELTA_HASH_LOG = 20
 # A delta frame is kept when it is at most this share of the same chunks compressed
 # alone (what it costs besides: each read of it reads its base too). Measured on a
 # patch-release upgrade (docs/format.md, "Delta frames"): no changed file fell between
 # 0.9 and 1.0, and the 5 between 0.75 and 0.9 were large shared libraries that a delta
 # still made 20% smaller (0.56 MB of 2.9).
 DELTA_KEEP = 0.9
+# jobs a writer keeps queued at most (see PackWriter._wait_room)
+PENDING_MAX = 64
 DELTA_EARLY = 16
 
 
@@ -252,6 +258,19 @@ def encode_delta_frame(chunks: list[tuple[bytes, bytes]], base_ids: list[bytes],
                       payload, base_ids)
     verify_frame(frame, raw, base)
     return frame
+
+
+def _delta_job(chunks: list[tuple[bytes, bytes]], base_ids: list[bytes],
+               base: bytes | Callable[[], bytes], level: int, force: bool) -> bytes | None:
+    """`encode_delta_frame` on a worker thread, reading the base first when `base` is
+    a reader: a base that cannot be read (damaged, or a pack read fails) means no
+    delta, as a base found damaged when looked up does."""
+    if callable(base):
+        try:
+            base = base()
+        except (CorruptData, OSError):
+            return None
+    return encode_delta_frame(chunks, base_ids, base, level, force)
 
 
 def verify_frame(frame: bytes, raw, base: bytes | None = None) -> None:
@@ -468,7 +487,7 @@ class PackReader:
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._frames: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._bases: OrderedDict[tuple[bytes, ...], bytes] = OrderedDict()
-        self._cache_frames = cache_frames
+        self.cache_frames = cache_frames
         self._lock = threading.Lock()
         self._active = 0  # threads inside pread
         self._retired: list[int] = []  # descriptors to close when none is
@@ -531,7 +550,7 @@ class PackReader:
         raw = frame.raw(base)
         with self._lock:
             self._frames[key] = raw
-            if len(self._frames) > self._cache_frames:
+            if len(self._frames) > self.cache_frames:
                 self._frames.popitem(last=False)
         return raw
 
@@ -611,7 +630,9 @@ class PackWriter:
         self._pending: deque[tuple[Future, list[tuple[bytes, int]],
                                    list[tuple[bytes, bytes]] | None,
                                    bytearray | None,
-                                   Callable[[bool], None] | None]] = deque()
+                                   Callable[[bool], None] | None, int]] = deque()
+        # bytes held by the pending jobs (a frame's buffer; a delta's chunks and base)
+        self._pending_bytes = 0
         self.delta_frames = 0  # delta frames written
         self.delta_declined = 0  # delta attempts stored plain instead
         # The open frame: its chunks' bytes, copied into a buffer as they are added (no
@@ -628,6 +649,8 @@ class PackWriter:
         self._written: list[tuple[bytes, Location]] = []
         self.bytes_written = 0
         self._max_pending = threads * 2
+        # what `threads * 2` full frames hold (their limit before deltas queued by bytes)
+        self._max_pending_bytes = threads * 2 * FRAME_BUFFER
         self._syncer_: ThreadPoolExecutor | None = None
         self._sync_job: Future | None = None
         self._unsynced = 0
@@ -682,21 +705,44 @@ class PackWriter:
         self._table.append((cid, end - start))
 
     def add_delta(self, chunks: list[tuple[bytes, bytes]], base_ids: list[bytes],
-                  base: bytes, force: bool = False,
-                  on_result: Callable[[bool], None] | None = None) -> None:
+                  base: bytes | Callable[[], bytes], force: bool = False,
+                  on_result: Callable[[bool], None] | None = None,
+                  base_len: int = 0) -> None:
         """Store `chunks` (one file's new chunks) as one delta frame against `base`
         (the bytes of the non-delta chunks `base_ids`), or, when that is not worth it
-        (see `encode_delta_frame`; never with `force`), in plain frames. `on_result`
-        is told which, once the frame is written (a few frames later)."""
+        (see `encode_delta_frame`; never with `force`), in plain frames. `base` may be
+        a function that reads it (`Store.read_base`), then called on a worker thread,
+        beside the caller (`base_len`: its length); when it raises CorruptData or
+        OSError, the chunks go into plain frames. `on_result` is told which, once the
+        frame is written (a few frames later)."""
         chunks = [(cid, bytes(data)) for cid, data in chunks]
         table = [(cid, len(data)) for cid, data in chunks]
-        fut = self._pool.submit(encode_delta_frame, chunks, base_ids, base, self.level, force)
-        self._pending.append((fut, table, chunks, None, on_result))
+        fut = self._pool.submit(_delta_job, chunks, base_ids, base, self.level, force)
+        held = sum(n for _, n in table) + (base_len if callable(base) else len(base))
+        self._pending.append((fut, table, chunks, None, on_result, held))
+        self._pending_bytes += held
         try:
-            while len(self._pending) > self._max_pending:
-                self._write_one()
+            self._wait_room()
         except OSError as e:
             raise self._error(e) from None
+
+    def _wait_room(self) -> None:
+        """Write out frames, in order, while too many jobs or bytes are pending.
+        Bounded by bytes, deltas of small files queue up behind a large one (a few
+        milliseconds each against tens for a 10 MB library) instead of stopping the
+        caller's reads; plain frames, each a full buffer, stay about as few as before."""
+        while len(self._pending) > 1 and (len(self._pending) > PENDING_MAX
+                                          or self._pending_bytes > self._max_pending_bytes):
+            self._write_one()
+
+    def write_oldest(self) -> None:
+        """Write out the oldest pending frame, waiting for it to be encoded (a
+        delta's `on_result` is then told)."""
+        if self._pending:
+            try:
+                self._write_one()
+            except OSError as e:
+                raise self._error(e) from None
 
     def poll(self) -> None:
         """Write out the frames already encoded, in order, without waiting for any."""
@@ -712,9 +758,9 @@ class PackWriter:
         buf, fill, table = self._buf, self._fill, self._table
         self._buf, self._fill, self._table = None, 0, []
         fut = self._pool.submit(_encode_buffer, buf, fill, table, self.level)
-        self._pending.append((fut, table, None, buf, None))
-        while len(self._pending) > self._max_pending:
-            self._write_one()
+        self._pending.append((fut, table, None, buf, None, len(buf)))
+        self._pending_bytes += len(buf)
+        self._wait_room()
 
     def _open_pack(self) -> None:
         self._pack = os.urandom(16).hex()
@@ -734,7 +780,8 @@ class PackWriter:
             job.result()
 
     def _write_one(self) -> None:
-        fut, table, delta_chunks, buf, on_result = self._pending.popleft()
+        fut, table, delta_chunks, buf, on_result, held = self._pending.popleft()
+        self._pending_bytes -= held
         # a delta frame's bytes, or a plain frame's two parts (a raw payload is a view
         # of `buf`, reused once it is written)
         frame = fut.result()
@@ -810,6 +857,7 @@ class PackWriter:
         for fut, *_ in self._pending:
             fut.cancel()
         self._pending.clear()
+        self._pending_bytes = 0
         if self._pool_ is not None:
             self._pool_.shutdown(wait=True)
         self._buf, self._fill, self._table, self._spare = None, 0, [], []
