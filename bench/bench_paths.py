@@ -10,13 +10,16 @@
 - checkout: a tree restored onto tmpfs, against `zstd -dc image.tar.zst | tar -x`
   of a full image of the same tree (zstd -3), and `pylayers checkout --link`;
 - chain (not by default): the same for the last of the six versions of the wheels
-  chain (bench/pyenv_wheels.py), from a store holding all six (deltas included).
+  chain (bench/pyenv_wheels.py), from a store holding all six (deltas included); or,
+  with --chain-trees, of the last of the given version trees, each snapshotted with
+  the one before as its parent.
 
 Each measured command is its own process, the tools alternate, medians are reported
 with their ratio to the baseline (peak RSS by GNU time when installed).
 
     python -m bench.bench_paths [--files 100000] [--tree DIR] [--repeat 5] [--out FILE]
         [--only unchanged,smallfiles,checkout,chain] [--work DIR] [--wheel-cache DIR]
+        [--chain-trees DIR,DIR,...]
 
 --tree: a real directory to use for `unchanged` and `checkout` (default: a generated
 tree of --files files of 1-8 KiB). The work directory defaults to /dev/shm.
@@ -180,6 +183,16 @@ def wheels_chain(work: Path, cache: Path) -> tuple[Path, Path, str]:
     return store, site, f"v{len(VERSIONS) - 1}"
 
 
+def trees_chain(work: Path, trees: list[Path]) -> tuple[Path, Path, str]:
+    """`wheels_chain` of version trees already made (such as pip-built envs kept
+    version by version): each snapshotted onto the one before."""
+    store = work / "store-chain-trees"
+    for v, tree in enumerate(trees):
+        args = ["snapshot", os.fspath(tree), "--tag", f"v{v}"]
+        _checked(pylayers(store, *(args + (["--parent", f"v{v - 1}"] if v else []))))
+    return store, trees[-1], f"v{len(trees) - 1}"
+
+
 def checkout(work: Path, tree: Path, repeat: int, store: Path | None = None,
              tag: str = "img") -> dict:
     """`pylayers checkout` of `tree` (snapshotted into a new store, or already stored in
@@ -236,6 +249,8 @@ def main() -> None:
                          "store holding all six; needs the wheel cache)")
     ap.add_argument("--wheel-cache", type=Path, help="wheels for --only chain "
                     "(default: bench/pyenv_wheels.py's)")
+    ap.add_argument("--chain-trees", help="for --only chain: version trees, comma-"
+                    "separated, oldest first, instead of the wheels chain")
     ap.add_argument("--work", type=Path)
     ap.add_argument("--out", type=Path, default=Path("bench/out/paths.json"))
     args = ap.parse_args()
@@ -259,8 +274,12 @@ def main() -> None:
             results["checkout"] = checkout(work, tree, args.repeat)
             print(json.dumps(results["checkout"]), file=sys.stderr)
         if "chain" in only:
-            from .pyenv_wheels import DEFAULT_CACHE
-            store, site, tag = wheels_chain(work, args.wheel_cache or DEFAULT_CACHE)
+            if args.chain_trees:
+                store, site, tag = trees_chain(
+                    work, [Path(t) for t in args.chain_trees.split(",")])
+            else:
+                from .pyenv_wheels import DEFAULT_CACHE
+                store, site, tag = wheels_chain(work, args.wheel_cache or DEFAULT_CACHE)
             results["chain_checkout"] = checkout(work, site, args.repeat, store, tag)
             print(json.dumps(results["chain_checkout"]), file=sys.stderr)
     finally:

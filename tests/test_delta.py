@@ -263,6 +263,83 @@ def test_fsck_and_reads_name_a_damaged_base(tmp_path: Path) -> None:
     assert proc.returncode != 0 and "base of a delta" in proc.stderr.decode()
 
 
+def _flip_in_chunk(store: Path, cid: bytes, at: int) -> None:
+    """Flip the byte `at` bytes into chunk `cid`, which is in a raw (stored) frame."""
+    with Store.open(store, create=False) as s:
+        loc = s.location(cid)
+    assert not loc.delta
+    (fr,) = [f for p, f in frames(store) if p.stem == loc.pack and f.offset == loc.offset]
+    assert fr.codec == 0  # raw: the flipped byte lands in the chunk itself
+    path = next(store.glob(f"packs/*/{loc.pack}.pack"))
+    with open(path, "r+b") as f:
+        f.seek(_payload_offset(fr) + loc.start + at)
+        byte = f.read(1)
+        f.seek(_payload_offset(fr) + loc.start + at)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def _delta_of_one_file(tmp_path: Path, old: bytes, new: bytes, pad: bool):
+    """A store holding lib.so as `old`, then (tag v2) as `new`, stored as one delta
+    frame against `old`'s chunks; `pad`: with 17 MB of other files, so the CLI's
+    checkout reads in a process of its own (store/readproc.py). (store, src, frame)"""
+    store = tmp_path / "store"
+    src = tmp_path / "src"
+    src.mkdir()
+    if pad:
+        (src / "pad.bin").write_bytes(random.Random(9).randbytes(17 << 20))
+    (src / "lib.so").write_bytes(old)
+    v1 = snapshot(store, src)
+    (src / "lib.so").write_bytes(new)
+    snapshot(store, src, "--parent", v1, "--tag", "v2")
+    ((_pack, fr),) = delta_frames(store)
+    return store, src, fr
+
+
+@pytest.mark.parametrize("pad", [False, True], ids=["thread", "reader-process"])
+def test_checkout_names_a_damaged_base_chunk_through_the_output(tmp_path: Path,
+                                                                pad: bool) -> None:
+    """A checkout does not hash a delta's base: the delta's output fails its ids, and
+    then the base is checked, so the one-line error still names the damaged base
+    chunk (here the second of a base of several), and the file is not left with wrong
+    bytes."""
+    old = random.Random(6).randbytes(600_000)  # incompressible: raw frames
+    new = bytearray(old)
+    for i in range(0, len(new), 40_000):  # every chunk changes: all of them new
+        new[i] ^= 0xFF
+    store, _src, fr = _delta_of_one_file(tmp_path, old, bytes(new), pad)
+    assert len(fr.base) >= 3
+    _flip_in_chunk(store, fr.base[1], 100)
+    out = tmp_path / "out"
+    proc = run_cli(store, "checkout", "v2", str(out))
+    err = proc.stderr.decode().strip()
+    assert proc.returncode != 0 and len(err.splitlines()) == 1, err
+    assert "Traceback" not in err and "base of a delta" in err, err
+    assert fr.base[1].hex() in err, err
+    lib = out / "lib.so"
+    assert not lib.exists() or lib.read_bytes() == bytes(new)
+
+
+def test_a_damaged_base_byte_the_delta_never_uses(tmp_path: Path) -> None:
+    """The new version keeps only the first half of the old file: damage in the base's
+    last chunk, which the delta never refers to, leaves the checkout whole and right
+    (every chunk it writes is verified), and fsck still finds it."""
+    rnd = random.Random(8)
+    old = rnd.randbytes(300_000) + rnd.randbytes(300_000)
+    new = bytearray(old[:300_000])
+    for i in range(0, len(new), 40_000):
+        new[i] ^= 0xFF
+    store, src, fr = _delta_of_one_file(tmp_path, old, bytes(new), False)
+    with Store.open(store, create=False) as s:
+        last = s.location(fr.base[-1])
+        starts = [s.location(c).start for c in fr.base]
+    assert min(starts) < last.start  # the last chunk holds the old file's end
+    _flip_in_chunk(store, fr.base[-1], last.length - 100)  # far past the kept half
+    assert_checks_out(store, "v2", src, tmp_path / "out")
+    proc = run_cli(store, "fsck")
+    out = proc.stdout.decode() + proc.stderr.decode()
+    assert proc.returncode != 0 and fr.base[-1].hex() in out, out
+
+
 def test_a_damaged_base_does_not_fail_the_next_snapshot(tmp_path: Path) -> None:
     """The writer reads a base to delta against it; a damaged one means no delta for
     that file, not a failed snapshot."""

@@ -225,7 +225,7 @@ def _delta_params(level: int, base_len: int, raw_len: int):
         level, source_size=raw_len, window_log=wlog, hash_log=hlog, chain_log=hlog)
 
 
-def _raw_dict(base: bytes):
+def _raw_dict(base: bytes | memoryview):
     import zstandard
 
     return zstandard.ZstdCompressionDict(base, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
@@ -354,8 +354,9 @@ class Frame:
     payload: bytes
     base: list[bytes] = field(default_factory=list)  # a delta frame's base chunk ids
 
-    def raw(self, base: bytes | None = None) -> bytes:
-        """The frame's chunks, concatenated; a delta frame needs its base's bytes."""
+    def raw(self, base: bytes | memoryview | None = None) -> bytes:
+        """The frame's chunks, concatenated; a delta frame needs its base's bytes (any
+        buffer: zstd copies it into a dictionary of its own)."""
         if self.codec == CODEC_RAW:
             raw = self.payload
         else:
@@ -553,6 +554,13 @@ class PackReader:
             if len(self._frames) > self.cache_frames:
                 self._frames.popitem(last=False)
         return raw
+
+    def read_frame(self, loc: Location) -> Frame:
+        """The frame at `loc`, read and parsed (its header checked), not decompressed
+        and not cached: for a caller that decompresses it itself (a checkout's delta
+        frames, read once, with a base it gathers from the frames it holds)."""
+        return decode_frame(self._read(loc.pack, loc.offset, loc.frame_len), loc.offset,
+                            f"pack {loc.pack}")
 
     def frame_into(self, loc: Location, scratch: bytearray) -> memoryview:
         """The frame's raw bytes, decompressed into `scratch` when it is large enough
