@@ -263,6 +263,94 @@ static int under(const uint8_t *p, size_t lp, const uint8_t *d, size_t ld)
 }
 
 #define PLEN(buf, off) ((size_t)(buf)[off] | ((size_t)(buf)[(off) + 1] << 8))
+#define OFF_INO 48
+#define OFF_DEV 56
+
+/* Every field equal but `reserved`, and the old record trusted. */
+static int same_record(const uint8_t *nf, const uint8_t *of)
+{
+    return get_u32(of + OFF_RESERVED) == 0
+           && memcmp(nf, of, OFF_RESERVED) == 0
+           && memcmp(nf + OFF_NLINK, of + OFF_NLINK, FIXED - OFF_NLINK) == 0;
+}
+
+typedef struct { uint64_t dev, ino; size_t i; } inode_ref;
+
+static int cmp_inode_refs(const void *a, const void *b)
+{
+    const inode_ref *x = a, *y = b;
+    if (x->dev != y->dev)
+        return x->dev < y->dev ? -1 : 1;
+    if (x->ino != y->ino)
+        return x->ino < y->ino ? -1 : 1;
+    return x->i < y->i ? -1 : x->i > y->i;
+}
+
+/* The regular records of more than one link in `buf` (offsets `offs`), as inode refs
+ * sorted by (dev, ino); their count, or -ENOMEM. */
+static int64_t multi_link_files(const uint8_t *buf, const size_t *offs, size_t n,
+                                inode_ref **out)
+{
+    size_t k = 0;
+    inode_ref *refs = malloc((n ? n : 1) * sizeof *refs);
+    if (!refs)
+        return -ENOMEM;
+    for (size_t i = 0; i < n; i++) {
+        const uint8_t *f = buf + offs[i] + 2 + PLEN(buf, offs[i]);
+        if (S_ISREG(get_u32(f + OFF_MODE)) && get_u64(f + OFF_NLINK) > 1) {
+            refs[k].dev = get_u64(f + OFF_DEV);
+            refs[k].ino = get_u64(f + OFF_INO);
+            refs[k].i = i;
+            k++;
+        }
+    }
+    qsort(refs, k, sizeof *refs, cmp_inode_refs);
+    *out = refs;
+    return (int64_t)k;
+}
+
+/* Which new records of more than one link may match (links[i] = 1): a file's links
+ * in the tree are a group (the manifest holds the first as the file, the others as
+ * hardlinks to it), so one matches only when the whole group is unchanged: every new
+ * record of its inode has an equal trusted old record of the same path (`cand`), and
+ * the old walk held as many records of that inode (none renamed away, none added). */
+static int group_links(const uint8_t *old, const size_t *oo, size_t on,
+                       const uint8_t *new_, const size_t *no, size_t nn,
+                       const uint8_t *cand, uint8_t *links)
+{
+    inode_ref *nr = NULL, *orf = NULL;
+    int64_t nk = multi_link_files(new_, no, nn, &nr);
+    if (nk < 0)
+        return (int)nk;
+    int64_t ok = multi_link_files(old, oo, on, &orf);
+    if (ok < 0) {
+        free(nr);
+        return (int)ok;
+    }
+    size_t a = 0, b = 0;
+    while (a < (size_t)nk) {
+        size_t end = a + 1;
+        while (end < (size_t)nk && nr[end].dev == nr[a].dev && nr[end].ino == nr[a].ino)
+            end++;
+        int all = 1;
+        for (size_t x = a; x < end; x++)
+            all &= cand[nr[x].i];
+        while (b < (size_t)ok && (orf[b].dev < nr[a].dev
+                                  || (orf[b].dev == nr[a].dev && orf[b].ino < nr[a].ino)))
+            b++;
+        size_t olds = 0;
+        while (b + olds < (size_t)ok && orf[b + olds].dev == nr[a].dev
+               && orf[b + olds].ino == nr[a].ino)
+            olds++;
+        if (all && olds == end - a)
+            for (size_t x = a; x < end; x++)
+                links[nr[x].i] = 1;
+        a = end;
+    }
+    free(nr);
+    free(orf);
+    return 0;
+}
 
 int64_t pl_walk_compare(const uint8_t *old, size_t old_len, const uint8_t *new_, size_t new_len,
                         uint8_t *match, size_t match_cap, int64_t *events, size_t events_cap,
@@ -278,6 +366,25 @@ int64_t pl_walk_compare(const uint8_t *old, size_t old_len, const uint8_t *new_,
     size_t i = 0, j = 0, ne = 0;
     uint64_t files = 0, bytes = 0, hits = 0, hit_bytes = 0;
     int64_t rc = 0;
+    /* files of several links: first which records are unchanged (`match`, for now),
+     * then which of their groups are whole (`links`) */
+    uint8_t *links = calloc(nn ? (size_t)nn : 1, 1);
+    if (!links) { free(oo); free(no); return -ENOMEM; }
+    while (i < (size_t)nn) {
+        int c = j >= (size_t)on ? -1 : cmp_paths(new_ + no[i] + 2, PLEN(new_, no[i]),
+                                                  old + oo[j] + 2, PLEN(old, oo[j]));
+        if (c > 0) {
+            j++;
+            continue;
+        }
+        match[i] = c == 0 && same_record(new_ + no[i] + 2 + PLEN(new_, no[i]),
+                                         old + oo[j] + 2 + PLEN(old, oo[j]));
+        i++;
+        j += c == 0;
+    }
+    if ((rc = group_links(old, oo, (size_t)on, new_, no, (size_t)nn, match, links)) < 0)
+        goto out;
+    i = j = 0;
 #define EVENT(a, b) do { \
         if (ne + 1 > events_cap) { rc = -ENOSPC; goto out; } \
         events[4 * ne] = (a) < 0 ? -1 : (int64_t)(a); \
@@ -322,10 +429,8 @@ int64_t pl_walk_compare(const uint8_t *old, size_t old_len, const uint8_t *new_,
         }
         const uint8_t *of = op + ol;
         uint32_t omode = get_u32(of + OFF_MODE);
-        int same = get_u32(of + OFF_RESERVED) == 0
-                   && memcmp(nf, of, OFF_RESERVED) == 0
-                   && memcmp(nf + OFF_NLINK, of + OFF_NLINK, FIXED - OFF_NLINK) == 0
-                   && (S_ISDIR(nmode) || get_u64(nf + OFF_NLINK) == 1);
+        int same = same_record(nf, of)
+                   && (S_ISDIR(nmode) || get_u64(nf + OFF_NLINK) == 1 || links[i]);
         match[i] = (uint8_t)same;
         if (same) {
             if (S_ISREG(nmode)) {
@@ -350,6 +455,7 @@ int64_t pl_walk_compare(const uint8_t *old, size_t old_len, const uint8_t *new_,
     totals[4] = hit_bytes;
     rc = (int64_t)ne;
 out:
+    free(links);
     free(oo);
     free(no);
     return rc;

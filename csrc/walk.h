@@ -43,7 +43,10 @@ int64_t pl_xattr_marks(const char *root, const uint8_t *buf, size_t len, uint8_t
  * '/' before every other byte, as pl_walk emits them) by path. For each new record i,
  * match[i] = 1 when the old buffer has a record of the same path with every field
  * equal but the reserved one, that old record is trusted (reserved 0), and the entry
- * is a directory or has one link; else 0. It writes the differences as events, four
+ * is a directory, has one link, or is a regular file whose links in the tree are all
+ * unchanged: every new regular record of more than one link with its (dev, ino) has
+ * such an old record, and the old buffer holds as many regular records of more than
+ * one link with that (dev, ino); else 0. It writes the differences as events, four
  * int64 each (new index, new offset, old index, old offset; -1 for none), in path
  * order: a new record that does not match (changed: both set; added: old -1), and an
  * old path that is gone (new -1), except under a directory that is gone or replaced

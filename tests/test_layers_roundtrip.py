@@ -516,6 +516,77 @@ def test_stat_cache_skips_unchanged_files_but_sees_a_restored_mtime(tmp_path: Pa
     assert_same_tree(src, tmp_path / "co")
 
 
+def _link_groups(root: Path) -> set[tuple[str, ...]]:
+    """The sets of paths under `root` that are one file (two or more links in it)."""
+    by_inode: dict[tuple[int, int], list[str]] = {}
+    for d, _dirs, names in os.walk(root):
+        for n in names:
+            st = os.lstat(os.path.join(d, n))
+            if not os.path.islink(os.path.join(d, n)):
+                rel = os.path.relpath(os.path.join(d, n), root)
+                by_inode.setdefault((st.st_dev, st.st_ino), []).append(rel)
+    return {tuple(sorted(v)) for v in by_inode.values() if len(v) > 1}
+
+
+def _same_tree_and_links(src: Path, out: Path) -> None:
+    """`out` holds `src`'s tree, and the same files are one file there; links to
+    files outside `src` (a pnpm store) are not part of a tree."""
+    diffs = tree_differences(describe_tree(src), describe_tree(out),
+                             tuple(f for f in Node._fields if f not in ("nlink", "links")))
+    assert not diffs, diffs[:10]
+    assert _link_groups(out) == _link_groups(src)
+
+
+def test_hardlinked_files_are_cache_hits_and_keep_their_links(tmp_path: Path) -> None:
+    """Files of several links (a pnpm node_modules hardlinked to its store, a tree
+    copied with `cp -al`) are walk-cache hits when their links are unchanged, as
+    files of one link are; a group whose links move (one renamed, one added, one
+    gone) is read again, and every checkout holds the same groups as the tree."""
+    src, pnpm = tmp_path / "src", tmp_path / "pnpm-store"
+    pnpm.mkdir()
+    for i in range(20):
+        (pnpm / f"f{i}").write_bytes(rand(3000 + i, i))
+        (src / "node_modules" / f"pkg{i}").mkdir(parents=True)
+        os.link(pnpm / f"f{i}", src / "node_modules" / f"pkg{i}" / "index.js")
+    for d in "abc":
+        (src / d).mkdir()
+    (src / "a" / "x").write_bytes(rand(5000, 99))
+    os.link(src / "a" / "x", src / "b" / "y")
+    os.link(src / "a" / "x", src / "c" / "z")
+    (src / "plain").write_bytes(b"p" * 100)
+    _age_past_racy_window(src)
+    store = tmp_path / "store"
+    with pylayers.Store.open(store) as st:
+        layers = pylayers.Layers(st)
+        r1 = layers.snapshot(src)
+        (src / "plain").write_bytes(b"q" * 100)
+        _age_past_racy_window(src)
+        r2 = layers.snapshot(src, parent=r1.layer_id)
+        # the 20 pnpm files and the group of three are not read again
+        assert r2.stats.cache_hits == 23 and r2.stats.bytes_read == 100
+        assert [e.path for e in layers.entries(r2.layer_id)] == [b"plain"]
+        # the group changes: x renamed into a new directory, a link added, z gone
+        (src / "d").mkdir()
+        os.rename(src / "a" / "x", src / "d" / "x")
+        os.link(src / "b" / "y", src / "e-link")
+        os.unlink(src / "c" / "z")
+        _age_past_racy_window(src)
+        r3 = layers.snapshot(src, parent=r2.layer_id)
+        assert r3.stats.cache_hits == 21  # the pnpm files and plain
+        assert r3.stats.bytes_read == 5000  # the group, read once
+        checkout(store, r3.layer_id.hex(), tmp_path / "co3")
+        _same_tree_and_links(src, tmp_path / "co3")
+        # a pnpm file edited through its store link: read again
+        (pnpm / "f3").write_bytes(b"edited in the store")
+        _age_past_racy_window(src)
+        r4 = layers.snapshot(src, parent=r3.layer_id)
+        assert r4.stats.cache_hits == 23  # the group of three is whole again
+        assert [e.path for e in layers.entries(r4.layer_id)] == \
+            [b"node_modules/pkg3/index.js"]
+    checkout(store, r4.layer_id.hex(), tmp_path / "co4")
+    _same_tree_and_links(src, tmp_path / "co4")
+
+
 CONTENT_ID_FILES = ("empty", "small", "one_chunk", "multi", "blocky", "sparse")
 
 

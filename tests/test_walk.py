@@ -277,6 +277,22 @@ def reference_compare(old: bytes, new: bytes):
     o, n = _parse(old), _parse(new)
     key = lambda p: p.replace(b"/", b"\0")  # noqa: E731
     under = lambda p, d: p != d and (d == b"" or p.startswith(d + b"/"))  # noqa: E731
+    # files of several links: a group (by dev, ino) matches only whole and unchanged
+    olds = {p: f for _o, p, f in o}
+    unchanged = [p in olds and olds[p][3] == 0 and f[:3] == olds[p][:3]
+                 and f[4:] == olds[p][4:] for _o, p, f in n]
+    multi = lambda f: f[0] & 0o170000 == 0o100000 and f[4] > 1  # noqa: E731
+    groups: dict[tuple, list[int]] = {}
+    for i, (_o, _p, f) in enumerate(n):
+        if multi(f):
+            groups.setdefault((f[9], f[8]), []).append(i)
+    old_count: dict[tuple, int] = {}
+    for _o, _p, g in o:
+        if multi(g):
+            old_count[(g[9], g[8])] = old_count.get((g[9], g[8]), 0) + 1
+    whole = {i for k, members in groups.items()
+             if all(unchanged[i] for i in members) and old_count.get(k, 0) == len(members)
+             for i in members}
     match, events = bytearray(len(n)), []
     files = nbytes = hits = hit_bytes = 0
     i = j = 0
@@ -298,7 +314,8 @@ def reference_compare(old: bytes, new: bytes):
             continue
         g = o[j][2]
         isdir = f[0] & 0o170000 == 0o040000
-        same = g[3] == 0 and f[:3] == g[:3] and f[4:] == g[4:] and (isdir or f[4] == 1)
+        same = g[3] == 0 and f[:3] == g[:3] and f[4:] == g[4:] and \
+            (isdir or f[4] == 1 or i in whole)
         match[i] = same
         if same and f[0] & 0o170000 == 0o100000:
             hits += 1
@@ -348,6 +365,7 @@ def test_walk_compare_is_the_reference() -> None:
     from pylayers._native import walk_compare, walk_keep
 
     rnd = __import__("random").Random(11)
+    multi_link = [0, 0]  # files of several links: not matched, matched
     for _ in range(3000):
         old_paths = _random_paths(rnd)
         old, fields = _random_records(rnd, old_paths)
@@ -356,12 +374,17 @@ def test_walk_compare_is_the_reference() -> None:
                             any(q.startswith(p + b"/") for q in keep)}
                            | set(_random_paths(rnd)))
         new, _ = _random_records(rnd, new_paths, fields)
-        assert walk_compare(old, new) == reference_compare(old, new)
+        got = walk_compare(old, new)
+        assert got == reference_compare(old, new)
+        for (_o, _p, f), m in zip(_parse(new), got[0], strict=True):
+            if f[0] & 0o170000 == 0o100000 and f[4] > 1:
+                multi_link[m] += 1
         flags = bytes(rnd.choice([0, 1, 2]) for _ in _parse(new))
         kept = walk_keep(new, flags)
         want = b"".join(struct.pack("<H", len(p)) + p + REC.pack(*f[:3], flag == 2, *f[4:])
                         for (_o, p, f), flag in zip(_parse(new), flags, strict=True) if flag)
         assert kept == want
+    assert min(multi_link) > 100, multi_link  # both sides of the links rule were seen
     # malformed buffers are refused, never read past
     from pylayers.errors import CorruptData
 
