@@ -95,7 +95,8 @@ def modules_after(store: Path, *args: str) -> tuple[int, set[str]]:
     return rc, set(mods)
 
 
-HEAVY = {"rich", "grpc", "zstandard", "google.protobuf", "pylayers.oci", "pylayers.mounts",
+HEAVY = {"rich", "grpc", "zstandard", "google.protobuf", "concurrent.futures",
+         "pylayers.oci", "pylayers.mounts",
          "pylayers.containerd", "pylayers.build", "pylayers.maintenance",
          "pylayers.layers.checkout", "pylayers.store.readahead"}
 
@@ -118,3 +119,54 @@ def test_an_unchanged_snapshot_imports_only_what_it_uses(tmp_path: Path) -> None
     assert rc == 0
     assert "pylayers.layers.fingerprint" in mods  # it did take the unchanged path
     assert not mods & HEAVY, mods & HEAVY
+
+
+def test_the_walk_ahead_guesses_the_directory_a_snapshot_walks() -> None:
+    from pylayers.layers.walkahead import snapshot_directory as guess
+
+    assert guess(["snapshot", "d"]) == "d"
+    assert guess(["--store", "s", "snapshot", "-p", "v1", "-t", "v2", "d"]) == "d"
+    assert guess(["--store=s", "snapshot", "--parent=v1", "-q", "-x", "*.o", "d"]) == "d"
+    assert guess(["snapshot", "-m", "msg", "--", "-odd"]) == "-odd"
+    for no in (["checkout", "v1", "d"], ["--version"], ["snapshot", "-p", "v1"], [],
+               ["--store", "snapshot", "ls", "d"]):
+        assert guess(no) is None, no
+
+
+def test_the_walk_ahead_knows_every_snapshot_option_that_takes_a_value() -> None:
+    """A value option it did not know would make it walk the option's value (a walk
+    nobody takes, so no harm but the time): kept in step with the click definitions."""
+    import click
+
+    from pylayers.cli.app import cli
+    from pylayers.layers import walkahead
+
+    ctx = click.Context(cli)
+    cmd = cli.get_command(ctx, "snapshot")
+    assert cmd is not None
+    for params, known in ((cmd.params, walkahead._VALUE_OPTIONS),
+                          (cli.params, walkahead._GLOBAL_VALUE_OPTIONS)):
+        takes = {o for p in params if isinstance(p, click.Option) and not p.is_flag
+                 and not p.count for o in p.opts + p.secondary_opts}
+        assert takes == set(known)
+
+
+def test_a_snapshot_takes_the_walk_started_ahead(tmp_path: Path) -> None:
+    """The walk started before the snapshot is its walk: a file added after it is not
+    in the layer (as one added after a snapshot's own walk would not be); a walk of
+    another directory is not taken."""
+    from pylayers.layers.walkahead import WalkAhead
+
+    src = files(tmp_path / "src")
+    with Store.open(tmp_path / "store") as s:
+        layers = Layers(s)
+        ahead = WalkAhead(src)
+        other = WalkAhead(tmp_path)
+        (src / "later").write_bytes(b"added after the walk")
+        res = layers.snapshot(src, ahead=ahead)
+        paths = [e.path for e in layers.entries(res.layer_id)]
+        assert b"later" not in paths and b"d0/f0" in paths
+        assert not ahead.of(src)  # taken
+        again = layers.snapshot(src, res.layer_id, ahead=other)  # not of src: ignored
+        # the new file, and the root directory its creation changed
+        assert [e.path for e in layers.entries(again.layer_id)] == [b"", b"later"]

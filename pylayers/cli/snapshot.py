@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..layers import walkahead
 from ..layers.ignore import Exclusions
 from ..layers.presize import directory_bytes, tree_bytes
 from .app import cli, human, open_layers, ref_param, tag_param, warn
@@ -40,7 +41,8 @@ def snapshot(ctx: click.Context, directory: str, parent: str | None, tag: str | 
                             total_fn=lambda: directory_bytes(directory))
         try:
             res = layers.snapshot(directory, parent_id, tag, message, progress,
-                                  allow_changing=allow_changing, exclude=exclude)
+                                  allow_changing=allow_changing, exclude=exclude,
+                                  ahead=walkahead.take(directory))
         finally:
             progress.close()
         warn(res.stats.warnings)

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import blake3
 
@@ -40,6 +40,9 @@ from .manifest import DIR, HARDLINK, REG, WHITEOUT, Entry, ManifestEncoder, deco
 from .refs import check_tag
 from .scan import RACY_NS, Scanner, ScanStats, XattrProbe
 from .tree import apply_layer, diff_layer, validate_tree
+
+if TYPE_CHECKING:
+    from .walkahead import WalkAhead
 
 LAYER_REF = "layer"  # the `refs` owner name of a child layer referencing its parent
 _OLD = struct.Struct("<IIIIQQq")  # a walk record's mode, uid, gid, reserved, nlink, size, mtime
@@ -286,7 +289,8 @@ class Layers:
                  progress: Callable[[int], None] | None = None,
                  kept: bool = True, allow_changing: bool = False,
                  ephemeral: bool = False,
-                 exclude: Exclusions | None = None) -> SnapshotResult:
+                 exclude: Exclusions | None = None,
+                 ahead: WalkAhead | None = None) -> SnapshotResult:
         """Store `directory` as a layer on `parent`. `kept`: a layer the user asked for
         (False for a snapshotter's commit, which its collection may remove). A file that
         keeps changing while read fails the snapshot with SourceChanged, unless
@@ -295,10 +299,18 @@ class Layers:
         directories), so record no walk cache and no tree fingerprint for it.
         `exclude`: paths to leave out (ignore.py); the store's own directory is left out
         too. A tree with paths left out takes no fingerprint fast path: the fingerprint
-        covers every path, and the same tree with other patterns is another layer."""
+        covers every path, and the same tree with other patterns is another layer.
+        `ahead`: the walk of `directory` already started (walkahead.py)."""
         if tag is not None:
             check_tag(tag)
-        start_ns = time.time_ns()
+        if ahead is not None and (not ahead.of(directory)
+                                  or _holds(directory, self.store.path)):
+            # another directory's; or the store is inside the tree and may have
+            # been made or grown since the walk: walk again, after it
+            if ahead.of(directory):
+                ahead.discard()
+            ahead = None
+        start_ns = ahead.start_ns if ahead is not None else time.time_ns()
         with ExitStack() as stack:
             # One native walk (lstat records, no Python object per file) serves the
             # fingerprint and, when that shows a change, the scan. None if the walk
@@ -306,10 +318,14 @@ class Layers:
             records: memoryview | None = None
             max_ctime = 0
             if os.path.isdir(directory):
-                try:
-                    records, max_ctime = stack.enter_context(walk(os.fspath(directory)))
-                except OSError:
-                    records = None
+                got = stack.enter_context(ahead.records()) if ahead is not None else None
+                if got is not None:
+                    records, max_ctime = got
+                else:
+                    try:
+                        records, max_ctime = stack.enter_context(walk(os.fspath(directory)))
+                    except OSError:
+                        records = None
             fp = fp_key = None
             if records is not None and not ephemeral and not exclude \
                     and not _holds(directory, self.store.path):
