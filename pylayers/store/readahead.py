@@ -176,10 +176,12 @@ class _Frames:
         self._spare: bytearray | None = None
         self._base_buf = bytearray()  # a base of several chunks, gathered
         self._last_base: list[bytes] = []  # the base of the last delta frame read
+        self._deltas: OrderedDict[tuple[str, int], tuple[memoryview, list[bytes]]] = \
+            OrderedDict()
 
     def get(self, loc: Location) -> memoryview:
         """The frame's raw bytes, good until `frames` other frames were asked for (a
-        delta frame's: until the next delta frame)."""
+        delta frame's: a buffer of its own)."""
         if loc.delta:
             return self._delta(loc)
         key = (loc.pack, loc.offset)
@@ -201,16 +203,27 @@ class _Frames:
         return view
 
     def _delta(self, loc: Location) -> memoryview:
+        """A delta frame's raw bytes (a new buffer: good as long as it is held). The
+        last two are kept: a file changed in places has its new chunks in a delta
+        frame, between chunks of an older one, so its delta frame comes back."""
+        key = (loc.pack, loc.offset)
+        hit = self._deltas.get(key)
+        if hit is not None:
+            self._last_base = hit[1]
+            return hit[0]
         frame = self.reader.read_frame(loc)
+        self._last_base = frame.base
         if frame.codec != CODEC_DELTA:  # the index says delta, the frame does not
             return memoryview(frame.raw())
-        self._last_base = frame.base
         base = self._base(frame.base)
         try:
             raw = memoryview(frame.raw(base))
         except CorruptData:
             self.check_base()  # a damaged base is the likelier cause: named first
             raise
+        self._deltas[key] = (raw, frame.base)
+        if len(self._deltas) > 2:
+            self._deltas.popitem(last=False)
         return raw
 
     def check_base(self) -> None:
