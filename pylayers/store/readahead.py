@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import blake3
 
-from ..errors import CorruptData
+from ..errors import CorruptData, StoreError
 from .packs import CODEC_DELTA, LOCATION_STRUCT, Location, PackReader
 
 if TYPE_CHECKING:
@@ -101,16 +101,26 @@ def _batches(store: Store, ids: list[bytes]) -> Iterator[list[bytes]]:
         yield batch
 
 
-def verified_chunks(store: Store, ids: list[bytes]) -> Iterator[bytes | memoryview]:
+def verified_chunks(store: Store, ids: list[bytes],
+                    prefetch: bool = False) -> Iterator[bytes | memoryview]:
     """The chunks of `ids`, in order, each verified against its id: bytes, or a view
     good until the next one is asked for (copy what is kept). Each frame is read and
     decompressed once for the run of chunks it holds, into one reused buffer; a chunk
     that comes again later is kept until its last use (up to KEEP_BYTES). Raises
-    CorruptData at the first missing or damaged chunk."""
+    CorruptData at the first missing or damaged chunk. `prefetch`: the frames next
+    asked for are decompressed ahead on a thread (`_Prefetch`), for a process with a
+    core to spare; closing the iterator early stops it."""
+    frames = _Frames(store, prefetch=prefetch)
+    try:
+        yield from _verified(store, ids, frames)
+    finally:
+        frames.close()
+
+
+def _verified(store: Store, ids: list[bytes], frames: _Frames) -> Iterator[bytes | memoryview]:
     last = {cid: i for i, cid in enumerate(ids)}  # each id's last position
     kept: dict[bytes, bytes] = {}
     kept_bytes = 0
-    frames = _Frames(store)
     hasher = blake3.blake3
     unpack = LOCATION_STRUCT.unpack
     frame_pack, frame_offset = b"", -1
@@ -120,6 +130,7 @@ def verified_chunks(store: Store, ids: list[bytes]) -> Iterator[bytes | memoryvi
         window = ids[base : base + _LOOKUP]
         with store.read() as t:
             raws = t.chunks.encoded_many(window)
+        frames.plan(window, raws, i + 1)
         for cid, raw in zip(window, raws, strict=True):
             i += 1
             if kept and cid in kept:
@@ -134,6 +145,7 @@ def verified_chunks(store: Store, ids: list[bytes]) -> Iterator[bytes | memoryvi
             pack, offset, _frame_len, start, length, _flags = unpack(raw)
             if offset != frame_offset or pack != frame_pack:
                 frame_offset = -1
+                frames.at = i
                 frame = frames.get(Location.decode(raw))
                 frame_pack, frame_offset = pack, offset
             end = start + length
@@ -153,6 +165,46 @@ def verified_chunks(store: Store, ids: list[bytes]) -> Iterator[bytes | memoryvi
                 yield view
 
 
+class _Prefetch:
+    """Decompresses frames on a thread of its own, in the order they are planned, each
+    into a buffer from `free`; the results come out of `done` in the same order, as
+    (frame key, its raw bytes or the exception met, the buffer). zstd releases the GIL
+    while it decompresses, which is most of the work; the thread holds at most the
+    buffers it was given."""
+
+    def __init__(self, reader: PackReader, buffers: int = 2) -> None:
+        self.reader = reader
+        self.todo: queue.SimpleQueue = queue.SimpleQueue()  # locations; None: stop
+        self.done: queue.SimpleQueue = queue.SimpleQueue()
+        self.free: queue.SimpleQueue = queue.SimpleQueue()  # buffers; None: stop
+        self.stop = False
+        for _ in range(buffers):
+            self.free.put(bytearray(_SCRATCH_BYTES))
+        self.thread = threading.Thread(target=self._run, name="pylayers-decompress",
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            loc = self.todo.get()
+            if loc is None or self.stop:
+                return
+            buf = self.free.get()
+            if buf is None:
+                return
+            key = (loc.pack, loc.offset)
+            try:
+                self.done.put((key, self.reader.frame_into(loc, buf), buf))
+            except Exception as e:  # raised where the reader asks for this frame
+                self.done.put((key, e, buf))
+
+    def close(self) -> None:
+        self.stop = True
+        self.todo.put(None)
+        self.free.put(None)
+        self.thread.join()
+
+
 class _Frames:
     """The last few frames decompressed (a tree's chunks come from a few frames at a
     time: a new version's files from its own packs, between files unchanged since an
@@ -168,16 +220,84 @@ class _Frames:
     tenth of reading the last version from a six-version chain of a pip-built env,
     whose changed files are mostly deltas.)"""
 
-    def __init__(self, store: Store, frames: int = FRAME_CACHE) -> None:
+    def __init__(self, store: Store, frames: int | None = None,
+                 prefetch: bool = False) -> None:
+        """`frames`: how many to keep (default FRAME_CACHE). `prefetch`: the frames
+        `plan` is told of are decompressed ahead on a thread; `close` stops it."""
         self.store = store
         self.reader: PackReader = store.reader
-        self.frames = frames
+        self.frames = frames or FRAME_CACHE
         self._lru: OrderedDict[tuple[str, int], tuple[memoryview, bytearray]] = OrderedDict()
         self._spare: bytearray | None = None
+        self._prefetch = _Prefetch(self.reader) if prefetch else None
+        # frames given to the prefetcher, in order: the first chunk that needs each
+        self._planned: OrderedDict[tuple[str, int], int] = OrderedDict()
+        self.at = 0  # the chunk being read (set by the reader)
+        self._met: set[bytes] = set()  # chunks planned for
         self._base_buf = bytearray()  # a base of several chunks, gathered
         self._last_base: list[bytes] = []  # the base of the last delta frame read
         self._deltas: OrderedDict[tuple[str, int], tuple[memoryview, list[bytes]]] = \
             OrderedDict()
+
+    def plan(self, ids: list[bytes], raws: list[bytes | None], first: int) -> None:
+        """With a prefetch thread: tell it the frames that the chunks `ids` (from the
+        `first` of the sequence on) will be read from, given their encoded locations,
+        except those kept now and chunks met before (the reader keeps them; delta
+        frames, and the frames only their bases need, are read when asked for)."""
+        if self._prefetch is None:
+            return
+        unpack = LOCATION_STRUCT.unpack
+        met = self._met
+        seen = None
+        for i, cid, raw in zip(range(first, first + len(ids)), ids, raws, strict=True):
+            if raw is None or cid in met:
+                continue
+            met.add(cid)
+            pack, offset, _frame_len, _start, _length, flags = unpack(raw)
+            if flags & 1 or (pack, offset) == seen:
+                continue
+            seen = (pack, offset)
+            loc = Location.decode(raw)
+            key = (loc.pack, offset)
+            if key in self._lru or key in self._planned:
+                continue
+            self._planned[key] = i
+            self._prefetch.todo.put(loc)
+
+    def close(self) -> None:
+        if self._prefetch is not None:
+            self._prefetch.close()
+            self._prefetch = None
+            self._planned.clear()
+
+    def _prefetched(self, key: tuple[str, int]) -> tuple[memoryview, bytearray] | None:
+        """The frame `key` from the prefetch thread if it is the next one planned,
+        else None (a base's frame planned for later is read here, now). Planned
+        frames no longer wanted are let go first: those whose first chunk was passed
+        (read otherwise, or each chunk kept from an earlier read) or that are kept
+        now."""
+        pf = self._prefetch
+        while self._planned:
+            head, first = next(iter(self._planned.items()))
+            if head != key and first >= self.at and head not in self._lru:
+                return None  # wanted later
+            del self._planned[head]
+            got, view, buf = pf.done.get()  # decompressed in order
+            if got != head:
+                raise StoreError("the checkout's frame prefetcher is out of step")
+            if got != key:
+                pf.free.put(buf)
+                continue
+            if isinstance(view, BaseException):
+                pf.free.put(buf)
+                raise view
+            if len(self._lru) >= self.frames:  # the prefetcher gets the buffer let go
+                _old, (_view, old) = self._lru.popitem(last=False)
+                pf.free.put(old)
+            else:
+                pf.free.put(bytearray(_SCRATCH_BYTES))
+            return view, buf
+        return None
 
     def get(self, loc: Location) -> memoryview:
         """The frame's raw bytes, good until `frames` other frames were asked for (a
@@ -189,6 +309,11 @@ class _Frames:
         if hit is not None:
             self._lru.move_to_end(key)
             return hit[0]
+        if self._planned:
+            hit = self._prefetched(key)
+            if hit is not None:
+                self._lru[key] = hit
+                return hit[0]
         buf, self._spare = self._spare, None
         if buf is None and len(self._lru) >= self.frames:
             _key, (_view, buf) = self._lru.popitem(last=False)

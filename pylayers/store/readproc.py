@@ -7,6 +7,9 @@ more than the work; so the first stage runs in a forked child process. It opens 
 store afresh (an LMDB environment must not be used across fork), verifies every chunk
 against its id and copies it into a ring of shared memory; the parent is handed views
 of the ring (no copy) in order. Nothing unverified is ever in the ring's readable part.
+In the child, a thread decompresses the frames next needed ahead of the one that
+verifies and copies (`verified_chunks(prefetch=True)`; zstd releases the GIL): the
+child is the pipeline's longer stage, above all through a chain of delta frames.
 
 Two pipes carry the control: the child says how many chunks are ready (and, in order,
 an error where it met one, or that it is done); the parent says how far it has
@@ -240,7 +243,7 @@ def _child(store: Store, chunks: Iterable[tuple[bytes, int]], ring: mmap.mmap,
             lengths.append(n)
         forget_environments()
         own = Store.open(store.path, create=False)
-        for data in verified_chunks(own, ids):
+        for data in verified_chunks(own, ids, prefetch=True):
             n = len(data)
             if n != lengths[i]:
                 raise CorruptData(f"chunk {ids[i].hex()} holds {n} bytes where its file's "
