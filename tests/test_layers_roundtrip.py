@@ -516,6 +516,35 @@ def test_stat_cache_skips_unchanged_files_but_sees_a_restored_mtime(tmp_path: Pa
     assert_same_tree(src, tmp_path / "co")
 
 
+def test_a_moved_directory_keeps_its_walk_cache(tmp_path: Path) -> None:
+    """A walk cache is kept under the directory's path; a directory renamed or moved
+    (its files keep their inodes and ctimes) snapshotted onto the layer it was last
+    snapshotted as takes that layer's cache: only what changed is read."""
+    src = tmp_path / "a" / "proj"
+    for i in range(40):
+        (src / f"d{i % 4}").mkdir(parents=True, exist_ok=True)
+        (src / f"d{i % 4}" / f"f{i}").write_bytes(rand(2000 + i, i))
+    _age_past_racy_window(src)
+    with pylayers.Store.open(tmp_path / "store") as st:
+        layers = pylayers.Layers(st)
+        r1 = layers.snapshot(src)
+        moved = tmp_path / "b" / "proj2"
+        moved.parent.mkdir()
+        os.rename(src, moved)
+        (moved / "d1" / "f1").write_bytes(b"edited")
+        _age_past_racy_window(moved)
+        r2 = layers.snapshot(moved, parent=r1.layer_id)
+        assert r2.stats.cache_hits == 39 and r2.stats.bytes_read == 6
+        assert [e.path for e in layers.entries(r2.layer_id)] == [b"d1/f1"]
+        # no parent named: no cache of another path is taken, every file is read
+        copy = tmp_path / "c"
+        os.rename(moved, copy)
+        r3 = layers.snapshot(copy)
+        assert r3.stats.cache_hits == 0 and r3.stats.files == 40
+    checkout(tmp_path / "store", r2.layer_id.hex(), tmp_path / "co")
+    assert_same_tree(copy, tmp_path / "co")
+
+
 def _link_groups(root: Path) -> set[tuple[str, ...]]:
     """The sets of paths under `root` that are one file (two or more links in it)."""
     by_inode: dict[tuple[int, int], list[str]] = {}

@@ -384,7 +384,7 @@ class Layers:
                 writer, parent, own, tag, message, (fp_key, fp), kept=kept,
                 walk_cache=(rekeyed[0], lambda: rekeyed[1]) if rekeyed else None)
             return SnapshotResult(layer_id, stats, count, existed)
-        cmp = self._walk_comparison(wc_key, records)
+        cmp = self._walk_comparison(wc_key, records, parent)
         record_fp = fp is not None and fp_key is not None and fp_settled
         tree_fp = (fp_key, fp) if record_fp else None
         root = os.path.realpath(os.fsencode(os.path.abspath(directory)))
@@ -434,14 +434,18 @@ class Layers:
         scanner.reader.on_file = writer.file_hint  # deltas against a path's last version
         return scanner
 
-    def _walk_comparison(self, wc_key: bytes | None,
-                         records: memoryview | None) -> walkcache.Comparison | None:
+    def _walk_comparison(self, wc_key: bytes | None, records: memoryview | None,
+                         parent: bytes | None = None) -> walkcache.Comparison | None:
         """The directory's walk cache against its new walk, or None (no cache, its
-        layer is gone, or it is damaged: then every file is read)."""
+        layer is gone, or it is damaged: then every file is read). A directory with
+        no cache of its own takes one of `parent`'s tree kept under another path: a
+        directory renamed or moved keeps its files' inodes and ctimes, so they match."""
         if wc_key is None or records is None:
             return None
-        with self.store.read() as t:
+        with self.store.read(buffers=True) as t:
             raw = t.walkcache.get(wc_key)
+            if raw is None and parent is not None:
+                raw = t.walkcache.of_layer(parent)
             if raw is None or not t.layers.has(bytes(raw[:32])):
                 return None
             raw = bytes(raw)

@@ -166,8 +166,9 @@ class Index:
     def close(self) -> None:
         _close_env(self.path)
 
-    def begin(self, write: bool = False) -> tuple[lmdb.Transaction, Tables]:
-        txn = self.env.begin(write=write)
+    def begin(self, write: bool = False, buffers: bool = False
+              ) -> tuple[lmdb.Transaction, Tables]:
+        txn = self.env.begin(write=write, buffers=buffers)
         return txn, Tables(txn, self.db, write)
 
     def max_key_size(self) -> int:

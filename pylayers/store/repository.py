@@ -68,10 +68,12 @@ class Store:
 
     # -- transactions ------------------------------------------------------------
     @contextmanager
-    def read(self) -> Iterator[Tables]:
-        """A read transaction: a consistent view of every table."""
+    def read(self, buffers: bool = False) -> Iterator[Tables]:
+        """A read transaction: a consistent view of every table. `buffers`: values
+        are memoryviews into the index, valid until the next operation (to look at
+        parts of large values without copying them)."""
         with self._lock.reading():
-            txn, tables = self._index.begin()
+            txn, tables = self._index.begin(buffers=buffers)
             try:
                 yield tables
             finally:

@@ -198,6 +198,14 @@ class WalkCacheTable(_Table):
         for k, v in self._items():
             yield bytes(k), bytes(v[:ID_LEN])
 
+    def of_layer(self, layer_id: bytes) -> bytes | None:
+        """A walk cache of `layer_id`'s tree kept under any path, or None. Reads each
+        value's first 32 bytes only in a transaction opened with `buffers`."""
+        for _k, v in self._items():
+            if v[:ID_LEN] == layer_id:
+                return bytes(v)
+        return None
+
 
 class FingerprintTable(_Table):
     """`fingerprints`: BLAKE3 of a directory's real path -> (tree fingerprint, id of the
