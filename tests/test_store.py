@@ -293,6 +293,48 @@ def test_pack_reader_caches_decoded_frames(tmp_path: Path) -> None:
         reader.close()
 
 
+def test_pack_reader_threads_share_a_frame_and_its_error(tmp_path: Path) -> None:
+    """Threads that want a frame another is decompressing wait for it instead of
+    decompressing it again (a writer's workers read neighbouring bases): every read
+    still gets its bytes, and when the frame is damaged every waiter gets the error,
+    none waits forever."""
+    import random
+    import threading
+
+    data = [b"".join(b"line %d of chunk %d\n" % (j, i) for j in range(25_000))
+            for i in range(12)]  # 5 MB of text: two frames, compressed
+    locs = write_pack(tmp_path, data)
+    assert len({loc.offset for loc in locs.values()}) >= 2
+
+    def hammer(reader: PackReader, wanted: list[bytes], results: list) -> None:
+        order = list(wanted)
+        random.Random(len(results)).shuffle(order)
+        try:
+            results.append(all(reader.read(locs[cid(d)]) == d for d in order))
+        except CorruptData as e:
+            results.append(e)
+
+    def run(reader: PackReader, wanted: list[bytes]) -> list:
+        results: list = []
+        threads = [threading.Thread(target=hammer, args=(reader, wanted, results))
+                   for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+            assert not t.is_alive()
+        reader.close()
+        return results
+
+    assert run(PackReader(tmp_path, cache_frames=1), data) == [True] * 8
+    first = min(loc.offset for loc in locs.values())
+    pack = next(tmp_path.glob("*/*.pack"))
+    _flip(pack, first)  # the frame's magic: every read of it fails
+    in_first = [d for d in data if locs[cid(d)].offset == first]
+    results = run(PackReader(tmp_path, cache_frames=1), in_first)
+    assert len(results) == 8 and all(isinstance(r, CorruptData) for r in results)
+
+
 def test_pack_reader_missing_pack(tmp_path: Path) -> None:
     reader = PackReader(tmp_path)
     with pytest.raises(CorruptData, match="missing"):

@@ -477,7 +477,7 @@ class PackReader:
     """Reads chunks by location, keeping a few decompressed frames (sequential reads of
     one file hit the same frame many times). Safe to share between threads: files are
     read with pread, the caches are guarded by a lock, and frames are decompressed
-    outside it (two threads may then decompress one frame; both results are equal)."""
+    outside it (a thread that wants a frame another is decompressing waits for it)."""
 
     def __init__(self, root: Path, cache_frames: int = 8,
                  base_reader: Callable[[list[bytes]], bytes] | None = None) -> None:
@@ -489,6 +489,7 @@ class PackReader:
         self._frames: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._bases: OrderedDict[tuple[bytes, ...], bytes] = OrderedDict()
         self.cache_frames = cache_frames
+        self._loading: dict[tuple[str, int], threading.Event] = {}  # being decompressed
         self._lock = threading.Lock()
         self._active = 0  # threads inside pread
         self._retired: list[int] = []  # descriptors to close when none is
@@ -540,20 +541,43 @@ class PackReader:
             if raw is not None and (delta_ok or not loc.delta):
                 self._frames.move_to_end(key)
                 return raw
-        buf = self._read(loc.pack, loc.offset, loc.frame_len)
-        frame = decode_frame(buf, loc.offset, f"pack {loc.pack}")
-        base = None
-        if frame.codec == CODEC_DELTA:
-            if not delta_ok:
-                raise CorruptData(f"pack {loc.pack}: the frame at offset {loc.offset} is "
-                                  "a delta but is read as the base of another")
-            base = self._base(frame.base, base_reader)
-        raw = frame.raw(base)
-        with self._lock:
-            self._frames[key] = raw
-            if len(self._frames) > self.cache_frames:
-                self._frames.popitem(last=False)
-        return raw
+            # A frame another thread is decompressing is waited for, not decompressed
+            # twice (a writer's two threads read the bases of neighbouring files: 30 of
+            # 74 frames read for an upgrade's deltas were such doubles).
+            loading = self._loading.get(key)
+            if loading is None:
+                loading = self._loading[key] = threading.Event()
+                mine = True
+            else:
+                mine = False
+        if not mine:
+            loading.wait()
+            with self._lock:
+                raw = self._frames.get(key)
+                if raw is not None and (delta_ok or not loc.delta):
+                    self._frames.move_to_end(key)
+                    return raw
+            # it failed (read it for our own error), or was let go already
+        try:
+            buf = self._read(loc.pack, loc.offset, loc.frame_len)
+            frame = decode_frame(buf, loc.offset, f"pack {loc.pack}")
+            base = None
+            if frame.codec == CODEC_DELTA:
+                if not delta_ok:
+                    raise CorruptData(f"pack {loc.pack}: the frame at offset {loc.offset} "
+                                      "is a delta but is read as the base of another")
+                base = self._base(frame.base, base_reader)
+            raw = frame.raw(base)
+            with self._lock:
+                self._frames[key] = raw
+                if len(self._frames) > self.cache_frames:
+                    self._frames.popitem(last=False)
+            return raw
+        finally:
+            if mine:
+                with self._lock:
+                    del self._loading[key]
+                loading.set()
 
     def read_frame(self, loc: Location) -> Frame:
         """The frame at `loc`, read and parsed (its header checked), not decompressed
