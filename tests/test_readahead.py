@@ -112,3 +112,29 @@ def test_closed_early_the_thread_stops(chain) -> None:
     assert threading.active_count() == before + 1
     it.close()
     assert threading.active_count() == before
+
+
+@pytest.mark.parametrize("prefetch", [False, True], ids=["plain", "prefetch"])
+def test_a_damaged_delta_frame_fails_at_its_first_chunk(chain, prefetch: bool) -> None:
+    """A window's delta frames are read, and their bases looked up, when the window's
+    chunks are: a delta frame whose header is damaged fails where its first chunk is
+    asked for, after every chunk before it."""
+    store, ids = chain
+    with store.read() as t:
+        locs = [t.chunks.get(cid) for cid in ids]
+    k = next(n for n, loc in enumerate(locs) if n > 10 and loc.delta)
+    loc = locs[k]
+    path = next(store.packs_root.glob(f"*/{loc.pack}.pack"))
+    with open(path, "r+b") as f:  # a byte of its table: the header checksum fails
+        f.seek(loc.offset + packs_mod.FRAME_HEADER.size + 3)
+        b = f.read(1)
+        f.seek(loc.offset + packs_mod.FRAME_HEADER.size + 3)
+        f.write(bytes([b[0] ^ 0xFF]))
+    store.reader.close()
+    got = []
+    with pytest.raises(CorruptData, match="checksum"):
+        for data in verified_chunks(store, ids, prefetch):
+            got.append(bytes(data))
+    first = min(n for n, other in enumerate(locs)
+                if (other.pack, other.offset) == (loc.pack, loc.offset))
+    assert len(got) == first

@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING
 import blake3
 
 from ..errors import CorruptData, StoreError
-from .packs import CODEC_DELTA, LOCATION_STRUCT, Location, PackReader
+from .packs import CODEC_DELTA, LOCATION_STRUCT, Frame, Location, PackReader
 
 if TYPE_CHECKING:
     from .repository import Store
+    from .tables import Tables
 
 _BATCH_BYTES = 4 << 20  # chunks handed over together, to keep queue operations few
 _LOOKUP = 4096  # chunk ids looked up per read transaction
@@ -130,6 +131,7 @@ def _verified(store: Store, ids: list[bytes], frames: _Frames) -> Iterator[bytes
         window = ids[base : base + _LOOKUP]
         with store.read() as t:
             raws = t.chunks.encoded_many(window)
+            frames.read_deltas(t, raws)
         frames.plan(window, raws, i + 1)
         for cid, raw in zip(window, raws, strict=True):
             i += 1
@@ -238,6 +240,8 @@ class _Frames:
         self._last_base: list[bytes] = []  # the base of the last delta frame read
         self._deltas: OrderedDict[tuple[str, int], tuple[memoryview, list[bytes]]] = \
             OrderedDict()
+        # the window's delta frames read, their bases' encoded locations (`read_deltas`)
+        self._ready: dict[tuple[str, int], tuple[Frame, list[bytes | None]] | None] = {}
 
     def plan(self, ids: list[bytes], raws: list[bytes | None], first: int) -> None:
         """With a prefetch thread: tell it the frames that the chunks `ids` (from the
@@ -327,6 +331,34 @@ class _Frames:
         self._lru[key] = (view, buf)
         return view
 
+    def read_deltas(self, t: Tables, raws: list[bytes | None]) -> None:
+        """Read the delta frames of these encoded locations (a window of the chunks
+        next asked for) and look their bases up in the window's transaction `t`: one
+        lookup for them all, not a transaction a delta frame. A frame that cannot be
+        read now is read again when it is asked for, and fails there."""
+        self._ready.clear()
+        got: list[tuple[tuple[str, int], Frame]] = []
+        ids: list[bytes] = []
+        for raw in raws:
+            if raw is None or not raw[-1] & 1:
+                continue
+            loc = Location.decode(raw)
+            key = (loc.pack, loc.offset)
+            if key in self._ready or key in self._deltas:
+                continue
+            try:
+                frame = self.reader.read_frame(loc)
+            except (CorruptData, OSError):
+                continue
+            self._ready[key] = None
+            got.append((key, frame))
+            ids += frame.base
+        found = t.chunks.encoded_many(ids)
+        at = 0
+        for key, frame in got:
+            self._ready[key] = (frame, found[at : at + len(frame.base)])
+            at += len(frame.base)
+
     def _delta(self, loc: Location) -> memoryview:
         """A delta frame's raw bytes (a new buffer: good as long as it is held). The
         last two are kept: a file changed in places has its new chunks in a delta
@@ -336,11 +368,15 @@ class _Frames:
         if hit is not None:
             self._last_base = hit[1]
             return hit[0]
-        frame = self.reader.read_frame(loc)
+        ready = self._ready.pop(key, None)
+        if ready is not None:
+            frame, base_raws = ready
+        else:
+            frame, base_raws = self.reader.read_frame(loc), None
         self._last_base = frame.base
         if frame.codec != CODEC_DELTA:  # the index says delta, the frame does not
             return memoryview(frame.raw())
-        base = self._base(frame.base)
+        base = self._base(frame.base, base_raws)
         try:
             raw = memoryview(frame.raw(base))
         except CorruptData:
@@ -357,15 +393,16 @@ class _Frames:
         or damaged one."""
         self.store.read_base(self._last_base)
 
-    def _base(self, ids: list[bytes]) -> memoryview:
+    def _base(self, ids: list[bytes], raws: list[bytes | None] | None = None) -> memoryview:
         """A delta frame's base, its chunks sliced from the frames kept here (the
         frames a checkout reads anyway are not decompressed a second time in the pack
         reader's own cache), not verified: a view of a kept frame for a base of one
         chunk, else of a buffer reused for the next base, good until the next call.
         Missing, delta or unreadable chunks are CorruptData in `Store.read_base`'s
         words."""
-        with self.store.read() as t:
-            raws = t.chunks.encoded_many(ids)
+        if raws is None:  # not looked up with the window's chunks
+            with self.store.read() as t:
+                raws = t.chunks.encoded_many(ids)
         locs = []
         for cid, raw in zip(ids, raws, strict=True):
             if raw is None:
