@@ -7,6 +7,8 @@
   before each run, re-snapshotted onto the previous layer, against `git add -A` of
   the same change (each tool sees its own fresh 1%: the same count, other files);
   with the peak RSS of each;
+- links (not by default): `smallfiles` in a tree whose every file is a hardlink to a
+  file of a content store outside it (a pnpm node_modules), edited through the store;
 - checkout: a tree restored onto tmpfs, against `zstd -dc image.tar.zst | tar -x`
   of a full image of the same tree (zstd -3), and `pylayers checkout --link`;
 - chain (not by default): the same for the last of the six versions of the wheels
@@ -18,7 +20,7 @@ Each measured command is its own process, the tools alternate, medians are repor
 with their ratio to the baseline (peak RSS by GNU time when installed).
 
     python -m bench.bench_paths [--files 100000] [--tree DIR] [--repeat 5] [--out FILE]
-        [--only unchanged,smallfiles,checkout,chain] [--work DIR] [--wheel-cache DIR]
+        [--only unchanged,smallfiles,links,checkout,chain] [--work DIR] [--wheel-cache DIR]
         [--chain-trees DIR,DIR,...]
 
 --tree: a real directory to use for `unchanged` and `checkout` (default: a generated
@@ -166,6 +168,46 @@ def smallfiles(work: Path, files: int, repeat: int) -> dict:
             "peak_rss_mib": max(rss) / 1024, "runs": {"pylayers": pl, "git": git}}
 
 
+def links(work: Path, files: int, repeat: int) -> dict:
+    """A pnpm-like tree: every file a hardlink to a file of a content store outside the
+    tree; 1% of the store's files appended to before each run, re-snapshotted onto the
+    previous layer, against `git add -A` of the same change (each tool its own fresh
+    1%, as in `smallfiles`)."""
+    cas, tree = work / "links-cas", work / "links-tree"
+    make_tree(cas, files, 32, 4096, seed=5)
+    names = list_files(cas)
+    for f in names:
+        dest = tree / os.path.relpath(f, cas)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.link(f, dest)
+    store = work / "store-links"
+    time.sleep(RACY_S)
+    _checked(pylayers(store, "snapshot", os.fspath(tree), "--tag", "l0"))
+    gitdir = work / "git-links"
+    _checked(Cmd(["git", "init", "-q", "--bare", os.fspath(gitdir)]))
+    _checked(Cmd(_git(gitdir, tree, "add", "-A")))
+    rnd = random.Random(9)
+    pl, git = [], []
+    cpu: dict[str, list[float]] = {"pl": [], "git": []}
+    for r in range(repeat):
+        for key in (["pl", "git"] if r % 2 == 0 else ["git", "pl"]):
+            touch_some(names, 0.01, rnd)
+            time.sleep(RACY_S)
+            if key == "pl":
+                res = _checked(pylayers(store, "snapshot", os.fspath(tree), "--parent",
+                                        f"l{r}", "--tag", f"l{r + 1}"))
+                pl.append(res.seconds)
+            else:
+                res = _checked(Cmd(_git(gitdir, tree, "add", "-A")))
+                git.append(res.seconds)
+            cpu[key].append(res.cpu)  # type: ignore[attr-defined]
+    return {"files": files, "pylayers_s": med(pl), "git_add_s": med(git),
+            "ratio_vs_git_add": med(pl) / med(git),
+            "cpu_s": {k: med(v) for k, v in cpu.items()},
+            "cpu_ratio_vs_git_add": med(cpu["pl"]) / med(cpu["git"]),
+            "runs": {"pylayers": pl, "git": git}}
+
+
 def wheels_chain(work: Path, cache: Path) -> tuple[Path, Path, str]:
     """The realistic chain (bench/pyenv_wheels.py: six versions of a pip-built env, each
     upgrading a few packages) snapshotted version after version into one store, as a
@@ -246,7 +288,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--only", default="unchanged,smallfiles,checkout",
                     help="also: chain (checkout of the wheels chain's last version, from a "
-                         "store holding all six; needs the wheel cache)")
+                         "store holding all six; needs the wheel cache); links (smallfiles "
+                         "as hardlinks into a store outside the tree, as pnpm makes them)")
     ap.add_argument("--wheel-cache", type=Path, help="wheels for --only chain "
                     "(default: bench/pyenv_wheels.py's)")
     ap.add_argument("--chain-trees", help="for --only chain: version trees, comma-"
@@ -270,6 +313,9 @@ def main() -> None:
         if "smallfiles" in only:
             results["smallfiles"] = smallfiles(work, args.files, args.repeat)
             print(json.dumps(results["smallfiles"]), file=sys.stderr)
+        if "links" in only:
+            results["links"] = links(work, args.files, args.repeat)
+            print(json.dumps(results["links"]), file=sys.stderr)
         if "checkout" in only:
             results["checkout"] = checkout(work, tree, args.repeat)
             print(json.dumps(results["checkout"]), file=sys.stderr)
