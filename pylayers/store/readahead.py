@@ -172,29 +172,53 @@ class _Prefetch:
     into a buffer from `free`; the results come out of `done` in the same order, as
     (frame key, its raw bytes or the exception met, the buffer). zstd releases the GIL
     while it decompresses, which is most of the work; the thread holds at most the
-    buffers it was given."""
+    buffers it was given. Each planned frame is a [location, who] list: the reader may
+    take a frame the thread has not started (`take`), when the thread is behind (on a
+    busy machine); the thread then skips it and says so in `done` with (key, None,
+    None)."""
+
+    WAITING, THREAD, READER = 0, 1, 2
 
     def __init__(self, reader: PackReader, buffers: int = 2) -> None:
         self.reader = reader
-        self.todo: queue.SimpleQueue = queue.SimpleQueue()  # locations; None: stop
+        self.todo: queue.SimpleQueue = queue.SimpleQueue()  # planned frames; None: stop
         self.done: queue.SimpleQueue = queue.SimpleQueue()
         self.free: queue.SimpleQueue = queue.SimpleQueue()  # buffers; None: stop
         self.stop = False
+        self.lock = threading.Lock()
         for _ in range(buffers):
             self.free.put(bytearray(_SCRATCH_BYTES))
         self.thread = threading.Thread(target=self._run, name="pylayers-decompress",
                                        daemon=True)
         self.thread.start()
 
+    def take(self, item: list) -> bool:
+        """Whether the reader takes the planned frame `item` (the thread has not
+        started it)."""
+        with self.lock:
+            if item[1] == self.WAITING:
+                item[1] = self.READER
+                return True
+            return False
+
     def _run(self) -> None:
         while True:
-            loc = self.todo.get()
-            if loc is None or self.stop:
+            item = self.todo.get()
+            if item is None or self.stop:
                 return
             buf = self.free.get()
             if buf is None:
                 return
+            loc = item[0]
             key = (loc.pack, loc.offset)
+            with self.lock:
+                mine = item[1] == self.WAITING
+                if mine:
+                    item[1] = self.THREAD
+            if not mine:  # the reader took it
+                self.free.put(buf)
+                self.done.put((key, None, None))
+                continue
             try:
                 self.done.put((key, self.reader.frame_into(loc, buf), buf))
             except Exception as e:  # raised where the reader asks for this frame
@@ -232,8 +256,9 @@ class _Frames:
         self._lru: OrderedDict[tuple[str, int], tuple[memoryview, bytearray]] = OrderedDict()
         self._spare: bytearray | None = None
         self._prefetch = _Prefetch(self.reader) if prefetch else None
-        # frames given to the prefetcher, in order: the first chunk that needs each
-        self._planned: OrderedDict[tuple[str, int], int] = OrderedDict()
+        # frames given to the prefetcher, in order: the first chunk that needs each,
+        # and the prefetcher's item for it
+        self._planned: OrderedDict[tuple[str, int], tuple[int, list]] = OrderedDict()
         self.at = 0  # the chunk being read (set by the reader)
         self._met: set[bytes] = set()  # chunks planned for
         self._base_buf = bytearray()  # a base of several chunks, gathered
@@ -265,8 +290,9 @@ class _Frames:
             key = (loc.pack, offset)
             if key in self._lru or key in self._planned:
                 continue
-            self._planned[key] = i
-            self._prefetch.todo.put(loc)
+            item = [loc, _Prefetch.WAITING]
+            self._planned[key] = (i, item)
+            self._prefetch.todo.put(item)
 
     def close(self) -> None:
         if self._prefetch is not None:
@@ -282,11 +308,17 @@ class _Frames:
         now."""
         pf = self._prefetch
         while self._planned:
-            head, first = next(iter(self._planned.items()))
+            head, (first, item) = next(iter(self._planned.items()))
             if head != key and first >= self.at and head not in self._lru:
                 return None  # wanted later
             del self._planned[head]
+            if pf.take(item):  # not started: read here if wanted, else never
+                if head == key:
+                    return None
+                continue
             got, view, buf = pf.done.get()  # decompressed in order
+            while buf is None:  # frames the reader took, skipped
+                got, view, buf = pf.done.get()
             if got != head:
                 raise StoreError("the checkout's frame prefetcher is out of step")
             if got != key:
