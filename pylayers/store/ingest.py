@@ -389,8 +389,13 @@ class ChunkWriter:
                 if total > DELTA_MAX or not (own or f.size <= 4 * total <= 16 * f.size):
                     continue
                 reader, charged = self.store.reader, self._charged
-                frames = {(loc.pack, loc.offset) for loc in locs
-                          if (loc.pack, loc.offset) not in charged and not reader.holds(loc)}
+                frames = set()
+                for loc in locs:
+                    key = (loc.pack, loc.offset)
+                    if key in charged:
+                        charged.move_to_end(key)
+                    elif not reader.holds(loc):
+                        frames.add(key)
                 cost = FRAME_TARGET * len(frames)
                 if cost > self._base_budget:
                     self.bases_skipped += 1
