@@ -286,18 +286,28 @@ static int cmp_inode_refs(const void *a, const void *b)
     return x->i < y->i ? -1 : x->i > y->i;
 }
 
+static int multi_link(const uint8_t *buf, size_t off)
+{
+    const uint8_t *f = buf + off + 2 + PLEN(buf, off);
+    return S_ISREG(get_u32(f + OFF_MODE)) && get_u64(f + OFF_NLINK) > 1;
+}
+
 /* The regular records of more than one link in `buf` (offsets `offs`), as inode refs
- * sorted by (dev, ino); their count, or -ENOMEM. */
+ * sorted by (dev, ino); their count, or -ENOMEM. Counted first, so a tree of a million
+ * files with a few links takes a few refs, not a million. */
 static int64_t multi_link_files(const uint8_t *buf, const size_t *offs, size_t n,
                                 inode_ref **out)
 {
     size_t k = 0;
-    inode_ref *refs = malloc((n ? n : 1) * sizeof *refs);
+    for (size_t i = 0; i < n; i++)
+        k += (size_t)multi_link(buf, offs[i]);
+    inode_ref *refs = malloc((k ? k : 1) * sizeof *refs);
     if (!refs)
         return -ENOMEM;
+    k = 0;
     for (size_t i = 0; i < n; i++) {
-        const uint8_t *f = buf + offs[i] + 2 + PLEN(buf, offs[i]);
-        if (S_ISREG(get_u32(f + OFF_MODE)) && get_u64(f + OFF_NLINK) > 1) {
+        if (multi_link(buf, offs[i])) {
+            const uint8_t *f = buf + offs[i] + 2 + PLEN(buf, offs[i]);
             refs[k].dev = get_u64(f + OFF_DEV);
             refs[k].ino = get_u64(f + OFF_INO);
             refs[k].i = i;
@@ -322,6 +332,10 @@ static int group_links(const uint8_t *old, const size_t *oo, size_t on,
     int64_t nk = multi_link_files(new_, no, nn, &nr);
     if (nk < 0)
         return (int)nk;
+    if (nk == 0) {  /* no file of several links: nothing to group */
+        free(nr);
+        return 0;
+    }
     int64_t ok = multi_link_files(old, oo, on, &orf);
     if (ok < 0) {
         free(nr);

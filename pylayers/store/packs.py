@@ -208,9 +208,9 @@ DELTA_HASH_LOG = 20
 # 0.9 and 1.0, and the 5 between 0.75 and 0.9 were large shared libraries that a delta
 # still made 20% smaller (0.56 MB of 2.9).
 DELTA_KEEP = 0.9
+DELTA_EARLY = 16
 # jobs a writer keeps queued at most (see PackWriter._wait_room)
 PENDING_MAX = 64
-DELTA_EARLY = 16
 
 
 def _delta_params(level: int, base_len: int, raw_len: int):
