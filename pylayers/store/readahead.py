@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import blake3
 
 from ..errors import CorruptData, StoreError
-from .packs import CODEC_DELTA, LOCATION_STRUCT, Frame, Location, PackReader
+from .packs import CODEC_DELTA, LOCATION_STRUCT, Frame, Location, PackReader, delta_into
 
 if TYPE_CHECKING:
     from .repository import Store
@@ -35,6 +35,7 @@ _BATCH_BYTES = 4 << 20  # chunks handed over together, to keep queue operations 
 _LOOKUP = 4096  # chunk ids looked up per read transaction
 KEEP_BYTES = 64 << 20  # chunks read again later, kept verified meanwhile
 _SCRATCH_BYTES = 8 << 20  # a decompression buffer: a frame holds 4 MiB and one chunk more
+_DELTA_BUFFER = 1 << 20  # a delta frame's buffer, at least (most hold one small file)
 FRAME_CACHE = 8  # frames kept decompressed (a chain's new version interleaves old ones)
 _DONE = object()
 
@@ -263,8 +264,11 @@ class _Frames:
         self._met: set[bytes] = set()  # chunks planned for
         self._base_buf = bytearray()  # a base of several chunks, gathered
         self._last_base: list[bytes] = []  # the base of the last delta frame read
-        self._deltas: OrderedDict[tuple[str, int], tuple[memoryview, list[bytes]]] = \
+        # the last delta frames read: (raw bytes, base ids, the buffer holding them)
+        self._deltas: OrderedDict[tuple[str, int],
+                                  tuple[memoryview, list[bytes], bytearray | None]] = \
             OrderedDict()
+        self._delta_spare = bytearray()  # the buffer of the delta frame let go last
         # the window's delta frames read, their bases' encoded locations (`read_deltas`)
         self._ready: dict[tuple[str, int], tuple[Frame, list[bytes | None]] | None] = {}
 
@@ -392,9 +396,10 @@ class _Frames:
             at += len(frame.base)
 
     def _delta(self, loc: Location) -> memoryview:
-        """A delta frame's raw bytes (a new buffer: good as long as it is held). The
+        """A delta frame's raw bytes, good until two other delta frames were read. The
         last two are kept: a file changed in places has its new chunks in a delta
-        frame, between chunks of an older one, so its delta frame comes back."""
+        frame, between chunks of an older one, so its delta frame comes back. Each is
+        decompressed into the buffer of the one let go last (`packs.delta_into`)."""
         key = (loc.pack, loc.offset)
         hit = self._deltas.get(key)
         if hit is not None:
@@ -409,14 +414,21 @@ class _Frames:
         if frame.codec != CODEC_DELTA:  # the index says delta, the frame does not
             return memoryview(frame.raw())
         base = self._base(frame.base, base_raws)
+        buf = self._delta_spare
+        if len(buf) < frame.raw_len:
+            buf = bytearray(max(frame.raw_len, _DELTA_BUFFER))
         try:
-            raw = memoryview(frame.raw(base))
+            raw = delta_into(frame, base, buf)
         except CorruptData:
             self.check_base()  # a damaged base is the likelier cause: named first
             raise
-        self._deltas[key] = (raw, frame.base)
-        if len(self._deltas) > 2:
-            self._deltas.popitem(last=False)
+        held = raw.obj  # `buf` (bytes where zstd's cffi module is missing)
+        self._delta_spare = bytearray()
+        self._deltas[key] = (raw, frame.base, held if isinstance(held, bytearray) else None)
+        if len(self._deltas) > 2:  # its buffer is the next delta frame's
+            _key, (_raw, _base, spare) = self._deltas.popitem(last=False)
+            if spare is not None:
+                self._delta_spare = spare
         return raw
 
     def check_base(self) -> None:
