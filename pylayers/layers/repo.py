@@ -36,10 +36,19 @@ from ..store.repository import Store
 from ..store.tables import Tables
 from . import fingerprint, refs, walkcache
 from .ignore import Exclusions
-from .manifest import DIR, HARDLINK, REG, WHITEOUT, Entry, ManifestEncoder, decode_manifest
+from .manifest import (
+    DIR,
+    HARDLINK,
+    REG,
+    WHITEOUT,
+    Entry,
+    ManifestEncoder,
+    decode_manifest,
+    manifest_parent,
+)
 from .refs import check_tag
 from .scan import RACY_NS, Scanner, ScanStats, XattrProbe
-from .tree import apply_layer, diff_layer, validate_tree
+from .tree import chain_tree, diff_layer, validate_tree
 
 if TYPE_CHECKING:
     from .walkahead import WalkAhead
@@ -214,15 +223,19 @@ class Layers:
     # -- reading -------------------------------------------------------------------
     def entries(self, layer_id: bytes) -> list[Entry]:
         """The layer's own entries (a diff against its parent)."""
+        return decode_manifest(self._manifest(layer_id))[1]
+
+    def _manifest(self, layer_id: bytes) -> bytearray:
+        """The layer's manifest bytes, checked against its id, naming its record's
+        parent."""
         rec = self.record(layer_id)
         data = read_manifest(self.store, layer_id, rec.manifest)
         if blake3.blake3(data).digest() != layer_id:
             raise CorruptData(f"manifest of layer {layer_id.hex()} does not match its id")
-        parent, own = decode_manifest(data)
-        if parent != rec.parent:  # the record is covered by no id; the manifest is
+        if manifest_parent(data) != rec.parent:  # the record is covered by no id
             raise CorruptData(f"layer {layer_id.hex()[:12]}: its record and its manifest "
                               "name different parents")
-        return own
+        return data
 
     def chain(self, layer_id: bytes) -> list[bytes]:
         """The layer and its ancestors, newest first."""
@@ -246,10 +259,7 @@ class Layers:
             if lid in self._trees:
                 tree, start = self._trees[lid], i
                 break
-        own: list[Entry] = []
-        for lid in reversed(chain[:start]):
-            own = self.entries(lid)
-            tree = apply_layer(tree, own)
+        tree, own = chain_tree(tree, [self._manifest(lid) for lid in reversed(chain[:start])])
         validate_tree(tree, own, f"layer {layer_id.hex()[:12]}")  # what every reader relies on
         self._trees = {layer_id: tree}
         return tree

@@ -10,7 +10,17 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from ..errors import UnsafePath, short_path
-from .manifest import DIR, HARDLINK, REG, WHITEOUT, Entry
+from .manifest import (
+    DIR,
+    HARDLINK,
+    OPAQUE,
+    REG,
+    WHITEOUT,
+    Entry,
+    decode_entries_at,
+    decode_manifest,
+    scan_manifest,
+)
 
 
 def apply_layer(base: list[Entry], layer: list[Entry]) -> list[Entry]:
@@ -37,6 +47,62 @@ def apply_layer(base: list[Entry], layer: list[Entry]) -> list[Entry]:
             while i < n and base[i].key.startswith(prefix):
                 i += 1
         if e.kind != WHITEOUT:
+            out.append(e)
+    out.extend(base[i:])
+    return out
+
+
+def chain_tree(base: list[Entry], manifests: list[bytes | bytearray]
+               ) -> tuple[list[Entry], list[Entry]]:
+    """(the tree, the last layer's own entries) of the layers whose manifests are
+    `manifests` (oldest first; each already checked against its layer id) put on
+    `base` one after the other: what `apply_layer` gives, applied to each one's
+    decoded entries. Only the last layer is decoded whole. The others are scanned
+    (`scan_manifest`: sort keys, kinds, flags), applied as those, and only their
+    entries that reach the tree are decoded: in a chain of versions most entries of
+    an older layer are replaced by a newer one (a six-version chain of a pip-built
+    env: 23k of 36k), and decoding an entry costs four times scanning it. An entry
+    that never reaches the tree is checked only as far as applying it needs (its
+    order, kind and flags; fsck decodes every entry)."""
+    if not manifests:
+        return base, []
+    own = decode_manifest(manifests[-1])[1]
+    older = manifests[:-1]
+    if not older:
+        return apply_layer(base, own), own
+    # (key, kind, flags, layer, offset) of a scanned entry; layer -1: a decoded
+    # entry, the last element
+    tree: list[tuple] = [(e.key, e.kind, e.flags, -1, e) for e in base]
+    for n, data in enumerate(older):
+        tree = _apply_scanned(tree, scan_manifest(data, n))
+    tree = _apply_scanned(tree, [(e.key, e.kind, e.flags, -1, e) for e in own])
+    starts: list[list[int]] = [[] for _ in older]
+    for t in tree:
+        if t[3] >= 0:
+            starts[t[3]].append(t[4])
+    decoded = [iter(decode_entries_at(data, at)) for data, at in zip(older, starts,
+                                                                     strict=True)]
+    return [t[4] if t[3] < 0 else next(decoded[t[3]]) for t in tree], own
+
+
+def _apply_scanned(base: list[tuple], layer: list[tuple]) -> list[tuple]:
+    """`apply_layer` on (key, kind, flags, ...) tuples."""
+    out: list[tuple] = []
+    i, n = 0, len(base)
+    for e in layer:
+        k, kind = e[0], e[1]
+        while i < n and base[i][0] < k:
+            out.append(base[i])
+            i += 1
+        replaced_dir = False
+        if i < n and base[i][0] == k:
+            replaced_dir = base[i][1] == DIR
+            i += 1
+        if kind == WHITEOUT or e[2] & OPAQUE or (replaced_dir and kind != DIR):
+            prefix = k + b"\x00"
+            while i < n and base[i][0].startswith(prefix):
+                i += 1
+        if kind != WHITEOUT:
             out.append(e)
     out.extend(base[i:])
     return out
