@@ -70,6 +70,42 @@ def test_prefetch_gives_what_the_plain_reader_gives(chain) -> None:
     assert read_slowly(store, ids, True) == read_slowly(store, ids, False)
 
 
+@pytest.mark.parametrize("first,most", [(1, 4), (4, 16), (256, 4096)])
+def test_every_window_size_gives_each_chunk(chain, monkeypatch, first: int,
+                                            most: int) -> None:
+    """Chunks are looked up in windows growing from `_FIRST_LOOKUP` to `_LOOKUP`; the
+    chunks given are the store's, whatever the windows."""
+    store, ids = chain
+    monkeypatch.setattr(readahead, "_FIRST_LOOKUP", first)
+    monkeypatch.setattr(readahead, "_LOOKUP", most)
+    want = [store.read_chunk(cid) for cid in ids]
+    for prefetch in (False, True):
+        assert read_slowly(store, ids, prefetch) == want
+
+
+def test_read_frames_reads_runs_of_frames_as_read_frame_does(chain) -> None:
+    """Delta frames and others, several packs, in any order, with a location past
+    its pack's end among them (None: read alone, it raises)."""
+    store, ids = chain
+    with store.read() as t:
+        locs = list({(loc.pack, loc.offset): loc
+                     for loc in (t.chunks.get(cid) for cid in ids)}.values())
+    assert len({loc.pack for loc in locs}) > 1 and any(loc.delta for loc in locs)
+    locs.reverse()
+    bad = locs[3]._replace(offset=10 << 30)
+    locs.insert(5, bad)
+    reader = store.reader
+    got = reader.read_frames(locs, gap=4 << 10, span=256 << 10)
+    for loc, frame in zip(locs, got, strict=True):
+        if loc is bad:
+            assert frame is None
+            with pytest.raises(CorruptData):
+                reader.read_frame(loc)
+        else:
+            assert frame == reader.read_frame(loc)
+    assert reader.read_frames([]) == []
+
+
 def _damage(store: Store, cid: bytes) -> None:
     """Flip a byte near the end of the payload of the chunk's frame (its data in a raw
     frame, the zstd stream else: decompression fails, or yields other bytes)."""

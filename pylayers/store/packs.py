@@ -646,6 +646,42 @@ class PackReader:
         return decode_frame(self._read(loc.pack, loc.offset, loc.frame_len), loc.offset,
                             f"pack {loc.pack}")
 
+    def read_frames(self, locs: list[Location], gap: int = 64 << 10,
+                    span: int = 4 << 20) -> list[Frame | None]:
+        """The frames at `locs`, each read and parsed as `read_frame` does; frames of
+        one pack close together (at most `gap` bytes between them, at most `span` in
+        all) in one read: a checkout's delta frames, thousands of a few KiB, were
+        written in runs (a six-version chain's 4,750 are 23 runs). None for a frame
+        that cannot be read or parsed: `read_frame` of it raises the error."""
+        out: list[Frame | None] = [None] * len(locs)
+        order = sorted(range(len(locs)), key=lambda n: (locs[n].pack, locs[n].offset))
+        i = 0
+        while i < len(order):
+            first = locs[order[i]]
+            end = first.offset + first.frame_len
+            j = i + 1
+            while j < len(order):
+                loc = locs[order[j]]
+                if (loc.pack != first.pack or loc.offset - end > gap
+                        or loc.offset + loc.frame_len - first.offset > span):
+                    break
+                end = max(end, loc.offset + loc.frame_len)
+                j += 1
+            try:
+                buf = self._read(first.pack, first.offset, end - first.offset)
+            except (CorruptData, OSError):
+                buf = b""
+            for n in order[i:j]:
+                loc = locs[n]
+                at = loc.offset - first.offset
+                try:
+                    out[n] = decode_frame(buf[at : at + loc.frame_len], loc.offset,
+                                          f"pack {loc.pack}")
+                except CorruptData:
+                    pass
+            i = j
+        return out
+
     def frame_into(self, loc: Location, scratch: bytearray) -> memoryview:
         """The frame's raw bytes, decompressed into `scratch` when it is large enough
         (else into a new buffer), not cached: for a caller that reads frames one after

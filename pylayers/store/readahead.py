@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 
 _BATCH_BYTES = 4 << 20  # chunks handed over together, to keep queue operations few
 _LOOKUP = 4096  # chunk ids looked up per read transaction
+# the first look-up is smaller (then 4x larger each time up to _LOOKUP): the writer
+# waits for the first chunk while its window's delta frames are read
+_FIRST_LOOKUP = 256
 KEEP_BYTES = 64 << 20  # chunks read again later, kept verified meanwhile
 _SCRATCH_BYTES = 8 << 20  # a decompression buffer: a frame holds 4 MiB and one chunk more
 _DELTA_BUFFER = 1 << 20  # a delta frame's buffer, at least (most hold one small file)
@@ -128,12 +131,15 @@ def _verified(store: Store, ids: list[bytes], frames: _Frames) -> Iterator[bytes
     frame_pack, frame_offset = b"", -1
     frame = memoryview(b"")
     i = -1
-    for base in range(0, len(ids), _LOOKUP):
-        window = ids[base : base + _LOOKUP]
+    looked, size = 0, _FIRST_LOOKUP  # ids looked up so far; the next window's size
+    while looked < len(ids):
+        window = ids[looked : looked + size]
+        looked += len(window)
+        size = min(size * 4, _LOOKUP)
         with store.read() as t:
             raws = t.chunks.encoded_many(window)
+            frames.plan(window, raws, i + 1)  # the prefetch thread starts on them
             frames.read_deltas(t, raws)
-        frames.plan(window, raws, i + 1)
         for cid, raw in zip(window, raws, strict=True):
             i += 1
             if kept and cid in kept:
@@ -373,18 +379,19 @@ class _Frames:
         lookup for them all, not a transaction a delta frame. A frame that cannot be
         read now is read again when it is asked for, and fails there."""
         self._ready.clear()
-        got: list[tuple[tuple[str, int], Frame]] = []
-        ids: list[bytes] = []
+        locs: dict[tuple[str, int], Location] = {}
         for raw in raws:
             if raw is None or not raw[-1] & 1:
                 continue
             loc = Location.decode(raw)
             key = (loc.pack, loc.offset)
-            if key in self._ready or key in self._deltas:
-                continue
-            try:
-                frame = self.reader.read_frame(loc)
-            except (CorruptData, OSError):
+            if key not in locs and key not in self._deltas:
+                locs[key] = loc
+        got: list[tuple[tuple[str, int], Frame]] = []
+        ids: list[bytes] = []
+        for key, frame in zip(locs, self.reader.read_frames(list(locs.values())),
+                              strict=True):
+            if frame is None:
                 continue
             self._ready[key] = None
             got.append((key, frame))
