@@ -37,7 +37,8 @@ from .tree import validate_tree
 # out of descriptors).
 MAX_OPEN_DIRS = 128
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_ONE_CHUNK = 36  # bytes of one (chunk id, length) record in Entry.chunks
+_CHUNK_RECORD = struct.Struct("<32sI")  # one (chunk id, length) record of Entry.chunks
+_ONE_CHUNK = _CHUNK_RECORD.size
 
 
 def prepare_destination(dest: Path) -> None:
@@ -148,8 +149,12 @@ def checkout_tree(tree: list[Entry], dest: Path,
                     keys[e.path] = k  # to write: its chunks are read
                 else:
                     keys[e.path] = b"=" + k  # cached: linked, nothing read
-    wanted = (e for e in tree if e.kind == REG and not keys.get(e.path, b"").startswith(b"="))
-    stream = read_chunks((cid, n) for e in wanted for cid, n in e.chunk_list())
+    # every file's (chunk id, length) records in one buffer: a reader process
+    # (store/readproc.py) reads them after the fork without touching the tree's
+    # entries, whose pages it would copy (11 ms of a 13k-file tree's 15 ms)
+    records = b"".join(e.chunks for e in tree if e.kind == REG
+                       and not keys.get(e.path, b"").startswith(b"="))
+    stream = read_chunks(_CHUNK_RECORD.iter_unpack(records))
     try:
         _Writer(dest, stream, progress, link_cache, keys).write(tree)
     finally:

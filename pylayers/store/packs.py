@@ -24,6 +24,7 @@ from ..errors import CorruptData, StoreError
 from .fsutil import fsync_dir
 
 if TYPE_CHECKING:
+    import mmap
     from concurrent.futures import Future, ThreadPoolExecutor
 
 PACK_MAGIC = b"PLYRPACK"
@@ -321,7 +322,7 @@ def _scratch(n: int) -> bytearray:
     return buf
 
 
-def _decompress_into(frame: Frame, scratch: bytearray) -> memoryview:
+def _decompress_into(frame: Frame, scratch: bytearray | mmap.mmap) -> memoryview:
     """A zstd frame's raw bytes, decompressed into `scratch` when it is large enough
     (else into a new buffer). CorruptData if they are not exactly `raw_len` bytes."""
     import zstandard
@@ -682,7 +683,7 @@ class PackReader:
             i = j
         return out
 
-    def frame_into(self, loc: Location, scratch: bytearray) -> memoryview:
+    def frame_into(self, loc: Location, scratch: bytearray | mmap.mmap) -> memoryview:
         """The frame's raw bytes, decompressed into `scratch` when it is large enough
         (else into a new buffer), not cached: for a caller that reads frames one after
         the other and copies out what it keeps. Reusing one buffer spares a page fault

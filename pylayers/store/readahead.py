@@ -16,6 +16,7 @@ decompressed again for it (a third more frames on a pip-built env).
 
 from __future__ import annotations
 
+import mmap
 import queue
 import threading
 from collections import OrderedDict
@@ -41,6 +42,13 @@ _SCRATCH_BYTES = 8 << 20  # a decompression buffer: a frame holds 4 MiB and one 
 _DELTA_BUFFER = 1 << 20  # a delta frame's buffer, at least (most hold one small file)
 FRAME_CACHE = 8  # frames kept decompressed (a chain's new version interleaves old ones)
 _DONE = object()
+
+
+def _scratch() -> mmap.mmap:
+    """A decompression buffer: anonymous memory, whose pages are mapped when first
+    written (a bytearray is zeroed whole when made: 8 MiB written for a 4 MiB frame,
+    ten buffers before a checkout's reader has filled its frame cache)."""
+    return mmap.mmap(-1, _SCRATCH_BYTES)
 
 
 
@@ -194,7 +202,7 @@ class _Prefetch:
         self.stop = False
         self.lock = threading.Lock()
         for _ in range(buffers):
-            self.free.put(bytearray(_SCRATCH_BYTES))
+            self.free.put(_scratch())
         self.thread = threading.Thread(target=self._run, name="pylayers-decompress",
                                        daemon=True)
         self.thread.start()
@@ -260,8 +268,8 @@ class _Frames:
         self.store = store
         self.reader: PackReader = store.reader
         self.frames = frames or FRAME_CACHE
-        self._lru: OrderedDict[tuple[str, int], tuple[memoryview, bytearray]] = OrderedDict()
-        self._spare: bytearray | None = None
+        self._lru: OrderedDict[tuple[str, int], tuple[memoryview, mmap.mmap]] = OrderedDict()
+        self._spare: mmap.mmap | None = None
         self._prefetch = _Prefetch(self.reader) if prefetch else None
         # frames given to the prefetcher, in order: the first chunk that needs each,
         # and the prefetcher's item for it
@@ -310,7 +318,7 @@ class _Frames:
             self._prefetch = None
             self._planned.clear()
 
-    def _prefetched(self, key: tuple[str, int]) -> tuple[memoryview, bytearray] | None:
+    def _prefetched(self, key: tuple[str, int]) -> tuple[memoryview, mmap.mmap] | None:
         """The frame `key` from the prefetch thread if it is the next one planned,
         else None (a base's frame planned for later is read here, now). Planned
         frames no longer wanted are let go first: those whose first chunk was passed
@@ -341,7 +349,7 @@ class _Frames:
                 _old, (_view, old) = self._lru.popitem(last=False)
                 pf.free.put(old)
             else:
-                pf.free.put(bytearray(_SCRATCH_BYTES))
+                pf.free.put(_scratch())
             return view, buf
         return None
 
@@ -364,7 +372,7 @@ class _Frames:
         if buf is None and len(self._lru) >= self.frames:
             _key, (_view, buf) = self._lru.popitem(last=False)
         if buf is None:
-            buf = bytearray(_SCRATCH_BYTES)
+            buf = _scratch()
         try:
             view = self.reader.frame_into(loc, buf)
         except BaseException:

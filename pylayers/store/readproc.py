@@ -234,6 +234,7 @@ def _child(store: Store, chunks: Iterable[tuple[bytes, int]], ring: mmap.mmap,
     freed = 0  # how far the parent has consumed
     said = 0  # chunks the parent was told are ready
     noted = 0  # `pos` when it was told
+    note = 0  # tell it again past `noted` + this: at once, then 64 KiB... _NOTE_BYTES
     i = 0  # the next chunk to make ready
     try:
         ids: list[bytes] = []
@@ -271,9 +272,10 @@ def _child(store: Store, chunks: Iterable[tuple[bytes, int]], ring: mmap.mmap,
             view[at : at + n] = data
             pos += n
             i += 1
-            if pos - noted >= _NOTE_BYTES:
+            if pos - noted >= note:  # the parent may be waiting: above all at first
                 _write_all(data_w, _MSG.pack(_READY, i))
                 said, noted = i, pos
+                note = min(max(2 * note, 64 << 10), _NOTE_BYTES)
         if i > said:
             _write_all(data_w, _MSG.pack(_READY, i))
         _write_all(data_w, _MSG.pack(_DONE, 0))
