@@ -1,3 +1,4 @@
 #include "fastcdc.h"
+#include "patch.h"
 #include "walk.h"
 #include "writefile.h"

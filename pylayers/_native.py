@@ -22,7 +22,7 @@ except ImportError as e:  # pragma: no cover - only on a broken install
 
 __all__ = ["ffi", "lib", "new_params", "new_state", "gear", "walk", "walk_compare",
            "walk_keep", "walk_records", "write_file", "xattr_marks", "WRITE_CREATE",
-           "WRITE_OWNER"]
+           "WRITE_OWNER", "patch_make", "patch_apply", "PATCH_MIN"]
 
 # the fixed part of a walk record (csrc/walk.h): u16 path length + 4 u32 + 7 u64
 WALK_RECORD_FIXED = 2 + 4 * 4 + 8 * 7
@@ -135,3 +135,38 @@ def write_file(dir_fd: int, name: bytes, mode: int, uid: int, gid: int, mtime_ns
     rc = lib.pl_write_file(dir_fd, name, mode, uid, gid, mtime_ns, ffi.from_buffer(data),
                            len(data), step)
     return rc, step[0]
+
+
+PATCH_MIN = 16  # the shortest copy a patch makes (csrc/patch.h, PL_PATCH_MIN)
+_uncleared = ffi.new_allocator(should_clear_after_alloc=False)
+
+
+def patch_make(raw: bytes | memoryview, base: bytes | memoryview, max_literals: int,
+               max_ops: int) -> bytes | None:
+    """The op stream that rebuilds `raw` from `base` (csrc/patch.h), or None when it
+    would hold more than `max_literals` literal bytes or `max_ops` bytes."""
+    ops = _uncleared("uint8_t[]", max(max_ops, 1))
+    n = lib.pl_patch_make(ffi.from_buffer(raw), len(raw), ffi.from_buffer(base), len(base),
+                          ops, max_ops, max_literals)
+    if n == -1 or n == -errno.EINVAL:
+        return None
+    if n < 0:
+        raise MemoryError("patch of a delta frame")
+    return ffi.buffer(ops, n)[:]
+
+
+def patch_apply(ops: bytes | memoryview, base: bytes | memoryview, out_len: int,
+                into: bytearray | None = None) -> bytes | memoryview:
+    """The `out_len` bytes the op stream `ops` rebuilds from `base` (csrc/patch.h):
+    new bytes, or a view of `into` when it is given and long enough. Raises CorruptData
+    when the ops are malformed."""
+    if into is not None and len(into) >= out_len:
+        out = ffi.from_buffer(into)
+    else:
+        into, out = None, _uncleared("uint8_t[]", max(out_len, 1))
+    if lib.pl_patch_apply(ffi.from_buffer(ops), len(ops), ffi.from_buffer(base), len(base),
+                          out, out_len) != 0:
+        raise CorruptData("malformed patch")
+    if into is not None:
+        return memoryview(into)[:out_len]
+    return ffi.buffer(out, out_len)[:]

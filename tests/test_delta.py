@@ -23,7 +23,12 @@ from pylayers.store import Store
 from pylayers.store import ingest as ingest_mod
 from pylayers.store import packs as packs_mod
 from pylayers.store.ingest import path_key
-from pylayers.store.packs import CODEC_DELTA, FRAME_HEADER, TABLE_ENTRY, iter_frames
+from pylayers.store.packs import (
+    DELTA_CODECS,
+    FRAME_HEADER,
+    TABLE_ENTRY,
+    iter_frames,
+)
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -83,7 +88,7 @@ def frames(store: Path):
 
 
 def delta_frames(store: Path) -> list:
-    return [(pack, fr) for pack, fr in frames(store) if fr.codec == CODEC_DELTA]
+    return [(pack, fr) for pack, fr in frames(store) if fr.codec in DELTA_CODECS]
 
 
 def assert_fsck_ok(store: Path) -> None:
@@ -738,6 +743,6 @@ def test_a_writer_queues_deltas_by_bytes(tmp_path: Path) -> None:
     assert [cid for cid, _ in written] == list(expect)
     assert w.delta_frames == len(sizes)
     frames = [f for p in sorted((tmp_path / "store").rglob("*.pack")) for f in iter_frames(p)]
-    assert all(f.codec == CODEC_DELTA for f in frames)
+    assert all(f.codec in DELTA_CODECS for f in frames)
     got = b"".join(f.raw(base) for f in frames)
     assert got == b"".join(expect.values())

@@ -12,7 +12,11 @@ from ..chunking import ChunkerParams
 from ..errors import StoreError
 
 FORMAT_NAME = "pylayers-store"
-FORMAT_VERSION = 6  # docs/format.md, "Versions"
+FORMAT_VERSION = 7  # docs/format.md, "Versions"
+# The earliest version this pylayers still reads and writes: 7 only added patch frames,
+# which a store of version 6 is written without (so an earlier pylayers can still read
+# it). New stores are made at FORMAT_VERSION.
+OLDEST_VERSION = 6
 CHUNKER_ALGORITHM = "fastcdc-gear64-v1"
 CONFIG_FILE = "config.json"
 
@@ -24,11 +28,12 @@ class StoreConfig:
     # on a pip-built env; level 2 was 9% larger (bench/bench_compression.py)
     compression_level: int = 3
     store_id: str = field(default_factory=lambda: os.urandom(16).hex())
+    version: int = FORMAT_VERSION  # the store's format version (OLDEST_VERSION or later)
 
     def encode(self) -> bytes:
         doc = {
             "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
+            "version": self.version,
             "store_id": self.store_id,
             "chunker": {
                 "algorithm": CHUNKER_ALGORITHM,
@@ -54,7 +59,7 @@ class StoreConfig:
                 f"{where} has store format version {version}; this pylayers reads "
                 f"version {FORMAT_VERSION} (upgrade pylayers)"
             )
-        if version < FORMAT_VERSION:
+        if version < OLDEST_VERSION:
             raise StoreError(
                 f"{where} has store format version {version}; this pylayers reads "
                 f"version {FORMAT_VERSION} (an earlier pylayers made it: make a new store "
@@ -66,7 +71,8 @@ class StoreConfig:
                 raise StoreError(f"{where}: unknown chunker {ch['algorithm']!r}")
             params = ChunkerParams(ch["min_size"], ch["avg_size"], ch["max_size"]).validate()
             level = int(doc["compression"]["level"])
-            return cls(chunker=params, compression_level=level, store_id=doc["store_id"])
+            return cls(chunker=params, compression_level=level, store_id=doc["store_id"],
+                       version=version)
         except (KeyError, TypeError, ValueError) as e:
             raise StoreError(f"{where}: config.json is malformed ({e})") from None
 

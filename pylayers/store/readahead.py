@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import blake3
 
 from ..errors import CorruptData, StoreError
-from .packs import CODEC_DELTA, LOCATION_STRUCT, Frame, Location, PackReader, delta_into
+from .packs import DELTA_CODECS, LOCATION_STRUCT, Frame, Location, PackReader, delta_into
 
 if TYPE_CHECKING:
     from .repository import Store
@@ -426,7 +426,7 @@ class _Frames:
         else:
             frame, base_raws = self.reader.read_frame(loc), None
         self._last_base = frame.base
-        if frame.codec != CODEC_DELTA:  # the index says delta, the frame does not
+        if frame.codec not in DELTA_CODECS:  # the index says delta, the frame does not
             return memoryview(frame.raw())
         base = self._base(frame.base, base_raws)
         buf = self._delta_spare

@@ -26,7 +26,7 @@ from pathlib import Path
 import lmdb
 
 from ..errors import AlreadyExists, CorruptData, StoreError
-from .config import CONFIG_FILE, FORMAT_VERSION, StoreConfig
+from .config import CONFIG_FILE, FORMAT_VERSION, OLDEST_VERSION, StoreConfig
 from .fsutil import bytes_on_disk, write_atomically
 from .index import Index, create_index, index_error
 from .ingest import ChunkWriter, chunk_id
@@ -148,13 +148,13 @@ class Store:
                 version = int(raw) if raw is not None else None
             except ValueError:
                 version = None
-            if version != FORMAT_VERSION:
+            if version != config.version:
                 shown = version if version is not None else \
                     (raw or b"none").decode(errors="replace")
                 hint = ""
                 if version is not None and version > FORMAT_VERSION:
                     hint = " (upgrade pylayers)"
-                elif version is not None and 1 <= version < FORMAT_VERSION:
+                elif version is not None and 1 <= version < OLDEST_VERSION:
                     hint = " (an earlier pylayers made it: make a new store and snapshot again)"
                 raise StoreError(f"{path}: index has format version {shown}; this pylayers "
                                  f"reads version {FORMAT_VERSION}{hint}")
@@ -221,7 +221,7 @@ class Store:
             if not cls._empty_or_initialising(path):
                 raise StoreError(f"{path} is not a pylayers store (no {CONFIG_FILE})")
             (path / "packs").mkdir(exist_ok=True)
-            create_index(path, FORMAT_VERSION)
+            create_index(path, config.version)
             # config.json last: a store without it is not yet a store.
             write_atomically(path / CONFIG_FILE, config.encode())
             return True

@@ -1,0 +1,194 @@
+/* patch.c -- see patch.h for the op stream and the contract. */
+#include "patch.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline uint64_t load64(const uint8_t *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+static inline size_t hash64(uint64_t v, unsigned bits)
+{
+    return (size_t)((v * 0x9E3779B97F4A7C15ULL) >> (64 - bits));
+}
+
+/* how many bytes a[0..n) and b[0..n) have in common from the start */
+static size_t common(const uint8_t *a, const uint8_t *b, size_t n)
+{
+    size_t i = 0;
+    while (i + 8 <= n) {
+        uint64_t x = load64(a + i) ^ load64(b + i);
+        if (x)
+            return i + (size_t)(__builtin_ctzll(x) >> 3); /* little-endian */
+        i += 8;
+    }
+    while (i < n && a[i] == b[i])
+        i++;
+    return i;
+}
+
+typedef struct {
+    uint8_t *p, *end;
+} sink;
+
+static int put_varint(sink *s, uint64_t v)
+{
+    do {
+        if (s->p == s->end)
+            return -1;
+        uint8_t byte = v & 0x7f;
+        v >>= 7;
+        *s->p++ = byte | (v ? 0x80 : 0);
+    } while (v);
+    return 0;
+}
+
+static int put_op(sink *s, const uint8_t *lit, size_t lit_len, size_t copy_len, int64_t shift)
+{
+    if (put_varint(s, lit_len))
+        return -1;
+    if ((size_t)(s->end - s->p) < lit_len)
+        return -1;
+    memcpy(s->p, lit, lit_len);
+    s->p += lit_len;
+    if (put_varint(s, copy_len))
+        return -1;
+    if (copy_len && put_varint(s, ((uint64_t)shift << 1) ^ (uint64_t)(shift >> 63)))
+        return -1;
+    return 0;
+}
+
+int64_t pl_patch_make(const uint8_t *raw, size_t raw_len, const uint8_t *base,
+                      size_t base_len, uint8_t *ops, size_t ops_cap, size_t max_literals)
+{
+    if (base_len >= UINT32_MAX)
+        return -EINVAL;
+    sink s = {ops, ops + ops_cap};
+    uint32_t *table = NULL; /* base offset + 1 of a window with that hash; 0: none */
+    unsigned bits = 0;
+    size_t p = 0, lit_start = 0, literals = 0;
+    size_t prev_end = 0;      /* where the last copy ended in the base */
+    int64_t align = 0;        /* base offset - raw offset of the last copy */
+    int64_t rc = -1;
+
+    while (p + PL_PATCH_MIN <= raw_len) {
+        size_t q = SIZE_MAX;
+        int64_t c = (int64_t)p + align;
+        if (c >= 0 && (size_t)c + 8 <= base_len && load64(raw + p) == load64(base + c)) {
+            q = (size_t)c;
+        } else if (base_len >= 8) {
+            if (!table) { /* the first miss: index the base */
+                size_t windows = (base_len - 8) / PL_PATCH_STEP + 1;
+                bits = 8;
+                while (((size_t)1 << bits) < 2 * windows)
+                    bits++;
+                table = calloc((size_t)1 << bits, sizeof *table);
+                if (!table)
+                    return -ENOMEM;
+                for (size_t b = 0; b + 8 <= base_len; b += PL_PATCH_STEP) {
+                    uint32_t *slot = &table[hash64(load64(base + b), bits)];
+                    if (!*slot) /* the first window of a hash: deterministic */
+                        *slot = (uint32_t)b + 1;
+                }
+            }
+            uint32_t hit = table[hash64(load64(raw + p), bits)];
+            if (hit && load64(raw + p) == load64(base + hit - 1))
+                q = hit - 1;
+        }
+        if (q != SIZE_MAX) {
+            size_t back = 0;
+            while (p - back > lit_start && q - back > 0 && raw[p - back - 1] == base[q - back - 1])
+                back++;
+            size_t fwd = 8 + common(raw + p + 8, base + q + 8,
+                                    raw_len - p - 8 < base_len - q - 8 ? raw_len - p - 8
+                                                                       : base_len - q - 8);
+            size_t len = back + fwd;
+            if (len >= PL_PATCH_MIN) {
+                size_t start = p - back, from = q - back;
+                literals += start - lit_start;
+                if (literals > max_literals)
+                    goto out;
+                int64_t shift = (int64_t)from - (int64_t)prev_end;
+                if (put_op(&s, raw + lit_start, start - lit_start, len, shift))
+                    goto out;
+                prev_end = from + len;
+                align = (int64_t)from - (int64_t)start;
+                p = lit_start = start + len;
+                continue;
+            }
+        }
+        p++;
+        if (literals + (p - lit_start) > max_literals)
+            goto out;
+    }
+    literals += raw_len - lit_start;
+    if (literals > max_literals || put_op(&s, raw + lit_start, raw_len - lit_start, 0, 0))
+        goto out;
+    rc = (int64_t)(s.p - ops);
+out:
+    free(table);
+    return rc;
+}
+
+static int get_varint(const uint8_t **p, const uint8_t *end, uint64_t *v)
+{
+    uint64_t out = 0;
+    for (unsigned shift = 0; shift < 70; shift += 7) {
+        if (*p == end)
+            return -1;
+        uint8_t byte = *(*p)++;
+        if (shift == 63 && byte > 1)
+            return -1; /* more than 64 bits */
+        out |= (uint64_t)(byte & 0x7f) << shift;
+        if (!(byte & 0x80)) {
+            *v = out;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+int pl_patch_apply(const uint8_t *ops, size_t ops_len, const uint8_t *base, size_t base_len,
+                   uint8_t *out, size_t out_len)
+{
+    const uint8_t *p = ops, *end = ops + ops_len;
+    size_t o = 0, prev_end = 0;
+    while (p < end) {
+        uint64_t lit, copy, zz;
+        if (get_varint(&p, end, &lit) || lit > out_len - o || lit > (uint64_t)(end - p))
+            return -1;
+        memcpy(out + o, p, lit);
+        o += lit;
+        p += lit;
+        if (get_varint(&p, end, &copy) || copy > out_len - o)
+            return -1;
+        if (!copy)
+            continue;
+        if (get_varint(&p, end, &zz))
+            return -1;
+        int64_t shift = (int64_t)(zz >> 1) ^ -(int64_t)(zz & 1);
+        /* from = prev_end + shift, then within [0, base_len - copy]; prev_end <= base_len */
+        size_t from;
+        if (shift < 0) {
+            uint64_t mag = (uint64_t)(-(shift + 1)) + 1; /* INT64_MIN too */
+            if (mag > prev_end)
+                return -1;
+            from = prev_end - (size_t)mag;
+        } else {
+            if ((uint64_t)shift > base_len - prev_end)
+                return -1;
+            from = prev_end + (size_t)shift;
+        }
+        if (copy > base_len || from > base_len - copy)
+            return -1;
+        memcpy(out + o, base + from, copy);
+        o += copy;
+        prev_end = from + copy;
+    }
+    return o == out_len ? 0 : -1;
+}
