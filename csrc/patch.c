@@ -48,13 +48,21 @@ static int put_varint(sink *s, uint64_t v)
     return 0;
 }
 
-static int put_op(sink *s, const uint8_t *lit, size_t lit_len, size_t copy_len, int64_t shift)
+/* one op: lit_len bytes of `lit`, as they are, or (`under` not NULL) less the base bytes
+ * `under` they replace in place; then a copy */
+static int put_op(sink *s, const uint8_t *lit, size_t lit_len, const uint8_t *under,
+                  size_t copy_len, int64_t shift)
 {
-    if (put_varint(s, lit_len))
+    if (put_varint(s, (uint64_t)lit_len << 1 | (under != NULL)))
         return -1;
     if ((size_t)(s->end - s->p) < lit_len)
         return -1;
-    memcpy(s->p, lit, lit_len);
+    if (under) {
+        for (size_t i = 0; i < lit_len; i++)
+            s->p[i] = (uint8_t)(lit[i] - under[i]);
+    } else {
+        memcpy(s->p, lit, lit_len);
+    }
     s->p += lit_len;
     if (put_varint(s, copy_len))
         return -1;
@@ -109,12 +117,20 @@ int64_t pl_patch_make(const uint8_t *raw, size_t raw_len, const uint8_t *base,
                                                                        : base_len - q - 8);
             size_t len = back + fwd;
             if (len >= PL_PATCH_MIN) {
-                size_t start = p - back, from = q - back;
-                literals += start - lit_start;
-                if (literals > max_literals)
-                    goto out;
-                int64_t shift = (int64_t)from - (int64_t)prev_end;
-                if (put_op(&s, raw + lit_start, start - lit_start, len, shift))
+                size_t start = p - back, from = q - back, gap = start - lit_start;
+                /* bytes changed in place (the copy resumes where the last one would
+                 * have gone on): their difference from the base, which compresses
+                 * (a relinked library's moved addresses differ alike) */
+                const uint8_t *under = gap && from >= prev_end && from - prev_end == gap
+                                           ? base + prev_end : NULL;
+                if (!under) {
+                    literals += gap;
+                    if (literals > max_literals)
+                        goto out;
+                }
+                size_t resume = under ? from : prev_end;
+                int64_t shift = (int64_t)from - (int64_t)resume;
+                if (put_op(&s, raw + lit_start, gap, under, len, shift))
                     goto out;
                 prev_end = from + len;
                 align = (int64_t)from - (int64_t)start;
@@ -127,7 +143,8 @@ int64_t pl_patch_make(const uint8_t *raw, size_t raw_len, const uint8_t *base,
             goto out;
     }
     literals += raw_len - lit_start;
-    if (literals > max_literals || put_op(&s, raw + lit_start, raw_len - lit_start, 0, 0))
+    if (literals > max_literals ||
+        put_op(&s, raw + lit_start, raw_len - lit_start, NULL, 0, 0))
         goto out;
     rc = (int64_t)(s.p - ops);
 out:
@@ -159,10 +176,21 @@ int pl_patch_apply(const uint8_t *ops, size_t ops_len, const uint8_t *base, size
     const uint8_t *p = ops, *end = ops + ops_len;
     size_t o = 0, prev_end = 0;
     while (p < end) {
-        uint64_t lit, copy, zz;
-        if (get_varint(&p, end, &lit) || lit > out_len - o || lit > (uint64_t)(end - p))
+        uint64_t tag, copy, zz;
+        if (get_varint(&p, end, &tag))
             return -1;
-        memcpy(out + o, p, lit);
+        uint64_t lit = tag >> 1;
+        if (lit > out_len - o || lit > (uint64_t)(end - p))
+            return -1;
+        if (tag & 1) { /* in place: added to the base's bytes from prev_end on */
+            if (lit > base_len - prev_end)
+                return -1;
+            for (size_t i = 0; i < lit; i++)
+                out[o + i] = (uint8_t)(p[i] + base[prev_end + i]);
+            prev_end += lit;
+        } else {
+            memcpy(out + o, p, lit);
+        }
         o += lit;
         p += lit;
         if (get_varint(&p, end, &copy) || copy > out_len - o)

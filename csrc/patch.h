@@ -5,10 +5,12 @@
  *
  * Op stream
  *   A sequence of ops, each:
- *     varint lit_len, then lit_len literal bytes,
+ *     varint (lit_len << 1 | in_place), then lit_len bytes: literals, or (in_place) the
+ *       new bytes less the base's from `from` on, byte by byte mod 256 (bytes changed in
+ *       place: the copy after them resumes there, so `from` moves past them too),
  *     varint copy_len, then (only when copy_len > 0) varint zigzag(shift):
- *       copy_len bytes of the base from `from` = end of the previous copy (0 at first)
- *       + shift.
+ *       copy_len bytes of the base from `from` + shift, where `from` is the end of the
+ *       previous copy (0 at first) or of the last in-place bytes, whichever came last.
  *   Varints are unsigned LEB128, at most 10 bytes; zigzag maps a signed shift s to
  *   (s << 1) ^ (s >> 63). The ops rebuild exactly out_len bytes and end there.
  *
@@ -16,8 +18,10 @@
  *   pl_patch_make(raw, raw_len, base, base_len, ops, ops_cap, max_literals) writes into
  *   `ops` an op stream that rebuilds `raw` from `base`: copies of at least PL_PATCH_MIN
  *   bytes found through a table of the base's 8-byte windows at every PL_PATCH_STEP
- *   bytes, extended both ways, the alignment of the last copy tried first. Returns the
- *   stream's length; -1 when it is not worth it (more than max_literals literal bytes,
+ *   bytes, extended both ways, the alignment of the last copy tried first; the bytes
+ *   between two copies are in place when the second resumes where the first would have
+ *   gone on. Returns the stream's length; -1 when it is not worth it (more than
+ *   max_literals literal bytes, not counting those in place,
  *   or more than ops_cap bytes of ops: the scan stops there), -ENOMEM, -EINVAL (a base
  *   of 4 GiB or more). Deterministic.
  *   pl_patch_apply(ops, ops_len, base, base_len, out, out_len) rebuilds out_len bytes

@@ -40,7 +40,7 @@ BASE_ENTRY = 32  # a delta frame's base: chunk ids
 CODEC_RAW = 0
 CODEC_ZSTD = 1
 CODEC_DELTA = 2  # zstd with the base's bytes as a raw-content dictionary
-CODEC_PATCH = 3  # copies from the base and literals (csrc/patch.h), zstd-compressed
+CODEC_PATCH = 3  # copies of the base and literals (csrc/patch.h), zstd-compressed
 CODECS = (CODEC_RAW, CODEC_ZSTD, CODEC_DELTA, CODEC_PATCH)
 DELTA_CODECS = (CODEC_DELTA, CODEC_PATCH)  # the frames that have a base
 # The first format with patch frames (config.FORMAT_VERSION): a store of an earlier
@@ -216,10 +216,12 @@ DELTA_HASH_LOG = 20
 # still made 20% smaller (0.56 MB of 2.9).
 DELTA_KEEP = 0.9
 DELTA_EARLY = 16
-# A patch frame may hold 1/PATCH_LITERALS of its bytes as literals: past that, its scan
-# stops and the file goes to zstd (whose matches need not be 16 bytes long). 1/16 made
-# patches of 69 more of the upgrade's files (of 2,508), 0.17 MB larger than zstd's.
-PATCH_LITERALS = 32
+# A patch may hold 1/PATCH_LITERALS of its bytes as literals (bytes changed in place do
+# not count): past that its scan stops, and the file is tried as a zstd delta (whose
+# matches need not be 16 bytes long). On the pip env's v4 -> v5 upgrade, 1/32 left 248
+# of 2,508 files to zstd, 1/4 left 46, for the same CPU and 7% smaller deltas; 1/2 made
+# patches of 22 more, 1.5% smaller.
+PATCH_LITERALS = 4
 # jobs a writer keeps queued at most (see PackWriter._wait_room)
 PENDING_MAX = 64
 
@@ -246,16 +248,39 @@ def encode_delta_frame(chunks: list[tuple[bytes, bytes]], base_ids: list[bytes],
                        base: bytes, level: int, force: bool = False,
                        patch: bool = True) -> bytes | None:
     """A delta frame of `chunks` against `base` (the bytes of the chunks `base_ids`,
-    concatenated); None when it is not worth it: unless `force`, the delta must be at
-    most DELTA_KEEP of the chunks compressed alone. Verified before it is returned.
-    With `patch`, a patch frame when one is at most 1/DELTA_EARLY of the bytes."""
+    concatenated); None when it is not worth it: unless `force`, the frame must be at
+    most DELTA_KEEP of the chunks compressed alone (one of at most 1/DELTA_EARLY of
+    their bytes is kept without comparing). With `patch` (a store of PATCH_FORMAT), a
+    patch frame is tried first, and a zstd delta only when no patch could be made or it
+    is not worth it. Verified before it is returned."""
     import zstandard
 
     raw = b"".join(data for _, data in chunks)
+    table = [(cid, len(data)) for cid, data in chunks]
+    alone: list[int] = []  # the chunks compressed alone, once a decision needs it
+
+    def worth(payload: bytes) -> bool:
+        cost = len(payload) + BASE_ENTRY * len(base_ids)
+        # at most 1/16 of its bytes: only data that compresses 16x alone could beat it
+        if force or cost * DELTA_EARLY <= len(raw):
+            return True
+        if not alone:
+            alone.append(len(_compressor(max(level, 1)).compress(raw)))
+        return cost <= DELTA_KEEP * min(alone[0], len(raw))
+
     if patch:
-        frame = _patch_frame(chunks, base_ids, raw, base, level)
-        if frame is not None:
-            return frame
+        # Copies of the base and the bytes between them (csrc/patch.h): no base loaded
+        # into zstd's match finder, which was most of a delta's CPU. On the pip env's
+        # v4 -> v5 upgrade (2,508 deltas) 2,461 are patches: the deltas' CPU 0.57 ->
+        # 0.47 s and their payloads 7.66 -> 7.14 MB (docs/format.md, "Patch frames").
+        ops = _native.patch_make(raw, base, len(raw) // PATCH_LITERALS,
+                                 len(raw) + len(raw) // 8 + 64)
+        if ops is not None:
+            payload = _compressor(max(level, 1)).compress(ops)
+            if worth(payload):
+                frame = _assemble(CODEC_PATCH, table, len(raw), payload, base_ids)
+                verify_frame(frame, raw, base)
+                return frame
     # The base does most of the work: at the default levels a delta is compressed at
     # level 1 (loading the base into the match finder is the cost). On the pip env's
     # first upgrade (746 deltas, 35.7 MB against 47.4 MB of bases): 0.35 s of CPU
@@ -264,38 +289,9 @@ def encode_delta_frame(chunks: list[tuple[bytes, bytes]], base_ids: list[bytes],
         dict_data=_raw_dict(base),
         compression_params=_delta_params(1 if level <= 3 else level, len(base), len(raw)))
     payload = cctx.compress(raw)
-    cost = len(payload) + BASE_ENTRY * len(base_ids)
-    # a delta of at most 1/16 of its bytes is kept without compressing them alone to
-    # compare: only data that compresses 16x alone could beat it, by a few bytes
-    if not force and cost * DELTA_EARLY > len(raw):
-        alone = len(_compressor(max(level, 1)).compress(raw))
-        if cost > DELTA_KEEP * min(alone, len(raw)):
-            return None
-    frame = _assemble(CODEC_DELTA, [(cid, len(data)) for cid, data in chunks], len(raw),
-                      payload, base_ids)
-    verify_frame(frame, raw, base)
-    return frame
-
-
-def _patch_frame(chunks: list[tuple[bytes, bytes]], base_ids: list[bytes], raw: bytes,
-                 base, level: int) -> bytes | None:
-    """A patch frame of `chunks` (their bytes `raw`) against `base` when its payload and
-    base list are at most 1/DELTA_EARLY of the bytes, else None. A file that is its base
-    with a few bytes changed (a .pyc's header, a relinked library) is found by the
-    patch's copies without loading the base into zstd's match finder, which was most of
-    a delta's CPU: on the pip env's v4 -> v5 upgrade, 2,201 of 2,508 deltas are patches,
-    and the deltas took 0.33 s of CPU instead of 0.45, for 0.4% more payload."""
-    limit = len(raw) // DELTA_EARLY
-    # the literals alone must fit in the limit; the ops get room for their copies too
-    ops = _native.patch_make(raw, base, len(raw) // PATCH_LITERALS,
-                             limit + len(raw) // 8 + 64)
-    if ops is None:
+    if not worth(payload):
         return None
-    payload = _compressor(max(level, 1)).compress(ops)
-    if (len(payload) + BASE_ENTRY * len(base_ids)) * DELTA_EARLY > len(raw):
-        return None
-    frame = _assemble(CODEC_PATCH, [(cid, len(data)) for cid, data in chunks], len(raw),
-                      payload, base_ids)
+    frame = _assemble(CODEC_DELTA, table, len(raw), payload, base_ids)
     verify_frame(frame, raw, base)
     return frame
 

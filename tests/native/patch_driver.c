@@ -137,12 +137,17 @@ int main(void)
     static const uint8_t overlong[] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f};
     static const uint8_t before[] = {0, 4, 3};   /* copy 4 from 0 + (-2) */
     static const uint8_t past[] = {0, 4, 0x0e};  /* copy 4 from 0 + 7 of 8 bytes */
-    static const uint8_t good[] = {1, 'x', 4, 4}; /* 'x', then copy 4 from 0 + 2 */
+    static const uint8_t good[] = {2, 'x', 4, 4}; /* 'x', then copy 4 from 0 + 2 */
+    static const uint8_t in_place[] = {3, 1, 4, 0}; /* 'a' + 1, then copy 4 from 1 + 0 */
+    static const uint8_t in_place_past[] = {17, 0, 0, 0, 0, 0, 0, 0, 0}; /* 8 past 0 of 8 */
     uint8_t b8[8] = "abcdefgh", out[5];
     if (pl_patch_apply(overlong, sizeof overlong, b8, 8, out, 5) != -1 ||
         pl_patch_apply(before, sizeof before, b8, 8, out, 4) != -1 ||
         pl_patch_apply(past, sizeof past, b8, 8, out, 4) != -1 ||
-        pl_patch_apply(good, sizeof good, b8, 8, out, 5) != 0 || memcmp(out, "xcdef", 5) != 0) {
+        pl_patch_apply(good, sizeof good, b8, 8, out, 5) != 0 || memcmp(out, "xcdef", 5) != 0 ||
+        pl_patch_apply(in_place, sizeof in_place, b8, 8, out, 5) != 0 ||
+        memcmp(out, "bbcde", 5) != 0 ||
+        pl_patch_apply(in_place_past, sizeof in_place_past, b8, 7, out, 8) != -1) {
         printf("a hand-made stream was misread\n");
         failures++;
     }
