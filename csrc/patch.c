@@ -12,10 +12,15 @@ static inline uint64_t load64(const uint8_t *p)
     return v;
 }
 
-static inline size_t hash64(uint64_t v, unsigned bits)
-{
-    return (size_t)((v * 0x9E3779B97F4A7C15ULL) >> (64 - bits));
-}
+#define PREFETCH 16 /* how far ahead table slots are fetched, in windows or bytes */
+
+static inline uint64_t mix64(uint64_t v) { return v * 0x9E3779B97F4A7C15ULL; }
+
+/* A table slot holds a window's offset / PL_PATCH_STEP + 1 above 3 more bits of its
+ * hash (0: empty): a lookup whose bits differ is no candidate, without the cache miss
+ * of reading the base to see (half of all lookups had a candidate to check). */
+static inline size_t slot_of(uint64_t h, unsigned bits) { return (size_t)(h >> (64 - bits)); }
+static inline uint32_t check_of(uint64_t h) { return (uint32_t)(h >> 20) & 7; }
 
 /* how many bytes a[0..n) and b[0..n) have in common from the start */
 static size_t common(const uint8_t *a, const uint8_t *b, size_t n)
@@ -74,7 +79,7 @@ static int put_op(sink *s, const uint8_t *lit, size_t lit_len, const uint8_t *un
 int64_t pl_patch_make(const uint8_t *raw, size_t raw_len, const uint8_t *base,
                       size_t base_len, uint8_t *ops, size_t ops_cap, size_t max_literals)
 {
-    if (base_len >= UINT32_MAX)
+    if (base_len >= (uint64_t)UINT32_MAX - 64) /* a slot's offset / 8 + 1 in 29 bits */
         return -EINVAL;
     sink s = {ops, ops + ops_cap};
     uint32_t *table = NULL; /* base offset + 1 of a window with that hash; 0: none */
@@ -99,14 +104,26 @@ int64_t pl_patch_make(const uint8_t *raw, size_t raw_len, const uint8_t *base,
                 if (!table)
                     return -ENOMEM;
                 for (size_t b = 0; b + 8 <= base_len; b += PL_PATCH_STEP) {
-                    uint32_t *slot = &table[hash64(load64(base + b), bits)];
+                    if (b + PREFETCH * PL_PATCH_STEP + 8 <= base_len)
+                        __builtin_prefetch(&table[slot_of(
+                            mix64(load64(base + b + PREFETCH * PL_PATCH_STEP)), bits)], 1);
+                    uint64_t h = mix64(load64(base + b));
+                    uint32_t *slot = &table[slot_of(h, bits)];
                     if (!*slot) /* the first window of a hash: deterministic */
-                        *slot = (uint32_t)b + 1;
+                        *slot = (uint32_t)(b / PL_PATCH_STEP + 1) << 3 | check_of(h);
                 }
             }
-            uint32_t hit = table[hash64(load64(raw + p), bits)];
-            if (hit && load64(raw + p) == load64(base + hit - 1))
-                q = hit - 1;
+            /* the slots of the windows a few bytes on: a scan through changed bytes
+             * looks one up at each byte, and each is a cache miss */
+            if (p + PREFETCH + 8 <= raw_len)
+                __builtin_prefetch(&table[slot_of(mix64(load64(raw + p + PREFETCH)), bits)]);
+            uint64_t h = mix64(load64(raw + p));
+            uint32_t hit = table[slot_of(h, bits)];
+            if (hit && (hit & 7) == check_of(h)) {
+                size_t at = (size_t)((hit >> 3) - 1) * PL_PATCH_STEP;
+                if (load64(raw + p) == load64(base + at))
+                    q = at;
+            }
         }
         if (q != SIZE_MAX) {
             size_t back = 0;

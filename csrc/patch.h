@@ -23,7 +23,7 @@
  *   gone on. Returns the stream's length; -1 when it is not worth it (more than
  *   max_literals literal bytes, not counting those in place,
  *   or more than ops_cap bytes of ops: the scan stops there), -ENOMEM, -EINVAL (a base
- *   of 4 GiB or more). Deterministic.
+ *   of 4 GiB - 64 bytes or more). Deterministic.
  *   pl_patch_apply(ops, ops_len, base, base_len, out, out_len) rebuilds out_len bytes
  *   into `out`. Returns 0, or -1 if the ops are malformed: a truncated or overlong
  *   varint, a copy outside the base, more or fewer bytes than out_len. It reads and

@@ -381,3 +381,27 @@ def test_a_patch_claiming_a_long_op_stream_is_damage_not_an_allocation() -> None
             frame.raw(base)
         with pytest.raises(CorruptData, match="too long|cannot decompress"):
             delta_into(frame, base, bytearray(100))
+
+
+def test_delta_into_rebuilds_a_patch_into_the_buffer() -> None:
+    """A checkout's reader (`packs.delta_into`) rebuilds a patch frame into its reused
+    buffer, the same bytes as `Frame.raw`."""
+    import blake3
+
+    from pylayers.store.packs import decode_frame, delta_into, encode_delta_frame
+
+    rnd = random.Random(11)
+    old = rnd.randbytes(100_000)
+    new = bytearray(old)
+    for at in range(50, len(new), 5_000):
+        new[at] ^= 0x5A
+    chunks = [(blake3.blake3(bytes(new)).digest(), bytes(new))]
+    fr = decode_frame(encode_delta_frame(chunks, [bytes(32)], old, 3), 0, "test")
+    assert fr.codec == CODEC_PATCH
+    assert fr.raw(old) == new
+    buf = bytearray(len(new) + 10)
+    got = delta_into(fr, old, buf)
+    assert got.obj is buf and bytes(got) == new
+    fr.payload = fr.payload[:-3]
+    with pytest.raises(CorruptData, match="frame at offset 0"):
+        delta_into(fr, old, buf)
