@@ -35,23 +35,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 from treeutil import (  # noqa: E402
     assert_checks_out,
     du,
+    module_source,
     run_cli,
     snapshot,
     start_cli,
     tree_state,
 )
-
-
-def module_source(n: int, seed: int) -> bytes:
-    """Text like a Python module: compresses, and a few edits keep most of it."""
-    rnd = random.Random(seed)
-    words = ["def", "return", "self", "import", "class", "value", "None", "for", "in",
-             "if", "else", "lambda", "yield", "with", "as", "data", "result", "index"]
-    out = bytearray()
-    while len(out) < n:
-        out += (" ".join(rnd.choice(words) for _ in range(rnd.randint(3, 12)))
-                + f"  # {rnd.getrandbits(40):x}\n").encode()
-    return bytes(out[:n])
 
 
 def pyc(body: bytes, stamp: int) -> bytes:

@@ -31,7 +31,7 @@ from pylayers.store.packs import (
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from treeutil import assert_checks_out, run_cli, snapshot  # noqa: E402
+from treeutil import assert_checks_out, module_source, run_cli, snapshot  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -253,20 +253,9 @@ def test_patch_under_valgrind(tmp_path: Path) -> None:
 
 # -- in a store ---------------------------------------------------------------------------
 
-def text(n: int, seed: int) -> bytes:
-    """Lines of words, each ending in a hex number: a .pyc body's stand-in."""
-    rnd = random.Random(seed)
-    words = ["def", "return", "self", "import", "class", "value", "None", "for", "data"]
-    out = bytearray()
-    while len(out) < n:
-        out += (" ".join(rnd.choice(words) for _ in range(rnd.randint(8, 15)))
-                + f" {rnd.getrandbits(24):06x}\n").encode()
-    return bytes(out[:n])
-
-
 def write_tree(root: Path, stamp: int) -> None:
     for i in range(6):
-        body = random.Random(i).randbytes(8_000 + 3_000 * i) + text(20_000, i)
+        body = random.Random(i).randbytes(8_000 + 3_000 * i) + module_source(20_000, i)
         p = root / f"pkg/__pycache__/m{i}.pyc"
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"\x6f\x0d\x0d\x0a" + stamp.to_bytes(12, "little") + body)

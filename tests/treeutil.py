@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import stat
 import subprocess
@@ -461,3 +462,15 @@ def tree_state(root: PathLike | Path) -> dict[str, tuple]:
                 out[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_size, h.hexdigest(),
                             st.st_mtime_ns)
     return out
+
+
+def module_source(n: int, seed: int) -> bytes:
+    """Text like a Python module: compresses, and a few edits keep most of it."""
+    rnd = random.Random(seed)
+    words = ["def", "return", "self", "import", "class", "value", "None", "for", "in",
+             "if", "else", "lambda", "yield", "with", "as", "data", "result", "index"]
+    out = bytearray()
+    while len(out) < n:
+        out += (" ".join(rnd.choice(words) for _ in range(rnd.randint(3, 12)))
+                + f"  # {rnd.getrandbits(40):x}\n").encode()
+    return bytes(out[:n])
