@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from treeutil import (  # noqa: E402
     assert_checks_out,
     du,
+    flip_byte,
     module_source,
     run_cli,
     snapshot,
@@ -479,11 +480,7 @@ def test_a_damaged_delta_frame_is_reported(tmp_path: Path, flip: str) -> None:
     pack, fr = delta_frames(store)[0]
     where = (_payload_offset(fr) + len(fr.payload) // 2 if flip == "delta payload"
              else _payload_offset(fr) - 5)
-    with open(pack, "r+b") as f:
-        f.seek(where)
-        byte = f.read(1)
-        f.seek(where)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    flip_byte(pack, where)
     proc = run_cli(store, "fsck")
     assert proc.returncode != 0
     assert pack.stem in proc.stdout.decode() + proc.stderr.decode()

@@ -31,7 +31,13 @@ from pylayers.store.packs import (
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from treeutil import assert_checks_out, module_source, run_cli, snapshot  # noqa: E402
+from treeutil import (  # noqa: E402
+    assert_checks_out,
+    flip_byte,
+    module_source,
+    run_cli,
+    snapshot,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -307,11 +313,7 @@ def test_a_damaged_patch_frame_is_reported_in_one_line(tmp_path: Path, where: st
     pack, fr = frames_by_codec(store)[CODEC_PATCH][0]
     start = fr.offset + FRAME_HEADER.size + len(fr.table) * TABLE_ENTRY.size + 32 * len(fr.base)
     at = start + len(fr.payload) // 2 if where == "payload" else start - 5
-    with open(pack, "r+b") as f:
-        f.seek(at)
-        byte = f.read(1)
-        f.seek(at)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    flip_byte(pack, at)
     proc = run_cli(store, "fsck")
     assert proc.returncode != 0
     assert pack.stem in proc.stdout.decode() + proc.stderr.decode()

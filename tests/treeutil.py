@@ -474,3 +474,12 @@ def module_source(n: int, seed: int) -> bytes:
         out += (" ".join(rnd.choice(words) for _ in range(rnd.randint(3, 12)))
                 + f"  # {rnd.getrandbits(40):x}\n").encode()
     return bytes(out[:n])
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    """Invert the byte at `offset` of the file `path` (damage, in place)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
