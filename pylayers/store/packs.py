@@ -382,6 +382,7 @@ def _decompress_into(frame: Frame, scratch: bytearray | mmap.mmap) -> memoryview
 
 
 _NO_LIB = object()
+_ZSTD_DICT_MAGIC = b"\x37\xa4\x30\xec"  # what a zstd dictionary (not raw content) starts with
 
 
 def _zstd_lib():
@@ -450,17 +451,26 @@ def delta_into(frame: Frame, base: bytes | bytearray | memoryview,
             raise MemoryError("cannot make a zstd decompression context")
         dctx = _zstd.delta_dctx = ffi.gc(dctx, lib.ZSTD_freeDCtx)
     payload = frame.payload
-    rc = lib.ZSTD_DCtx_refPrefix_advanced(dctx, ffi.from_buffer(base), len(base),
-                                          lib.ZSTD_dct_rawContent)
-    if not lib.ZSTD_isError(rc):
-        # capacity exactly raw_len: a payload that holds more fails here
-        rc = lib.ZSTD_decompressDCtx(dctx, ffi.from_buffer(out), n,
-                                     ffi.from_buffer(payload), len(payload))
-    if lib.ZSTD_isError(rc):
-        lib.ZSTD_DCtx_reset(dctx, lib.ZSTD_reset_session_and_parameters)
-        name = ffi.string(lib.ZSTD_getErrorName(rc)).decode(errors="replace")
-        raise CorruptData(f"frame at offset {frame.offset}: cannot decompress: {name}")
-    if rc != n:
+    # capacity exactly raw_len: a payload that holds more fails. One call a frame
+    # where it can be (each releases and takes back the GIL, which a busy reader
+    # process's other thread may hold): zstd takes a dictionary that does not start
+    # with its dictionary magic as raw content; one that does is given as a prefix,
+    # raw content whatever it starts with.
+    if bytes(base[:4]) != _ZSTD_DICT_MAGIC:
+        rc = lib.ZSTD_decompress_usingDict(dctx, ffi.from_buffer(out), n,
+                                           ffi.from_buffer(payload), len(payload),
+                                           ffi.from_buffer(base), len(base))
+    else:
+        rc = lib.ZSTD_DCtx_refPrefix_advanced(dctx, ffi.from_buffer(base), len(base),
+                                              lib.ZSTD_dct_rawContent)
+        if rc == 0:
+            rc = lib.ZSTD_decompressDCtx(dctx, ffi.from_buffer(out), n,
+                                         ffi.from_buffer(payload), len(payload))
+    if rc != n:  # success is exactly n (an error code is a huge size_t)
+        if lib.ZSTD_isError(rc):
+            lib.ZSTD_DCtx_reset(dctx, lib.ZSTD_reset_session_and_parameters)
+            name = ffi.string(lib.ZSTD_getErrorName(rc)).decode(errors="replace")
+            raise CorruptData(f"frame at offset {frame.offset}: cannot decompress: {name}")
         raise CorruptData(f"frame at offset {frame.offset}: wrong decompressed length")
     return memoryview(out)[:n]
 
