@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 import stat
 import struct
@@ -27,7 +28,7 @@ from pathlib import Path
 import blake3
 
 from .._native import WRITE_CREATE, WRITE_OWNER, write_file
-from ..errors import InvalidArgument, PylayersError, os_error_reason, short_path
+from ..errors import CorruptData, InvalidArgument, PylayersError, os_error_reason, short_path
 from .manifest import BLK, CHR, DIR, FIFO, HARDLINK, REG, SYMLINK, Entry
 from .materialise import apply_metadata, chown_entry, drop_xattrs, make_node, write_file_from
 from .tree import validate_tree
@@ -38,6 +39,9 @@ from .tree import validate_tree
 MAX_OPEN_DIRS = 128
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CHUNK_RECORD = struct.Struct("<32sI")  # one (chunk id, length) record of Entry.chunks
+# A file of several chunks up to this size is gathered into one buffer and written in
+# one C call (larger ones are written chunk by chunk: memory stays bounded).
+GATHER_MAX = 8 << 20
 _ONE_CHUNK = _CHUNK_RECORD.size
 
 
@@ -173,6 +177,7 @@ class _Writer:
         self.cache = link_cache
         self.keys = keys
         self.root_fd = -1
+        self._buffer: memoryview | None = None  # `_gather`'s
         # (path, fd or -1) of the directories from the root down to the current one
         self.stack: list[tuple[bytes, int]] = []
 
@@ -231,9 +236,13 @@ class _Writer:
         if kind == REG:
             if self.cache is not None:
                 self._linked(e, dir_fd, name)
-            elif len(e.chunks) <= _ONE_CHUNK and not e.xattrs:
-                # most files: one chunk (or none), no xattrs: one C call makes it
-                data = next(self.stream) if e.chunks else e.data  # inline if no chunks
+            elif not e.xattrs and (len(e.chunks) <= _ONE_CHUNK or e.size <= GATHER_MAX):
+                # most files: one chunk (or none), no xattrs: one C call makes it; a
+                # file of several chunks, gathered into one buffer first
+                if len(e.chunks) > _ONE_CHUNK:
+                    data = self._gather(e)
+                else:
+                    data = next(self.stream) if e.chunks else e.data  # inline: no chunks
                 rc, step = write_file(dir_fd, name, e.mode, e.uid, e.gid, e.mtime_ns, data)
                 if rc:
                     try:
@@ -265,6 +274,27 @@ class _Writer:
                 make_node(self.base + b"/" + e.path, e)
             else:
                 _node_at(dir_fd, name, e)
+
+    def _gather(self, e: Entry) -> memoryview:
+        """The file's chunks, copied one after the other into one buffer (each view
+        from the stream is good only until the next is asked for): a view of it, good
+        until the next call. The file is then written in one C call, as a file of one
+        chunk is (a Python write a chunk, and the checks for holes, were a quarter of
+        the writing of a pip-built env's 978 files of several chunks)."""
+        if self._buffer is None:
+            self._buffer = memoryview(mmap.mmap(-1, GATHER_MAX))
+        buf, at = self._buffer, 0
+        for _ in range(e.chunk_count()):
+            data = next(self.stream)
+            end = at + len(data)
+            if end > e.size:
+                break
+            buf[at:end] = data
+            at = end
+        if at != e.size or end != at:
+            raise CorruptData(f"/{short_path(e.path)}: its chunks do not add up to its "
+                              f"size ({e.size} bytes)")
+        return buf[:at]
 
     def _linked(self, e: Entry, dir_fd: int, name: bytes) -> None:
         cache = self.cache
