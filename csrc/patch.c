@@ -12,6 +12,11 @@ static inline uint64_t load64(const uint8_t *p)
     return v;
 }
 
+/* Bytes of a gap scanned with the last copy's alignment alone before the base is
+ * indexed (or before the scan would give up): a file changed in place (a .pyc's
+ * header) needs no table at all, and a match found later takes back the bytes skipped
+ * by extending backwards. */
+#define PL_PATCH_LAZY 64
 #define PREFETCH 16 /* how far ahead table slots are fetched, in windows or bytes */
 
 static inline uint64_t mix64(uint64_t v) { return v * 0x9E3779B97F4A7C15ULL; }
@@ -94,8 +99,10 @@ int64_t pl_patch_make(const uint8_t *raw, size_t raw_len, const uint8_t *base,
         int64_t c = (int64_t)p + align;
         if (c >= 0 && (size_t)c + 8 <= base_len && load64(raw + p) == load64(base + c)) {
             q = (size_t)c;
-        } else if (base_len >= 8) {
-            if (!table) { /* the first miss: index the base */
+        } else if (base_len >= 8 &&
+                   (table || p - lit_start >= PL_PATCH_LAZY ||
+                    literals + (p - lit_start) >= max_literals)) {
+            if (!table) { /* a gap the last copy's alignment did not close: index the base */
                 size_t windows = (base_len - 8) / PL_PATCH_STEP + 1;
                 bits = 8;
                 while (((size_t)1 << bits) < 2 * windows)
