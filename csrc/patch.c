@@ -87,7 +87,7 @@ int64_t pl_patch_make(const uint8_t *raw, size_t raw_len, const uint8_t *base,
     if (base_len >= (uint64_t)UINT32_MAX - 64) /* a slot's offset / 8 + 1 in 29 bits */
         return -EINVAL;
     sink s = {ops, ops + ops_cap};
-    uint32_t *table = NULL; /* base offset + 1 of a window with that hash; 0: none */
+    uint32_t *table = NULL; /* the base's windows by hash: see slot_of, check_of */
     unsigned bits = 0;
     size_t p = 0, lit_start = 0, literals = 0;
     size_t prev_end = 0;      /* where the last copy ended in the base */
