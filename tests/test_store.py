@@ -41,6 +41,9 @@ from pylayers.store.packs import (
 )
 from pylayers.store.repository import Store
 
+sys.path.insert(0, os.path.dirname(__file__))
+from treeutil import flip_byte  # noqa: E402
+
 
 def cid(data: bytes) -> bytes:
     return blake3.blake3(data).digest()
@@ -254,14 +257,6 @@ def _payload_offset(pack: Path, frame_offset: int) -> int:
     return frame_offset + FRAME_HEADER.size + n * packs.TABLE_ENTRY.size
 
 
-def _flip(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0xFF]))
-
-
 def test_pack_reader_caches_decoded_frames(tmp_path: Path) -> None:
     piece = packs.FRAME_TARGET * 3 // 5
     data = [os.urandom(piece) for _ in range(6)]  # one or two chunks per frame
@@ -277,8 +272,8 @@ def test_pack_reader_caches_decoded_frames(tmp_path: Path) -> None:
         assert reader.read(locs[cid(a)]) == a
         assert reader.read(locs[cid(b)]) == b
         # damage frames A and B on disk: reads served from the cache do not see it
-        _flip(pack, _payload_offset(pack, locs[cid(a)].offset) + locs[cid(a)].start + 10)
-        _flip(pack, _payload_offset(pack, locs[cid(b)].offset) + locs[cid(b)].start + 10)
+        flip_byte(pack, _payload_offset(pack, locs[cid(a)].offset) + locs[cid(a)].start + 10)
+        flip_byte(pack, _payload_offset(pack, locs[cid(b)].offset) + locs[cid(b)].start + 10)
         assert reader.read(locs[cid(a)]) == a  # hit; A is now the most recently used
         assert reader.read(locs[cid(c)]) == c  # evicts the least recently used: B
         assert reader.read(locs[cid(a)]) == a  # A still cached
@@ -329,7 +324,7 @@ def test_pack_reader_threads_share_a_frame_and_its_error(tmp_path: Path) -> None
     assert run(PackReader(tmp_path, cache_frames=1), data) == [True] * 8
     first = min(loc.offset for loc in locs.values())
     pack = next(tmp_path.glob("*/*.pack"))
-    _flip(pack, first)  # the frame's magic: every read of it fails
+    flip_byte(pack, first)  # the frame's magic: every read of it fails
     in_first = [d for d in data if locs[cid(d)].offset == first]
     results = run(PackReader(tmp_path, cache_frames=1), in_first)
     assert len(results) == 8 and all(isinstance(r, CorruptData) for r in results)
