@@ -22,7 +22,7 @@ except ImportError as e:  # pragma: no cover - only on a broken install
 
 __all__ = ["ffi", "lib", "new_params", "new_state", "gear", "walk", "walk_compare",
            "walk_keep", "walk_records", "write_file", "xattr_marks", "WRITE_CREATE",
-           "WRITE_OWNER", "patch_make", "patch_apply", "PATCH_MIN"]
+           "WRITE_OWNER", "patch_make", "patch_apply"]
 
 # the fixed part of a walk record (csrc/walk.h): u16 path length + 4 u32 + 7 u64
 WALK_RECORD_FIXED = 2 + 4 * 4 + 8 * 7
@@ -137,7 +137,6 @@ def write_file(dir_fd: int, name: bytes, mode: int, uid: int, gid: int, mtime_ns
     return rc, step[0]
 
 
-PATCH_MIN = 16  # the shortest copy a patch makes (csrc/patch.h, PL_PATCH_MIN)
 _uncleared = ffi.new_allocator(should_clear_after_alloc=False)
 
 

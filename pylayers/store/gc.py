@@ -8,14 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import CorruptData
-from .packs import (
-    PATCH_FORMAT,
-    REPACK_LEVEL,
-    PackWriter,
-    frame_base,
-    frame_raw_len,
-    pack_path,
-)
+from .packs import REPACK_LEVEL, PackWriter, frame_base, frame_raw_len, pack_path
 
 if TYPE_CHECKING:
     from .repository import Store
@@ -107,7 +100,7 @@ def _rewrite_pack(store: Store, pack: str) -> int:
     moving.sort(key=lambda item: (item[1].offset, item[1].start))
     # what survives a repack is cold: worth a slower, denser level
     w = PackWriter(store.packs_root, max(store.config.compression_level, REPACK_LEVEL),
-                   patch=store.config.version >= PATCH_FORMAT)
+                   patch=store.writes_patches)
     try:
         deltas: dict[int, list[bytes]] = {}  # a delta frame's live chunks, by frame
         for cid, loc in moving:

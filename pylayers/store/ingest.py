@@ -23,7 +23,7 @@ import blake3
 
 from ..chunking import Chunker, ChunkerParams, cut_points
 from ..errors import StoreError
-from .packs import DELTA_MAX, DELTA_MIN, FRAME_TARGET, PATCH_FORMAT, Location, PackWriter
+from .packs import DELTA_MAX, DELTA_MIN, FRAME_TARGET, Location, PackWriter
 
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
@@ -288,7 +288,7 @@ class ChunkWriter:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.pack = PackWriter(store.packs_root, store.config.compression_level,
-                               patch=store.config.version >= PATCH_FORMAT)
+                               patch=store.writes_patches)
         self._pending: set[bytes] = set()
         self._uncommitted = 0
         self.new_chunks = 0
