@@ -10,9 +10,11 @@ once it holds the target. Every variant compresses the same frames in this one p
 alternating variants per repeat; sizes are exact, times are medians of `--repeat`.
 
 Variants: zstd levels, frame targets (1 and 4 MiB), long-distance matching, a level
-chosen per frame from a fast trial, and 2 threads compressing frames (zstandard
-releases the GIL) against 1. References, on a tar of the same files, side by side:
-`zstd -1` and `zstd -3` (one thread each, CPU seconds measured by the kernel).
+chosen per frame from a fast trial, a larger hash table, the x86 call filter (on the
+frames that look like machine code, as the writer does, or on every frame), and 2
+threads compressing frames (zstandard releases the GIL) against 1. References, on a tar
+of the same files, side by side: `zstd -1` and `zstd -3` (one thread each, CPU seconds
+measured by the kernel).
 `--store` also snapshots each data set into a real store with the installed pylayers
 (from `/`, so the installed package is used) and compares the whole store directory,
 index included, with `tar | zstd -3`.
@@ -99,12 +101,27 @@ def frames_of(files: list[Path], target: int) -> tuple[list[bytes], int]:
     return frames, sum(len(f) for f in frames)
 
 
-def make_cctx(level: int, ldm: bool = False) -> zstandard.ZstdCompressor:
-    if not ldm:
+def make_cctx(level: int, ldm: bool = False, hash_log: int = 0) -> zstandard.ZstdCompressor:
+    if not ldm and not hash_log:
         return zstandard.ZstdCompressor(level=level)
-    params = zstandard.ZstdCompressionParameters.from_level(
-        level, enable_ldm=True, window_log=27)
+    extra: dict = {"enable_ldm": True, "window_log": 27} if ldm else {}
+    if hash_log:
+        extra["hash_log"] = hash_log
+    params = zstandard.ZstdCompressionParameters.from_level(level, **extra)
     return zstandard.ZstdCompressor(compression_params=params)
+
+
+def x86_filtered(frame: bytes, every: bool) -> bytes:
+    """The frame through pylayers' x86 call filter (csrc/x86.h) when it looks like
+    machine code (as the pack writer decides), or always with `every`."""
+    from pylayers import _native
+    from pylayers.store.packs import looks_like_x86
+
+    if not every and not looks_like_x86(frame):
+        return frame
+    out = bytearray(frame)
+    _native.x86_filter(out, True)
+    return bytes(out)
 
 
 def stored(raw: bytes, packed: bytes) -> int:
@@ -124,16 +141,23 @@ def trial_ratio(fast: zstandard.ZstdCompressor, frame: bytes, n: int = 16,
 
 class Variant:
     def __init__(self, name: str, level: int, target: int, ldm: bool = False,
-                 trial: bool = False, threads: int = 1, high: int = 0) -> None:
+                 trial: bool = False, threads: int = 1, high: int = 0, hash_log: int = 0,
+                 x86: str = "") -> None:
         self.name, self.level, self.target, self.ldm = name, level, target, ldm
         self.trial, self.threads, self.high = trial, threads, high
+        self.hash_log, self.x86 = hash_log, x86  # x86: "" (off), "auto" or "every"
 
     def compress_one(self, frame: bytes) -> int:
         """Stored size of one frame (per-thread contexts: a context is not thread-safe)."""
         import threading
         local = _LOCAL.setdefault(threading.get_ident(), {})
-        key = (self.level, self.ldm)
-        cctx = local.get(key) or local.setdefault(key, make_cctx(self.level, self.ldm))
+        key = (self.level, self.ldm, self.hash_log)
+        cctx = local.get(key) or local.setdefault(
+            key, make_cctx(self.level, self.ldm, self.hash_log))
+        if self.x86:
+            raw = len(frame)
+            return min(raw, stored(frame, cctx.compress(
+                x86_filtered(frame, self.x86 == "every"))))
         if self.trial:
             # a fast trial on 16 samples spread over the frame: a frame stored raw only
             # when every sample is incompressible; very compressible ones get `high`
@@ -174,6 +198,11 @@ VARIANTS = [
     Variant("level 3, 4 MiB, trial", 3, 4 * MiB, trial=True),
     Variant("level 3/6, 4 MiB, trial", 3, 4 * MiB, trial=True, high=6),
     Variant("level 3, 4 MiB, trial, 2 threads", 3, 4 * MiB, trial=True, threads=2),
+    Variant("level 3, 4 MiB, hash 2^18", 3, 4 * MiB, hash_log=18),
+    Variant("level 3, 4 MiB, x86 filter", 3, 4 * MiB, x86="auto"),
+    Variant("level 3, 4 MiB, x86 filter on every frame", 3, 4 * MiB, x86="every"),
+    Variant("level 3, 4 MiB, x86 filter, hash 2^18 (format 8's writer)", 3, 4 * MiB,
+            hash_log=18, x86="auto"),
     Variant("level 9, 4 MiB (gc repack)", 9, 4 * MiB),
     Variant("level 6, 4 MiB (gc repack)", 6, 4 * MiB),
 ]

@@ -2,3 +2,4 @@
 #include "patch.h"
 #include "walk.h"
 #include "writefile.h"
+#include "x86.h"

@@ -22,7 +22,7 @@ except ImportError as e:  # pragma: no cover - only on a broken install
 
 __all__ = ["ffi", "lib", "new_params", "new_state", "gear", "walk", "walk_compare",
            "walk_keep", "walk_records", "write_file", "xattr_marks", "WRITE_CREATE",
-           "WRITE_OWNER", "patch_make", "patch_apply"]
+           "WRITE_OWNER", "patch_make", "patch_apply", "x86_filter", "x86_calls"]
 
 # the fixed part of a walk record (csrc/walk.h): u16 path length + 4 u32 + 7 u64
 WALK_RECORD_FIXED = 2 + 4 * 4 + 8 * 7
@@ -169,3 +169,14 @@ def patch_apply(ops: bytes | memoryview, base: bytes | memoryview, out_len: int,
     if into is not None:
         return memoryview(into)[:out_len]
     return ffi.buffer(out, out_len)[:]
+
+
+def x86_filter(buf: bytearray | memoryview, encode: bool) -> None:
+    """Apply the x86 call filter (csrc/x86.h) to the writable buffer `buf` in place:
+    encode, or decode (its inverse)."""
+    lib.pl_x86_filter(ffi.from_buffer(buf, require_writable=True), len(buf), 1 if encode else 0)
+
+
+def x86_calls(buf: bytes | bytearray | memoryview) -> int:
+    """How many call and jump operands the x86 filter would convert in `buf`."""
+    return lib.pl_x86_calls(ffi.from_buffer(buf), len(buf))

@@ -13,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lmdb
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -36,6 +35,7 @@ from treeutil import (  # noqa: E402
     flip_byte,
     module_source,
     run_cli,
+    set_store_version,
     snapshot,
 )
 
@@ -329,13 +329,8 @@ def test_a_version_6_store_is_written_without_patches(tmp_path: Path) -> None:
     store, src = tmp_path / "store", tmp_path / "src"
     write_tree(src, 1)
     v1 = snapshot(store, src)
+    set_store_version(store, 6)
     cfg = json.loads((store / CONFIG_FILE).read_text())
-    cfg["version"] = 6
-    (store / CONFIG_FILE).write_text(json.dumps(cfg))
-    env = lmdb.open(str(store / "index"), max_dbs=16)
-    with env.begin(write=True) as txn:
-        txn.put(b"format_version", b"6", db=env.open_db(b"meta", txn=txn))
-    env.close()
     write_tree(src, 2)
     v2 = snapshot(store, src, "--parent", v1)
     found = frames_by_codec(store)

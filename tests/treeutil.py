@@ -483,3 +483,17 @@ def flip_byte(path: Path, offset: int) -> None:
         byte = f.read(1)
         f.seek(offset)
         f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def set_store_version(store: Path, version: int) -> None:
+    """Make the store at `store` say format `version` (its config and its index), as a
+    pylayers of that version would have made it."""
+    import lmdb
+
+    cfg = json.loads((store / "config.json").read_text())
+    cfg["version"] = version
+    (store / "config.json").write_text(json.dumps(cfg))
+    env = lmdb.open(str(store / "index"), max_dbs=16)
+    with env.begin(write=True) as txn:
+        txn.put(b"format_version", str(version).encode(), db=env.open_db(b"meta", txn=txn))
+    env.close()

@@ -12,10 +12,10 @@ from ..chunking import ChunkerParams
 from ..errors import StoreError
 
 FORMAT_NAME = "pylayers-store"
-FORMAT_VERSION = 7  # docs/format.md, "Versions"
-# The earliest version this pylayers still reads and writes: 7 only added patch frames,
-# which a store of version 6 is written without (so an earlier pylayers can still read
-# it). New stores are made at FORMAT_VERSION.
+FORMAT_VERSION = 8  # docs/format.md, "Versions"
+# The earliest version this pylayers still reads and writes: 7 only added patch frames
+# and 8 x86 frames, which a store of an earlier version is written without (so the
+# pylayers that made it can still read it). New stores are made at FORMAT_VERSION.
 OLDEST_VERSION = 6
 CHUNKER_ALGORITHM = "fastcdc-gear64-v1"
 CONFIG_FILE = "config.json"

@@ -100,7 +100,7 @@ def _rewrite_pack(store: Store, pack: str) -> int:
     moving.sort(key=lambda item: (item[1].offset, item[1].start))
     # what survives a repack is cold: worth a slower, denser level
     w = PackWriter(store.packs_root, max(store.config.compression_level, REPACK_LEVEL),
-                   patch=store.writes_patches)
+                   version=store.config.version)
     try:
         deltas: dict[int, list[bytes]] = {}  # a delta frame's live chunks, by frame
         for cid, loc in moving:

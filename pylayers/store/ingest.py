@@ -288,7 +288,7 @@ class ChunkWriter:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.pack = PackWriter(store.packs_root, store.config.compression_level,
-                               patch=store.writes_patches)
+                               version=store.config.version)
         self._pending: set[bytes] = set()
         self._uncommitted = 0
         self.new_chunks = 0

@@ -41,11 +41,22 @@ CODEC_RAW = 0
 CODEC_ZSTD = 1
 CODEC_DELTA = 2  # zstd with the base's bytes as a raw-content dictionary
 CODEC_PATCH = 3  # copies of the base and literals (csrc/patch.h), zstd-compressed
-CODECS = (CODEC_RAW, CODEC_ZSTD, CODEC_DELTA, CODEC_PATCH)
+CODEC_ZSTD_X86 = 4  # zstd of the bytes through the x86 call filter (csrc/x86.h)
+CODECS = (CODEC_RAW, CODEC_ZSTD, CODEC_DELTA, CODEC_PATCH, CODEC_ZSTD_X86)
 DELTA_CODECS = (CODEC_DELTA, CODEC_PATCH)  # the frames that have a base
-# The first format with patch frames (config.FORMAT_VERSION): a store of an earlier
-# one is read and written without them, so an earlier pylayers can still read it.
+ZSTD_CODECS = (CODEC_ZSTD, CODEC_ZSTD_X86)  # one zstd frame of the raw bytes
+# The first formats with patch frames and with x86 frames (config.FORMAT_VERSION): a
+# store of an earlier one is read and written without them, so an earlier pylayers can
+# still read it.
 PATCH_FORMAT = 7
+X86_FORMAT = 8
+# A frame is put through the x86 call filter when it holds at least this many call or
+# jump operands the filter converts per KiB: machine code. On the pip env of
+# bench/pyenv_wheels.py (4 MiB frames at level 3) 121.16 MB -> 119.66 MB; on Debian's
+# /usr/bin and /usr/lib/x86_64-linux-gnu 505.7 -> 487.1 MB. Any threshold from 2 to 5
+# does within 0.1 MB as well; filtering every frame loses 0.2-0.5 MB of that, because
+# the filter costs compression in frames of data (docs/format.md, "x86 frames").
+X86_CALLS_PER_KIB = 3
 
 # Close a frame once it holds this much raw data. 4 MiB frames at zstd level 3 store a
 # pip-built env within 0.3% of one `tar | zstd -3` stream, 3.5% smaller than 1 MiB
@@ -66,6 +77,11 @@ MIN_SAVING = 0.03
 # nothing (measured: same size on a pip-built env, 1.4x faster on wheel files).
 TRIAL_SAMPLES = 16
 TRIAL_BYTES = 4096
+# A frame's zstd hash table at level 3 (and up): 2^18 entries, where zstd's level 3 has
+# 2^17 for a stream of any length. On the pip env of bench/pyenv_wheels.py (4 MiB frames,
+# x86 frames as below) the store's first version is 0.8% smaller (121.86 -> 120.91 MB)
+# for 4-8% more compression CPU; 2^19, 1.1% smaller for 9% more.
+FRAME_HASH_LOG = 18
 # gc's repack of cold packs compresses at least at this level: 7% smaller than level 3
 # on a pip-built env at 0.4x its speed, and gc rewrites only packs that are mostly dead.
 REPACK_LEVEL = 6
@@ -111,12 +127,20 @@ _zstd = threading.local()
 
 
 def _compressor(level: int, slot: str = "cctx"):
-    """This thread's compressor in `slot` (the frame's, or the fast trial's)."""
+    """This thread's compressor in `slot`: "frame" (a frame's chunks: at level 3 and
+    up with a hash table of at least 2^FRAME_HASH_LOG entries), "fast" (the fast
+    trial's) or "cctx" (a patch's ops; a delta's chunks compressed alone)."""
     cctx, at = getattr(_zstd, slot, (None, None))
     if cctx is None or at != level:
         import zstandard  # here, not at the top: commands that store nothing new skip it
 
-        cctx = zstandard.ZstdCompressor(level=level)
+        params = zstandard.ZstdCompressionParameters.from_level(level)
+        if level >= 3 and slot == "frame" and params.hash_log < FRAME_HASH_LOG:
+            cctx = zstandard.ZstdCompressor(compression_params=(
+                zstandard.ZstdCompressionParameters.from_level(level,
+                                                               hash_log=FRAME_HASH_LOG)))
+        else:
+            cctx = zstandard.ZstdCompressor(level=level)
         setattr(_zstd, slot, (cctx, level))
     return cctx
 
@@ -160,39 +184,51 @@ def _assemble(codec: int, table: list[tuple[bytes, int]], raw_len: int, payload,
     return b"".join(_frame_parts(codec, table, raw_len, payload, base_ids))
 
 
-def encode_frame(chunks: list[tuple[bytes, bytes]], level: int) -> bytes:
+def encode_frame(chunks: list[tuple[bytes, bytes]], level: int, x86: bool = True) -> bytes:
     """One frame of `chunks`: see `encode_raw_frame`."""
     raw = b"".join(data for _, data in chunks)
-    return encode_raw_frame(raw, [(cid, len(data)) for cid, data in chunks], level)
+    return encode_raw_frame(raw, [(cid, len(data)) for cid, data in chunks], level, x86)
 
 
-def encode_raw_frame(raw, table: list[tuple[bytes, int]], level: int) -> bytes:
+def encode_raw_frame(raw, table: list[tuple[bytes, int]], level: int,
+                     x86: bool = True) -> bytes:
     """One frame of the chunks `table` lists, whose bytes, concatenated, are `raw` (any
     buffer): header, table of (id, length), payload (zstd, or raw if that is smaller or
-    a fast trial finds nothing to compress); verified (`verify_frame`) before it is
-    returned to be written."""
-    return b"".join(_encode_parts(raw, table, level))
+    a fast trial finds nothing to compress; with `x86`, a store of X86_FORMAT, zstd of
+    the bytes through the x86 call filter when they look like machine code); verified
+    (`verify_frame`) before it is returned to be written."""
+    return b"".join(_encode_parts(raw, table, level, x86))
 
 
-def _encode_parts(raw, table: list[tuple[bytes, int]], level: int) -> tuple[bytes, object]:
+def looks_like_x86(raw) -> bool:
+    """Whether a frame's bytes hold X86_CALLS_PER_KIB call operands a KiB or more."""
+    return _native.x86_calls(raw) * 1024 >= X86_CALLS_PER_KIB * len(raw)
+
+
+def _encode_parts(raw, table: list[tuple[bytes, int]], level: int,
+                  x86: bool = True) -> tuple[bytes, object]:
     """`encode_raw_frame` as `_frame_parts`: a raw frame's payload is `raw` itself, not
     a copy."""
     raw_len = len(raw)
     codec, payload = CODEC_RAW, raw
     if level > 0 and raw_len and not incompressible(raw):
-        packed = _compressor(level).compress(raw)
+        source, zcodec = raw, CODEC_ZSTD
+        if x86 and looks_like_x86(raw):
+            source, zcodec = bytearray(raw), CODEC_ZSTD_X86
+            _native.x86_filter(source, True)
+        packed = _compressor(level, "frame").compress(source)
         if len(packed) < raw_len * (1 - MIN_SAVING):
-            codec, payload = CODEC_ZSTD, packed
+            codec, payload = zcodec, packed
     head, payload = _frame_parts(codec, table, raw_len, payload)
     _verify(head, payload, raw)
     return head, payload
 
 
-def _encode_buffer(buf: bytearray, n: int,
-                   table: list[tuple[bytes, int]], level: int) -> tuple[bytes, object]:
+def _encode_buffer(buf: bytearray, n: int, table: list[tuple[bytes, int]], level: int,
+                   x86: bool = True) -> tuple[bytes, object]:
     """`_encode_parts` of `buf[:n]`, without copying it. A raw frame's payload is a view
     of `buf`: the writer reuses `buf` only once the frame is written."""
-    return _encode_parts(memoryview(buf)[:n], table, level)
+    return _encode_parts(memoryview(buf)[:n], table, level, x86)
 
 
 # Deltas (docs/format.md, "Delta frames"): a file's new chunks compressed with its
@@ -331,7 +367,7 @@ def _verify(head: bytes, payload, raw, base: bytes | None = None) -> None:
             if start != len(head) or frame.length != start + len(payload):
                 raise CorruptData(f"{where}: its payload does not follow its table")
             frame.payload = payload
-        if frame.codec == CODEC_ZSTD:
+        if frame.codec in ZSTD_CODECS:
             got = _decompress_into(frame, _scratch(frame.raw_len))
         elif frame.codec == CODEC_RAW and frame.payload is raw:
             got = raw  # the frame's payload is the very buffer: nothing to compare
@@ -360,7 +396,8 @@ def _scratch(n: int) -> bytearray:
 
 def _decompress_into(frame: Frame, scratch: bytearray | mmap.mmap) -> memoryview:
     """A zstd frame's raw bytes, decompressed into `scratch` when it is large enough
-    (else into a new buffer). CorruptData if they are not exactly `raw_len` bytes."""
+    (else into a new buffer), and put back through the x86 call filter for an x86
+    frame. CorruptData if they are not exactly `raw_len` bytes."""
     import zstandard
 
     n = frame.raw_len
@@ -378,6 +415,8 @@ def _decompress_into(frame: Frame, scratch: bytearray | mmap.mmap) -> memoryview
         raise CorruptData(f"frame at offset {frame.offset}: cannot decompress: {e}") from None
     if got != n or extra:
         raise CorruptData(f"frame at offset {frame.offset}: wrong decompressed length")
+    if frame.codec == CODEC_ZSTD_X86:
+        _native.x86_filter(out, False)
     return out
 
 
@@ -505,6 +544,8 @@ class Frame:
                         raise CorruptData(f"frame at offset {self.offset}: a delta frame "
                                           "read without its base")
                     raw = _patch_raw(self, base)
+                elif self.codec == CODEC_ZSTD_X86:
+                    raw = _decompress_into(self, bytearray(self.raw_len)).obj
                 else:
                     raw = _decompressor().decompress(self.payload,
                                                      max_output_size=self.raw_len)
@@ -769,7 +810,7 @@ class PackReader:
             return memoryview(self.frame_raw(loc))
         buf = self._read(loc.pack, loc.offset, loc.frame_len)
         frame = decode_frame(buf, loc.offset, f"pack {loc.pack}")
-        if frame.codec != CODEC_ZSTD:
+        if frame.codec not in ZSTD_CODECS:
             return memoryview(frame.raw())  # raw; or a delta the index does not know of
         return _decompress_into(frame, scratch)
 
@@ -821,10 +862,14 @@ class PackWriter:
     chunks do not mistake a full store for an unreadable source.
     """
 
-    def __init__(self, root: Path, level: int, threads: int = 2, patch: bool = True) -> None:
+    def __init__(self, root: Path, level: int, threads: int = 2,
+                 version: int = X86_FORMAT) -> None:
         self.root = root
         self.level = level
-        self.patch = patch  # whether deltas may be patch frames (PATCH_FORMAT)
+        # the frames the store's format version has (an older store stays readable by
+        # the pylayers that made it)
+        self.patch = version >= PATCH_FORMAT  # deltas may be patch frames
+        self.x86 = version >= X86_FORMAT  # frames of machine code may be x86 frames
         self._threads = threads
         # made at the first frame: a writer that stores nothing (an unchanged tree's
         # empty layer) does not import concurrent.futures (3 ms of its start-up)
@@ -963,7 +1008,7 @@ class PackWriter:
             return
         buf, fill, table = self._buf, self._fill, self._table
         self._buf, self._fill, self._table = None, 0, []
-        fut = self._pool.submit(_encode_buffer, buf, fill, table, self.level)
+        fut = self._pool.submit(_encode_buffer, buf, fill, table, self.level, self.x86)
         self._pending.append((fut, table, None, buf, None, len(buf)))
         self._pending_bytes += len(buf)
         self._wait_room()

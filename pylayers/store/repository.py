@@ -31,7 +31,7 @@ from .fsutil import bytes_on_disk, write_atomically
 from .index import Index, create_index, index_error
 from .ingest import ChunkWriter, chunk_id
 from .lock import StoreLock
-from .packs import PATCH_FORMAT, Location, PackReader
+from .packs import Location, PackReader
 from .tables import Tables
 
 
@@ -60,12 +60,6 @@ class Store:
     def exclusive(self) -> bool:
         """Opened holding the store lock exclusively (gc)."""
         return self._lock.exclusive
-
-    @property
-    def writes_patches(self) -> bool:
-        """Whether deltas may be patch frames: a store of PATCH_FORMAT or later (one of
-        version 6 is written without them, so an earlier pylayers still reads it)."""
-        return self.config.version >= PATCH_FORMAT
 
     @property
     def readonly(self) -> bool:
