@@ -127,6 +127,18 @@ def test_init_refuses_bad_options_and_creates_nothing(store: Path, args: list[st
     assert not store.exists()
 
 
+def test_init_makes_the_store_a_first_snapshot_would(tmp_path: Path, tree: Path) -> None:
+    """`pylayers init` with no options and the store a snapshot creates by itself have
+    the same chunker, compression level and format version (init once said level 2)."""
+    made, implicit = tmp_path / "made", tmp_path / "implicit"
+    ok(cli(made, "init"))
+    snap(implicit, tree)
+    a, b = (json.loads((s / "config.json").read_text()) for s in (made, implicit))
+    for cfg in (a, b):
+        del cfg["store_id"]
+    assert a == b and a["compression"]["level"] == 3
+
+
 def test_init_with_sizes_in_units(store: Path, tree: Path) -> None:
     ok(cli(store, "init", "--min-size", "4K", "--avg-size", "16K", "--max-size", "64KiB",
            "--compression-level", "22"))

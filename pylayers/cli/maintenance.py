@@ -20,7 +20,8 @@ _LEVELS = click.IntRange(0, 22)  # zstd's levels; 0: stored uncompressed
               help="Target chunk size.")
 @click.option("--max-size", default=DEFAULT_MAX, type=Size(), show_default=True,
               help="Maximum chunk size.")
-@click.option("--compression-level", default=2, type=_LEVELS, show_default=True,
+@click.option("--compression-level", default=StoreConfig.compression_level, type=_LEVELS,
+              show_default=True,
               help="zstd level, 0 to 22 (0: none).")
 @click.pass_context
 def init(ctx: click.Context, min_size: int, avg_size: int, max_size: int,
