@@ -81,8 +81,24 @@ static int put_op(sink *s, const uint8_t *lit, size_t lit_len, const uint8_t *un
     return 0;
 }
 
+/* log2 of the table's slots for a base of base_len bytes: two slots a window at least */
+static unsigned table_bits(size_t base_len)
+{
+    size_t windows = (base_len - 8) / PL_PATCH_STEP + 1;
+    unsigned bits = 8;
+    while (((size_t)1 << bits) < 2 * windows)
+        bits++;
+    return bits;
+}
+
+size_t pl_patch_table_slots(size_t base_len)
+{
+    return base_len < 8 ? 0 : (size_t)1 << table_bits(base_len);
+}
+
 int64_t pl_patch_make(const uint8_t *raw, size_t raw_len, const uint8_t *base,
-                      size_t base_len, uint8_t *ops, size_t ops_cap, size_t max_literals)
+                      size_t base_len, uint8_t *ops, size_t ops_cap, size_t max_literals,
+                      uint32_t *scratch, size_t scratch_slots)
 {
     if (base_len >= (uint64_t)UINT32_MAX - 64) /* a slot's offset / 8 + 1 in 29 bits */
         return -EINVAL;
@@ -103,13 +119,18 @@ int64_t pl_patch_make(const uint8_t *raw, size_t raw_len, const uint8_t *base,
                    (table || p - lit_start >= PL_PATCH_LAZY ||
                     literals + (p - lit_start) >= max_literals)) {
             if (!table) { /* a gap the last copy's alignment did not close: index the base */
-                size_t windows = (base_len - 8) / PL_PATCH_STEP + 1;
-                bits = 8;
-                while (((size_t)1 << bits) < 2 * windows)
-                    bits++;
-                table = calloc((size_t)1 << bits, sizeof *table);
-                if (!table)
-                    return -ENOMEM;
+                bits = table_bits(base_len);
+                if (scratch && scratch_slots >= (size_t)1 << bits) {
+                    /* the caller's: zeroed by writing, so its pages are not first
+                     * mapped to the zero page by a read and copied on the write (a TLB
+                     * flush on every core the process runs on), nor new ones a call */
+                    table = scratch;
+                    memset(table, 0, sizeof *table << bits);
+                } else {
+                    table = calloc((size_t)1 << bits, sizeof *table);
+                    if (!table)
+                        return -ENOMEM;
+                }
                 for (size_t b = 0; b + 8 <= base_len; b += PL_PATCH_STEP) {
                     if (b + PREFETCH * PL_PATCH_STEP + 8 <= base_len)
                         __builtin_prefetch(&table[slot_of(
@@ -172,7 +193,8 @@ int64_t pl_patch_make(const uint8_t *raw, size_t raw_len, const uint8_t *base,
         goto out;
     rc = (int64_t)(s.p - ops);
 out:
-    free(table);
+    if (table != scratch)
+        free(table);
     return rc;
 }
 

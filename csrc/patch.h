@@ -15,15 +15,18 @@
  *   (s << 1) ^ (s >> 63). The ops rebuild exactly out_len bytes and end there.
  *
  * Contract
- *   pl_patch_make(raw, raw_len, base, base_len, ops, ops_cap, max_literals) writes into
- *   `ops` an op stream that rebuilds `raw` from `base`: copies of at least PL_PATCH_MIN
+ *   pl_patch_make(raw, raw_len, base, base_len, ops, ops_cap, max_literals, scratch,
+ *   scratch_slots) writes into `ops` an op stream that rebuilds `raw` from `base`:
+ *   copies of at least PL_PATCH_MIN
  *   bytes found through a table of the base's 8-byte windows at every PL_PATCH_STEP
  *   bytes, extended both ways, the alignment of the last copy tried first; the bytes
  *   between two copies are in place when the second resumes where the first would have
  *   gone on. Returns the stream's length; -1 when it is not worth it (more than
  *   max_literals literal bytes, not counting those in place,
  *   or more than ops_cap bytes of ops: the scan stops there), -ENOMEM, -EINVAL (a base
- *   of 4 GiB - 64 bytes or more). Deterministic.
+ *   of 4 GiB - 64 bytes or more). Deterministic. The table is `scratch` when it holds
+ *   at least pl_patch_table_slots(base_len) slots (the caller's, reused from call to
+ *   call: it is cleared here), else allocated and freed by the call; scratch may be NULL.
  *   pl_patch_apply(ops, ops_len, base, base_len, out, out_len) rebuilds out_len bytes
  *   into `out`. Returns 0, or -1 if the ops are malformed: a truncated or overlong
  *   varint, a copy outside the base, more or fewer bytes than out_len. It reads and
@@ -39,7 +42,9 @@
 #define PL_PATCH_MIN 16
 
 int64_t pl_patch_make(const uint8_t *raw, size_t raw_len, const uint8_t *base,
-                      size_t base_len, uint8_t *ops, size_t ops_cap, size_t max_literals);
+                      size_t base_len, uint8_t *ops, size_t ops_cap, size_t max_literals,
+                      uint32_t *scratch, size_t scratch_slots);
+size_t pl_patch_table_slots(size_t base_len);
 int pl_patch_apply(const uint8_t *ops, size_t ops_len, const uint8_t *base, size_t base_len,
                    uint8_t *out, size_t out_len);
 

@@ -22,7 +22,8 @@ except ImportError as e:  # pragma: no cover - only on a broken install
 
 __all__ = ["ffi", "lib", "new_params", "new_state", "gear", "walk", "walk_compare",
            "walk_keep", "walk_records", "write_file", "xattr_marks", "WRITE_CREATE",
-           "WRITE_OWNER", "patch_make", "patch_apply", "x86_filter", "x86_calls"]
+           "WRITE_OWNER", "patch_make", "patch_apply", "patch_table_bytes", "x86_filter",
+           "x86_calls"]
 
 # the fixed part of a walk record (csrc/walk.h): u16 path length + 4 u32 + 7 u64
 WALK_RECORD_FIXED = 2 + 4 * 4 + 8 * 7
@@ -140,13 +141,22 @@ def write_file(dir_fd: int, name: bytes, mode: int, uid: int, gid: int, mtime_ns
 _uncleared = ffi.new_allocator(should_clear_after_alloc=False)
 
 
+def patch_table_bytes(base_len: int) -> int:
+    """The bytes of the table `patch_make` indexes a base of `base_len` bytes in."""
+    return 4 * lib.pl_patch_table_slots(base_len)
+
+
 def patch_make(raw: bytes | memoryview, base: bytes | memoryview, max_literals: int,
-               max_ops: int) -> bytes | None:
+               max_ops: int, table: bytearray | None = None) -> bytes | None:
     """The op stream that rebuilds `raw` from `base` (csrc/patch.h), or None when it
-    would hold more than `max_literals` literal bytes or `max_ops` bytes."""
+    would hold more than `max_literals` literal bytes or `max_ops` bytes. `table`: a
+    buffer to index the base in when it holds `patch_table_bytes(len(base))` (kept by
+    the caller from call to call: no new memory, and no page faults, a call)."""
     ops = _uncleared("uint8_t[]", max(max_ops, 1))
+    scratch = ffi.NULL if table is None else ffi.cast("uint32_t *", ffi.from_buffer(table))
+    slots = 0 if table is None else len(table) // 4
     n = lib.pl_patch_make(ffi.from_buffer(raw), len(raw), ffi.from_buffer(base), len(base),
-                          ops, max_ops, max_literals)
+                          ops, max_ops, max_literals, scratch, slots)
     if n == -1 or n == -errno.EINVAL:
         return None
     if n < 0:

@@ -149,8 +149,17 @@ def test_a_patch_rebuilds_its_file_within_its_literal_budget(seed: int, size: in
     assert rebuilt is not None
     assert rebuilt[0] == raw and rebuilt[1] <= max_literals
     assert c_apply(ops, base, len(raw)) == raw
-    # deterministic: the same inputs, the same stream
+    # deterministic: the same inputs, the same stream; and the same with a table of the
+    # caller's, left dirty by the last call (it is cleared before use)
     assert _native.patch_make(raw, base, max_literals, len(raw) + len(raw) // 8 + 64) == ops
+    table = _DIRTY_TABLE[0]
+    if len(table) < _native.patch_table_bytes(len(base)):
+        table = _DIRTY_TABLE[0] = bytearray(b"\xff" * _native.patch_table_bytes(len(base)))
+    assert _native.patch_make(raw, base, max_literals, len(raw) + len(raw) // 8 + 64,
+                              table) == ops
+
+
+_DIRTY_TABLE = [bytearray()]  # a patch table reused from example to example
 
 
 def test_a_few_changed_bytes_cost_a_few_bytes_of_ops() -> None:

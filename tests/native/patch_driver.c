@@ -84,7 +84,13 @@ int main(void)
         free(buf);
         size_t ops_cap = m + m / 8 + 64;
         uint8_t *ops = malloc(ops_cap);
-        int64_t len = pl_patch_make(raw, m, base, n, ops, ops_cap, round % 3 ? m : m / 32);
+        /* the caller's table in one round of two (of exactly the size asked), else the
+         * call's own */
+        size_t slots = round % 2 ? pl_patch_table_slots(n) : 0;
+        uint32_t *table = slots ? malloc(slots * sizeof *table) : NULL;
+        int64_t len = pl_patch_make(raw, m, base, n, ops, ops_cap, round % 3 ? m : m / 32,
+                                    table, slots);
+        free(table);
         if (len < -1) {
             printf("make failed: %lld\n", (long long)len);
             return 1;
