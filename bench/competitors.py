@@ -86,8 +86,8 @@ class Competitor:
 
 class Pylayers(Competitor):
     key, label = "pylayers", "pylayers"
-    settings = ("defaults: FastCDC 16/64/256 KiB, 4 MiB zstd level 3 frames, patch and zstd "
-                "deltas; snapshot --parent")
+    settings = ("defaults: FastCDC 16/64/256 KiB, 4 MiB zstd level 3 frames (x86 frames "
+                "through the call filter), patch and zstd deltas; snapshot --parent")
     version_cmd = [PY, "-m", "pylayers", "--version"]
 
     def _pl(self, *args: str) -> list[str]:
