@@ -9,7 +9,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -32,15 +31,16 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from treeutil import (  # noqa: E402
     assert_checks_out,
+    driver_under_asan,
+    driver_under_valgrind,
     flip_byte,
     module_source,
+    needs_gcc,
+    needs_valgrind,
     run_cli,
     set_store_version,
     snapshot,
 )
-
-REPO = Path(__file__).resolve().parent.parent
-
 
 # -- the reference ------------------------------------------------------------------------
 
@@ -236,34 +236,18 @@ def test_malformed_ops_are_corrupt_data(ops: bytes, why: str) -> None:
 
 # -- the C core under sanitizers ----------------------------------------------------------
 
-DRIVER = [str(REPO / "csrc" / "patch.c"), str(REPO / "tests" / "native" / "patch_driver.c")]
-needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="no gcc to build the driver")
-
-
-def _build(out: Path, *flags: str) -> Path:
-    subprocess.run(["gcc", *flags, "-g", "-I", str(REPO / "csrc"), *DRIVER, "-o", str(out)],
-                   check=True)
-    return out
+DRIVER = ["csrc/patch.c", "tests/native/patch_driver.c"]
 
 
 @needs_gcc
 def test_patch_under_asan_and_ubsan(tmp_path: Path) -> None:
-    exe = _build(tmp_path / "patch_asan", "-O1", "-fsanitize=address,undefined",
-                 "-fno-omit-frame-pointer", "-fno-sanitize-recover=all")
-    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=1",
-               UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
-    res = subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=300)
-    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stdout + res.stderr
+    driver_under_asan(tmp_path, DRIVER)
 
 
 @needs_gcc
-@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+@needs_valgrind
 def test_patch_under_valgrind(tmp_path: Path) -> None:
-    exe = _build(tmp_path / "patch_plain", "-O2")
-    res = subprocess.run(["valgrind", "--error-exitcode=3", "--leak-check=full",
-                          "--errors-for-leak-kinds=definite,indirect", "-q", str(exe)],
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stdout + res.stderr
+    driver_under_valgrind(tmp_path, DRIVER)
 
 
 # -- in a store ---------------------------------------------------------------------------

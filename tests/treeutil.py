@@ -497,3 +497,37 @@ def set_store_version(store: Path, version: int) -> None:
     with env.begin(write=True) as txn:
         txn.put(b"format_version", str(version).encode(), db=env.open_db(b"meta", txn=txn))
     env.close()
+
+
+_REPO = Path(__file__).resolve().parent.parent
+needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="no gcc to build the driver")
+needs_valgrind = pytest.mark.skipif(shutil.which("valgrind") is None,
+                                    reason="valgrind is not installed")
+
+
+def _build_driver(out: Path, sources: list[str], *flags: str) -> Path:
+    """Compile a C driver (paths relative to the repository) with the C core's headers."""
+    subprocess.run(["gcc", *flags, "-g", "-I", str(_REPO / "csrc"),
+                    *(str(_REPO / src) for src in sources), "-o", str(out)], check=True)
+    return out
+
+
+def driver_under_asan(tmp_path: Path, sources: list[str]) -> None:
+    """Build the driver with AddressSanitizer and UBSan, run it, and expect "ok"."""
+    exe = _build_driver(tmp_path / "driver_asan", sources, "-O1",
+                        "-fsanitize=address,undefined", "-fno-omit-frame-pointer",
+                        "-fno-sanitize-recover=all")
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=1",
+               UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
+    res = subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stdout + res.stderr
+
+
+def driver_under_valgrind(tmp_path: Path, sources: list[str]) -> None:
+    """Build the driver plainly, run it under valgrind (errors and definite or indirect
+    leaks fail), and expect "ok"."""
+    exe = _build_driver(tmp_path / "driver_plain", sources, "-O2")
+    res = subprocess.run(["valgrind", "--error-exitcode=3", "--leak-check=full",
+                          "--errors-for-leak-kinds=definite,indirect", "-q", str(exe)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stdout + res.stderr

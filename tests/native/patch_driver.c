@@ -4,20 +4,11 @@
  * again. Every buffer is allocated at its exact size, so a read or write past one is
  * caught. Prints "ok" when every rebuild matched and no damaged stream misbehaved. */
 #include "patch.h"
+#include "xorshift.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-static uint64_t rng = 88172645463325252ULL;
-static uint64_t next(void)
-{
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return rng;
-}
-static size_t below(size_t n) { return n ? (size_t)(next() % n) : 0; }
 
 static uint8_t *dup_exact(const uint8_t *p, size_t n)
 {
@@ -69,6 +60,7 @@ static size_t edit(const uint8_t *base, size_t n, uint8_t *out, size_t cap)
 
 int main(void)
 {
+    rng = 88172645463325252ULL;
     int failures = 0, patched = 0;
     for (int round = 0; round < 400; round++) {
         size_t n = below(round % 10 ? 20000 : 300000);

@@ -4,19 +4,11 @@
  * against a plain byte-by-byte version of the transform (x86.h) and decoded back.
  * Prints "ok" when every buffer matched. */
 #include "x86.h"
+#include "xorshift.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-static uint64_t rng = 0x9E3779B97F4A7C15ULL;
-static uint64_t next(void)
-{
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return rng;
-}
 
 static uint8_t pick(void)
 {
@@ -52,7 +44,8 @@ static size_t plain(uint8_t *b, size_t n, int encode)
 
 static int one(size_t n)
 {
-    uint8_t *orig = malloc(n ? n : 1), *got = malloc(n ? n : 1), *want = malloc(n ? n : 1);
+    size_t size = n ? n : 1;
+    uint8_t *orig = calloc(1, size), *got = calloc(1, size), *want = calloc(1, size);
     for (size_t i = 0; i < n; i++)
         orig[i] = pick();
     if (n)
@@ -71,6 +64,7 @@ static int one(size_t n)
 
 int main(void)
 {
+    rng = 0x9E3779B97F4A7C15ULL;
     int bad = 0;
     for (size_t n = 0; n <= 3000; n++)
         bad |= one(n);
