@@ -361,6 +361,28 @@ def test_a_damaged_base_does_not_fail_the_next_snapshot(tmp_path: Path) -> None:
         assert proc.returncode == 0 and proc.stdout == data, proc.stderr
 
 
+def test_a_base_read_at_locations_the_writer_looked_up_is_still_verified(
+        tmp_path: Path) -> None:
+    """A writer hands `read_base` the locations it looked up when choosing the base: the
+    same bytes as looking them up again, and a location that holds other bytes is a
+    CorruptData naming the chunk, as a damaged base is."""
+    import pylayers.errors as errors
+
+    store = tmp_path / "store"
+    src = tmp_path / "src"
+    write_version(src, stamp=1)
+    snapshot(store, src)
+    with Store.open(store, create=False) as s:
+        with s.read() as t:
+            a = t.paths.get(path_key(b"pkg/__pycache__/mod0.cpython-311.pyc"))
+            b = t.paths.get(path_key(b"pkg/__pycache__/mod1.cpython-311.pyc"))
+            where_a = [t.chunks.get(cid) for cid in a]
+            where_b = [t.chunks.get(cid) for cid in b]
+        assert s.read_base(a, where_a) == s.read_base(a)
+        with pytest.raises(errors.CorruptData, match=a[0].hex()):
+            s.read_base(a[:1], where_b[:1])
+
+
 def test_not_worth_it_is_stored_whole_and_becomes_the_base(tmp_path: Path) -> None:
     """A file replaced by unrelated bytes at the same path: no delta frame (the decision
     is measured), and the new version is its path's base from then on."""

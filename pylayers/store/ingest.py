@@ -263,8 +263,9 @@ class _File:
         self.ids: list[bytes] = []  # every chunk of the file, in order
         self.group: list[tuple[bytes, bytes]] = []  # new chunks held for a delta
         self.group_bytes = 0
-        # (base ids, base length, whether it is the path's own); None: not looked up
-        self.base: tuple[list[bytes], int, bool] | None | bool = None
+        # the base chosen: its chunk ids, their locations, its length, whether it is the
+        # path's own; False: none; None: not looked up yet
+        self.base: tuple[list[bytes], list[Location], int, bool] | None | bool = None
         self.new = False  # a chunk of it was new
         self.partial = False  # a commit came in the middle of it
 
@@ -333,13 +334,13 @@ class ChunkWriter:
 
     def _flush_group(self, f: _File) -> None:
         if f.group:
-            ids, base_len, own = f.base
+            ids, locs, base_len, own = f.base
             group, f.group, f.group_bytes = f.group, [], 0
             # the base is read on the writer's worker thread, beside this one (its
             # frames' decompression was a sixth of an upgrade's CPU, all on this thread)
             if not own:
                 self._near_pending += 1
-            self.pack.add_delta(group, ids, functools.partial(self.store.read_base, ids),
+            self.pack.add_delta(group, ids, functools.partial(self.store.read_base, ids, locs),
                                 on_result=None if own else self._near_result,
                                 base_len=base_len)
 
@@ -410,7 +411,7 @@ class ChunkWriter:
                     charged.popitem(last=False)
                 # read when the delta is made (a damaged base: no delta, see
                 # PackWriter.add_delta)
-                f.base = (ids, total, own)
+                f.base = (ids, locs, total, own)
                 break
         return f.base is not False
 

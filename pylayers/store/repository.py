@@ -292,12 +292,18 @@ class Store:
                               f"offset {loc.offset}): its bytes do not match its id")
         return data
 
-    def read_base(self, ids: list[bytes]) -> bytes:
+    def read_base(self, ids: list[bytes], where: list[Location] | None = None) -> bytes:
         """The bytes of a delta frame's base: the chunks `ids`, each verified against
         its id, concatenated. A base is never itself a delta (docs/format.md, "Delta
-        frames"); a missing, damaged or delta base is a CorruptData naming it."""
-        with self.read() as t:
-            locs = [(cid, t.chunks.get(cid)) for cid in ids]
+        frames"); a missing, damaged or delta base is a CorruptData naming it. `where`:
+        the chunks' locations when the caller has looked them up already (a writer
+        choosing the base: a second read transaction and lookups a base were a fifth of
+        reading it)."""
+        if where is not None:
+            locs = list(zip(ids, where, strict=True))
+        else:
+            with self.read() as t:
+                locs = [(cid, t.chunks.get(cid)) for cid in ids]
         parts = []
         for cid, loc in locs:
             if loc is None:
