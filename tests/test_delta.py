@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pylayers.errors import CorruptData
 from pylayers.layers.repo import Layers
 from pylayers.store import Store
 from pylayers.store import ingest as ingest_mod
@@ -335,13 +336,19 @@ def test_a_damaged_base_byte_the_delta_never_uses(tmp_path: Path) -> None:
     assert proc.returncode != 0 and fr.base[-1].hex() in out, out
 
 
-def test_a_damaged_base_does_not_fail_the_next_snapshot(tmp_path: Path) -> None:
-    """The writer reads a base to delta against it; a damaged one means no delta for
-    that file, not a failed snapshot."""
+def _first_version(tmp_path: Path) -> tuple[Path, Path]:
+    """A store holding `write_version`'s first version of a tree: (store, tree)."""
     store = tmp_path / "store"
     src = tmp_path / "src"
     write_version(src, stamp=1)
     snapshot(store, src)
+    return store, src
+
+
+def test_a_damaged_base_does_not_fail_the_next_snapshot(tmp_path: Path) -> None:
+    """The writer reads a base to delta against it; a damaged one means no delta for
+    that file, not a failed snapshot."""
+    store, src = _first_version(tmp_path)
     with Store.open(store, create=False) as s:
         with s.read() as t:
             ids = t.paths.get(path_key(b"pkg/__pycache__/mod0.cpython-311.pyc"))
@@ -366,12 +373,7 @@ def test_a_base_read_at_locations_the_writer_looked_up_is_still_verified(
     """A writer hands `read_base` the locations it looked up when choosing the base: the
     same bytes as looking them up again, and a location that holds other bytes is a
     CorruptData naming the chunk, as a damaged base is."""
-    import pylayers.errors as errors
-
-    store = tmp_path / "store"
-    src = tmp_path / "src"
-    write_version(src, stamp=1)
-    snapshot(store, src)
+    store, _src = _first_version(tmp_path)
     with Store.open(store, create=False) as s:
         with s.read() as t:
             a = t.paths.get(path_key(b"pkg/__pycache__/mod0.cpython-311.pyc"))
@@ -379,7 +381,7 @@ def test_a_base_read_at_locations_the_writer_looked_up_is_still_verified(
             where_a = [t.chunks.get(cid) for cid in a]
             where_b = [t.chunks.get(cid) for cid in b]
         assert s.read_base(a, where_a) == s.read_base(a)
-        with pytest.raises(errors.CorruptData, match=a[0].hex()):
+        with pytest.raises(CorruptData, match=a[0].hex()):
             s.read_base(a[:1], where_b[:1])
 
 

@@ -136,11 +136,11 @@ def _compressor(level: int, slot: str = "cctx"):
     if cctx is None or at != level:
         import zstandard  # here, not at the top: commands that store nothing new skip it
 
-        params = zstandard.ZstdCompressionParameters.from_level(level)
-        if level >= 3 and slot == "frame" and params.hash_log < FRAME_HASH_LOG:
-            cctx = zstandard.ZstdCompressor(compression_params=(
-                zstandard.ZstdCompressionParameters.from_level(level,
-                                                               hash_log=FRAME_HASH_LOG)))
+        params = zstandard.ZstdCompressionParameters
+        if slot == "frame" and level >= 3 and \
+                params.from_level(level).hash_log < FRAME_HASH_LOG:
+            cctx = zstandard.ZstdCompressor(
+                compression_params=params.from_level(level, hash_log=FRAME_HASH_LOG))
         else:
             cctx = zstandard.ZstdCompressor(level=level)
         setattr(_zstd, slot, (cctx, level))
