@@ -139,13 +139,15 @@ def test_prefetch_stops_where_the_plain_reader_stops(chain) -> None:
     assert "damaged" in results[0][1] or "decompress" in results[0][1], results[0][1]
 
 
-def test_closed_early_the_thread_stops(chain) -> None:
+def test_closed_early_the_threads_stop(chain) -> None:
     store, ids = chain
     before = threading.active_count()
     it = verified_chunks(store, ids * 3, prefetch=True)
     for _ in range(10):
         next(it)
-    assert threading.active_count() == before + 1
+    names = [t.name for t in threading.enumerate()]
+    assert names.count("pylayers-decompress") == 2
+    assert threading.active_count() == before + 2
     it.close()
     assert threading.active_count() == before
 

@@ -183,33 +183,43 @@ def _verified(store: Store, ids: list[bytes], frames: _Frames) -> Iterator[bytes
 
 
 class _Prefetch:
-    """Decompresses frames on a thread of its own, in the order they are planned, each
-    into a buffer from `free`; the results come out of `done` in the same order, as
-    (frame key, its raw bytes or the exception met, the buffer). zstd releases the GIL
-    while it decompresses, which is most of the work; the thread holds at most the
-    buffers it was given. Each planned frame is a [location, who] list: the reader may
-    take a frame the thread has not started (`take`), when the thread is behind (on a
-    busy machine); the thread then skips it and says so in `done` with (key, None,
-    None)."""
+    """Decompresses frames on threads of their own, in the order they are planned, each
+    into a buffer from `free`. zstd releases the GIL while it decompresses, which is
+    most of the work; the threads hold at most the buffers they were given. Each
+    planned frame is an item, [location, who, done, result, buffer]: the reader waits
+    for an item's `done` event and takes its result (the raw bytes or the exception
+    met) and buffer. The reader may take a frame no thread has started (`take`), when
+    the threads are behind (on a busy machine); the thread that comes to it skips it.
+
+    Two threads by default: one alone is the checkout's longest stage on two cores,
+    and falls behind whenever the scheduler gives its core to the writer; with two, a
+    core left idle for a moment decompresses the next frame. Items and buffers are
+    claimed together under `_claim`, in plan order, so the frame the reader waits for
+    is never left without a buffer that a later frame holds."""
 
     WAITING, THREAD, READER = 0, 1, 2
 
-    def __init__(self, reader: PackReader, buffers: int = 2) -> None:
+    def __init__(self, reader: PackReader, buffers: int = 3, threads: int = 2) -> None:
         self.reader = reader
-        self.todo: queue.SimpleQueue = queue.SimpleQueue()  # planned frames; None: stop
-        self.done: queue.SimpleQueue = queue.SimpleQueue()
+        self.todo: queue.SimpleQueue = queue.SimpleQueue()  # planned items; None: stop
         self.free: queue.SimpleQueue = queue.SimpleQueue()  # buffers; None: stop
         self.stop = False
         self.lock = threading.Lock()
+        self._claim = threading.Lock()
         for _ in range(buffers):
             self.free.put(_scratch())
-        self.thread = threading.Thread(target=self._run, name="pylayers-decompress",
-                                       daemon=True)
-        self.thread.start()
+        self.threads = [threading.Thread(target=self._run, name="pylayers-decompress",
+                                         daemon=True) for _ in range(threads)]
+        for t in self.threads:
+            t.start()
+
+    @staticmethod
+    def item(loc: Location) -> list:
+        return [loc, _Prefetch.WAITING, threading.Event(), None, None]
 
     def take(self, item: list) -> bool:
-        """Whether the reader takes the planned frame `item` (the thread has not
-        started it)."""
+        """Whether the reader takes the planned frame `item` (no thread has started
+        it)."""
         with self.lock:
             if item[1] == self.WAITING:
                 item[1] = self.READER
@@ -218,32 +228,35 @@ class _Prefetch:
 
     def _run(self) -> None:
         while True:
-            item = self.todo.get()
-            if item is None or self.stop:
-                return
-            buf = self.free.get()
+            with self._claim:
+                item = self.todo.get()
+                if item is None or self.stop:
+                    return
+                with self.lock:
+                    mine = item[1] == self.WAITING
+                    if mine:
+                        item[1] = self.THREAD
+                if not mine:  # the reader took it
+                    continue
+                buf = self.free.get()
             if buf is None:
+                item[3] = StoreError("the checkout's frame prefetcher was stopped")
+                item[2].set()
                 return
-            loc = item[0]
-            key = (loc.pack, loc.offset)
-            with self.lock:
-                mine = item[1] == self.WAITING
-                if mine:
-                    item[1] = self.THREAD
-            if not mine:  # the reader took it
-                self.free.put(buf)
-                self.done.put((key, None, None))
-                continue
             try:
-                self.done.put((key, self.reader.frame_into(loc, buf), buf))
+                item[3] = self.reader.frame_into(item[0], buf)
             except Exception as e:  # raised where the reader asks for this frame
-                self.done.put((key, e, buf))
+                item[3] = e
+            item[4] = buf
+            item[2].set()
 
     def close(self) -> None:
         self.stop = True
-        self.todo.put(None)
-        self.free.put(None)
-        self.thread.join()
+        for _ in self.threads:
+            self.todo.put(None)
+            self.free.put(None)
+        for t in self.threads:
+            t.join()
 
 
 class _Frames:
@@ -308,7 +321,7 @@ class _Frames:
             key = (loc.pack, offset)
             if key in self._lru or key in self._planned:
                 continue
-            item = [loc, _Prefetch.WAITING]
+            item = _Prefetch.item(loc)
             self._planned[key] = (i, item)
             self._prefetch.todo.put(item)
 
@@ -334,12 +347,9 @@ class _Frames:
                 if head == key:
                     return None
                 continue
-            got, view, buf = pf.done.get()  # decompressed in order
-            while buf is None:  # frames the reader took, skipped
-                got, view, buf = pf.done.get()
-            if got != head:
-                raise StoreError("the checkout's frame prefetcher is out of step")
-            if got != key:
+            item[2].wait()
+            view, buf = item[3], item[4]
+            if head != key:
                 pf.free.put(buf)
                 continue
             if isinstance(view, BaseException):
