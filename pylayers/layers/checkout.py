@@ -4,8 +4,9 @@ Entries are made in component order, each relative to its parent directory's ope
 descriptor (one path component to resolve, whatever the depth: no PATH_MAX limit on
 the destination either); directories get their metadata last, deepest first, so
 read-only directories can still be filled and their mtimes stay put. The chunks come
-from `read_chunks`, which reads and decompresses ahead on a thread of its own
-(store/readahead.py) while this one writes.
+from `read_chunks`, which reads, decompresses and verifies ahead (store/readproc.py:
+in a process of its own when the tree is large enough; store/readahead.py) while
+this thread writes.
 
 `link_cache`: a linked checkout (`pylayers checkout --link`). Each regular file is a
 hardlink to a file cache's copy (LinkCache), written there once: a second checkout of

@@ -7,7 +7,7 @@ more than the work; so the first stage runs in a forked child process. It opens 
 store afresh (an LMDB environment must not be used across fork), verifies every chunk
 against its id and copies it into a ring of shared memory; the parent is handed views
 of the ring (no copy) in order. Nothing unverified is ever in the ring's readable part.
-In the child, a thread decompresses the frames next needed ahead of the one that
+In the child, two threads decompress the frames next needed ahead of the one that
 verifies and copies (`verified_chunks(prefetch=True)`; zstd releases the GIL): the
 child is the pipeline's longer stage, above all through a chain of delta frames.
 
