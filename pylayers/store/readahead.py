@@ -121,8 +121,8 @@ def verified_chunks(store: Store, ids: list[bytes],
     decompressed once for the run of chunks it holds, into one reused buffer; a chunk
     that comes again later is kept until its last use (up to KEEP_BYTES). Raises
     CorruptData at the first missing or damaged chunk. `prefetch`: the frames next
-    asked for are decompressed ahead on a thread (`_Prefetch`), for a process with a
-    core to spare; closing the iterator early stops it."""
+    asked for are decompressed ahead on threads (`_Prefetch`), for a process with a
+    core to spare; closing the iterator early stops them."""
     frames = _Frames(store, prefetch=prefetch)
     try:
         yield from _verified(store, ids, frames)
@@ -146,7 +146,7 @@ def _verified(store: Store, ids: list[bytes], frames: _Frames) -> Iterator[bytes
         size = min(size * 4, _LOOKUP)
         with store.read() as t:
             raws = t.chunks.encoded_many(window)
-            frames.plan(window, raws, i + 1)  # the prefetch thread starts on them
+            frames.plan(window, raws, i + 1)  # the prefetch threads start on them
             frames.read_deltas(t, raws)
         for cid, raw in zip(window, raws, strict=True):
             i += 1
@@ -277,7 +277,7 @@ class _Frames:
     def __init__(self, store: Store, frames: int | None = None,
                  prefetch: bool = False) -> None:
         """`frames`: how many to keep (default FRAME_CACHE). `prefetch`: the frames
-        `plan` is told of are decompressed ahead on a thread; `close` stops it."""
+        `plan` is told of are decompressed ahead on threads; `close` stops them."""
         self.store = store
         self.reader: PackReader = store.reader
         self.frames = frames or FRAME_CACHE
@@ -300,7 +300,7 @@ class _Frames:
         self._ready: dict[tuple[str, int], tuple[Frame, list[bytes | None]] | None] = {}
 
     def plan(self, ids: list[bytes], raws: list[bytes | None], first: int) -> None:
-        """With a prefetch thread: tell it the frames that the chunks `ids` (from the
+        """With prefetch threads: tell them the frames that the chunks `ids` (from the
         `first` of the sequence on) will be read from, given their encoded locations,
         except those kept now and chunks met before (the reader keeps them; delta
         frames, and the frames only their bases need, are read when asked for)."""
@@ -332,7 +332,7 @@ class _Frames:
             self._planned.clear()
 
     def _prefetched(self, key: tuple[str, int]) -> tuple[memoryview, mmap.mmap] | None:
-        """The frame `key` from the prefetch thread if it is the next one planned,
+        """The frame `key` from the prefetch threads if it is the next one planned,
         else None (a base's frame planned for later is read here, now). Planned
         frames no longer wanted are let go first: those whose first chunk was passed
         (read otherwise, or each chunk kept from an earlier read) or that are kept
