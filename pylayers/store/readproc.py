@@ -67,11 +67,6 @@ def read_in_process(store: Store, chunks: Iterable[tuple[bytes, int]],
     StoreError...); a child that dies is a StoreError. Closing the iterator early ends
     the child."""
     ring = mmap.mmap(-1, ring_bytes)  # shared with the child: MAP_SHARED | MAP_ANONYMOUS
-    if os.environ.get('POP'):
-        try:
-            ring.madvise(23)
-        except OSError as e:
-            print('pop', e)
     data_r, data_w = os.pipe()
     credit_r, credit_w = os.pipe()
     pid = os.fork()
@@ -238,11 +233,6 @@ def _child(store: Store, chunks: Iterable[tuple[bytes, int]], ring: mmap.mmap,
     with contextlib.suppress(AttributeError):  # a libc without mallopt: its defaults
         _LIBC.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
         _LIBC.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
-    if os.environ.get('POP'):
-        try:
-            ring.madvise(23)
-        except OSError as e:
-            print('pop', e)
     size = len(ring)
     view = memoryview(ring)
     pos = 0  # where the next chunk goes (counted from the start)
