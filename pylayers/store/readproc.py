@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from .. import errors
 from ..errors import CorruptData, PylayersError, StoreError
+from .malloc import keep_freed_memory
 
 if TYPE_CHECKING:
     from .repository import Store
@@ -49,11 +50,6 @@ _MSG = struct.Struct("<cQ")  # kind, value
 _READY, _BIG, _ERROR, _DONE = b"R", b"B", b"E", b"D"
 _CREDIT = struct.Struct("<Q")  # ring bytes consumed, counted from the start
 _PR_SET_PDEATHSIG = 1
-# glibc's malloc, in the child: blocks up to 32 MiB from the heap, and freed memory kept
-# (up to 256 MiB) for the next, not handed back to the kernel and faulted in again. A
-# chain's checkout makes a zstd dictionary and context a delta frame, a few thousand of
-# them: about 6% of the child's time went to page faults on the memory they took.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before any fork
 
 
@@ -230,9 +226,12 @@ def _child(store: Store, chunks: Iterable[tuple[bytes, int]], ring: mmap.mmap,
     if os.getppid() != parent:
         return  # it died before the line above
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent reports an interrupt
-    with contextlib.suppress(AttributeError):  # a libc without mallopt: its defaults
-        _LIBC.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-        _LIBC.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+    # glibc's malloc, in the child: blocks up to 32 MiB from the heap, and freed memory
+    # kept (up to 256 MiB) for the next, not handed back to the kernel and faulted in
+    # again. A chain's checkout makes a zstd dictionary and context a delta frame, a few
+    # thousand of them: about 6% of the child's time went to page faults on the memory
+    # they took.
+    keep_freed_memory(32 << 20, 256 << 20)
     size = len(ring)
     view = memoryview(ring)
     pos = 0  # where the next chunk goes (counted from the start)
