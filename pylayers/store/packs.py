@@ -949,9 +949,10 @@ class PackWriter:
 
             # frames, deltas' chunks and bases, files read whole: buffers of a few MiB
             # made and dropped by the thousand, each faulted in afresh by default
-            # (store/malloc.py). Side by side, 9 runs each: the pip env's upgrades
-            # v2 -> v3 0.43 -> 0.40 s, v3 -> v4 0.51 -> 0.49 s, v4 -> v5 0.73 -> 0.71 s;
-            # peak RSS 4-20 MB more.
+            # (store/malloc.py). Side by side, 9-15 runs each: the pip env's upgrades
+            # v3 -> v4 0.58 -> 0.56 s (system time 0.25 -> 0.22 s), v4 -> v5 0.73 ->
+            # 0.72 s (0.27 -> 0.23 s), its first snapshot 1.31 -> 1.28 s (0.30 -> 0.24
+            # s); peak RSS 4-20 MB more.
             keep_freed_memory()
             self._pool_ = ThreadPoolExecutor(max_workers=self._threads,
                                              thread_name_prefix="pylayers-zstd")
