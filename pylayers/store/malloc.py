@@ -16,7 +16,8 @@ import contextlib
 import ctypes
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-# glibc, loaded at import: a process that forks (a checkout's reader) loads it before
+# loaded at import, before a checkout forks its reader process (which calls
+# `keep_freed_memory`): a child of a threaded process must not take the loader's lock
 _LIBC = ctypes.CDLL(None, use_errno=True)
 
 
